@@ -1,0 +1,32 @@
+"""rope-compile: one fused, in-place Q+K RoPE kernel for torch.compile (XPU and CUDA via Triton).
+
+Public API:
+
+* :func:`fused_qk_rope_with_cos_sin_cache_inplace` and :func:`rotary_embedding`: the in-place ops
+  (``torch.ops.rope_compile.*``), drop-ins for sgl_kernel's.
+* :class:`RotaryEmbedding`: sglang's module.
+* ``torch.compile(model, backend="rope_compile")``: the backend (``rope_compile.backend``).
+"""
+
+from .module import FUSED_HEAD_SIZES, RotaryEmbedding, apply_rotary_emb
+from .ops import (
+    FUSED_OP_NAME,
+    GENERIC_OP_NAME,
+    fused_qk_rope_with_cos_sin_cache_inplace,
+    rotary_embedding,
+)
+from .reference import compute_cos_sin_cache, rope_reference
+from .validation import set_check_positions
+
+__all__ = [
+    "FUSED_HEAD_SIZES",
+    "FUSED_OP_NAME",
+    "GENERIC_OP_NAME",
+    "RotaryEmbedding",
+    "apply_rotary_emb",
+    "compute_cos_sin_cache",
+    "fused_qk_rope_with_cos_sin_cache_inplace",
+    "rope_reference",
+    "rotary_embedding",
+    "set_check_positions",
+]

@@ -1,0 +1,140 @@
+"""torch.library registration of the two in-place RoPE ops.
+
+* ``rope_compile::fused_qk_rope_with_cos_sin_cache_inplace(q, k, cos_sin_cache, positions,
+  rotary_dim, is_neox)``: q ``[T, Hq, rotary_dim]`` and k ``[T, Hk, rotary_dim]`` (usually
+  strided views), rotated in place; the op the compiler pass emits.
+* ``rope_compile::rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)``:
+  the generic fallback, query/key ``[T, H * head_size]`` or ``[..., H, head_size]``, any head size.
+
+Both mutate only their q/k (query/key) arguments. Kernels: the Triton launcher for ``cuda`` and
+``xpu`` (imported lazily, so the package imports without Triton), the float32 reference applied
+in place for ``cpu``. The fake implementations validate and touch no data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import rope_reference_
+from .validation import (
+    as_token_heads,
+    check_positions_in_range,
+    check_positions_on_device_enabled,
+    check_rope_operands,
+)
+
+FUSED_OP_NAME = "rope_compile::fused_qk_rope_with_cos_sin_cache_inplace"
+GENERIC_OP_NAME = "rope_compile::rotary_embedding"
+_FUSED = "fused_qk_rope_with_cos_sin_cache_inplace"
+_GENERIC = "rotary_embedding"
+
+
+def _validate_fused(q, k, cos_sin_cache, positions, rotary_dim) -> None:
+    if positions.dim() != 1:
+        raise ValueError(f"{_FUSED}: positions must be 1-D [num_tokens], got shape "
+                         f"{tuple(positions.shape)}")
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 3:
+            raise ValueError(f"{_FUSED}: {name} must be [num_tokens, num_heads, rotary_dim], "
+                             f"got shape {tuple(x.shape)}")
+    head_size = min(q.shape[-1], k.shape[-1])
+    check_rope_operands(_FUSED, (("q", q), ("k", k)), cos_sin_cache, positions, rotary_dim,
+                        head_size)
+
+
+def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, op) -> None:
+    if check_positions_on_device_enabled():
+        check_positions_in_range(op, positions, cos_sin_cache.shape[0])
+    from .triton_kernel import launch_fused_qk_rope
+
+    launch_fused_qk_rope(q[..., :rotary_dim], k[..., :rotary_dim], cos_sin_cache, positions,
+                         rotary_dim, is_neox)
+
+
+@torch.library.custom_op(FUSED_OP_NAME, mutates_args=("q", "k"), device_types="cpu")
+def fused_qk_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+) -> None:
+    _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+    check_positions_in_range(_FUSED, positions, cos_sin_cache.shape[0])
+    rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+
+
+@fused_qk_rope_op.register_kernel(("cuda", "xpu"))
+def _fused_qk_rope_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
+    _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+    _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, _FUSED)
+
+
+@fused_qk_rope_op.register_fake
+def _fused_qk_rope_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
+    _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+
+
+def _generic_views(positions, query, key, head_size, cos_sin_cache):
+    if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2:
+        raise ValueError(f"{_GENERIC}: cos_sin_cache must be [max_position, rotary_dim]")
+    num_tokens = positions.numel()
+    q = as_token_heads(_GENERIC, "query", query, num_tokens, head_size)
+    k = as_token_heads(_GENERIC, "key", key, num_tokens, head_size)
+    rotary_dim = cos_sin_cache.shape[1]
+    flat_positions = positions.reshape(-1)
+    check_rope_operands(_GENERIC, (("query", q), ("key", k)), cos_sin_cache, flat_positions,
+                        rotary_dim, head_size)
+    return q, k, flat_positions, rotary_dim
+
+
+@torch.library.custom_op(GENERIC_OP_NAME, mutates_args=("query", "key"), device_types="cpu")
+def rotary_embedding_op(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    q, k, pos, rot = _generic_views(positions, query, key, head_size, cos_sin_cache)
+    check_positions_in_range(_GENERIC, pos, cos_sin_cache.shape[0])
+    rope_reference_(q, k, cos_sin_cache, pos, rot, is_neox)
+
+
+@rotary_embedding_op.register_kernel(("cuda", "xpu"))
+def _rotary_embedding_triton(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+    q, k, pos, rot = _generic_views(positions, query, key, head_size, cos_sin_cache)
+    _launch_triton(q, k, cos_sin_cache, pos, rot, is_neox, _GENERIC)
+
+
+@rotary_embedding_op.register_fake
+def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+    _generic_views(positions, query, key, head_size, cos_sin_cache)
+
+
+def fused_qk_rope_with_cos_sin_cache_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+) -> None:
+    """Rotate ``q`` ``[T, Hq, rotary_dim]`` and ``k`` ``[T, Hk, rotary_dim]`` in place, in one
+    kernel launch. Drop-in for ``sgl_kernel``'s function of the same name."""
+    fused_qk_rope_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    """Generic in-place RoPE of query/key ``[T, H * head_size]``, any head size and any even
+    ``rotary_dim = cos_sin_cache.shape[1] <= head_size`` (``torch.ops.sgl_kernel.rotary_embedding``)."""
+    rotary_embedding_op(positions, query, key, head_size, cos_sin_cache, is_neox)

@@ -1,0 +1,209 @@
+"""The fused Q+K RoPE Triton kernel and its launcher (no op registration here).
+
+One launch rotates both q and k in place. The same source serves CUDA and XPU (Triton's
+Intel backend) and, with ``TRITON_INTERPRET=1``, CPU tensors through Triton's interpreter;
+the device-specific launch choices live in :func:`device_launch_options` alone.
+
+Shapes and strides (elements; only the last stride must be 1)::
+
+    q      [T, Hq, >= ROT]   strides (q_token_stride, q_head_stride, 1)
+    k      [T, Hk, >= ROT]   strides (k_token_stride, k_head_stride, 1)
+    cache  [P, ROT]          strides (cache_row_stride, cache_col_stride) = cat(cos, sin)
+    pos    [T]               stride pos_stride, int32 or int64, values in [0, P)
+
+Math, per token t, head h and pair i < ROT/2, with c = cache[pos[t], i], s = cache[pos[t], ROT/2 + i]::
+
+    neox  : (x1, x2) = (x[i], x[i + ROT/2])
+    GPT-J : (x1, x2) = (x[2i], x[2i + 1])
+    x1' = x1 * c - x2 * s
+    x2' = x2 * c + x1 * s
+
+computed in fp32 and rounded once to the tensor's dtype.
+
+Grid: ``(T, HEAD_SPLITS)``. Program ``(t, s)`` loads the token's cos/sin row once, then walks
+head blocks ``s, s + HEAD_SPLITS, ...`` of q and then of k, each block a ``[BLOCK_H, ROT]`` tile.
+Few tokens -> several programs per token for parallelism; many tokens -> one program per token,
+so cos/sin are read once per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def _rotate_head_block(
+    token_ptr,  # pointer to x[t, 0, 0]
+    head_stride,
+    first_head,
+    num_heads,
+    cos,  # [HALF_PAD] fp32
+    sin,  # [HALF_PAD] fp32
+    ROT: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
+    HALF: tl.constexpr = ROT // 2
+    heads = first_head + tl.arange(0, BLOCK_H)
+    # int64 so that huge head strides times head indices cannot overflow.
+    rows = token_ptr + heads[:, None].to(tl.int64) * head_stride  # [BLOCK_H, 1]
+    head_mask = heads[:, None] < num_heads
+    if IS_NEOX:
+        # Two contiguous half-rows: x1 = x[:HALF], x2 = x[HALF:ROT].
+        cols = tl.arange(0, HALF_PAD)[None, :]
+        mask = head_mask & (cols < HALF)
+        x1 = tl.load(rows + cols, mask=mask).to(tl.float32)
+        x2 = tl.load(rows + HALF + cols, mask=mask).to(tl.float32)
+        out1 = x1 * cos[None, :] - x2 * sin[None, :]
+        out2 = x2 * cos[None, :] + x1 * sin[None, :]
+        dtype = token_ptr.dtype.element_ty
+        tl.store(rows + cols, out1.to(dtype), mask=mask)
+        tl.store(rows + HALF + cols, out2.to(dtype), mask=mask)
+    else:
+        # One contiguous row of ROT elements, split into (even, odd) pairs in registers, so the
+        # global accesses stay wide instead of two stride-2 gathers.
+        cols = tl.arange(0, 2 * HALF_PAD)[None, :]
+        mask = head_mask & (cols < ROT)
+        x = tl.load(rows + cols, mask=mask).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, HALF_PAD, 2)))
+        out1 = x1 * cos[None, :] - x2 * sin[None, :]
+        out2 = x2 * cos[None, :] + x1 * sin[None, :]
+        out = tl.reshape(tl.join(out1, out2), (BLOCK_H, 2 * HALF_PAD))
+        tl.store(rows + cols, out.to(token_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fused_qk_rope_kernel(
+    q_ptr,
+    k_ptr,
+    cache_ptr,
+    pos_ptr,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    cache_row_stride,
+    cache_col_stride,
+    pos_stride,
+    num_q_heads,
+    num_k_heads,
+    ROT: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
+    HALF: tl.constexpr = ROT // 2
+    token = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+
+    # cos/sin of this token: loaded once, reused for every head of q and k.
+    pos = tl.load(pos_ptr + token * pos_stride).to(tl.int64)
+    i = tl.arange(0, HALF_PAD)
+    row = cache_ptr + pos * cache_row_stride
+    cmask = i < HALF
+    cos = tl.load(row + i * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(row + (HALF + i) * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
+
+    q_token = q_ptr + token * q_token_stride
+    for h in range(split * BLOCK_H, num_q_heads, num_splits * BLOCK_H):
+        _rotate_head_block(q_token, q_head_stride, h, num_q_heads, cos, sin,
+                           ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+    k_token = k_ptr + token * k_token_stride
+    for h in range(split * BLOCK_H, num_k_heads, num_splits * BLOCK_H):
+        _rotate_head_block(k_token, k_head_stride, h, num_k_heads, cos, sin,
+                           ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return isinstance(fused_qk_rope_kernel, InterpretedFunction)
+
+
+# Launch heuristics: a tile holds at most this many elements, so a thread holds a few 16-byte
+# vectors; programs per token are added until about this many programs are in flight.
+_MAX_TILE_ELEMS = 2048
+_TARGET_PROGRAMS = 1024
+
+
+def device_launch_options(device_type: str, tile_elems: int, elem_bytes: int) -> dict:
+    """The one place for device-specific launch options (warps per program).
+
+    A warp moves 32 lanes x one 16-byte vector; we give each lane about two vectors per tile.
+    Intel GPUs (``xpu``) map a Triton warp to a sub-group; the same count is a sound default
+    there, and large-GRF or sub-group-size options for XPU would be added here.
+    """
+    vec = max(1, 16 // elem_bytes)
+    warps = max(1, min(8, triton.next_power_of_2(max(1, tile_elems // (32 * vec * 2)))))
+    return {"num_warps": warps}
+
+
+def choose_config(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim: int) -> dict:
+    """Heads per program, programs per token (head splits) and tile size for a problem."""
+    half_pad = triton.next_power_of_2(rotary_dim // 2)
+    max_heads = max(num_q_heads, num_k_heads, 1)
+    block_h = min(triton.next_power_of_2(max_heads), max(1, _MAX_TILE_ELEMS // (2 * half_pad)))
+    head_blocks = triton.cdiv(max_heads, block_h)
+    head_splits = max(1, min(head_blocks, triton.cdiv(_TARGET_PROGRAMS, max(num_tokens, 1))))
+    return {"half_pad": half_pad, "block_h": block_h, "head_splits": head_splits}
+
+
+def launch_fused_qk_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    *,
+    block_h: int | None = None,
+    head_splits: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place with one launch.
+
+    q is ``[T, Hq, D]`` and k ``[T, Hk, D]`` with ``D >= rotary_dim`` and last stride 1; arguments
+    are assumed valid (the op layer validates). Runs on CPU tensors only under the Triton
+    interpreter. ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (for
+    benchmarks).
+    """
+    num_tokens = q.shape[0]
+    if num_tokens == 0:
+        return
+    if q.device.type == "cpu" and not is_interpreter():
+        raise RuntimeError(
+            "launch_fused_qk_rope: q is a CPU tensor; the Triton kernel runs on CPU tensors only "
+            "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        )
+    cfg = choose_config(num_tokens, q.shape[1], k.shape[1], rotary_dim)
+    block_h = block_h or cfg["block_h"]
+    head_splits = head_splits or cfg["head_splits"]
+    options = device_launch_options(
+        q.device.type, block_h * 2 * cfg["half_pad"], q.element_size()
+    )
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    fused_qk_rope_kernel[(num_tokens, head_splits)](
+        q,
+        k,
+        cos_sin_cache,
+        positions,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos_sin_cache.stride(0),
+        cos_sin_cache.stride(1),
+        positions.stride(0),
+        q.shape[1],
+        k.shape[1],
+        ROT=rotary_dim,
+        HALF_PAD=cfg["half_pad"],
+        BLOCK_H=block_h,
+        IS_NEOX=is_neox,
+        **options,
+    )

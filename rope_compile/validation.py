@@ -1,0 +1,129 @@
+"""Argument checks shared by the ops' eager kernels and fake implementations.
+
+They read only metadata (shapes, strides, dtypes, devices), never data, so the fake
+implementations can run them and torch.compile reports bad input at trace time.
+The one data-dependent check, positions in range, is :func:`check_positions_in_range`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Opt-in bounds check of positions on GPU kernels: it reads positions back to the host (a
+# device sync), so it is off unless asked for. The CPU kernel always checks.
+_check_positions_on_device = os.environ.get("ROPE_COMPILE_CHECK_POSITIONS", "0") == "1"
+
+
+def set_check_positions(enabled: bool) -> None:
+    """Make GPU kernels raise ``IndexError`` for positions outside ``[0, max_position)``.
+
+    Also enabled by the environment variable ``ROPE_COMPILE_CHECK_POSITIONS=1``. Each call then
+    synchronises with the device, so leave it off in production.
+    """
+    global _check_positions_on_device
+    _check_positions_on_device = bool(enabled)
+
+
+def check_positions_on_device_enabled() -> bool:
+    return _check_positions_on_device
+
+
+def _is_int(value) -> bool:
+    # SymInt: sizes are symbolic under dynamic-shape tracing.
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
+def _fail(op: str, message: str, exc: type[Exception] = ValueError) -> None:
+    raise exc(f"{op}: {message}")
+
+
+def check_rope_operands(
+    op: str,
+    named_xs: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]],
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    head_size: int,
+) -> None:
+    """Checks common to both ops. ``named_xs`` are the two tensors rotated, ``(name, tensor)``,
+    already viewed as ``[num_tokens, num_heads, head_size]``."""
+    (a_name, a), (b_name, b) = named_xs
+    for name, x in named_xs:
+        if not x.dtype.is_floating_point:
+            _fail(op, f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 3:
+            _fail(op, f"{name} must be [num_tokens, num_heads, head_size], got shape {tuple(x.shape)}")
+    if a.dtype != b.dtype:
+        _fail(op, f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}")
+    if not cos_sin_cache.dtype.is_floating_point:
+        _fail(op, f"cos_sin_cache must be floating point, got dtype {cos_sin_cache.dtype}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        _fail(op, f"positions must be int32 or int64, got dtype {positions.dtype}")
+    devices = {x.device for x in (a, b, cos_sin_cache, positions)}
+    if len(devices) != 1:
+        _fail(
+            op,
+            f"{a_name}, {b_name}, cos_sin_cache and positions must be on one device, got "
+            f"{a.device}, {b.device}, {cos_sin_cache.device} and {positions.device}",
+        )
+    if not _is_int(rotary_dim) or rotary_dim <= 0 or rotary_dim % 2:
+        _fail(op, f"rotary_dim must be a positive even integer, got {rotary_dim!r}")
+    if rotary_dim > head_size:
+        _fail(op, f"rotary_dim ({rotary_dim}) must not exceed the head size ({head_size})")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
+        _fail(
+            op,
+            f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], "
+            f"got shape {tuple(cos_sin_cache.shape)}",
+        )
+    if a.shape[0] != b.shape[0]:
+        _fail(
+            op,
+            f"{a_name} and {b_name} must have the same number of tokens, "
+            f"got {a.shape[0]} and {b.shape[0]}",
+        )
+    if positions.numel() != a.shape[0]:
+        _fail(
+            op,
+            f"positions must hold one position per token ({a.shape[0]}), "
+            f"got {positions.numel()} (shape {tuple(positions.shape)})",
+        )
+    for name, x in named_xs:
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            _fail(op, f"{name} must have last stride 1, got strides {tuple(x.stride())}")
+
+
+def check_positions_in_range(op: str, positions: torch.Tensor, max_position: int) -> None:
+    """Raise ``IndexError`` if a position is outside ``[0, max_position)`` (reads data)."""
+    if positions.numel() == 0:
+        return
+    low, high = int(positions.min()), int(positions.max())
+    if low < 0 or high >= max_position:
+        raise IndexError(
+            f"{op}: positions must lie in [0, {max_position}) (the cos_sin_cache rows), "
+            f"got values in [{low}, {high}]"
+        )
+
+
+def as_token_heads(op: str, name: str, x: torch.Tensor, num_tokens: int, head_size: int):
+    """View ``x`` (``[T, H * head_size]`` or ``[..., H, head_size]``) as ``[T, H, head_size]``
+    without copying, or raise ``ValueError`` naming ``name``."""
+    if not _is_int(head_size) or head_size <= 0:
+        _fail(op, f"head_size must be a positive integer, got {head_size!r}")
+    if x.dim() >= 3 and x.shape[-1] == head_size:
+        heads = x.shape[-2]
+    elif x.dim() >= 1 and x.shape[-1] % head_size == 0:
+        heads = x.shape[-1] // head_size
+    else:
+        _fail(op, f"{name} of shape {tuple(x.shape)} must end in a multiple of head_size "
+                  f"({head_size})")
+    if x.numel() != num_tokens * heads * head_size:
+        _fail(op, f"{name} of shape {tuple(x.shape)} does not hold {num_tokens} tokens "
+                  f"(positions.numel()) of {heads} heads of size {head_size}")
+    try:
+        return x.view(num_tokens, heads, head_size)
+    except RuntimeError as err:
+        _fail(op, f"{name} of shape {tuple(x.shape)} and strides {tuple(x.stride())} cannot be "
+                  f"viewed as [tokens, heads, head_size] without a copy ({err})")
