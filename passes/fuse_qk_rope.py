@@ -1,0 +1,420 @@
+"""Inductor post-grad pass: fuse the Q RoPE and the K RoPE into one in-place op call.
+
+Before (sglang / vLLM ``forward_native``; one such chain for q and one for k)::
+
+    qkv = mm(x, w_qkv)
+    q, k, v = split_with_sizes(qkv, [Hq*D, Hk*D, Hk*D], -1)
+    rows = index(cos_sin_cache, [positions])          # shared by q and k
+    cos, sin = split(rows, rot/2, -1)
+    xq = reshape(q, [T, Hq, D])
+    q1, q2 = split(xq[..., :rot], rot/2, -1)          # GPT-J: xq[..., 0::2], xq[..., 1::2]
+    rq = cat([q1*cos - q2*sin, q2*cos + q1*sin], -1)   # GPT-J: view(cat([o1[..., None], ...]))
+    q_out = reshape(cat([rq, xq[..., rot:]], -1), [T, Hq*D])
+    ... the same for k with xk ...
+
+After::
+
+    xq = reshape(q, [T, Hq, D]);  xk = reshape(k, [T, Hk, D])
+    af = auto_functionalized_v2(rope_compile.fused_qk_rope_with_cos_sin_cache_inplace,
+                                cos_sin_cache, positions, rot, is_neox,
+                                q = slice(xq, -1, 0, rot), k = slice(xk, -1, 0, rot),
+                                _all_bases=[xq, xk])
+    q_out = reshape(af[1], [T, Hq*D]);  k_out = reshape(af[2], [T, Hk*D])
+
+Inductor's reinplacing then turns ``auto_functionalized_v2`` into a direct in-place call on
+``xq``/``xk`` (views of ``qkv``) when nothing reads the pre-RoPE values later, and into a copy
+plus call otherwise (for example when q is a graph input): the result is the same either way.
+
+Only pairs that share positions, cache, style, rotary_dim and head size, whose head size is
+in ``head_sizes`` and whose device type is in ``devices`` are rewritten; every other candidate
+is left untouched, with the reason logged at DEBUG and counted in
+``torch._dynamo.utils.counters["rope_compile"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx import Graph, Node
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from . import rope_pattern
+from .rope_pattern import NoMatch, RopeMatch, match_rope
+
+log = logging.getLogger("rope_compile")
+
+DEFAULT_HEAD_SIZES = (128, 256, 512)
+DEFAULT_DEVICES = ("xpu", "cuda")
+
+_CANDIDATE_TARGETS = (
+    torch.ops.aten.cat.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.prims.convert_element_type.default,
+)
+
+
+def _fused_op():
+    import rope_compile.ops  # noqa: F401  (registers the op)
+
+    return torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
+
+
+def count(name: str, amount: int = 1) -> None:
+    counters["rope_compile"][name] += amount
+
+
+def find_rope_matches(graph: Graph) -> list[RopeMatch]:
+    """Every proven RoPE application in ``graph``, in graph order."""
+    matches = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _CANDIDATE_TARGETS:
+            continue
+        try:
+            matches.append(match_rope(node))
+        except NoMatch:
+            continue
+    return matches
+
+
+def _describe_difference(a: RopeMatch, b: RopeMatch) -> str:
+    if a.positions is not b.positions:
+        return "q and k use different positions"
+    if a.cache is not b.cache:
+        return "q and k use different cos_sin_caches"
+    if a.rotary_dim != b.rotary_dim:
+        return f"q and k use different rotary_dim ({a.rotary_dim} vs {b.rotary_dim})"
+    if a.is_neox != b.is_neox:
+        return "q and k use different styles (neox vs GPT-J)"
+    return f"q and k have different head sizes ({a.head_size} vs {b.head_size})"
+
+
+def pair_matches(matches: list[RopeMatch]) -> tuple[list[tuple[RopeMatch, RopeMatch]],
+                                                     list[tuple[RopeMatch, str]]]:
+    """Pair consecutive matches (graph order) that share positions, cache, style and sizes.
+
+    Returns (pairs, unpaired with reason)."""
+    pending: dict[tuple, RopeMatch] = {}
+    pairs = []
+    for match in matches:
+        partner = pending.pop(match.key, None)
+        if partner is None:
+            pending[match.key] = match
+        else:
+            pairs.append((partner, match))
+    leftovers = list(pending.values())
+    unpaired = []
+    for match in leftovers:
+        others = [m for m in leftovers if m is not match]
+        reason = (_describe_difference(match, others[0]) if others
+                  else "lone RoPE: no second RoPE shares its positions and cos_sin_cache")
+        unpaired.append((match, reason))
+    return pairs, unpaired
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for inp in stack.pop().all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                stack.append(inp)
+    return seen
+
+
+def _device_type(match: RopeMatch) -> str:
+    return match.base.meta["val"].device.type
+
+
+aten = torch.ops.aten
+# Ops whose output aliases their (first) input's storage; what the chain from a storage root
+# to x may consist of.
+_VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+             aten.slice.Tensor, aten.as_strided.default, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.permute.default, aten.transpose.int, aten.t.default,
+             aten.split.Tensor, aten.split_with_sizes.default, aten.alias.default)
+
+
+def _is_view_of_input(node: Node) -> bool:
+    """``node`` is a view op (or getitem of a split) sharing its input's storage."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return isinstance(src, Node) and src.target in (aten.split.Tensor,
+                                                        aten.split_with_sizes.default)
+    if node.target not in _VIEW_OPS or not isinstance(node.args[0], Node):
+        return False
+    if node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        return True
+    val, src_val = node.meta.get("val"), node.args[0].meta.get("val")
+    return (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)
+            and StorageWeakRef(val.untyped_storage()) == StorageWeakRef(src_val.untyped_storage()))
+
+
+def view_chain(node: Node) -> tuple[Node, list[Node]]:
+    """(storage root, view nodes from the root (exclusive) to ``node`` (inclusive))."""
+    chain = []
+    while _is_view_of_input(node):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def _replay(graph: Graph, chain: list[Node], old_root: Node, new_root: Node) -> Node:
+    """Re-apply the view ``chain`` (built on ``old_root``) on ``new_root``; returns the last."""
+    env = {old_root: new_root}
+    last = new_root
+    for node in chain:
+        with graph.inserting_after(last):
+            last = graph.node_copy(node, lambda n: env.get(n, n))
+        env[node] = last
+    return last
+
+
+class PlanError(Exception):
+    """A pair cannot be rewritten; the message says why."""
+
+
+def _graph_symbols(graph: Graph) -> dict:
+    """sympy expression -> node, for nodes holding a SymInt (size placeholders, sym_size)."""
+    table = {}
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            table.setdefault(val.node.expr, node)
+    return table
+
+
+def _as_graph_ints(values, symbols: dict) -> tuple:
+    out = []
+    for value in values:
+        if isinstance(value, torch.SymInt):
+            expr = value.node.expr
+            if expr.is_number:
+                out.append(int(expr))
+            elif expr in symbols:
+                out.append(symbols[expr])
+            else:
+                raise PlanError(f"symbolic size {expr} has no node in the graph")
+        else:
+            out.append(int(value))
+    return tuple(out)
+
+
+@dataclass
+class PairPlan:
+    q: RopeMatch
+    k: RopeMatch
+    roots: list[Node]
+    chains: tuple[list[Node], list[Node]]
+    kwargs: dict
+
+
+def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
+    """Everything the rewrite needs, computed without touching the graph."""
+    rot = q.rotary_dim
+    kwargs = {"cos_sin_cache": q.cache, "positions": q.positions, "rotary_dim": rot,
+              "is_neox": q.is_neox}
+    roots: list[Node] = []
+    chains = []
+    for name, match in (("q", q), ("k", k)):
+        root, chain = view_chain(match.base)
+        if root not in roots:
+            roots.append(root)
+        chains.append(chain)
+        # The op's argument x[..., :rot], described against the root's storage (as_strided).
+        view = match.base.meta["val"][..., :rot]
+        kwargs[f"_{name}_base_index"] = roots.index(root)
+        kwargs[f"_{name}_size"] = _as_graph_ints(view.size(), symbols)
+        kwargs[f"_{name}_stride"] = _as_graph_ints(view.stride(), symbols)
+        kwargs[f"_{name}_storage_offset"] = _as_graph_ints([view.storage_offset()], symbols)[0]
+    kwargs["_all_bases"] = roots
+    return PairPlan(q, k, roots, tuple(chains), kwargs)
+
+
+def _fake_call(plan: PairPlan):
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+    def fake(arg):
+        return arg.meta["val"]
+
+    fake_kwargs = torch.fx.node.map_arg(plan.kwargs, fake)
+    with torch._guards.detect_fake_mode([plan.q.base.meta["val"]]):
+        return auto_functionalized_v2(_fused_op(), **fake_kwargs)
+
+
+def rewrite_pair(graph: Graph, plan: PairPlan) -> None:
+    """Replace the two RoPE subgraphs by one functional call of the fused op."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+    fake_result = _fake_call(plan)
+    q, k = plan.q, plan.k
+    # The call needs the roots, cache and positions: put it after the last of them
+    # (stable_topological_sort, run by Inductor right after custom passes, orders the rest).
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = max([*plan.roots, q.cache, q.positions], key=order.__getitem__)
+    with graph.inserting_after(anchor):
+        call = graph.call_function(auto_functionalized_v2, (_fused_op(),), plan.kwargs)
+    call.meta["val"] = fake_result
+    new_roots = {}
+    last = call
+    for index, root in enumerate(plan.roots, start=1):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (call, index))
+        last.meta["val"] = fake_result[index]
+        new_roots[root] = last
+    for match, chain in zip((q, k), plan.chains):
+        root = plan.roots[plan.kwargs[f"_{'q' if match is q else 'k'}_base_index"]]
+        new_value = _replay(graph, chain, root, new_roots[root])
+        match.output.replace_all_uses_with(new_value)
+    for match in (q, k):
+        _erase_dead(graph, [match.output, *match.nodes])
+    for root in plan.roots:
+        _redirect_disjoint_views(graph, root, new_roots[root], call,
+                                 [q.base.meta["val"][..., :q.rotary_dim],
+                                  k.base.meta["val"][..., :k.rotary_dim]])
+
+
+def _row_footprint(t: torch.Tensor):
+    """(row stride, first column, last column) of a tensor whose rows (dim 0) are laid out
+    ``row stride`` apart and whose inner elements stay inside one row; None if not so."""
+    if t.dim() < 1 or any(isinstance(x, torch.SymInt) for x in
+                          (t.stride(0), t.storage_offset(), *t.shape[1:], *t.stride()[1:])):
+        return None
+    row = t.stride(0)
+    if row <= 0 or any(s < 0 for s in t.stride()[1:]) or 0 in t.shape[1:]:
+        return None
+    first = t.storage_offset() % row
+    last = first + sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:]))
+    return (row, first, last) if last < row else None
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """False only when the two views of one storage provably share no element."""
+    fa, fb = _row_footprint(a), _row_footprint(b)
+    if fa and fb and fa[0] == fb[0]:
+        return not (fa[2] < fb[1] or fb[2] < fa[1])
+    from torch._C._dynamo.guards import compute_overlapping_tensors
+
+    try:
+        return len(compute_overlapping_tensors([a, b])) != 0
+    except Exception:
+        return True  # unknown: assume they overlap (the safe answer)
+
+
+def _redirect_disjoint_views(graph: Graph, root: Node, new_root: Node, call: Node,
+                             rotated: list[torch.Tensor]) -> None:
+    """Make readers of ``root``'s views that are disjoint from the rotated regions (e.g. v of
+    the same qkv projection) read the call's output instead, as functionalization would.
+
+    Their values are identical either way, but while they read the old root Inductor cannot
+    reinplace the call and copies the whole projection. Views that overlap q or k keep reading
+    the pre-RoPE root (then Inductor copies, which is what those readers need)."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for user in list(node.users):
+            if user is call or user.graph is not graph:
+                continue
+            if _is_view_of_input(user):
+                stack.append(user)
+                continue
+            if node is root:
+                continue  # a direct reader of the whole root overlaps q and k
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or any(_overlaps(val, r) for r in rotated):
+                continue
+            _, chain = view_chain(node)
+            # chain runs from the root: replay it on the new root for this reader.
+            replayed = _replay(graph, chain, root, new_root)
+            user.replace_input_with(node, replayed)
+            _erase_dead(graph, [node])
+
+
+def _erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:
+    """Erase the matched nodes (and their now-unused inputs) that nothing uses any more."""
+    worklist = list(nodes)
+    while worklist:
+        node = worklist.pop()
+        if node.graph is not graph or node.op != "call_function" or node.users:
+            continue
+        if node._erased or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        worklist.extend(inputs)
+
+
+class FuseQKRopePass(CustomGraphPass):
+    """The pass. Install into ``torch._inductor.config.post_grad_custom_post_pass``.
+
+    Options: ``head_sizes`` rewritten (default 128, 256, 512), ``devices`` whose graphs are
+    rewritten (default xpu, cuda; add "cpu" to force it on CPU), ``strict`` re-raises errors
+    raised inside the pass instead of leaving the graph unchanged with a warning.
+    """
+
+    def __init__(self, head_sizes: Iterable[int] = DEFAULT_HEAD_SIZES,
+                 devices: Iterable[str] = DEFAULT_DEVICES, strict: bool = False) -> None:
+        self.head_sizes = tuple(int(h) for h in head_sizes)
+        self.devices = tuple(str(d) for d in devices)
+        self.strict = bool(strict)
+
+    def __repr__(self) -> str:
+        return (f"FuseQKRopePass(head_sizes={self.head_sizes}, devices={self.devices}, "
+                f"strict={self.strict})")
+
+    def uuid(self) -> bytes:
+        files = (__file__, rope_pattern.__file__)
+        return hashlib.sha256(get_hash_for_files(files, repr(self))).digest()
+
+    def __call__(self, graph: Graph) -> None:
+        try:
+            self.apply(graph)
+        except Exception as err:
+            count("pass_errors")
+            if self.strict:
+                raise
+            log.warning("rope_compile pass failed, graph left unchanged: %r", err, exc_info=True)
+
+    def skip(self, match: RopeMatch, reason: str) -> None:
+        count(f"skipped: {reason}")
+        log.debug("not rewriting RoPE at %s: %s", match.output.name, reason)
+
+    def apply(self, graph: Graph) -> int:
+        """Analyse first (no mutation), then rewrite each accepted pair. Returns pairs rewritten."""
+        matches = find_rope_matches(graph)
+        pairs, unpaired = pair_matches(matches)
+        for match, reason in unpaired:
+            self.skip(match, reason)
+        accepted = []
+        symbols = _graph_symbols(graph)
+        for q, k in pairs:
+            count("pairs_found")
+            if q.head_size not in self.head_sizes:
+                self.skip(q, f"head_size {q.head_size} not in {self.head_sizes}")
+            elif _device_type(q) not in self.devices or _device_type(k) != _device_type(q):
+                self.skip(q, f"device {_device_type(q)} not in {self.devices}")
+            elif q.output in _ancestors(k.base) or k.output in _ancestors(q.base):
+                self.skip(q, "k depends on the rotated q (or the reverse)")
+            else:
+                try:
+                    accepted.append(plan_pair(q, k, symbols))
+                except PlanError as why:
+                    self.skip(q, str(why))
+        for plan in accepted:
+            q, k = plan.q, plan.k
+            rewrite_pair(graph, plan)
+            count("rewritten")
+            log.info("rope_compile: fused RoPE of %s and %s into one %s call (rotary_dim=%d, "
+                     "head_size=%d, %s)", q.output.name, k.output.name, "in-place fused op",
+                     q.rotary_dim, q.head_size, "neox" if q.is_neox else "GPT-J")
+        return len(accepted)

@@ -1,0 +1,319 @@
+"""Recognise one RoPE subgraph in a post-grad ATen graph.
+
+One parameterised matcher serves every spelling: instead of a template per variant, it reads
+the arithmetic backwards from a candidate output and proves, op by op, that it computes::
+
+    out[..., :rot] = rotate(x[..., :rot], cos_sin_cache[positions])   (neox or GPT-J pairs)
+    out[..., rot:] = x[..., rot:]
+
+Operands are traced through a whitelist of ops only (slices and splits of the last dim,
+unsqueeze of the head dim, dtype casts, a row gather of the cache), so anything it does not
+understand is simply not a match. Matching never mutates the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+_CASTS = (prims.convert_element_type.default, aten._to_copy.default)
+_GATHERS = (aten.index.Tensor, aten.index_select.default, aten.embedding.default)
+_SUBS = (aten.sub.Tensor,)
+_ADDS = (aten.add.Tensor,)
+_MULS = (aten.mul.Tensor,)
+
+
+class NoMatch(Exception):
+    """The candidate is not RoPE; the message says why (for debug logs)."""
+
+
+def _val(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _require(cond: bool, why: str) -> None:
+    if not cond:
+        raise NoMatch(why)
+
+
+def _last_dim(node: Node, dim) -> bool:
+    val = _val(node)
+    return val is not None and isinstance(dim, int) and dim in (-1, val.dim() - 1)
+
+
+def _statically_equal(a, b) -> bool:
+    """Sizes are equal for every value of their symbols (no guard is added)."""
+    try:
+        return bool(torch.fx.experimental.symbolic_shapes.statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def _float_cast(node: Node) -> bool:
+    if node.target is prims.convert_element_type.default:
+        return isinstance(node.args[1], torch.dtype) and node.args[1].is_floating_point
+    if node.target is aten._to_copy.default:
+        dtype = node.kwargs.get("dtype")
+        others = set(node.kwargs) - {"dtype"}
+        return isinstance(dtype, torch.dtype) and dtype.is_floating_point and not others
+    return False
+
+
+def _last_dim_range(node: Node) -> tuple[Node, int, int] | None:
+    """If ``node`` takes a slice of its source's last dim, return (source, start, step)."""
+    if node.target is operator.getitem and isinstance(node.args[0], Node):
+        split, index = node.args
+        if split.target in _SPLITS and _last_dim(split.args[0], split.args[2] if len(
+                split.args) > 2 else split.kwargs.get("dim", 0)):
+            sizes = split.args[1]
+            if isinstance(sizes, int):
+                return split.args[0], index * sizes, 1
+            if all(isinstance(s, int) for s in sizes):
+                return split.args[0], sum(sizes[:index]), 1
+        return None
+    if node.target is aten.slice.Tensor:
+        src = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        src_val = _val(src)
+        if src_val is None or not _last_dim(src, dim):
+            return None
+        start = 0 if start is None else start
+        if not isinstance(start, int) or not isinstance(step, int) or step < 1:
+            return None
+        length = src_val.shape[-1]
+        if start < 0:
+            start += length
+        return src, max(0, start), step
+    return None
+
+
+@dataclass(frozen=True)
+class Operand:
+    """``base[..., start::step]`` (``count`` elements), possibly cast."""
+
+    base: Node
+    start: int
+    step: int
+    count: int
+    cast: bool
+
+
+def trace_features(node: Node) -> Operand:
+    """Follow last-dim slices/splits and float casts from ``node`` up to the sliced tensor."""
+    count = _val(node).shape[-1]
+    start, step, cast = 0, 1, False
+    while True:
+        if _float_cast(node):
+            cast = True
+            node = node.args[0]
+            continue
+        sliced = _last_dim_range(node)
+        if sliced is None:
+            return Operand(node, start, step, count, cast)
+        node, parent_start, parent_step = sliced
+        start, step = parent_start + start * parent_step, parent_step * step
+
+
+@dataclass(frozen=True)
+class TrigOperand:
+    """Columns ``[start, start + count)`` of ``cache[positions]``, broadcast over heads."""
+
+    cache: Node
+    positions: Node
+    start: int
+    count: int
+
+
+def trace_trig(node: Node, num_tokens) -> TrigOperand:
+    """Follow a ``[T, 1, n]`` factor back to a row gather of a cos/sin cache."""
+    val = _val(node)
+    _require(val is not None and val.dim() == 3 and _statically_equal(val.shape[1], 1)
+             and _statically_equal(val.shape[0], num_tokens),
+             "cos/sin factor is not [num_tokens, 1, n]")
+    unsqueezed = False
+    start, step = 0, 1
+    count = val.shape[-1]
+    while True:
+        if _float_cast(node):
+            node = node.args[0]
+            continue
+        if node.target is aten.unsqueeze.default and not unsqueezed:
+            dim = node.args[1]
+            _require(dim in (1, -2), "cos/sin unsqueezed on a dim other than heads")
+            unsqueezed = True
+            node = node.args[0]
+            continue
+        sliced = _last_dim_range(node)
+        if sliced is not None:
+            node, parent_start, parent_step = sliced
+            start, step = parent_start + start * parent_step, parent_step * step
+            continue
+        break
+    _require(unsqueezed and step == 1, "cos/sin is not a contiguous column range broadcast "
+                                       "over heads")
+    if node.target is aten.index.Tensor:
+        indices = node.args[1]
+        _require(len(indices) == 1 and indices[0] is not None, "cache gathered on several dims")
+        cache, positions = node.args[0], indices[0]
+    elif node.target is aten.index_select.default:
+        _require(node.args[1] == 0, "cache gathered on a dim other than rows")
+        cache, positions = node.args[0], node.args[2]
+    elif node.target is aten.embedding.default:
+        cache, positions = node.args[0], node.args[1]
+    else:
+        raise NoMatch(f"cos/sin do not come from a cache row gather (found {node.target})")
+    pos_val = _val(positions)
+    _require(pos_val is not None and pos_val.dim() == 1
+             and pos_val.dtype in (torch.int32, torch.int64), "positions are not 1-D integers")
+    # A cast of the whole cache (e.g. to the model dtype) is dropped: the fused op reads the
+    # original table and does its math in fp32.
+    while _float_cast(cache):
+        cache = cache.args[0]
+    cache_val = _val(cache)
+    _require(cache_val is not None and cache_val.dim() == 2 and cache_val.dtype.is_floating_point,
+             "cos_sin_cache is not a 2-D float table")
+    return TrigOperand(cache, positions, start, count)
+
+
+def _product_terms(node: Node, num_tokens) -> tuple[Operand, TrigOperand]:
+    """``node`` = x-features * cos/sin (either order)."""
+    _require(node.target in _MULS and len(node.args) == 2, f"expected a product, got {node.target}")
+    a, b = node.args
+    _require(isinstance(a, Node) and isinstance(b, Node), "product with a scalar")
+    for x, t in ((a, b), (b, a)):
+        x_val = _val(x)
+        if x_val is None or x_val.dim() != 3 or _val(t) is None or _val(t).dim() != 3:
+            continue
+        if not _statically_equal(_val(t).shape[1], 1):
+            continue
+        return trace_features(x), trace_trig(t, num_tokens)
+    raise NoMatch("product is not features times a [T, 1, n] cos/sin factor")
+
+
+@dataclass
+class RopeMatch:
+    """One proven RoPE application ``output = rope(base)``; ``base`` is ``[T, H, head_size]``."""
+
+    base: Node
+    output: Node
+    cache: Node
+    positions: Node
+    rotary_dim: int
+    head_size: int
+    is_neox: bool
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def key(self):
+        return (self.cache, self.positions, self.rotary_dim, self.is_neox, self.head_size)
+
+
+def _match_rotation(o1: Node, o2: Node, num_tokens):
+    """o1 = x1*cos - x2*sin and o2 = x2*cos + x1*sin; returns (x1, x2, cos, sin)."""
+    _require(o1.target in _SUBS and len(o1.args) == 2 and o1.kwargs.get("alpha", 1) == 1,
+             "first half is not a difference")
+    _require(o2.target in _ADDS and len(o2.args) == 2 and o2.kwargs.get("alpha", 1) == 1,
+             "second half is not a sum")
+    x1, cos = _product_terms(o1.args[0], num_tokens)
+    x2, sin = _product_terms(o1.args[1], num_tokens)
+    terms = {_product_terms(o2.args[0], num_tokens), _product_terms(o2.args[1], num_tokens)}
+    _require(terms == {(x2, cos), (x1, sin)}, "second half is not x2*cos + x1*sin")
+    return x1, x2, cos, sin
+
+
+def _rotated_halves(node: Node):
+    """Split a rotated block into its (o1, o2, is_neox) or raise NoMatch."""
+    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        # GPT-J: stack((o1, o2), -1).flatten(-2) == view(cat((o1[..., None], o2[..., None])))
+        inner = node.args[0]
+        _require(inner.target is aten.cat.default, "view of something other than a stack")
+        parts, dim = inner.args[0], inner.args[1] if len(inner.args) > 1 else 0
+        _require(len(parts) == 2 and _last_dim(inner, dim), "not a stack of two halves")
+        halves = []
+        for part in parts:
+            _require(part.target is aten.unsqueeze.default and part.args[1] in (-1, 3),
+                     "stacked halves are not unsqueezed on the last dim")
+            halves.append(part.args[0])
+        out_val, in_val = _val(node), _val(inner)
+        _require(out_val.dim() == 3 and tuple(out_val.shape[:2]) == tuple(in_val.shape[:2]),
+                 "stack is not flattened back to [T, H, rot]")
+        return halves[0], halves[1], False, [node, inner, *parts]
+    if node.target is aten.stack.default:
+        raise NoMatch("unflattened stack")
+    _require(node.target is aten.cat.default, f"not a cat ({node.target})")
+    parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    _require(len(parts) == 2 and _last_dim(node, dim), "not a cat of two halves on the last dim")
+    return parts[0], parts[1], True, [node]
+
+
+def match_rope(candidate: Node) -> RopeMatch:
+    """Prove that ``candidate`` is RoPE of some ``[T, H, head_size]`` tensor, or raise NoMatch.
+
+    Candidates are the value that replaces x: the rotated block itself (full rotary), or
+    ``cat((rotated, x[..., rot:]), -1)`` (partial rotary), optionally cast back to x's dtype.
+    """
+    out_val = _val(candidate)
+    _require(out_val is not None and out_val.dim() == 3, "not a 3-D tensor")
+    node = candidate
+    nodes = []
+    if _float_cast(node):
+        nodes.append(node)
+        node = node.args[0]
+    tail = None
+    if node.target is aten.cat.default and len(node.args[0]) == 2:
+        first, second = node.args[0]
+        if second.target is aten.slice.Tensor or (_float_cast(second)):
+            # Partial rotary: cat((rotated, x[..., rot:]), -1).
+            _require(_last_dim(node, node.args[1] if len(node.args) > 1 else 0),
+                     "partial-rotary cat is not on the last dim")
+            tail = trace_features(second)
+            nodes.append(node)
+            node = first
+    o1, o2, is_neox, block_nodes = _rotated_halves(node)
+    nodes += block_nodes
+    num_tokens = _val(node).shape[0]
+    x1, x2, cos, sin = _match_rotation(o1, o2, num_tokens)
+    nodes += [o1, o2, *o1.args, *o2.args]
+
+    half = x1.count
+    rot = 2 * half
+    base = x1.base
+    base_val = _val(base)
+    _require(base_val is not None and base_val.dim() == 3, "rotated tensor is not [T, H, D]")
+    head_size = base_val.shape[-1]
+    _require(isinstance(head_size, int), "head size is symbolic")
+    _require(x2.base is base and x2.count == half, "x1 and x2 come from different tensors")
+    if is_neox:
+        _require((x1.start, x1.step, x2.start, x2.step) == (0, 1, half, 1),
+                 "neox halves are not x[..., :rot/2] and x[..., rot/2:rot]")
+    else:
+        _require((x1.start, x1.step, x2.start, x2.step) == (0, 2, 1, 2),
+                 "GPT-J pairs are not x[..., 0:rot:2] and x[..., 1:rot:2]")
+    _require(cos.cache is sin.cache, "cos and sin come from different caches")
+    _require(cos.positions is sin.positions, "cos and sin use different positions")
+    _require((cos.start, cos.count, sin.start, sin.count) == (0, half, half, half),
+             "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
+    _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
+    _require(rot <= head_size, "rotary_dim exceeds head size")
+    if rot < head_size:
+        _require(tail is not None and tail.base is base and (tail.start, tail.step, tail.count)
+                 == (rot, 1, head_size - rot), "partial rotary without x[..., rot:] passed through")
+    else:
+        _require(tail is None, "extra features concatenated to a full rotation")
+    _require(out_val.dtype == base_val.dtype, f"RoPE output dtype {out_val.dtype} differs from "
+                                              f"input dtype {base_val.dtype}")
+    _require(tuple(out_val.shape[:2]) == tuple(base_val.shape[:2]) and out_val.shape[-1]
+             == head_size, "RoPE output shape differs from the input's")
+    _require(base_val.dtype in (torch.float16, torch.bfloat16, torch.float32),
+             f"dtype {base_val.dtype} not supported by the fused op")
+    return RopeMatch(base, candidate, cos.cache, cos.positions, rot, head_size, is_neox, nodes)
