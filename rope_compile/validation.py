@@ -112,7 +112,8 @@ def as_token_heads(op: str, name: str, x: torch.Tensor, num_tokens: int, head_si
     without copying, or raise ``ValueError`` naming ``name``."""
     if not _is_int(head_size) or head_size <= 0:
         _fail(op, f"head_size must be a positive integer, got {head_size!r}")
-    if x.dim() >= 3 and x.shape[-1] == head_size:
+    if x.dim() >= 3 and x.shape[-1] == head_size and (
+            x.numel() == num_tokens * x.shape[-2] * head_size):  # not [B, S, 1 * head_size]
         heads = x.shape[-2]
     elif x.dim() >= 1 and x.shape[-1] % head_size == 0:
         heads = x.shape[-1] // head_size
