@@ -1,0 +1,1 @@
+"""Benchmarks for rope-compile (run as scripts; see benchmarks/README.md)."""

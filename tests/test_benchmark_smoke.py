@@ -1,0 +1,79 @@
+"""Smoke test of benchmarks/bench_op.py: one tiny row, launcher (a) and eager (c), on CPU.
+
+Runs the Triton launcher through the interpreter (``TRITON_INTERPRET=1``, set by conftest.py when
+there is no GPU); skipped when neither the interpreter nor CUDA is available.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_op():
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    return importlib.import_module("benchmarks.bench_op")
+
+
+def _device() -> str:
+    from rope_compile.triton_kernel import is_interpreter
+
+    if is_interpreter():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) or a CUDA device")
+
+
+RESULT_KEYS = {
+    "name", "row", "floor_bytes", "floor_us", "timer", "n_buffers", "triton_config", "time_us",
+    "host_us", "pct_copy_bw", "check", "max_err", "tol", "errors", "skipped", "copy_bw_gbs",
+}
+
+
+def test_run_benchmark_tiny_row():
+    device = _device()
+    bench = _bench_op()
+    row = bench.Row(hq=2, hk=1, d=64, rot=64, neox=True, tokens=3)
+    results = bench.run_benchmark(
+        [row], device=device, repeats=3, impls=("triton", "eager"), host_iters=3,
+        host_max_tokens=3, log=lambda _: None,
+    )
+
+    assert len(results) == 1
+    res = results[0]
+    assert res.keys() >= RESULT_KEYS
+    assert res["name"] == "2/1/64/64 neox T=3"
+    assert res["errors"] == {}
+    assert res["check"] == {"triton": "OK", "eager": "OK"}
+    for impl in ("triton", "eager"):
+        assert res["time_us"][impl] > 0
+        assert res["max_err"][impl] <= res["tol"][impl]
+    assert res["host_us"]["triton"] > 0  # T <= host_max_tokens
+    assert res["host_us"]["eager"] is None  # host time is only taken for (a), (b), (d), (e)
+    assert res["floor_bytes"] == 2 * 3 * (2 + 1) * 64 * 2 + 3 * 64 * 4
+    assert res["floor_us"] > 0 and res["copy_bw_gbs"] > 0
+    assert res["timer"] == ("cuda-graph" if device == "cuda" else "perf_counter")
+
+    table = bench.results_table(results, ("triton", "eager"))
+    assert "2/1/64/64 neox T=3" in table and "err" not in table
+
+
+def test_row_table_and_selection():
+    bench = _bench_op()
+    names = [r.name for r in bench.ROWS]
+    assert len(names) == len(set(names))
+    assert "32/8/128/128 neox T=0" in names
+    quick = bench.select_rows(bench.ROWS, quick=True)
+    assert quick and all(r.quick for r in quick)
+    picked = bench.select_rows(bench.ROWS, patterns="gptj")
+    assert picked and all("gptj" in r.name for r in picked)
+    swept = bench.select_rows(bench.ROWS, sweep=True)
+    assert swept and all(r.sweep for r in swept)
