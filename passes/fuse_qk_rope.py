@@ -43,6 +43,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import rope_pattern
@@ -59,6 +60,7 @@ _CANDIDATE_TARGETS = (
     torch.ops.aten.reshape.default,
     torch.ops.aten._unsafe_view.default,
     torch.ops.prims.convert_element_type.default,
+    torch.ops.aten.add.Tensor,
 )
 
 
@@ -86,6 +88,10 @@ def find_rope_matches(graph: Graph) -> list[RopeMatch]:
 
 
 def _describe_difference(a: RopeMatch, b: RopeMatch) -> str:
+    if (a.positions is None) != (b.positions is None):
+        return "q and k take cos/sin in different forms (cache gather vs tables)"
+    if a.sin_table is not b.sin_table:
+        return "q and k use different sin tables"
     if a.positions is not b.positions:
         return "q and k use different positions"
     if a.cache is not b.cache:
@@ -217,6 +223,22 @@ class PairPlan:
     roots: list[Node]
     chains: tuple[list[Node], list[Node]]
     kwargs: dict
+    # Table form: the [..tokens.., rot] shape the cos/sin tables are expanded to (graph ints).
+    table_shape: tuple | None = None
+
+
+def _token_view(match: RopeMatch) -> tuple[list, list, object]:
+    """(size, stride, storage_offset) of x[..., :rot] seen as [tokens, heads, rot]: the token
+    dims (all but heads and features) must merge into one, as a view."""
+    val = match.base.meta["val"]
+    dims = [d for d in range(val.dim() - 1) if d != match.heads_dim]
+    size, stride = val.shape[dims[-1]], val.stride(dims[-1])
+    for outer in reversed(dims[:-1]):
+        if not statically_known_true(val.stride(outer) == size * stride):
+            raise PlanError("x's token dims do not merge into one without a copy")
+        size = size * val.shape[outer]
+    return ([size, val.shape[match.heads_dim], match.rotary_dim],
+            [stride, val.stride(match.heads_dim), 1], val.storage_offset())
 
 
 def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
@@ -231,14 +253,51 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         if root not in roots:
             roots.append(root)
         chains.append(chain)
-        # The op's argument x[..., :rot], described against the root's storage (as_strided).
-        view = match.base.meta["val"][..., :rot]
+        # The op's argument x[..., :rot] as [T, H, rot], described against the root's storage.
+        size, stride, offset = _token_view(match)
         kwargs[f"_{name}_base_index"] = roots.index(root)
-        kwargs[f"_{name}_size"] = _as_graph_ints(view.size(), symbols)
-        kwargs[f"_{name}_stride"] = _as_graph_ints(view.stride(), symbols)
-        kwargs[f"_{name}_storage_offset"] = _as_graph_ints([view.storage_offset()], symbols)[0]
+        kwargs[f"_{name}_size"] = _as_graph_ints(size, symbols)
+        kwargs[f"_{name}_stride"] = _as_graph_ints(stride, symbols)
+        kwargs[f"_{name}_storage_offset"] = _as_graph_ints([offset], symbols)[0]
     kwargs["_all_bases"] = roots
-    return PairPlan(q, k, roots, tuple(chains), kwargs)
+    table_shape = None
+    if q.sin_table is not None:
+        val = q.base.meta["val"]
+        tokens = [n for d, n in enumerate(val.shape[:-1]) if d != q.heads_dim]
+        table_shape = _as_graph_ints([*tokens, rot], symbols)
+    return PairPlan(q, k, roots, tuple(chains), kwargs, table_shape)
+
+
+def _add_node(graph: Graph, after: Node, target, args, kwargs=None) -> Node:
+    """Insert ``target(*args, **kwargs)`` after ``after``, with its fake value as meta."""
+    kwargs = kwargs or {}
+    with graph.inserting_after(after):
+        node = graph.call_function(target, tuple(args), kwargs)
+    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    fake_tensors = [a for a in torch.utils._pytree.tree_leaves(fake_args)
+                    if isinstance(a, torch.Tensor)]
+    with torch._guards.detect_fake_mode(fake_tensors):
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def _materialise_tables(graph: Graph, after: Node, plan: PairPlan) -> tuple[Node, Node, Node]:
+    """Table form: build ``cos_sin_cache = cat(cos[..., :rot/2], sin[..., :rot/2])`` as
+    ``[T, rot]`` (expanded over broadcast token dims) and ``positions = arange(T)`` from the
+    model's own cos/sin tables, whose two halves the matcher proved equal.
+    Returns (last node, cache, positions)."""
+    match = plan.q
+    half = match.rotary_dim // 2
+    cos_half = _add_node(graph, after, aten.slice.Tensor, (match.cache, -1, 0, half))
+    sin_half = _add_node(graph, cos_half, aten.slice.Tensor, (match.sin_table, -1, 0, half))
+    table = _add_node(graph, sin_half, aten.cat.default, ([cos_half, sin_half], -1))
+    table = _add_node(graph, table, aten.expand.default, (table, list(plan.table_shape)))
+    cache = _add_node(graph, table, aten.reshape.default, (table, [-1, match.rotary_dim]))
+    tokens = _add_node(graph, cache, aten.sym_size.int, (cache, 0))
+    positions = _add_node(graph, tokens, torch.ops.prims.iota.default, (tokens,), {
+        "start": 0, "step": 1, "dtype": torch.int64, "device": cache.meta["val"].device,
+        "requires_grad": False})
+    return positions, cache, positions
 
 
 def _fake_call(plan: PairPlan):
@@ -256,12 +315,17 @@ def rewrite_pair(graph: Graph, plan: PairPlan) -> None:
     """Replace the two RoPE subgraphs by one functional call of the fused op."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
-    fake_result = _fake_call(plan)
     q, k = plan.q, plan.k
+    fake_result = None if q.sin_table is not None else _fake_call(plan)
     # The call needs the roots, cache and positions: put it after the last of them
     # (stable_topological_sort, run by Inductor right after custom passes, orders the rest).
     order = {n: i for i, n in enumerate(graph.nodes)}
-    anchor = max([*plan.roots, q.cache, q.positions], key=order.__getitem__)
+    inputs = [*plan.roots, q.cache, q.positions if q.sin_table is None else q.sin_table]
+    anchor = max(inputs, key=order.__getitem__)
+    if q.sin_table is not None:
+        anchor, cache, positions = _materialise_tables(graph, anchor, plan)
+        plan.kwargs.update(cos_sin_cache=cache, positions=positions)
+        fake_result = _fake_call(plan)
     with graph.inserting_after(anchor):
         call = graph.call_function(auto_functionalized_v2, (_fused_op(),), plan.kwargs)
     call.meta["val"] = fake_result

@@ -202,7 +202,11 @@ def _product_terms(node: Node, num_tokens) -> tuple[Operand, TrigOperand]:
 
 @dataclass
 class RopeMatch:
-    """One proven RoPE application ``output = rope(base)``; ``base`` is ``[T, H, head_size]``."""
+    """One proven RoPE application ``output = rope(base)``.
+
+    Gathered form: ``base`` is ``[T, H, head_size]`` and cos/sin are the halves of
+    ``cache[positions]``. Table form (HF ``rotate_half``): ``base`` has token dims, a heads dim
+    and the feature dim, and cos/sin are per-token tables with duplicated halves."""
 
     base: Node
     output: Node
@@ -212,14 +216,20 @@ class RopeMatch:
     head_size: int
     is_neox: bool
     nodes: list[Node] = field(default_factory=list)
+    # Table form (HF): ``cache`` is the [..tokens.., rot] cos table, ``sin_table`` the sin table,
+    # ``positions`` is None, and heads sit at ``heads_dim`` of ``base``.
+    sin_table: Node | None = None
+    heads_dim: int = 1
 
     @property
     def key(self):
-        return (self.cache, self.positions, self.rotary_dim, self.is_neox, self.head_size)
+        return (self.cache, self.positions, self.sin_table, self.rotary_dim, self.is_neox,
+                self.head_size)
 
 
 def _match_rotation(o1: Node, o2: Node, num_tokens):
     """o1 = x1*cos - x2*sin and o2 = x2*cos + x1*sin; returns (x1, x2, cos, sin)."""
+    _require(isinstance(o1, Node) and isinstance(o2, Node), "halves are not tensors")
     _require(o1.target in _SUBS and len(o1.args) == 2 and o1.kwargs.get("alpha", 1) == 1,
              "first half is not a difference")
     _require(o2.target in _ADDS and len(o2.args) == 2 and o2.kwargs.get("alpha", 1) == 1,
@@ -229,6 +239,87 @@ def _match_rotation(o1: Node, o2: Node, num_tokens):
     terms = {_product_terms(o2.args[0], num_tokens), _product_terms(o2.args[1], num_tokens)}
     _require(terms == {(x2, cos), (x1, sin)}, "second half is not x2*cos + x1*sin")
     return x1, x2, cos, sin
+
+
+_ELEMENTWISE_SCALE = (aten.mul.Tensor, aten.div.Tensor)
+
+
+def _split_factor(node: Node) -> tuple[Node, Node, int]:
+    """``node`` = x * unsqueeze(table, heads_dim) (either order) -> (x, table, heads_dim)."""
+    _require(isinstance(node, Node), "not a tensor")
+    _require(node.target in _MULS and len(node.args) == 2 and all(
+        isinstance(a, Node) for a in node.args), "expected a product of two tensors")
+    for x, factor in (node.args, node.args[::-1]):
+        table = factor
+        while _float_cast(table):
+            table = table.args[0]
+        x_val = _val(x)
+        if table.target is not aten.unsqueeze.default or x_val is None:
+            continue
+        heads_dim = table.args[1] % x_val.dim()
+        if 0 < heads_dim < x_val.dim() - 1:
+            return x, table.args[0], heads_dim
+    raise NoMatch("product is not x times a cos/sin table unsqueezed on the heads dim")
+
+
+def _duplicated_halves(table: Node) -> Node:
+    """Prove ``table[..., :n/2] == table[..., n/2:]``: an elementwise function (cos/sin, scalar
+    scale, casts) of ``cat((f, f), -1)`` or of its expand-and-reshape spelling. Returns f."""
+    node, trig = table, 0
+    while True:
+        if _float_cast(node):
+            node = node.args[0]
+        elif node.target in (aten.cos.default, aten.sin.default) and not trig:
+            trig, node = 1, node.args[0]
+        elif node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node) and not (
+                isinstance(node.args[1], Node)):
+            node = node.args[0]
+        else:
+            break
+    _require(trig == 1, "cos/sin table is not cos() or sin() of an angle table")
+    if node.target is aten.cat.default:
+        parts = node.args[0]
+        _require(len(parts) == 2 and parts[0] is parts[1] and _last_dim(
+            node, node.args[1] if len(node.args) > 1 else 0), "angles are not cat((f, f), -1)")
+        return parts[0]
+    _require(node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default),
+             "angles are not duplicated halves")
+    inner = node.args[0]
+    if inner.target is aten.clone.default:
+        inner = inner.args[0]
+    _require(inner.target is aten.expand.default, "angles are not an expand of one half")
+    unsq = inner.args[0]
+    unsq_val, exp_val = _val(unsq), _val(inner)
+    _require(unsq.target is aten.unsqueeze.default and unsq.args[1] % unsq_val.dim()
+             == unsq_val.dim() - 2 and unsq_val.shape[-2] == 1 and exp_val.shape[-2] == 2,
+             "angles are not f expanded to (.., 2, n/2)")
+    return unsq.args[0]
+
+
+def _match_rotate_half(node: Node):
+    """HF form: ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``."""
+    _require(len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 and all(
+        isinstance(a, Node) for a in node.args), "not a plain sum of tensors")
+    for plain, rotated in (node.args, node.args[::-1]):
+        try:
+            x_node, cos_table, heads_dim = _split_factor(plain)
+            rh, sin_table, sin_heads_dim = _split_factor(rotated)
+        except NoMatch:
+            continue
+        _require(heads_dim == sin_heads_dim, "cos and sin broadcast on different dims")
+        _require(rh.target is aten.cat.default and len(rh.args[0]) == 2 and _last_dim(
+            rh, rh.args[1] if len(rh.args) > 1 else 0), "rotate_half is not a cat of two halves")
+        neg_x2, x1_node = rh.args[0]
+        _require(isinstance(neg_x2, Node) and neg_x2.target is aten.neg.default, "rotate_half's first half is not negated")
+        x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
+        x = trace_features(x_node)
+        _require(x.base is x1.base and (x.start, x.step, x.count) == (0, 1, 2 * x1.count),
+                 "cos term does not multiply the same x[..., :rot]")
+        _duplicated_halves(cos_table)
+        _duplicated_halves(sin_table)
+        nodes = [node, plain, rotated, rh, neg_x2]
+        return x1, x2, cos_table, sin_table, heads_dim, nodes
+    raise NoMatch("sum is not x * cos + rotate_half(x) * sin")
 
 
 def _rotated_halves(node: Node):
@@ -263,7 +354,7 @@ def match_rope(candidate: Node) -> RopeMatch:
     ``cat((rotated, x[..., rot:]), -1)`` (partial rotary), optionally cast back to x's dtype.
     """
     out_val = _val(candidate)
-    _require(out_val is not None and out_val.dim() == 3, "not a 3-D tensor")
+    _require(out_val is not None and out_val.dim() in (3, 4), "not a 3-D or 4-D tensor")
     node = candidate
     nodes = []
     if _float_cast(node):
@@ -279,17 +370,23 @@ def match_rope(candidate: Node) -> RopeMatch:
             tail = trace_features(second)
             nodes.append(node)
             node = first
-    o1, o2, is_neox, block_nodes = _rotated_halves(node)
-    nodes += block_nodes
-    num_tokens = _val(node).shape[0]
-    x1, x2, cos, sin = _match_rotation(o1, o2, num_tokens)
-    nodes += [o1, o2, *o1.args, *o2.args]
+    if node.target in _ADDS:
+        x1, x2, cos_table, sin_table, heads_dim, block_nodes = _match_rotate_half(node)
+        nodes += block_nodes
+        is_neox = True
+    else:
+        o1, o2, is_neox, block_nodes = _rotated_halves(node)
+        nodes += block_nodes
+        num_tokens = _val(node).shape[0]
+        x1, x2, cos, sin = _match_rotation(o1, o2, num_tokens)
+        nodes += [o1, o2, *o1.args, *o2.args]
+        sin_table, heads_dim = None, 1
 
     half = x1.count
     rot = 2 * half
     base = x1.base
     base_val = _val(base)
-    _require(base_val is not None and base_val.dim() == 3, "rotated tensor is not [T, H, D]")
+    _require(base_val is not None and base_val.dim() in (3, 4), "rotated tensor is not 3-D/4-D")
     head_size = base_val.shape[-1]
     _require(isinstance(head_size, int), "head size is symbolic")
     _require(x2.base is base and x2.count == half, "x1 and x2 come from different tensors")
@@ -299,11 +396,24 @@ def match_rope(candidate: Node) -> RopeMatch:
     else:
         _require((x1.start, x1.step, x2.start, x2.step) == (0, 2, 1, 2),
                  "GPT-J pairs are not x[..., 0:rot:2] and x[..., 1:rot:2]")
-    _require(cos.cache is sin.cache, "cos and sin come from different caches")
-    _require(cos.positions is sin.positions, "cos and sin use different positions")
-    _require((cos.start, cos.count, sin.start, sin.count) == (0, half, half, half),
-             "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
-    _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
+    if sin_table is None:
+        _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
+        _require(cos.cache is sin.cache, "cos and sin come from different caches")
+        _require(cos.positions is sin.positions, "cos and sin use different positions")
+        _require((cos.start, cos.count, sin.start, sin.count) == (0, half, half, half),
+                 "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
+        _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
+        cache, positions = cos.cache, cos.positions
+    else:
+        token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != heads_dim]
+        for table in (cos_table, sin_table):
+            shape = _val(table).shape
+            # Each token dim of the table matches x's or broadcasts (1, e.g. over the batch).
+            _require(len(shape) == len(token_shape) + 1 and shape[-1] == rot and all(
+                _statically_equal(a, b) or _statically_equal(a, 1)
+                for a, b in zip(shape[:-1], token_shape, strict=True)),
+                "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
+        cache, positions = cos_table, None
     _require(rot <= head_size, "rotary_dim exceeds head size")
     if rot < head_size:
         _require(tail is not None and tail.base is base and (tail.start, tail.step, tail.count)
@@ -312,8 +422,10 @@ def match_rope(candidate: Node) -> RopeMatch:
         _require(tail is None, "extra features concatenated to a full rotation")
     _require(out_val.dtype == base_val.dtype, f"RoPE output dtype {out_val.dtype} differs from "
                                               f"input dtype {base_val.dtype}")
-    _require(tuple(out_val.shape[:2]) == tuple(base_val.shape[:2]) and out_val.shape[-1]
-             == head_size, "RoPE output shape differs from the input's")
+    _require(out_val.dim() == base_val.dim() and all(
+        _statically_equal(a, b) for a, b in zip(out_val.shape, base_val.shape, strict=True)),
+        "RoPE output shape differs from the input's")
     _require(base_val.dtype in (torch.float16, torch.bfloat16, torch.float32),
              f"dtype {base_val.dtype} not supported by the fused op")
-    return RopeMatch(base, candidate, cos.cache, cos.positions, rot, head_size, is_neox, nodes)
+    return RopeMatch(base, candidate, cache, positions, rot, head_size, is_neox, nodes,
+                     sin_table, heads_dim)
