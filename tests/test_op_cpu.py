@@ -14,6 +14,8 @@ from conftest import (
     all_cases,
     build_problem,
     case_params,
+    core_cases,
+    poison_cases,
     rope_f64,
     run_and_check,
 )
@@ -26,9 +28,19 @@ from rope_compile import rope_reference
 OP_NAMES = [rope_compile.FUSED_OP_NAME, rope_compile.GENERIC_OP_NAME]
 
 
-@pytest.mark.parametrize("apply", list(OP_APPLIES.values()), ids=list(OP_APPLIES))
+MAIN_APPLIES = ("fused-op", "fused-public", "generic-public")
+OTHER_APPLIES = ("fused-op-full-head", "generic-op")
+
+
+@pytest.mark.parametrize("apply", [OP_APPLIES[a] for a in MAIN_APPLIES], ids=MAIN_APPLIES)
 @pytest.mark.parametrize("case", case_params(all_cases()))
 def test_op_matrix(case, apply):
+    run_and_check(case, apply)
+
+
+@pytest.mark.parametrize("apply", [OP_APPLIES[a] for a in OTHER_APPLIES], ids=OTHER_APPLIES)
+@pytest.mark.parametrize("case", case_params(core_cases() + poison_cases()))
+def test_op_matrix_other_spellings(case, apply):
     run_and_check(case, apply)
 
 
