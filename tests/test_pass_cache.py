@@ -1,0 +1,99 @@
+"""The pass and Inductor's FX graph cache, across processes.
+
+A small script compiles QKVRope (pass_helpers) with ``backend="rope_compile"`` in a fresh
+interpreter, with ``TORCHINDUCTOR_CACHE_DIR`` pointing at a temporary directory shared by the
+runs, and prints the cache and rope_compile counters, how often the fused op's CPU kernel ran and
+whether the output equals eager:
+
+1. first process: cache miss, the pass runs and rewrites; then, same model with other pass
+   options: their uuid differs, so the cache key does: miss again, the pass runs again;
+2. second process, first options: cache hit, the pass does not run (rewritten 0), yet the loaded
+   code still calls the fused op (its kernel runs once) and computes the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {tests_dir!r})
+import torch
+from torch._dynamo.utils import counters
+import rope_compile.ops
+from pass_helpers import QKVRope, positions_for, tokens
+
+kernel_calls = []
+real_kernel = rope_compile.ops.rope_reference_
+
+
+def counting_kernel(*args, **kwargs):
+    kernel_calls.append(1)
+    return real_kernel(*args, **kwargs)
+
+
+rope_compile.ops.rope_reference_ = counting_kernel  # the fused op's CPU kernel
+model = QKVRope()
+inputs = (positions_for(5), tokens(5))
+with torch.no_grad():
+    expected = model(*inputs)
+for options in {option_sets!r}:
+    torch._dynamo.reset()
+    counters.clear()
+    kernel_calls.clear()
+    with torch.no_grad():
+        out = torch.compile(model, backend="rope_compile", options=options)(*inputs)
+    ok = all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(out, expected))
+    print("RESULT " + json.dumps({{
+        "hit": counters["inductor"]["fxgraph_cache_hit"],
+        "miss": counters["inductor"]["fxgraph_cache_miss"],
+        "bypass": counters["inductor"]["fxgraph_cache_bypass"],
+        "rope": dict(counters["rope_compile"]),
+        "kernel_calls": len(kernel_calls),
+        "equal_to_eager": ok,
+    }}))
+"""
+
+OPTIONS = {"devices": ("cpu",)}
+# Other pass options (one more head size): another uuid, so another cache key.
+OTHER_OPTIONS = {"devices": ("cpu",), "head_sizes": (128, 256)}
+
+
+def _run(cache_dir: Path, option_sets: list[dict]) -> list[dict]:
+    """Run the script in a fresh interpreter; one result per compile (one per option set)."""
+    env = dict(os.environ)  # keeps TRITON_INTERPRET (set by conftest) and the like
+    for key in ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        env.pop(key, None)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    script = SCRIPT.format(tests_dir=str(TESTS_DIR), option_sets=option_sets)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(ln.removeprefix("RESULT ")) for ln in proc.stdout.splitlines()
+               if ln.startswith("RESULT ")]
+    assert len(results) == len(option_sets), proc.stdout
+    return results
+
+
+def test_fx_graph_cache_across_processes(tmp_path):
+    first, other = _run(tmp_path, [OPTIONS, OTHER_OPTIONS])
+    assert (first["miss"], first["hit"], first["bypass"]) == (1, 0, 0), first
+    assert first["rope"] == {"pairs_found": 1, "rewritten": 1}, first
+    assert first["kernel_calls"] == 1 and first["equal_to_eager"], first
+    # Same graph, other pass options: not served the first entry.
+    assert (other["miss"], other["hit"], other["bypass"]) == (1, 0, 0), other
+    assert other["rope"] == {"pairs_found": 1, "rewritten": 1}, other
+    assert other["kernel_calls"] == 1 and other["equal_to_eager"], other
+
+    (second,) = _run(tmp_path, [OPTIONS])
+    assert (second["miss"], second["hit"], second["bypass"]) == (0, 1, 0), second
+    assert second["rope"] == {}, second  # the pass did not run again
+    # ... but the cached code is the rewritten one: it calls the fused op, once.
+    assert second["kernel_calls"] == 1 and second["equal_to_eager"], second
