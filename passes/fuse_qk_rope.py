@@ -336,7 +336,7 @@ def rewrite_pair(graph: Graph, plan: PairPlan) -> None:
             last = graph.call_function(operator.getitem, (call, index))
         last.meta["val"] = fake_result[index]
         new_roots[root] = last
-    for match, chain in zip((q, k), plan.chains):
+    for match, chain in zip((q, k), plan.chains, strict=True):
         root = plan.roots[plan.kwargs[f"_{'q' if match is q else 'k'}_base_index"]]
         new_value = _replay(graph, chain, root, new_roots[root])
         match.output.replace_all_uses_with(new_value)
@@ -348,25 +348,33 @@ def rewrite_pair(graph: Graph, plan: PairPlan) -> None:
                                   k.base.meta["val"][..., :k.rotary_dim]])
 
 
-def _row_footprint(t: torch.Tensor):
-    """(row stride, first column, last column) of a tensor whose rows (dim 0) are laid out
-    ``row stride`` apart and whose inner elements stay inside one row; None if not so."""
-    if t.dim() < 1 or any(isinstance(x, torch.SymInt) for x in
-                          (t.stride(0), t.storage_offset(), *t.shape[1:], *t.stride()[1:])):
-        return None
-    row = t.stride(0)
-    if row <= 0 or any(s < 0 for s in t.stride()[1:]) or 0 in t.shape[1:]:
-        return None
+def _columns(t: torch.Tensor, row: int) -> tuple[int, int] | None:
+    """Seeing the storage as rows of ``row`` elements: the (first, last) column ``t`` touches,
+    if every dim of ``t`` either steps whole rows or stays inside one row; else None."""
     first = t.storage_offset() % row
-    last = first + sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:]))
-    return (row, first, last) if last < row else None
+    last = first
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if size == 1:
+            continue
+        if stride % row == 0:
+            continue  # whole rows
+        if stride < 0:
+            return None
+        last += (size - 1) * stride
+    return (first, last) if last < row else None
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """False only when the two views of one storage provably share no element."""
-    fa, fb = _row_footprint(a), _row_footprint(b)
-    if fa and fb and fa[0] == fb[0]:
-        return not (fa[2] < fb[1] or fb[2] < fa[1])
+    """False only when two views of one storage provably share no element: for some row
+    length both stay in disjoint column ranges of every row (e.g. q, k, v split from one qkv
+    projection, whatever their head/token layout)."""
+    values = (*a.shape, *a.stride(), a.storage_offset(), *b.shape, *b.stride(),
+              b.storage_offset())
+    if not any(isinstance(v, torch.SymInt) for v in values):
+        for row in {s for n, s in zip(a.shape, a.stride(), strict=True) if n > 1 and s > 1}:
+            ca, cb = _columns(a, row), _columns(b, row)
+            if ca and cb and (ca[1] < cb[0] or cb[1] < ca[0]):
+                return False
     from torch._C._dynamo.guards import compute_overlapping_tensors
 
     try:

@@ -310,7 +310,8 @@ def _match_rotate_half(node: Node):
         _require(rh.target is aten.cat.default and len(rh.args[0]) == 2 and _last_dim(
             rh, rh.args[1] if len(rh.args) > 1 else 0), "rotate_half is not a cat of two halves")
         neg_x2, x1_node = rh.args[0]
-        _require(isinstance(neg_x2, Node) and neg_x2.target is aten.neg.default, "rotate_half's first half is not negated")
+        _require(isinstance(neg_x2, Node) and neg_x2.target is aten.neg.default,
+                 "rotate_half's first half is not negated")
         x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
         x = trace_features(x_node)
         _require(x.base is x1.base and (x.start, x.step, x.count) == (0, 1, 2 * x1.count),

@@ -136,5 +136,6 @@ def rotary_embedding(
     is_neox: bool,
 ) -> None:
     """Generic in-place RoPE of query/key ``[T, H * head_size]``, any head size and any even
-    ``rotary_dim = cos_sin_cache.shape[1] <= head_size`` (``torch.ops.sgl_kernel.rotary_embedding``)."""
+    ``rotary_dim = cos_sin_cache.shape[1] <= head_size``
+    (the counterpart of ``torch.ops.sgl_kernel.rotary_embedding``)."""
     rotary_embedding_op(positions, query, key, head_size, cos_sin_cache, is_neox)

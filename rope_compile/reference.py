@@ -24,7 +24,8 @@ import torch
 def compute_cos_sin_cache(
     rotary_dim: int, max_position: int, base: float = 10000.0, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``[max_position, rotary_dim]`` = ``cat(cos, sin)`` of ``position * base^(-2i/rotary_dim)``."""
+    """``[max_position, rotary_dim]`` = ``cat(cos, sin)`` of
+    ``position * base^(-2i/rotary_dim)``."""
     inv_freq = 1.0 / (
         base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
     )

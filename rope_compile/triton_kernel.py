@@ -11,7 +11,8 @@ Shapes and strides (elements; only the last stride must be 1)::
     cache  [P, ROT]          strides (cache_row_stride, cache_col_stride) = cat(cos, sin)
     pos    [T]               stride pos_stride, int32 or int64, values in [0, P)
 
-Math, per token t, head h and pair i < ROT/2, with c = cache[pos[t], i], s = cache[pos[t], ROT/2 + i]::
+Math, per token t, head h and pair i < ROT/2, with c = cache[pos[t], i] and
+s = cache[pos[t], ROT/2 + i]::
 
     neox  : (x1, x2) = (x[i], x[i + ROT/2])
     GPT-J : (x1, x2) = (x[2i], x[2i + 1])

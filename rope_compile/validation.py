@@ -54,7 +54,8 @@ def check_rope_operands(
         if not x.dtype.is_floating_point:
             _fail(op, f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() != 3:
-            _fail(op, f"{name} must be [num_tokens, num_heads, head_size], got shape {tuple(x.shape)}")
+            _fail(op, f"{name} must be [num_tokens, num_heads, head_size], "
+                      f"got shape {tuple(x.shape)}")
     if a.dtype != b.dtype:
         _fail(op, f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}")
     if not cos_sin_cache.dtype.is_floating_point:
