@@ -46,6 +46,8 @@ from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from rope_compile.validation import may_overlap
+
 from . import rope_pattern
 from .rope_pattern import NoMatch, RopeMatch, match_rope
 
@@ -100,7 +102,10 @@ def _describe_difference(a: RopeMatch, b: RopeMatch) -> str:
         return f"q and k use different rotary_dim ({a.rotary_dim} vs {b.rotary_dim})"
     if a.is_neox != b.is_neox:
         return "q and k use different styles (neox vs GPT-J)"
-    return f"q and k have different head sizes ({a.head_size} vs {b.head_size})"
+    if a.head_size != b.head_size:
+        return f"q and k have different head sizes ({a.head_size} vs {b.head_size})"
+    dtypes = (a.base.meta["val"].dtype, b.base.meta["val"].dtype)
+    return f"q and k have different dtypes ({dtypes[0]} vs {dtypes[1]})"
 
 
 def pair_matches(matches: list[RopeMatch]) -> tuple[list[tuple[RopeMatch, RopeMatch]],
@@ -134,6 +139,10 @@ def _ancestors(node: Node) -> set[Node]:
                 seen.add(inp)
                 stack.append(inp)
     return seen
+
+
+def _depends_on(node: Node, target: Node) -> bool:
+    return node is target or target in _ancestors(node)
 
 
 def _device_type(match: RopeMatch) -> str:
@@ -348,41 +357,6 @@ def rewrite_pair(graph: Graph, plan: PairPlan) -> None:
                                   k.base.meta["val"][..., :k.rotary_dim]])
 
 
-def _columns(t: torch.Tensor, row: int) -> tuple[int, int] | None:
-    """Seeing the storage as rows of ``row`` elements: the (first, last) column ``t`` touches,
-    if every dim of ``t`` either steps whole rows or stays inside one row; else None."""
-    first = t.storage_offset() % row
-    last = first
-    for size, stride in zip(t.shape, t.stride(), strict=True):
-        if size == 1:
-            continue
-        if stride % row == 0:
-            continue  # whole rows
-        if stride < 0:
-            return None
-        last += (size - 1) * stride
-    return (first, last) if last < row else None
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """False only when two views of one storage provably share no element: for some row
-    length both stay in disjoint column ranges of every row (e.g. q, k, v split from one qkv
-    projection, whatever their head/token layout)."""
-    values = (*a.shape, *a.stride(), a.storage_offset(), *b.shape, *b.stride(),
-              b.storage_offset())
-    if not any(isinstance(v, torch.SymInt) for v in values):
-        for row in {s for n, s in zip(a.shape, a.stride(), strict=True) if n > 1 and s > 1}:
-            ca, cb = _columns(a, row), _columns(b, row)
-            if ca and cb and (ca[1] < cb[0] or cb[1] < ca[0]):
-                return False
-    from torch._C._dynamo.guards import compute_overlapping_tensors
-
-    try:
-        return len(compute_overlapping_tensors([a, b])) != 0
-    except Exception:
-        return True  # unknown: assume they overlap (the safe answer)
-
-
 def _redirect_disjoint_views(graph: Graph, root: Node, new_root: Node, call: Node,
                              rotated: list[torch.Tensor]) -> None:
     """Make readers of ``root``'s views that are disjoint from the rotated regions (e.g. v of
@@ -403,7 +377,7 @@ def _redirect_disjoint_views(graph: Graph, root: Node, new_root: Node, call: Nod
             if node is root:
                 continue  # a direct reader of the whole root overlaps q and k
             val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor) or any(_overlaps(val, r) for r in rotated):
+            if not isinstance(val, torch.Tensor) or any(may_overlap(val, r) for r in rotated):
                 continue
             _, chain = view_chain(node)
             # chain runs from the root: replay it on the new root for this reader.
@@ -461,32 +435,61 @@ class FuseQKRopePass(CustomGraphPass):
         count(f"skipped: {reason}")
         log.debug("not rewriting RoPE at %s: %s", match.output.name, reason)
 
+    def reject_reason(self, q: RopeMatch, k: RopeMatch) -> str | None:
+        """Why a structurally valid pair must not be rewritten, or None."""
+        if q.head_size not in self.head_sizes:
+            return f"head_size {q.head_size} not in {self.head_sizes}"
+        if _device_type(q) not in self.devices or _device_type(k) != _device_type(q):
+            return f"device {_device_type(q)} not in {self.devices}"
+        if _depends_on(k.base, q.output) or _depends_on(q.base, k.output):
+            return "k depends on the rotated q (or the reverse)"
+        q_rot = q.base.meta["val"][..., :q.rotary_dim]
+        k_rot = k.base.meta["val"][..., :k.rotary_dim]
+        if StorageWeakRef(q_rot.untyped_storage()) == StorageWeakRef(
+                k_rot.untyped_storage()) and may_overlap(q_rot, k_rot):
+            return "q and k overlap in memory (an in-place call would rotate twice)"
+        return None
+
     def apply(self, graph: Graph) -> int:
-        """Analyse first (no mutation), then rewrite each accepted pair. Returns pairs rewritten."""
-        matches = find_rope_matches(graph)
-        pairs, unpaired = pair_matches(matches)
-        for match, reason in unpaired:
-            self.skip(match, reason)
-        accepted = []
-        symbols = _graph_symbols(graph)
-        for q, k in pairs:
-            count("pairs_found")
-            if q.head_size not in self.head_sizes:
-                self.skip(q, f"head_size {q.head_size} not in {self.head_sizes}")
-            elif _device_type(q) not in self.devices or _device_type(k) != _device_type(q):
-                self.skip(q, f"device {_device_type(q)} not in {self.devices}")
-            elif q.output in _ancestors(k.base) or k.output in _ancestors(q.base):
-                self.skip(q, "k depends on the rotated q (or the reverse)")
-            else:
+        """Rewrite every accepted pair; returns the number rewritten.
+
+        Each round analyses the graph without mutating it, then rewrites the pairs that do not
+        depend on each other; a pair whose input is another pair's output (RoPE of a RoPE) waits
+        for the next round, which re-analyses the rewritten graph."""
+        rewritten = 0
+        found: set[tuple[str, str]] = set()
+        while True:
+            pairs, unpaired = pair_matches(find_rope_matches(graph))
+            symbols = _graph_symbols(graph)
+            skips = [(match, reason) for match, reason in unpaired]
+            plans, claimed_outputs, claimed_inputs = [], set(), set()
+            for q, k in pairs:
+                if (q.output.name, k.output.name) not in found:
+                    found.add((q.output.name, k.output.name))
+                    count("pairs_found")
+                reason = self.reject_reason(q, k)
+                if reason:
+                    skips.append((q, reason))
+                    continue
+                inputs = {q.base, k.base} | _ancestors(q.base) | _ancestors(k.base)
+                if inputs & claimed_outputs or {q.output, k.output} & claimed_inputs:
+                    continue  # chained on a pair rewritten this round: next round
                 try:
-                    accepted.append(plan_pair(q, k, symbols))
+                    plans.append(plan_pair(q, k, symbols))
                 except PlanError as why:
-                    self.skip(q, str(why))
-        for plan in accepted:
-            q, k = plan.q, plan.k
-            rewrite_pair(graph, plan)
-            count("rewritten")
-            log.info("rope_compile: fused RoPE of %s and %s into one %s call (rotary_dim=%d, "
-                     "head_size=%d, %s)", q.output.name, k.output.name, "in-place fused op",
-                     q.rotary_dim, q.head_size, "neox" if q.is_neox else "GPT-J")
-        return len(accepted)
+                    skips.append((q, str(why)))
+                    continue
+                claimed_outputs |= {q.output, k.output}
+                claimed_inputs |= inputs
+            for plan in plans:
+                rewrite_pair(graph, plan)
+                rewritten += 1
+                count("rewritten")
+                q, k = plan.q, plan.k
+                log.info("rope_compile: fused the RoPE of %s and %s into one in-place call "
+                         "(rotary_dim=%d, head_size=%d, %s)", q.output.name, k.output.name,
+                         q.rotary_dim, q.head_size, "neox" if q.is_neox else "GPT-J")
+            if not plans:
+                for match, reason in skips:  # final round: each miss counted once
+                    self.skip(match, reason)
+                return rewritten

@@ -224,7 +224,7 @@ class RopeMatch:
     @property
     def key(self):
         return (self.cache, self.positions, self.sin_table, self.rotary_dim, self.is_neox,
-                self.head_size)
+                self.head_size, self.base.meta["val"].dtype)
 
 
 def _match_rotation(o1: Node, o2: Node, num_tokens):

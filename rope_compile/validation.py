@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # Opt-in bounds check of positions on GPU kernels: it reads positions back to the host (a
 # device sync), so it is off unless asked for. The CPU kernel always checks.
@@ -94,6 +95,14 @@ def check_rope_operands(
     for name, x in named_xs:
         if x.shape[-1] > 1 and x.stride(-1) != 1:
             _fail(op, f"{name} must have last stride 1, got strides {tuple(x.stride())}")
+        if any(n > 1 and s == 0 for n, s in zip(x.shape, x.stride(), strict=True)):
+            _fail(op, f"{name} must not be expanded (a stride-0 dim writes one element "
+                      f"several times), got strides {tuple(x.stride())}")
+    a_rot, b_rot = a[..., :rotary_dim], b[..., :rotary_dim]
+    if (StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+            and may_overlap(a_rot, b_rot)):
+        _fail(op, f"{a_name} and {b_name} overlap in memory; rotating them in place would "
+                  f"rotate the shared elements twice")
 
 
 def check_positions_in_range(op: str, positions: torch.Tensor, max_position: int) -> None:
@@ -129,3 +138,34 @@ def as_token_heads(op: str, name: str, x: torch.Tensor, num_tokens: int, head_si
     except RuntimeError as err:
         _fail(op, f"{name} of shape {tuple(x.shape)} and strides {tuple(x.stride())} cannot be "
                   f"viewed as [tokens, heads, head_size] without a copy ({err})")
+
+
+def _columns(t: torch.Tensor, row: int) -> tuple[int, int] | None:
+    """Seeing the storage as rows of ``row`` elements: the (first, last) column ``t`` touches,
+    if every dim of ``t`` either steps whole rows or stays inside one row; else None. Sizes of
+    whole-row dims may be symbolic; anything else symbolic gives None (no guard is added)."""
+    offset = t.storage_offset()
+    if not isinstance(offset, int):
+        return None
+    first = last = offset % row
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if not isinstance(stride, int):
+            return None
+        if stride % row == 0 or (isinstance(size, int) and size == 1):
+            continue  # whole rows, or a dim that does not move
+        if not isinstance(size, int) or stride < 0:
+            return None
+        last += (size - 1) * stride
+    return (first, last) if last < row else None
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage may share an element. False only when it is proven:
+    for some row length, both stay in disjoint column ranges of every row (as q, k and v split
+    from one qkv projection do, whatever their head/token layout)."""
+    rows = {s for s in (*a.stride(), *b.stride()) if isinstance(s, int) and s > 1}
+    for row in rows:
+        ca, cb = _columns(a, row), _columns(b, row)
+        if ca and cb and (ca[1] < cb[0] or cb[1] < ca[0]):
+            return False
+    return True
