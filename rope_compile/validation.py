@@ -159,10 +159,32 @@ def _columns(t: torch.Tensor, row: int) -> tuple[int, int] | None:
     return (first, last) if last < row else None
 
 
+def _definitely_empty(t: torch.Tensor) -> bool:
+    return any(isinstance(n, int) and n == 0 for n in t.shape)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int] | None:
+    """(lowest, highest) storage element ``t`` touches, when its layout is concrete."""
+    low = high = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if not (isinstance(size, int) and isinstance(stride, int)):
+            return None
+        if stride >= 0:
+            high += (size - 1) * stride
+        else:
+            low += (size - 1) * stride
+    return (low, high) if isinstance(low, int) else None
+
+
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two views of one storage may share an element. False only when it is proven:
     for some row length, both stay in disjoint column ranges of every row (as q, k and v split
     from one qkv projection do, whatever their head/token layout)."""
+    if _definitely_empty(a) or _definitely_empty(b):
+        return False
+    ea, eb = _extent(a), _extent(b)
+    if ea and eb and (ea[1] < eb[0] or eb[1] < ea[0]):
+        return False
     rows = {s for s in (*a.stride(), *b.stride()) if isinstance(s, int) and s > 1}
     for row in rows:
         ca, cb = _columns(a, row), _columns(b, row)
