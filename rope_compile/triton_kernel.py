@@ -21,8 +21,9 @@ s = cache[pos[t], ROT/2 + i]::
 
 computed in fp32 and rounded once to the tensor's dtype.
 
-Grid: ``(T, HEAD_SPLITS)``. Program ``(t, s)`` loads the token's cos/sin row once, then walks
-head blocks ``s, s + HEAD_SPLITS, ...`` of q and then of k, each block a ``[BLOCK_H, ROT]`` tile.
+Grid: ``(T, HEAD_SPLITS)``. Program ``(t, s)`` loads the token's cos/sin row once, then does
+head blocks ``s, s + HEAD_SPLITS, ...`` of q (``Q_ITERS`` of them) and then of k (``K_ITERS``),
+each block a ``[BLOCK_H, ROT]`` tile.
 Few tokens -> several programs per token for parallelism; many tokens -> one program per token,
 so cos/sin are read once per token.
 """
@@ -96,6 +97,8 @@ def fused_qk_rope_kernel(
     HALF_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     IS_NEOX: tl.constexpr,
+    Q_ITERS: tl.constexpr,
+    K_ITERS: tl.constexpr,
 ):
     HALF: tl.constexpr = ROT // 2
     token = tl.program_id(0).to(tl.int64)
@@ -110,14 +113,16 @@ def fused_qk_rope_kernel(
     cos = tl.load(row + i * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(row + (HALF + i) * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
 
+    # Head blocks split, split + num_splits, ...; unrolled (the counts are compile-time), so
+    # the loads of every block can be in flight together. Blocks past the last head are masked.
     q_token = q_ptr + token * q_token_stride
-    for h in range(split * BLOCK_H, num_q_heads, num_splits * BLOCK_H):
-        _rotate_head_block(q_token, q_head_stride, h, num_q_heads, cos, sin,
-                           ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+    for j in tl.static_range(Q_ITERS):
+        _rotate_head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
+                           num_q_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
     k_token = k_ptr + token * k_token_stride
-    for h in range(split * BLOCK_H, num_k_heads, num_splits * BLOCK_H):
-        _rotate_head_block(k_token, k_head_stride, h, num_k_heads, cos, sin,
-                           ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+    for j in tl.static_range(K_ITERS):
+        _rotate_head_block(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
+                           num_k_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
 
 
 def is_interpreter() -> bool:
@@ -125,21 +130,24 @@ def is_interpreter() -> bool:
     return isinstance(fused_qk_rope_kernel, InterpretedFunction)
 
 
-# Launch heuristics: a tile holds at most this many elements, so a thread holds a few 16-byte
-# vectors; programs per token are added until about this many programs are in flight.
+# Launch heuristics (from the H100 sweep in benchmarks/bench_op.py --sweep): a tile holds at
+# most _MAX_TILE_ELEMS elements (_SMALL_TILE_ELEMS for few tokens, so more programs share the
+# work), and programs per token are added until about _TARGET_PROGRAMS are in flight.
 _MAX_TILE_ELEMS = 2048
-_TARGET_PROGRAMS = 1024
+_SMALL_TILE_ELEMS = 512
+_SMALL_TOKENS = 256
+_TARGET_PROGRAMS = 2048
 
 
 def device_launch_options(device_type: str, tile_elems: int, elem_bytes: int) -> dict:
     """The one place for device-specific launch options (warps per program).
 
-    A warp moves 32 lanes x one 16-byte vector; we give each lane about two vectors per tile.
+    A warp moves 32 lanes x one 16-byte vector; one vector per lane per tile, 4 to 8 warps.
     Intel GPUs (``xpu``) map a Triton warp to a sub-group; the same count is a sound default
     there, and large-GRF or sub-group-size options for XPU would be added here.
     """
     vec = max(1, 16 // elem_bytes)
-    warps = max(1, min(8, triton.next_power_of_2(max(1, tile_elems // (32 * vec * 2)))))
+    warps = max(4, min(8, triton.next_power_of_2(max(1, tile_elems // (32 * vec)))))
     return {"num_warps": warps}
 
 
@@ -147,7 +155,8 @@ def choose_config(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_di
     """Heads per program, programs per token (head splits) and tile size for a problem."""
     half_pad = triton.next_power_of_2(rotary_dim // 2)
     max_heads = max(num_q_heads, num_k_heads, 1)
-    block_h = min(triton.next_power_of_2(max_heads), max(1, _MAX_TILE_ELEMS // (2 * half_pad)))
+    tile = _SMALL_TILE_ELEMS if num_tokens <= _SMALL_TOKENS else _MAX_TILE_ELEMS
+    block_h = min(triton.next_power_of_2(max_heads), max(1, tile // (2 * half_pad)))
     head_blocks = triton.cdiv(max_heads, block_h)
     head_splits = max(1, min(head_blocks, triton.cdiv(_TARGET_PROGRAMS, max(num_tokens, 1))))
     return {"half_pad": half_pad, "block_h": block_h, "head_splits": head_splits}
@@ -206,5 +215,7 @@ def launch_fused_qk_rope(
         HALF_PAD=cfg["half_pad"],
         BLOCK_H=block_h,
         IS_NEOX=is_neox,
+        Q_ITERS=triton.cdiv(triton.cdiv(q.shape[1], block_h), head_splits),
+        K_ITERS=triton.cdiv(triton.cdiv(k.shape[1], block_h), head_splits),
         **options,
     )
