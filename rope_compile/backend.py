@@ -14,10 +14,11 @@ the module must not register itself too, or the entry-point load would be a dupl
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
-from torch._inductor.custom_graph_pass import get_custom_graph_passes
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from passes.fuse_qk_rope import FuseQKRopePass
 
@@ -33,10 +34,40 @@ def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[
     return pass_options, options
 
 
-def chained_post_grad_passes(rope_pass: FuseQKRopePass) -> tuple:
+class ChainedGraphPass(CustomGraphPass):
+    """Several post-grad passes run in order, as one ``CustomGraphPass`` (torch < 2.13 takes a
+    single pass in ``post_grad_custom_post_pass``). Its uuid combines theirs, or is None (no FX
+    graph caching, as Inductor does for any uncacheable pass) if one of them has none."""
+
+    def __init__(self, passes) -> None:
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self):
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
+        if any(i is None for i in ids):
+            return None
+        return hashlib.sha256(repr(ids).encode()).hexdigest()
+
+
+def _flatten(configured) -> list:
+    if configured is None:
+        return []
+    if isinstance(configured, (list, tuple)):
+        return [p for item in configured for p in _flatten(item)]
+    if isinstance(configured, ChainedGraphPass):
+        return _flatten(configured.passes)
+    return [configured]
+
+
+def chained_post_grad_passes(rope_pass: FuseQKRopePass) -> CustomGraphPass:
     """The user's configured post-grad custom passes (minus any older copy of ours), then ours."""
-    existing = get_custom_graph_passes(torch._inductor.config.post_grad_custom_post_pass)
-    return (*(p for p in existing if not isinstance(p, FuseQKRopePass)), rope_pass)
+    existing = [p for p in _flatten(torch._inductor.config.post_grad_custom_post_pass)
+                if not isinstance(p, FuseQKRopePass)]
+    return ChainedGraphPass([*existing, rope_pass]) if existing else rope_pass
 
 
 def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
