@@ -262,6 +262,14 @@ def _split_factor(node: Node) -> tuple[Node, Node, int]:
     raise NoMatch("product is not x times a cos/sin table unsqueezed on the heads dim")
 
 
+def _is_scalar(value) -> bool:
+    """A Python number, or a 0-d tensor (a float traced as an input under dynamic=True)."""
+    if not isinstance(value, Node):
+        return isinstance(value, (int, float))
+    val = _val(value)
+    return val is not None and val.dim() == 0
+
+
 def _duplicated_halves(table: Node) -> Node:
     """Prove ``table[..., :n/2] == table[..., n/2:]``: an elementwise function (cos/sin, scalar
     scale, casts) of ``cat((f, f), -1)`` or of its expand-and-reshape spelling. Returns f."""
@@ -271,8 +279,8 @@ def _duplicated_halves(table: Node) -> Node:
             node = node.args[0]
         elif node.target in (aten.cos.default, aten.sin.default) and not trig:
             trig, node = 1, node.args[0]
-        elif node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node) and not (
-                isinstance(node.args[1], Node)):
+        elif node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node) and (
+                _is_scalar(node.args[1])):
             node = node.args[0]
         else:
             break
