@@ -51,29 +51,47 @@ def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, op) -> N
                          rotary_dim, is_neox)
 
 
-@torch.library.custom_op(FUSED_OP_NAME, mutates_args=("q", "k"), device_types="cpu")
-def fused_qk_rope_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    positions: torch.Tensor,
-    rotary_dim: int,
-    is_neox: bool,
-) -> None:
+# The ops are defined on a torch.library.Library rather than with torch.library.custom_op:
+# custom_op adds Python autograd / ADInplaceOrView / aliasing-check layers to every call, which
+# measured ~350 us of host time per call inside a compiled graph on an H100 host (torch 2.11,
+# benchmarks/host_breakdown.py). Here the dispatcher calls the kernels below directly; autograd
+# falls back to PyTorch's C++ "not implemented" kernel (the ops are inference-only in place).
+_LIB = torch.library.Library("rope_compile", "DEF")
+_LIB.define(
+    "fused_qk_rope_with_cos_sin_cache_inplace(Tensor(a0!) q, Tensor(a1!) k, Tensor cos_sin_cache, "
+    "Tensor positions, int rotary_dim, bool is_neox) -> ()"
+)
+_LIB.define(
+    "rotary_embedding(Tensor positions, Tensor(a1!) query, Tensor(a2!) key, int head_size, "
+    "Tensor cos_sin_cache, bool is_neox) -> ()"
+)
+
+
+def _register(name: str, *, cpu, gpu, fake) -> None:
+    """CPU kernel, the Triton kernel for CUDA and XPU, and the fake implementation."""
+    _LIB.impl(name, cpu, "CPU")
+    for dispatch_key in ("CUDA", "XPU"):
+        _LIB.impl(name, gpu, dispatch_key)
+    torch.library.register_fake(f"rope_compile::{name}", fake, lib=_LIB)
+
+
+def _fused_qk_rope_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
     _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
     check_positions_in_range(_FUSED, positions, cos_sin_cache.shape[0])
     rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
 
 
-@fused_qk_rope_op.register_kernel(("cuda", "xpu"))
 def _fused_qk_rope_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
     _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
     _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, _FUSED)
 
 
-@fused_qk_rope_op.register_fake
 def _fused_qk_rope_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
     _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+
+
+_register(_FUSED, cpu=_fused_qk_rope_cpu, gpu=_fused_qk_rope_triton, fake=_fused_qk_rope_fake)
+fused_qk_rope_op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
 
 
 def _generic_views(positions, query, key, head_size, cos_sin_cache):
@@ -89,29 +107,24 @@ def _generic_views(positions, query, key, head_size, cos_sin_cache):
     return q, k, flat_positions, rotary_dim
 
 
-@torch.library.custom_op(GENERIC_OP_NAME, mutates_args=("query", "key"), device_types="cpu")
-def rotary_embedding_op(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    head_size: int,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-) -> None:
+def _rotary_embedding_cpu(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
     q, k, pos, rot = _generic_views(positions, query, key, head_size, cos_sin_cache)
     check_positions_in_range(_GENERIC, pos, cos_sin_cache.shape[0])
     rope_reference_(q, k, cos_sin_cache, pos, rot, is_neox)
 
 
-@rotary_embedding_op.register_kernel(("cuda", "xpu"))
 def _rotary_embedding_triton(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
     q, k, pos, rot = _generic_views(positions, query, key, head_size, cos_sin_cache)
     _launch_triton(q, k, cos_sin_cache, pos, rot, is_neox, _GENERIC)
 
 
-@rotary_embedding_op.register_fake
 def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
     _generic_views(positions, query, key, head_size, cos_sin_cache)
+
+
+_register(_GENERIC, cpu=_rotary_embedding_cpu, gpu=_rotary_embedding_triton,
+          fake=_rotary_embedding_fake)
+rotary_embedding_op = torch.ops.rope_compile.rotary_embedding.default
 
 
 def fused_qk_rope_with_cos_sin_cache_inplace(
