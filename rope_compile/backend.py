@@ -76,6 +76,9 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
     from torch._inductor.compile_fx import compile_fx
 
     import rope_compile.ops  # noqa: F401  (registers the op the pass emits)
+    from rope_compile.inductor_lowering import register_inductor_lowering
+
+    register_inductor_lowering()
 
     pass_options, config_patches = split_options(options)
     rope_pass = FuseQKRopePass(**pass_options)

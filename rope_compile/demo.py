@@ -11,6 +11,7 @@ Inductor's own C++ RoPE is faster there than the reference CPU kernel) and says 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -23,6 +24,13 @@ from torch._inductor.utils import run_and_get_code
 from rope_compile.module import RotaryEmbedding
 
 FUSED_CALL = "fused_qk_rope_with_cos_sin_cache_inplace.default("
+# On GPUs Inductor launches the fused Triton kernel itself (rope_compile.inductor_lowering).
+FUSED_LAUNCH = re.compile(r"fused_qk_rope_kernel\w*\.run\(")
+
+
+def count_fused_calls(source: str) -> int:
+    """Fused-op calls in Inductor's generated code: op calls plus direct kernel launches."""
+    return source.count(FUSED_CALL) + len(FUSED_LAUNCH.findall(source))
 
 
 class RMSNorm(nn.Module):
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
+    parser.add_argument("--show-code", action="store_true",
+                        help="print the generated-code lines that run the fused op")
     args = parser.parse_args(argv)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (
@@ -136,7 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
         fused = torch.compile(model, backend="rope_compile", options=options or None)
         fused_out, code = run_and_get_code(fused, positions, x)
         stats = dict(counters["rope_compile"])
-        calls = sum(src.count(FUSED_CALL) for src in code)
+        calls = sum(count_fused_calls(src) for src in code)
+        if args.show_code:
+            for src in code:
+                print("\n".join(line for line in src.splitlines() if "fused_qk_rope" in line))
         tol_ref = eager.float()
         results = {
             "device": device,
