@@ -86,7 +86,10 @@ def find_rope_matches(graph: Graph) -> list[RopeMatch]:
             matches.append(match_rope(node))
         except NoMatch:
             continue
-    return matches
+    # A partial-rotary RoPE also contains a full RoPE of its x[..., :rot] slice: keep the
+    # outermost match only.
+    inner = {n for m in matches for n in m.nodes if n is not m.output}
+    return [m for m in matches if m.output not in inner]
 
 
 def _describe_difference(a: RopeMatch, b: RopeMatch) -> str:

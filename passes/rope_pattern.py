@@ -99,27 +99,41 @@ def _last_dim_range(node: Node) -> tuple[Node, int, int] | None:
 
 @dataclass(frozen=True)
 class Operand:
-    """``base[..., start::step]`` (``count`` elements), possibly cast."""
+    """A slice ``t[..., start::step]`` (``count`` elements) of the last dim, possibly cast,
+    known at every level of slicing: ``levels`` holds ``(t, start, step)`` from the operand
+    itself outwards (e.g. ``q[..., :64]`` -> ``q`` -> the per-head ``qkv`` that ``q`` was split
+    from), so the matcher can pick the level that is the head."""
 
-    base: Node
-    start: int
-    step: int
+    levels: tuple[tuple[Node, int, int], ...]
     count: int
     cast: bool
 
+    @property
+    def base(self) -> Node:
+        return self.levels[-1][0]
+
+    def at(self, node: Node) -> tuple[int, int] | None:
+        """(start, step) relative to ``node``, if ``node`` is one of its levels."""
+        for level, start, step in self.levels:
+            if level is node:
+                return start, step
+        return None
+
 
 def trace_features(node: Node) -> Operand:
-    """Follow last-dim slices/splits and float casts from ``node`` up to the sliced tensor."""
+    """Follow last-dim slices/splits and float casts from ``node`` outwards."""
     count = _val(node).shape[-1]
     start, step, cast = 0, 1, False
+    levels = []
     while True:
         if _float_cast(node):
             cast = True
             node = node.args[0]
             continue
+        levels.append((node, start, step))
         sliced = _last_dim_range(node)
         if sliced is None:
-            return Operand(node, start, step, count, cast)
+            return Operand(tuple(levels), count, cast)
         node, parent_start, parent_step = sliced
         start, step = parent_start + start * parent_step, parent_step * step
 
@@ -322,8 +336,12 @@ def _match_rotate_half(node: Node):
                  "rotate_half's first half is not negated")
         x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
         x = trace_features(x_node)
-        _require(x.base is x1.base and (x.start, x.step, x.count) == (0, 1, 2 * x1.count),
-                 "cos term does not multiply the same x[..., :rot]")
+        # The halves must be x[..., :rot/2] and x[..., rot/2:rot] of the cos term's x[..., :rot]
+        # (compared at a tensor all three are slices of: slices of slices may be folded).
+        _require(x.count == 2 * x1.count and any(
+            x.at(n) is not None and x.at(n)[1] == 1 and x1.at(n) == x.at(n)
+            and x2.at(n) == (x.at(n)[0] + x1.count, 1) for n, _, _ in x.levels),
+            "cos term does not multiply the same x[..., :rot]")
         _duplicated_halves(cos_table)
         _duplicated_halves(sin_table)
         nodes = [node, plain, rotated, rh, neg_x2]
@@ -393,18 +411,35 @@ def match_rope(candidate: Node) -> RopeMatch:
 
     half = x1.count
     rot = 2 * half
-    base = x1.base
+    _require(x2.count == half, "x1 and x2 have different sizes")
+    base, why = None, "x1 and x2 come from different tensors"
+    # The head x is the level where x1, x2 (and the pass-through tail) tile [0, head_size).
+    for node, _, _ in x1.levels:
+        starts = (x1.at(node), x2.at(node))
+        val = _val(node)
+        if None in starts or val is None or val.dim() not in (3, 4):
+            continue
+        width = val.shape[-1]
+        pattern = ((0, 1), (half, 1)) if is_neox else ((0, 2), (1, 2))
+        if starts != pattern:
+            why = ("neox halves are not x[..., :rot/2] and x[..., rot/2:rot]" if is_neox
+                   else "GPT-J pairs are not x[..., 0:rot:2] and x[..., 1:rot:2]")
+            continue
+        if rot < width and not (tail is not None and tail.at(node) == (rot, 1)
+                                and tail.count == width - rot):
+            why = "partial rotary without x[..., rot:] passed through"
+            continue
+        if rot == width and tail is not None:
+            why = "extra features concatenated to a full rotation"
+            continue
+        if rot > width:
+            continue
+        base = node
+        break
+    _require(base is not None, why)
     base_val = _val(base)
-    _require(base_val is not None and base_val.dim() in (3, 4), "rotated tensor is not 3-D/4-D")
     head_size = base_val.shape[-1]
     _require(isinstance(head_size, int), "head size is symbolic")
-    _require(x2.base is base and x2.count == half, "x1 and x2 come from different tensors")
-    if is_neox:
-        _require((x1.start, x1.step, x2.start, x2.step) == (0, 1, half, 1),
-                 "neox halves are not x[..., :rot/2] and x[..., rot/2:rot]")
-    else:
-        _require((x1.start, x1.step, x2.start, x2.step) == (0, 2, 1, 2),
-                 "GPT-J pairs are not x[..., 0:rot:2] and x[..., 1:rot:2]")
     if sin_table is None:
         _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
         _require(cos.cache is sin.cache, "cos and sin come from different caches")
@@ -423,12 +458,6 @@ def match_rope(candidate: Node) -> RopeMatch:
                 for a, b in zip(shape[:-1], token_shape, strict=True)),
                 "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
         cache, positions = cos_table, None
-    _require(rot <= head_size, "rotary_dim exceeds head size")
-    if rot < head_size:
-        _require(tail is not None and tail.base is base and (tail.start, tail.step, tail.count)
-                 == (rot, 1, head_size - rot), "partial rotary without x[..., rot:] passed through")
-    else:
-        _require(tail is None, "extra features concatenated to a full rotation")
     _require(out_val.dtype == base_val.dtype, f"RoPE output dtype {out_val.dtype} differs from "
                                               f"input dtype {base_val.dtype}")
     _require(out_val.dim() == base_val.dim() and all(

@@ -140,6 +140,17 @@ def as_token_heads(op: str, name: str, x: torch.Tensor, num_tokens: int, head_si
                   f"viewed as [tokens, heads, head_size] without a copy ({err})")
 
 
+def _symbolic_multiple_of(value, row: int) -> bool:
+    """A symbolic stride that is a multiple of ``row`` for every value of its symbols."""
+    import sympy
+
+    expr = value.node.expr if isinstance(value, torch.SymInt) else value
+    try:
+        return sympy.simplify(sympy.Mod(expr, row)) == 0
+    except Exception:
+        return False
+
+
 def _columns(t: torch.Tensor, row: int) -> tuple[int, int] | None:
     """Seeing the storage as rows of ``row`` elements: the (first, last) column ``t`` touches,
     if every dim of ``t`` either steps whole rows or stays inside one row; else None. Sizes of
@@ -149,10 +160,14 @@ def _columns(t: torch.Tensor, row: int) -> tuple[int, int] | None:
         return None
     first = last = offset % row
     for size, stride in zip(t.shape, t.stride(), strict=True):
+        if isinstance(size, int) and size == 1:
+            continue  # a dim that does not move
         if not isinstance(stride, int):
+            if _symbolic_multiple_of(stride, row):
+                continue  # whole rows (e.g. a batch stride of S * row)
             return None
-        if stride % row == 0 or (isinstance(size, int) and size == 1):
-            continue  # whole rows, or a dim that does not move
+        if stride % row == 0:
+            continue  # whole rows
         if not isinstance(size, int) or stride < 0:
             return None
         last += (size - 1) * stride

@@ -8,7 +8,8 @@ module; the pass turns each layer's Q/K pair into one fused in-place call.
 * Llama (head_dim 128, GQA 2:1): one fused call per layer, logits equal to eager, and neither
   graph breaks, graphs nor copy kernels beyond plain Inductor's.
 * Partial rotary (``q[..., :rot]`` rotated, ``q[..., rot:]`` concatenated back): Phi and StableLM
-  are rewritten (rotary_dim 64 of 128). GPT-NeoX is not (xfail, see ``NEOX_MISS``).
+  are rewritten (rotary_dim 64 of 128), and so is GPT-NeoX, whose q/k/v are split per head
+  from one projection (``chunk(3, -1)``).
 * head_dim 64: left alone, the reason counted and logged.
 * Dynamic sequence length (seq 5, 9, 17): rewritten with automatic dynamic shapes (one
   recompile) and with ``dynamic=True``, with or without ``specialize_float`` (no recompile).
@@ -51,13 +52,6 @@ COMMON = {
 LOGITS_TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 # Why GPT-NeoX's partial rotary is not matched (found with match_rope on the post-grad graph).
-NEOX_MISS = (
-    "GPT-NeoX takes q/k/v as chunk(3, -1) of the per-head [B, H, S, 3*D] projection, so "
-    "trace_features follows q[..., :rot] through that last-dim split up to the whole qkv tensor "
-    "(base head size 3*D = 384, k at column 128): match_rope fails with 'partial rotary without "
-    "x[..., rot:] passed through' for q and 'cos term does not multiply the same x[..., :rot]' "
-    "for k"
-)
 # Why dynamic=True alone is not rewritten.
 
 
@@ -186,8 +180,7 @@ def _gpt_neox():
 @pytest.mark.parametrize("make", [
     pytest.param(_phi, id="phi"),
     pytest.param(_stablelm, id="stablelm"),
-    pytest.param(_gpt_neox, id="gpt_neox", marks=pytest.mark.xfail(strict=True,
-                                                                    reason=NEOX_MISS)),
+    pytest.param(_gpt_neox, id="gpt_neox"),
 ])
 def test_partial_rotary(make, caplog):
     _check_rewritten(make(), _ids(2, 7), "rotary_dim=64, head_size=128, neox", caplog)
