@@ -300,8 +300,13 @@ def _materialise_tables(graph: Graph, after: Node, plan: PairPlan) -> tuple[Node
     Returns (last node, cache, positions)."""
     match = plan.q
     half = match.rotary_dim // 2
-    cos_half = _add_node(graph, after, aten.slice.Tensor, (match.cache, -1, 0, half))
-    sin_half = _add_node(graph, cos_half, aten.slice.Tensor, (match.sin_table, -1, 0, half))
+    if match.tables_have_heads:  # interleaved form: [.., 1, .., rot/2] picks, squeeze heads
+        cos_half = _add_node(graph, after, aten.squeeze.dim, (match.cache, match.heads_dim))
+        sin_half = _add_node(graph, cos_half, aten.squeeze.dim,
+                             (match.sin_table, match.heads_dim))
+    else:  # HF form: duplicated halves, keep the first
+        cos_half = _add_node(graph, after, aten.slice.Tensor, (match.cache, -1, 0, half))
+        sin_half = _add_node(graph, cos_half, aten.slice.Tensor, (match.sin_table, -1, 0, half))
     table = _add_node(graph, sin_half, aten.cat.default, ([cos_half, sin_half], -1))
     table = _add_node(graph, table, aten.expand.default, (table, list(plan.table_shape)))
     cache = _add_node(graph, table, aten.reshape.default, (table, [-1, match.rotary_dim]))

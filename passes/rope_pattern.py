@@ -67,8 +67,30 @@ def _float_cast(node: Node) -> bool:
     return False
 
 
+_VIEW_TARGETS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _pair_view_source(node: Node) -> Node | None:
+    """If ``node`` views its source's last dim ``d`` as ``(d / 2, 2)``, return the source."""
+    if node.target not in _VIEW_TARGETS or not isinstance(node.args[0], Node):
+        return None
+    val, src = _val(node), _val(node.args[0])
+    if val is None or src is None or val.dim() != src.dim() + 1 or val.shape[-1] != 2:
+        return None
+    same_lead = all(_statically_equal(a, b) for a, b in zip(val.shape[:-2], src.shape[:-1],
+                                                            strict=False))
+    return node.args[0] if same_lead and val.shape[-2] * 2 == src.shape[-1] else None
+
+
 def _last_dim_range(node: Node) -> tuple[Node, int, int] | None:
     """If ``node`` takes a slice of its source's last dim, return (source, start, step)."""
+    if node.target is aten.select.int and isinstance(node.args[0], Node):
+        # x.reshape(..., -1, 2)[..., j] == x[..., j::2]
+        view, dim, index = node.args
+        src = _pair_view_source(view)
+        if src is not None and dim in (-1, _val(view).dim() - 1) and index in (0, 1):
+            return src, index, 2
+        return None
     if node.target is operator.getitem and isinstance(node.args[0], Node):
         split, index = node.args
         if split.target in _SPLITS and _last_dim(split.args[0], split.args[2] if len(
@@ -107,6 +129,16 @@ class Operand:
     levels: tuple[tuple[Node, int, int], ...]
     count: int
     cast: bool
+
+    def _identity(self):
+        # The same elements of the same tensor, however the slicing was spelled.
+        return (self.levels[-1], self.count, self.cast)
+
+    def __eq__(self, other):
+        return isinstance(other, Operand) and self._identity() == other._identity()
+
+    def __hash__(self):
+        return hash(self._identity())
 
     @property
     def base(self) -> Node:
@@ -199,12 +231,52 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
     return TrigOperand(cache, positions, start, count)
 
 
-def _product_terms(node: Node, num_tokens) -> tuple[Operand, TrigOperand]:
+@dataclass(frozen=True)
+class PairTrig:
+    """``rows[..., index]`` of cos/sin rows gathered as ``cache[positions]`` with the cache
+    ``[max_position, rot/2, 2]`` holding (cos, sin) pairs (gpt-fast / torchtune ``freqs_cis``),
+    broadcast as ``factor`` (x's shape with 1 on the heads dim, and maybe the batch)."""
+
+    rows: Node
+    index: int
+    factor: Node
+
+    def __eq__(self, other):
+        return (isinstance(other, PairTrig) and self.rows is other.rows
+                and self.index == other.index)
+
+    def __hash__(self):
+        return hash((id(self.rows), self.index))
+
+
+def trace_pair_trig(node: Node, x_val) -> PairTrig:
+    factor = node
+    while _float_cast(node):
+        node = node.args[0]
+    _require(node.target is aten.select.int and node.args[2] in (0, 1), "not a (cos, sin) pick")
+    view = node.args[0]
+    rows = view.args[0] if view.target in _VIEW_TARGETS else None
+    _require(rows is not None and rows.target in _GATHERS, "cos/sin pairs are not gathered rows")
+    rows_val, f_val = _val(rows), _val(factor)
+    _require(rows_val.dim() >= 2 and rows_val.shape[-1] == 2 and f_val.dim() == x_val.dim()
+             and f_val.shape[-1] == x_val.shape[-1], "cos/sin pairs do not line up with x")
+    _require(sum(1 for a in f_val.shape[:-1] if not _statically_equal(a, 1))
+             == rows_val.dim() - 2, "cos/sin pairs are not broadcast over heads")
+    return PairTrig(rows, node.args[2], factor)
+
+
+def _product_terms(node: Node, num_tokens):
     """``node`` = x-features * cos/sin (either order)."""
     _require(node.target in _MULS and len(node.args) == 2, f"expected a product, got {node.target}")
     a, b = node.args
     _require(isinstance(a, Node) and isinstance(b, Node), "product with a scalar")
     for x, t in ((a, b), (b, a)):
+        x_val, t_val = _val(x), _val(t)
+        if x_val is not None and t_val is not None and x_val.dim() == t_val.dim() == 4:
+            try:
+                return trace_features(x), trace_pair_trig(t, x_val)
+            except NoMatch:
+                continue
         x_val = _val(x)
         if x_val is None or x_val.dim() != 3 or _val(t) is None or _val(t).dim() != 3:
             continue
@@ -234,11 +306,16 @@ class RopeMatch:
     # ``positions`` is None, and heads sit at ``heads_dim`` of ``base``.
     sin_table: Node | None = None
     heads_dim: int = 1
+    # Interleaved form (gpt-fast): the tables are [.., 1 (heads), .., rot/2] picks of gathered
+    # (cos, sin) rows; ``source`` identifies those rows (q and k pick them separately).
+    tables_have_heads: bool = False
+    source: object = None
 
     @property
     def key(self):
-        return (self.cache, self.positions, self.sin_table, self.rotary_dim, self.is_neox,
-                self.head_size, self.base.meta["val"].dtype)
+        source = self.source or (self.cache, self.positions, self.sin_table)
+        return (source, self.rotary_dim, self.is_neox, self.head_size,
+                self.base.meta["val"].dtype)
 
 
 def _match_rotation(o1: Node, o2: Node, num_tokens):
@@ -359,12 +436,15 @@ def _rotated_halves(node: Node):
         _require(len(parts) == 2 and _last_dim(inner, dim), "not a stack of two halves")
         halves = []
         for part in parts:
-            _require(part.target is aten.unsqueeze.default and part.args[1] in (-1, 3),
+            _require(part.target is aten.unsqueeze.default
+                     and part.args[1] in (-1, _val(part).dim() - 1),
                      "stacked halves are not unsqueezed on the last dim")
             halves.append(part.args[0])
         out_val, in_val = _val(node), _val(inner)
-        _require(out_val.dim() == 3 and tuple(out_val.shape[:2]) == tuple(in_val.shape[:2]),
-                 "stack is not flattened back to [T, H, rot]")
+        _require(out_val.dim() == in_val.dim() - 1 and all(
+            _statically_equal(a, b) for a, b in zip(out_val.shape[:-1], in_val.shape[:-2],
+                                                    strict=True)),
+                 "stack is not flattened back")
         return halves[0], halves[1], False, [node, inner, *parts]
     if node.target is aten.stack.default:
         raise NoMatch("unflattened stack")
@@ -397,6 +477,7 @@ def match_rope(candidate: Node) -> RopeMatch:
             tail = trace_features(second)
             nodes.append(node)
             node = first
+    has_heads = False  # the interleaved form's tables keep a size-1 heads dim
     if node.target in _ADDS:
         x1, x2, cos_table, sin_table, heads_dim, block_nodes = _match_rotate_half(node)
         nodes += block_nodes
@@ -408,6 +489,14 @@ def match_rope(candidate: Node) -> RopeMatch:
         x1, x2, cos, sin = _match_rotation(o1, o2, num_tokens)
         nodes += [o1, o2, *o1.args, *o2.args]
         sin_table, heads_dim = None, 1
+        if isinstance(cos, PairTrig):
+            _require(isinstance(sin, PairTrig) and cos.rows is sin.rows
+                     and (cos.index, sin.index) == (0, 1), "cos/sin are not the (cos, sin) pairs "
+                     "of one gathered freqs_cis")
+            f_shape = _val(cos.factor).shape
+            heads_dim = max(d for d in range(len(f_shape) - 1) if _statically_equal(f_shape[d], 1))
+            cos_table, sin_table = cos.factor, sin.factor
+            has_heads = True
 
     half = x1.count
     rot = 2 * half
@@ -440,6 +529,7 @@ def match_rope(candidate: Node) -> RopeMatch:
     base_val = _val(base)
     head_size = base_val.shape[-1]
     _require(isinstance(head_size, int), "head size is symbolic")
+    source = None
     if sin_table is None:
         _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
         _require(cos.cache is sin.cache, "cos and sin come from different caches")
@@ -450,14 +540,19 @@ def match_rope(candidate: Node) -> RopeMatch:
         cache, positions = cos.cache, cos.positions
     else:
         token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != heads_dim]
+        width = half if has_heads else rot
         for table in (cos_table, sin_table):
-            shape = _val(table).shape
+            shape = list(_val(table).shape)
+            if has_heads:
+                del shape[heads_dim]
             # Each token dim of the table matches x's or broadcasts (1, e.g. over the batch).
-            _require(len(shape) == len(token_shape) + 1 and shape[-1] == rot and all(
+            _require(len(shape) == len(token_shape) + 1 and shape[-1] == width and all(
                 _statically_equal(a, b) or _statically_equal(a, 1)
                 for a, b in zip(shape[:-1], token_shape, strict=True)),
                 "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
         cache, positions = cos_table, None
+        if has_heads:
+            source = ("freqs_cis", cos.rows)
     _require(out_val.dtype == base_val.dtype, f"RoPE output dtype {out_val.dtype} differs from "
                                               f"input dtype {base_val.dtype}")
     _require(out_val.dim() == base_val.dim() and all(
@@ -466,4 +561,4 @@ def match_rope(candidate: Node) -> RopeMatch:
     _require(base_val.dtype in (torch.float16, torch.bfloat16, torch.float32),
              f"dtype {base_val.dtype} not supported by the fused op")
     return RopeMatch(base, candidate, cache, positions, rot, head_size, is_neox, nodes,
-                     sin_table, heads_dim)
+                     sin_table, heads_dim, has_heads, source)
