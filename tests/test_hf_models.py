@@ -51,9 +51,6 @@ COMMON = {
 }
 LOGITS_TOL = {"atol": 1e-4, "rtol": 1e-4}
 
-# Why GPT-NeoX's partial rotary is not matched (found with match_rope on the post-grad graph).
-# Why dynamic=True alone is not rewritten.
-
 
 def _llama(**overrides):
     config = transformers.LlamaConfig(
