@@ -95,7 +95,14 @@ def main() -> None:
     ids = torch.randint(0, 1024, (1, args.tokens), device="cuda")
     for name, model in _hf_models(args.layers):
         model = model.to(device="cuda", dtype=torch.bfloat16).eval()
-        rows.append(run(name, model, (ids,)))
+        model.config.use_cache = False
+        try:
+            rows.append(run(name, model, (ids,)))
+        except Exception as err:  # report and go on with the other models
+            print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            import traceback
+
+            traceback.print_exc(limit=-8)
         del model
     from test_gpt_fast import Transformer
 

@@ -310,8 +310,11 @@ def _materialise_tables(graph: Graph, after: Node, plan: PairPlan) -> tuple[Node
     table = _add_node(graph, sin_half, aten.cat.default, ([cos_half, sin_half], -1))
     table = _add_node(graph, table, aten.expand.default, (table, list(plan.table_shape)))
     cache = _add_node(graph, table, aten.reshape.default, (table, [-1, match.rotary_dim]))
-    tokens = _add_node(graph, cache, aten.sym_size.int, (cache, 0))
-    positions = _add_node(graph, tokens, torch.ops.prims.iota.default, (tokens,), {
+    tokens = cache.meta["val"].shape[0]
+    last = cache
+    if not isinstance(tokens, int):  # symbolic: read it off the table (a SymInt node)
+        tokens = last = _add_node(graph, cache, aten.sym_size.int, (cache, 0))
+    positions = _add_node(graph, last, torch.ops.prims.iota.default, (tokens,), {
         "start": 0, "step": 1, "dtype": torch.int64, "device": cache.meta["val"].device,
         "requires_grad": False})
     return positions, cache, positions
