@@ -57,6 +57,11 @@ def register_inductor_lowering() -> None:
         if device is None or device.type not in ("cuda", "xpu"):
             return fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
         sizevars = V.graph.sizevars
+        # The cache may be a computed view (HF / gpt-fast tables built by the pass): give it
+        # (and positions) a real, contiguous buffer. q and k are as_strided views of their
+        # storage (the op mutates them), so they already have a fixed layout.
+        cos_sin_cache = ir.ExternKernel.require_contiguous(cos_sin_cache)
+        positions = ir.ExternKernel.require_contiguous(positions)
         num_tokens, num_q_heads, _ = q.get_size()
         num_k_heads = k.get_size()[1]
         q_stride, k_stride = q.get_stride(), k.get_stride()
