@@ -331,7 +331,7 @@ def _fake_call(plan: PairPlan):
         return auto_functionalized_v2(_fused_op(), **fake_kwargs)
 
 
-def rewrite_pair(graph: Graph, plan: PairPlan) -> None:
+def rewrite_pair(graph: Graph, plan: PairPlan, tables: dict | None = None) -> None:
     """Replace the two RoPE subgraphs by one functional call of the fused op."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
@@ -343,7 +343,15 @@ def rewrite_pair(graph: Graph, plan: PairPlan) -> None:
     inputs = [*plan.roots, q.cache, q.positions if q.sin_table is None else q.sin_table]
     anchor = max(inputs, key=order.__getitem__)
     if q.sin_table is not None:
-        anchor, cache, positions = _materialise_tables(graph, anchor, plan)
+        # One [T, rot] table per distinct cos/sin source, shared by every layer that uses it.
+        memo_key = (q.key[0], plan.table_shape)
+        if tables is not None and memo_key in tables:
+            cache, positions = tables[memo_key]
+            anchor = max([anchor, positions], key=order.__getitem__)
+        else:
+            anchor, cache, positions = _materialise_tables(graph, anchor, plan)
+            if tables is not None:
+                tables[memo_key] = (cache, positions)
         plan.kwargs.update(cos_sin_cache=cache, positions=positions)
         fake_result = _fake_call(plan)
     with graph.inserting_after(anchor):
@@ -469,6 +477,7 @@ class FuseQKRopePass(CustomGraphPass):
         for the next round, which re-analyses the rewritten graph."""
         rewritten = 0
         found: set[tuple[str, str]] = set()
+        tables: dict = {}
         while True:
             pairs, unpaired = pair_matches(find_rope_matches(graph))
             symbols = _graph_symbols(graph)
@@ -493,7 +502,7 @@ class FuseQKRopePass(CustomGraphPass):
                 claimed_outputs |= {q.output, k.output}
                 claimed_inputs |= inputs
             for plan in plans:
-                rewrite_pair(graph, plan)
+                rewrite_pair(graph, plan, tables)
                 rewritten += 1
                 count("rewritten")
                 q, k = plan.q, plan.k
