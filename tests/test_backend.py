@@ -255,11 +255,11 @@ def test_non_strict_failure_after_first_pair(monkeypatch, caplog):
     real = fuse_qk_rope.rewrite_pair
     calls = []
 
-    def second_fails(graph, plan):
+    def second_fails(graph, plan, *rest):
         calls.append(plan)
         if len(calls) == 2:
             raise InjectedError("injected failure in the second rewrite")
-        return real(graph, plan)
+        return real(graph, plan, *rest)
 
     monkeypatch.setattr(fuse_qk_rope, "rewrite_pair", second_fails)
     with caplog.at_level(logging.WARNING, logger="rope_compile"):
