@@ -21,9 +21,16 @@ After::
                                 _all_bases=[xq, xk])
     q_out = reshape(af[1], [T, Hq*D]);  k_out = reshape(af[2], [T, Hk*D])
 
+(The call's base is the storage root, ``qkv``; views of it that do not overlap q or k, such as v,
+are re-pointed at the call's output, as functionalization would, so nothing blocks reinplacing.)
 Inductor's reinplacing then turns ``auto_functionalized_v2`` into a direct in-place call on
 ``xq``/``xk`` (views of ``qkv``) when nothing reads the pre-RoPE values later, and into a copy
 plus call otherwise (for example when q is a graph input): the result is the same either way.
+On GPUs ``rope_compile.inductor_lowering`` then launches the Triton kernel from generated code.
+
+Table forms (HF ``rotate_half``, gpt-fast ``freqs_cis``) have no cache/positions pair in the
+graph: the pass builds ``cos_sin_cache = cat(cos, sin).reshape(-1, rot)`` from the model's own
+per-token tables (once per table source) and ``positions = arange(T)``.
 
 Only pairs that share positions, cache, style, rotary_dim and head size, whose head size is
 in ``head_sizes`` and whose device type is in ``devices`` are rewritten; every other candidate
