@@ -222,9 +222,11 @@ class RopeProgram:
 
     @property
     def expected_matches(self) -> int | None:
-        """RoPE applications ``find_rope_matches`` must prove (None: not specified; a chained
-        mixed-dtype program may legitimately match ``x.float() -> RoPE -> .to(dtype)``)."""
-        if self.defect == "mixed_dtype" and self.layers > 1:
+        """RoPE applications ``find_rope_matches`` must prove (None: not specified). Mixed
+        dtypes: the matcher looks through float casts of x, so k's RoPE of ``k.to(dtype)`` is
+        matched or not depending on whether a view separates the cast from the slicing, and a
+        chained program may match ``x.float() -> RoPE -> .to(dtype)``."""
+        if self.defect == "mixed_dtype":
             return None
         return self.layers * self.matches_per_layer
 
@@ -303,7 +305,7 @@ def rope_programs(draw, dynamic: bool = False) -> RopeProgram:
         defect_side=draw(st.sampled_from(("q", "k"))),
         num_tokens=draw(st.integers(2 if is_dynamic else 1, 6)),
         seed=draw(st.integers(0, 2**16)),
-        layers=draw(st.sampled_from((1, 1, 2))),
+        layers=draw(st.sampled_from((1, 1, 1, 2))),
         strided_positions=draw(st.booleans()),
         transposed_cache=draw(st.booleans()),
         dynamic=is_dynamic,
@@ -334,7 +336,7 @@ def program_from_rng(rng: random.Random, dynamic: bool = False) -> RopeProgram:
         defect_side=rng.choice(("q", "k")),
         num_tokens=rng.randint(2 if is_dynamic else 1, 6),
         seed=rng.randint(0, 2**16),
-        layers=rng.choice((1, 1, 2)),
+        layers=rng.choice((1, 1, 1, 2)),
         strided_positions=rng.random() < 0.5,
         transposed_cache=rng.random() < 0.5,
         dynamic=is_dynamic,
