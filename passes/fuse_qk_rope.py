@@ -343,7 +343,6 @@ def rewrite_pair(graph: Graph, plan: PairPlan, tables: dict | None = None) -> No
     from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
     q, k = plan.q, plan.k
-    fake_result = None if q.sin_table is not None else _fake_call(plan)
     # The call needs the roots, cache and positions: put it after the last of them
     # (stable_topological_sort, run by Inductor right after custom passes, orders the rest).
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -360,7 +359,7 @@ def rewrite_pair(graph: Graph, plan: PairPlan, tables: dict | None = None) -> No
             if tables is not None:
                 tables[memo_key] = (cache, positions)
         plan.kwargs.update(cos_sin_cache=cache, positions=positions)
-        fake_result = _fake_call(plan)
+    fake_result = _fake_call(plan)
     with graph.inserting_after(anchor):
         call = graph.call_function(auto_functionalized_v2, (_fused_op(),), plan.kwargs)
     call.meta["val"] = fake_result
@@ -371,8 +370,8 @@ def rewrite_pair(graph: Graph, plan: PairPlan, tables: dict | None = None) -> No
             last = graph.call_function(operator.getitem, (call, index))
         last.meta["val"] = fake_result[index]
         new_roots[root] = last
-    for match, chain in zip((q, k), plan.chains, strict=True):
-        root = plan.roots[plan.kwargs[f"_{'q' if match is q else 'k'}_base_index"]]
+    for name, match, chain in (("q", q, plan.chains[0]), ("k", k, plan.chains[1])):
+        root = plan.roots[plan.kwargs[f"_{name}_base_index"]]
         new_value = _replay(graph, chain, root, new_roots[root])
         match.output.replace_all_uses_with(new_value)
     for match in (q, k):

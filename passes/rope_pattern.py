@@ -23,11 +23,11 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
-_CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 _GATHERS = (aten.index.Tensor, aten.index_select.default, aten.embedding.default)
 _SUBS = (aten.sub.Tensor,)
 _ADDS = (aten.add.Tensor,)
 _MULS = (aten.mul.Tensor,)
+_VIEW_TARGETS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 class NoMatch(Exception):
@@ -67,7 +67,6 @@ def _float_cast(node: Node) -> bool:
     return False
 
 
-_VIEW_TARGETS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _pair_view_source(node: Node) -> Node | None:
@@ -381,7 +380,7 @@ def _duplicated_halves(table: Node) -> Node:
         _require(len(parts) == 2 and parts[0] is parts[1] and _last_dim(
             node, node.args[1] if len(node.args) > 1 else 0), "angles are not cat((f, f), -1)")
         return parts[0]
-    _require(node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default),
+    _require(node.target in _VIEW_TARGETS,
              "angles are not duplicated halves")
     inner = node.args[0]
     if inner.target is aten.clone.default:
@@ -428,7 +427,7 @@ def _match_rotate_half(node: Node):
 
 def _rotated_halves(node: Node):
     """Split a rotated block into its (o1, o2, is_neox) or raise NoMatch."""
-    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+    if node.target in _VIEW_TARGETS:
         # GPT-J: stack((o1, o2), -1).flatten(-2) == view(cat((o1[..., None], o2[..., None])))
         inner = node.args[0]
         _require(inner.target is aten.cat.default, "view of something other than a stack")

@@ -49,14 +49,11 @@ def check_rope_operands(
     head_size: int,
 ) -> None:
     """Checks common to both ops. ``named_xs`` are the two tensors rotated, ``(name, tensor)``,
-    already viewed as ``[num_tokens, num_heads, head_size]``."""
+    already viewed as ``[num_tokens, num_heads, head_size]`` (the callers check that)."""
     (a_name, a), (b_name, b) = named_xs
     for name, x in named_xs:
         if not x.dtype.is_floating_point:
             _fail(op, f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() != 3:
-            _fail(op, f"{name} must be [num_tokens, num_heads, head_size], "
-                      f"got shape {tuple(x.shape)}")
     if a.dtype != b.dtype:
         _fail(op, f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}")
     if not cos_sin_cache.dtype.is_floating_point:
