@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fast_launch
 from .reference import rope_reference_
 from .validation import (
     as_token_heads,
@@ -29,7 +30,7 @@ _FUSED = "fused_qk_rope_with_cos_sin_cache_inplace"
 _GENERIC = "rotary_embedding"
 
 
-def _validate_fused(q, k, cos_sin_cache, positions, rotary_dim) -> None:
+def validate_fused(q, k, cos_sin_cache, positions, rotary_dim) -> None:
     if positions.dim() != 1:
         raise ValueError(f"{_FUSED}: positions must be 1-D [num_tokens], got shape "
                          f"{tuple(positions.shape)}")
@@ -47,8 +48,7 @@ def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, op) -> N
         check_positions_in_range(op, positions, cos_sin_cache.shape[0])
     from .triton_kernel import launch_fused_qk_rope
 
-    launch_fused_qk_rope(q[..., :rotary_dim], k[..., :rotary_dim], cos_sin_cache, positions,
-                         rotary_dim, is_neox)
+    launch_fused_qk_rope(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
 
 
 # The ops are defined on a torch.library.Library rather than with torch.library.custom_op:
@@ -76,25 +76,25 @@ def _register(name: str, *, cpu, gpu, fake) -> None:
 
 
 def _fused_qk_rope_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
-    _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+    validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
     check_positions_in_range(_FUSED, positions, cos_sin_cache.shape[0])
     rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
 
 
 def _fused_qk_rope_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
-    _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+    validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
     _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, _FUSED)
 
 
 def _fused_qk_rope_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
-    _validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+    validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
 
 
 _register(_FUSED, cpu=_fused_qk_rope_cpu, gpu=_fused_qk_rope_triton, fake=_fused_qk_rope_fake)
 fused_qk_rope_op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
 
 
-def _generic_views(positions, query, key, head_size, cos_sin_cache):
+def generic_views(positions, query, key, head_size, cos_sin_cache):
     if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2:
         raise ValueError(f"{_GENERIC}: cos_sin_cache must be [max_position, rotary_dim]")
     num_tokens = positions.numel()
@@ -108,18 +108,18 @@ def _generic_views(positions, query, key, head_size, cos_sin_cache):
 
 
 def _rotary_embedding_cpu(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
-    q, k, pos, rot = _generic_views(positions, query, key, head_size, cos_sin_cache)
+    q, k, pos, rot = generic_views(positions, query, key, head_size, cos_sin_cache)
     check_positions_in_range(_GENERIC, pos, cos_sin_cache.shape[0])
     rope_reference_(q, k, cos_sin_cache, pos, rot, is_neox)
 
 
 def _rotary_embedding_triton(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
-    q, k, pos, rot = _generic_views(positions, query, key, head_size, cos_sin_cache)
+    q, k, pos, rot = generic_views(positions, query, key, head_size, cos_sin_cache)
     _launch_triton(q, k, cos_sin_cache, pos, rot, is_neox, _GENERIC)
 
 
 def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
-    _generic_views(positions, query, key, head_size, cos_sin_cache)
+    generic_views(positions, query, key, head_size, cos_sin_cache)
 
 
 _register(_GENERIC, cpu=_rotary_embedding_cpu, gpu=_rotary_embedding_triton,
@@ -136,8 +136,12 @@ def fused_qk_rope_with_cos_sin_cache_inplace(
     is_neox: bool,
 ) -> None:
     """Rotate ``q`` ``[T, Hq, rotary_dim]`` and ``k`` ``[T, Hk, rotary_dim]`` in place, in one
-    kernel launch. Drop-in for ``sgl_kernel``'s function of the same name."""
-    fused_qk_rope_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+    kernel launch. Drop-in for ``sgl_kernel``'s function of the same name.
+
+    Eager calls on GPU tensors take :mod:`rope_compile.fast_launch` where nothing needs the
+    dispatcher; the result is the same either way."""
+    if not fast_launch.try_fused(q, k, cos_sin_cache, positions, rotary_dim, is_neox):
+        fused_qk_rope_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
 
 
 def rotary_embedding(
@@ -151,4 +155,5 @@ def rotary_embedding(
     """Generic in-place RoPE of query/key ``[T, H * head_size]``, any head size and any even
     ``rotary_dim = cos_sin_cache.shape[1] <= head_size``
     (the counterpart of ``torch.ops.sgl_kernel.rotary_embedding``)."""
-    rotary_embedding_op(positions, query, key, head_size, cos_sin_cache, is_neox)
+    if not fast_launch.try_generic(positions, query, key, head_size, cos_sin_cache, is_neox):
+        rotary_embedding_op(positions, query, key, head_size, cos_sin_cache, is_neox)

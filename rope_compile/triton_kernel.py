@@ -30,6 +30,8 @@ so cos/sin are read once per token.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -162,6 +164,51 @@ def choose_config(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_di
     return {"half_pad": half_pad, "block_h": block_h, "head_splits": head_splits}
 
 
+class LaunchPlan(NamedTuple):
+    """Everything one launch needs besides the four tensors: ``fused_qk_rope_kernel[grid](q, k,
+    cos_sin_cache, positions, *ints, **constexprs, **options)``."""
+
+    grid: tuple[int, int]
+    ints: tuple[int, ...]  # the integer arguments, in the kernel's order
+    constexprs: dict
+    options: dict  # num_warps
+
+
+def plan_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    *,
+    block_h: int | None = None,
+    head_splits: int | None = None,
+    num_warps: int | None = None,
+) -> LaunchPlan:
+    """Grid, integer arguments, constexprs and options for q ``[T, Hq, D]``, k ``[T, Hk, D]``.
+    ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (for benchmarks)."""
+    num_tokens, num_q_heads, num_k_heads = q.shape[0], q.shape[1], k.shape[1]
+    cfg = choose_config(num_tokens, num_q_heads, num_k_heads, rotary_dim)
+    block_h = block_h or cfg["block_h"]
+    head_splits = head_splits or cfg["head_splits"]
+    options = device_launch_options(q.device.type, block_h * 2 * cfg["half_pad"],
+                                    q.element_size())
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    ints = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+            cos_sin_cache.stride(1), positions.stride(0), num_q_heads, num_k_heads)
+    constexprs = {
+        "ROT": rotary_dim,
+        "HALF_PAD": cfg["half_pad"],
+        "BLOCK_H": block_h,
+        "IS_NEOX": is_neox,
+        "Q_ITERS": triton.cdiv(triton.cdiv(num_q_heads, block_h), head_splits),
+        "K_ITERS": triton.cdiv(triton.cdiv(num_k_heads, block_h), head_splits),
+    }
+    return LaunchPlan((num_tokens, head_splits), ints, constexprs, options)
+
+
 def launch_fused_qk_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -178,44 +225,32 @@ def launch_fused_qk_rope(
 
     q is ``[T, Hq, D]`` and k ``[T, Hk, D]`` with ``D >= rotary_dim`` and last stride 1; arguments
     are assumed valid (the op layer validates). Runs on CPU tensors only under the Triton
-    interpreter. ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (for
-    benchmarks).
+    interpreter, and on q's device whatever the current device is. ``block_h``, ``head_splits``
+    and ``num_warps`` override the heuristics (for benchmarks).
     """
-    num_tokens = q.shape[0]
-    if num_tokens == 0:
+    if q.shape[0] == 0:
         return
     if q.device.type == "cpu" and not is_interpreter():
         raise RuntimeError(
             "launch_fused_qk_rope: q is a CPU tensor; the Triton kernel runs on CPU tensors only "
             "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
         )
-    cfg = choose_config(num_tokens, q.shape[1], k.shape[1], rotary_dim)
-    block_h = block_h or cfg["block_h"]
-    head_splits = head_splits or cfg["head_splits"]
-    options = device_launch_options(
-        q.device.type, block_h * 2 * cfg["half_pad"], q.element_size()
-    )
-    if num_warps is not None:
-        options["num_warps"] = num_warps
-    fused_qk_rope_kernel[(num_tokens, head_splits)](
-        q,
-        k,
-        cos_sin_cache,
-        positions,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        cos_sin_cache.stride(0),
-        cos_sin_cache.stride(1),
-        positions.stride(0),
-        q.shape[1],
-        k.shape[1],
-        ROT=rotary_dim,
-        HALF_PAD=cfg["half_pad"],
-        BLOCK_H=block_h,
-        IS_NEOX=is_neox,
-        Q_ITERS=triton.cdiv(triton.cdiv(q.shape[1], block_h), head_splits),
-        K_ITERS=triton.cdiv(triton.cdiv(k.shape[1], block_h), head_splits),
-        **options,
-    )
+    plan = plan_launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, block_h=block_h,
+                       head_splits=head_splits, num_warps=num_warps)
+    run_plan(plan, q, k, cos_sin_cache, positions)
+
+
+def run_plan(plan: LaunchPlan, q, k, cos_sin_cache, positions):
+    """Launch ``plan`` through Triton's JIT (compiling on first use) on q's device; returns the
+    compiled kernel, which :mod:`rope_compile.fast_launch` relaunches (None under the
+    interpreter)."""
+    launch = fused_qk_rope_kernel[plan.grid]
+    args = (q, k, cos_sin_cache, positions, *plan.ints)
+    if q.device.type == "cpu":
+        return launch(*args, **plan.constexprs, **plan.options)
+    device_module = torch.get_device_module(q.device)
+    if q.device.index == device_module.current_device():
+        return launch(*args, **plan.constexprs, **plan.options)
+    # Triton launches on the current device; a tensor on another one needs a guard.
+    with device_module.device(q.device.index):
+        return launch(*args, **plan.constexprs, **plan.options)

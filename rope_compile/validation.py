@@ -148,14 +148,15 @@ def _symbolic_multiple_of(value, row: int) -> bool:
         return False
 
 
-def _columns(t: torch.Tensor, row: int) -> tuple[int, int] | None:
-    """Seeing the storage as rows of ``row`` elements: the (first, last) column ``t`` touches,
-    if every dim of ``t`` either steps whole rows or stays inside one row; else None. Sizes of
-    whole-row dims may be symbolic; anything else symbolic gives None (no guard is added)."""
+def _columns(t: torch.Tensor, row: int, base: int) -> tuple[int, int] | None:
+    """Seeing the storage from element ``base`` on as rows of ``row`` elements: the (first,
+    last) column ``t`` touches, if every dim of ``t`` either steps whole rows or stays inside
+    one row; else None. Sizes of whole-row dims may be symbolic; anything else symbolic gives
+    None (no guard is added)."""
     offset = t.storage_offset()
     if not isinstance(offset, int):
         return None
-    first = last = offset % row
+    first = last = (offset - base) % row
     for size, stride in zip(t.shape, t.stride(), strict=True):
         if isinstance(size, int) and size == 1:
             continue  # a dim that does not move
@@ -197,9 +198,12 @@ def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     ea, eb = _extent(a), _extent(b)
     if ea and eb and (ea[1] < eb[0] or eb[1] < ea[0]):
         return False
+    # Rows start at the lower of the two offsets, so a buffer's own offset does not matter.
+    offsets = (a.storage_offset(), b.storage_offset())
+    base = min(offsets) if all(isinstance(o, int) for o in offsets) else 0
     rows = {s for s in (*a.stride(), *b.stride()) if isinstance(s, int) and s > 1}
     for row in rows:
-        ca, cb = _columns(a, row), _columns(b, row)
+        ca, cb = _columns(a, row, base), _columns(b, row, base)
         if ca and cb and (ca[1] < cb[0] or cb[1] < ca[0]):
             return False
     return True
