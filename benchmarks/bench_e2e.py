@@ -19,13 +19,15 @@ Attention is ``F.scaled_dot_product_attention(..., enable_gqa=True)`` and there 
   trivial attention (no KV-cache reads).
 
 Configs: eager; ``torch.compile(model)``; ``torch.compile(model, backend="rope_compile")``; the
-two compiled ones also with ``mode="reduce-overhead"`` (CUDA graphs). Each compiled config
-starts from ``torch._dynamo.reset()`` and uses ``dynamic=False`` (one static graph per shape, as
-per-batch-size CUDA graphs in a server). Reported per config and shape: median ms per step
-(CUDA events, synchronised step), CUDA kernels launched per step (``torch.profiler`` kernel events
-over a few steps / steps), time of the first call (compilation included), the number of Q+K RoPE
-pairs the rope_compile pass rewrote while compiling, and the max abs difference of the output
-against eager and, for rope_compile, against plain Inductor in the same mode.
+two compiled ones also with ``mode="reduce-overhead"`` (CUDA graphs). All configs are compiled
+first and kept (``dynamic=False``: one static graph per shape, as per-batch-size CUDA graphs in
+a server), then timed in interleaved rounds (``--rounds``), so that the drift of a shared host
+falls on all configs alike. Reported per config and shape: ms per synchronised step (CUDA
+events) and its spread over the rounds, host ms per step (back-to-back steps, one sync at the
+end), CUDA kernels launched per step (``torch.profiler`` kernel events over a few steps /
+steps), time of the first call (compilation included), the number of Q+K RoPE pairs the
+rope_compile pass rewrote while compiling, and the max abs difference of the output against
+eager and, for rope_compile, against plain Inductor in the same mode.
 
 If the rope_compile backend cannot be imported or fails to compile, its rows say so and the
 other numbers are still reported. Inductor's on-disk caches make a second run much faster.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -250,9 +253,19 @@ def run_e2e(
     decode_steps: int = 50,
     prefill_steps: int = 10,
     profile_steps: int = 3,
+    rounds: int = 5,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """One result dict per (config, shape)."""
+    """One result dict per (config, shape).
+
+    Phase 1 compiles every config (all kept alive: Dynamo guards on the backend, so they do not
+    share graphs), runs each shape once (compile time), counts kernels and checks the output.
+    Phase 2 times them in ``rounds`` interleaved rounds, the order of configs rotating each
+    round, so that drift of the shared host hits all configs alike; a config's time is the
+    median of its round medians, and its spread the range of those."""
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                4 * len(shapes) * len(configs))
     model = build_model(model_cfg, dtype, device)
     inputs = {s: make_inputs(model_cfg, s[0], s[1], dtype, device, seed=i)
               for i, s in enumerate(shapes)}
@@ -261,17 +274,17 @@ def run_e2e(
         for s in shapes:
             pos, x = inputs[s]
             eager_out[s] = model(pos, x, s[0] == "prefill").float()
-    results = []
+    results: dict[tuple[str, tuple[str, int]], dict] = {}
+    steps_of: dict[tuple[str, tuple[str, int]], Callable] = {}
     outputs: dict[tuple[str, tuple[str, int]], torch.Tensor] = {}
     for cfg in configs:
-        torch._dynamo.reset()
         _clear_counters()
         try:
             fn = compile_model(model, cfg, device)
         except Exception as err:  # noqa: BLE001 - e.g. the backend does not import
             msg = _short(err)
             log(f"{cfg.label}: setup failed: {msg}")
-            results += [_result(cfg, s, error=msg) for s in shapes]
+            results.update({(cfg.label, s): _result(cfg, s, error=msg) for s in shapes})
             continue
         graphs = cfg.mode == "reduce-overhead"
         for s in shapes:
@@ -284,7 +297,7 @@ def run_e2e(
                     torch.compiler.cudagraph_mark_step_begin()
                 return fn(pos, x, prefill)
 
-            res = _result(cfg, s)
+            res = results[(cfg.label, s)] = _result(cfg, s)
             try:
                 with torch.no_grad():
                     before, skips = _rewritten_count(), _cudagraph_skips()
@@ -295,47 +308,75 @@ def run_e2e(
                     res["cudagraph_skips"] = _cudagraph_skips() - skips
                     if cfg.name == "rope_compile":
                         res["rope_pairs_rewritten"] = _rewritten_count() - before
-                    steps = prefill_steps if prefill else decode_steps
-                    res["ms"], _ = common.time_steps_ms(step, steps, device)
-                    counted = common.count_gpu_kernels(step, profile_steps, device)
-                    if counted is not None:
-                        res["kernels_per_step"], per_name = counted
+                    prof = common.profile_gpu_kernels(step, profile_steps, device)
+                    if prof is not None:
+                        res["kernels_per_step"] = prof.count
+                        res["gpu_kernel_ms"] = prof.gpu_us / 1e3
                         res["rope_kernels_per_step"] = sum(
-                            n for name, n in per_name.items() if ROPE_KERNEL in name)
+                            n for name, n in prof.per_name.items() if ROPE_KERNEL in name)
+                        res["kernel_us_by_name"] = prof.us_per_name
                     # A copy: CUDA-graph outputs are overwritten by the next replay.
                     out = step().to(torch.float32, copy=True)
                     common.synchronize(device)
                 outputs[(cfg.label, s)] = out
                 res["max_abs_diff_vs_eager"] = (out - eager_out[s]).abs().max().item()
                 res["out_abs_max"] = eager_out[s].abs().max().item()
+                steps_of[(cfg.label, s)] = step
             except Exception as err:  # noqa: BLE001 - report and go on
                 res["error"] = _short(err)
                 log(traceback.format_exc(limit=3))
-            results.append(res)
-            log(f"{cfg.label:<30} {kind:>7} T={tokens:<5} ms={common.fmt(res['ms'], 3)} "
+            log(f"{cfg.label:<30} {kind:>7} T={tokens:<5} "
                 f"kernels={common.fmt(res['kernels_per_step'], 0)} "
                 f"first={common.fmt(res['first_call_s'], 1)}s "
                 f"rope_kernels={common.fmt(res['rope_kernels_per_step'], 0)} "
                 f"pass_rewrites={res['rope_pairs_rewritten']} "
                 f"cudagraph_skips={res['cudagraph_skips']} "
                 f"{'ERROR ' + res['error'] if res['error'] else ''}")
-        del fn
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+
+    _time_interleaved(results, steps_of, shapes, configs, device, decode_steps, prefill_steps,
+                      rounds, log)
     # rope_compile against plain Inductor in the same mode.
-    for res in results:
+    for (label, s), res in results.items():
         if res["config"] == "rope_compile":
-            s = (res["kind"], res["tokens"])
-            ours = outputs.get((CompileConfig("rope_compile", res["mode"]).label, s))
+            ours = outputs.get((label, s))
             plain = outputs.get((CompileConfig("inductor", res["mode"]).label, s))
             if ours is not None and plain is not None:
                 res["max_abs_diff_vs_inductor"] = (ours - plain).abs().max().item()
-    return results
+    return list(results.values())
+
+
+def _time_interleaved(results, steps_of, shapes, configs, device, decode_steps, prefill_steps,
+                      rounds, log) -> None:
+    """Fill ``ms`` (synchronised step, CUDA events) and ``host_ms`` (back-to-back steps, one
+    sync at the end: the host's cost per step when it is the bottleneck) with medians over
+    interleaved rounds, and their spreads."""
+    samples: dict = {key: {"ms": [], "host_ms": []} for key in steps_of}
+    with torch.no_grad():
+        for r in range(rounds):
+            for s in shapes:
+                steps = prefill_steps if s[0] == "prefill" else decode_steps
+                order = [c for c in configs if (c.label, s) in steps_of]
+                order = order[r % len(order):] + order[:r % len(order)] if order else order
+                for cfg in order:
+                    step = steps_of[(cfg.label, s)]
+                    ms, _ = common.time_steps_ms(step, steps, device)
+                    samples[(cfg.label, s)]["ms"].append(ms)
+                    samples[(cfg.label, s)]["host_ms"].append(
+                        common.host_time_us(step, steps, device) / 1e3)
+            log(f"timing round {r + 1}/{rounds} done")
+    for key, got in samples.items():
+        res = results[key]
+        for field, values in got.items():
+            if values:
+                res[field] = statistics.median(values)
+                res[field + "_spread"] = (min(values), max(values))
 
 
 def _result(cfg: CompileConfig, shape: tuple[str, int], error: str | None = None) -> dict:
     return {"config": cfg.name, "mode": cfg.mode, "label": cfg.label, "kind": shape[0],
-            "tokens": shape[1], "ms": None, "kernels_per_step": None,
+            "tokens": shape[1], "ms": None, "ms_spread": None, "host_ms": None,
+            "host_ms_spread": None, "kernels_per_step": None, "gpu_kernel_ms": None,
+            "kernel_us_by_name": None,
             "rope_kernels_per_step": None, "first_call_s": None, "rope_pairs_rewritten": None,
             "max_abs_diff_vs_eager": None, "max_abs_diff_vs_inductor": None,
             "out_abs_max": None, "cudagraph_skips": None, "error": error}
@@ -347,22 +388,28 @@ def _short(err: BaseException) -> str:
 
 def results_table(results: Sequence[dict]) -> str:
     by_key = {(r["label"], r["kind"], r["tokens"]): r for r in results}
-    headers = ["shape", "config", "ms/step", "vs inductor", "kernels/step", "rope kernels",
+    headers = ["shape", "config", "ms/step", "spread", "vs inductor", "host ms/step",
+               "host vs inductor", "GPU kernel ms", "kernels/step", "rope kernels",
                "first call s", "maxΔ eager", "maxΔ inductor"]
     rows = []
     for r in sorted(results, key=lambda r: (r["kind"] != "decode", r["tokens"])):
-        speedup = "-"
+        speedup = host_speedup = "-"
         if r["config"] == "rope_compile":
             plain = by_key.get((CompileConfig("inductor", r["mode"]).label, r["kind"],
                                 r["tokens"]))
             if plain and plain["ms"] and r["ms"]:
                 speedup = f"{plain['ms'] / r['ms']:.3f}x"
+            if plain and plain["host_ms"] and r["host_ms"]:
+                host_speedup = f"{plain['host_ms'] / r['host_ms']:.3f}x"
+        spread = r["ms_spread"]
         label = r["label"]
         if r["mode"] == "reduce-overhead" and r["cudagraph_skips"]:
             label += " (cudagraphs skipped!)"
         rows.append([
             f"{r['kind']} T={r['tokens']}", label,
-            "err" if r["error"] else common.fmt(r["ms"], 3), speedup,
+            "err" if r["error"] else common.fmt(r["ms"], 3),
+            f"{spread[0]:.3f}-{spread[1]:.3f}" if spread else "-", speedup,
+            common.fmt(r["host_ms"], 3), host_speedup, common.fmt(r["gpu_kernel_ms"], 3),
             common.fmt(r["kernels_per_step"], 0), common.fmt(r["rope_kernels_per_step"], 0),
             common.fmt(r["first_call_s"], 1),
             _sci(r["max_abs_diff_vs_eager"]), _sci(r["max_abs_diff_vs_inductor"]),
@@ -397,6 +444,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=sorted(common.DTYPES))
     p.add_argument("--decode-steps", type=int, default=50)
     p.add_argument("--prefill-steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     return p.parse_args(argv)
 
 
@@ -440,15 +488,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_e2e(model_cfg, shapes, configs, device, common.DTYPES[args.dtype],
                       decode_steps=args.decode_steps, prefill_steps=args.prefill_steps,
-                      log=lambda s: print(s, flush=True))
+                      rounds=args.rounds, log=lambda s: print(s, flush=True))
     meta["total_s"] = time.perf_counter() - t0
     table = results_table(results)
     errors = [f"- {r['label']} {r['kind']} T={r['tokens']}: {r['error']}"
               for r in results if r["error"]]
     legend = (
         f"{model_cfg.layers} layers, hidden {model_cfg.hidden}, {model_cfg.num_q_heads}/"
-        f"{model_cfg.num_kv_heads} heads of {model_cfg.head_dim}, {args.dtype}. ms/step: median "
-        "(CUDA events). vs inductor: inductor ms / rope_compile ms in the same mode. "
+        f"{model_cfg.num_kv_heads} heads of {model_cfg.head_dim}, {args.dtype}. ms/step: one "
+        "synchronised step (CUDA events), median over interleaved rounds of the configs "
+        f"({args.rounds} rounds, each the median of its steps); spread: the lowest and highest "
+        "round medians. host ms/step: back-to-back steps with one sync at the end (what the "
+        "host costs per step when it is the bottleneck). vs inductor: inductor / rope_compile "
+        "in the same mode. GPU kernel ms: the summed durations of the step's CUDA kernels "
+        "(torch.profiler), the GPU's share whatever the host does. "
         "kernels/step: CUDA kernel events from torch.profiler / steps; rope kernels: those of "
         f"them named {ROPE_KERNEL} (one per layer when the pass fused every layer). first call "
         "s: includes compilation. maxΔ: max abs "

@@ -4,8 +4,10 @@ partial rotary) and a gpt-fast-style Transformer, random weights, bf16.
     python benchmarks/bench_models.py [--out DIR] [--tokens 512] [--layers 4]
 
 For each: fused RoPE kernels in the generated code (one per layer expected), max abs error of
-the logits/output against eager, and the forward time (median of CUDA-event timings) of plain
-Inductor vs backend="rope_compile", both in default mode. Prints a markdown table.
+the logits/output against eager, and plain Inductor vs backend="rope_compile", both in default
+mode: the forward time (CUDA events, median over interleaved rounds), the GPU kernel time per
+forward (summed kernel durations, torch.profiler: the GPU's share whatever the host does), the
+kernels per forward, and which kernels differ. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -63,7 +65,26 @@ def _output(result):
     return result.logits if hasattr(result, "logits") else result
 
 
-def run(name, model, args) -> dict:
+def _kernel_diff(plain, fused) -> str:
+    """Kernels whose per-step count differs (Inductor's generated names shortened)."""
+    def short(name):
+        return name.split("(")[0][:40]
+
+    names = sorted(set(plain.per_name) | set(fused.per_name))
+    diffs = []
+    for n in names:
+        a, b = plain.per_name.get(n, 0), fused.per_name.get(n, 0)
+        if round(a) != round(b):
+            us = fused.us_per_name.get(n, 0) - plain.us_per_name.get(n, 0)
+            diffs.append(f"{short(n)} {a:.0f}->{b:.0f} ({us:+.1f}us)")
+    return "; ".join(diffs) or "-"
+
+
+def run(name, model, args, rounds: int = 5) -> dict:
+    """Fused-kernel count, error, and plain Inductor vs rope_compile (default mode): ms per
+    synchronised forward (median over interleaved rounds), GPU kernel ms per forward (summed
+    kernel durations from torch.profiler), kernels per forward and the kernels that differ."""
+    import common  # benchmarks/ is sys.path[0] when run as a script
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -73,14 +94,25 @@ def run(name, model, args) -> dict:
         plain(*args)
         fused = torch.compile(model, backend="rope_compile")
         out, code = run_and_get_code(fused, *args)
+        fns = {"plain": plain, "fused": fused}
+        ms = {k: [] for k in fns}
+        for r in range(rounds):
+            for key in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                ms[key].append(_time_ms(fns[key], args))
+        prof = {k: common.profile_gpu_kernels(lambda f=f: f(*args), 5, "cuda")
+                for k, f in fns.items()}
         row = {
             "model": name,
             "fused kernels": count_fused_calls("\n".join(code)),
             "max |err| vs eager": (_output(out).float() - eager).abs().max().item(),
-            "plain Inductor ms": _time_ms(plain, args),
-            "rope_compile ms": _time_ms(fused, args),
+            "plain Inductor ms": statistics.median(ms["plain"]),
+            "rope_compile ms": statistics.median(ms["fused"]),
         }
     row["speedup"] = row["plain Inductor ms"] / row["rope_compile ms"]
+    row["GPU kernel ms plain / rope_compile"] = (
+        f"{prof['plain'].gpu_us / 1e3:.3f} / {prof['fused'].gpu_us / 1e3:.3f}")
+    row["kernels plain / rope_compile"] = f"{prof['plain'].count:.0f} / {prof['fused'].count:.0f}"
+    row["kernels that differ"] = _kernel_diff(prof["plain"], prof["fused"])
     return row
 
 

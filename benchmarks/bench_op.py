@@ -12,6 +12,8 @@ It measures the device-to-device copy bandwidth once (the ceiling), then for eve
 
 * ``triton``     (a) ``rope_compile.triton_kernel.launch_fused_qk_rope`` called directly;
 * ``op``         (b) ``torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace``;
+* ``public``     (f) ``rope_compile.fused_qk_rope_with_cos_sin_cache_inplace``, which relaunches
+  the compiled kernel without the dispatcher (``rope_compile.fast_launch``);
 * ``eager``      (c) ``RotaryEmbedding.forward_native`` (out of place);
 * ``compile``    (d) ``torch.compile(forward_native)`` (Inductor, default mode; out of place, so
   it also allocates its outputs, which is what users get);
@@ -55,13 +57,14 @@ try:  # imported as benchmarks.bench_op
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     import common
 
-IMPLS = ("triton", "op", "eager", "compile", "flashinfer")
-LETTER = {"triton": "a", "op": "b", "eager": "c", "compile": "d", "flashinfer": "e"}
-IN_PLACE = ("triton", "op", "flashinfer")
-HOST_IMPLS = ("triton", "op", "compile", "flashinfer")
+IMPLS = ("triton", "op", "public", "eager", "compile", "flashinfer")
+LETTER = {"triton": "a", "op": "b", "public": "f", "eager": "c", "compile": "d",
+          "flashinfer": "e"}
+IN_PLACE = ("triton", "op", "public", "flashinfer")
+HOST_IMPLS = ("triton", "op", "public", "compile", "flashinfer")
 # Allowed error, in ulps of the largest output magnitude: the fused kernels compute in fp32 and
 # round once; forward_native computes in the input dtype (bf16 products), so it gets more room.
-ULPS = {"triton": 2, "op": 2, "flashinfer": 2, "eager": 8, "compile": 8}
+ULPS = {"triton": 2, "op": 2, "public": 2, "flashinfer": 2, "eager": 8, "compile": 8}
 
 SWEEP_BLOCK_H = (1, 2, 4, 8, 16, 32)
 SWEEP_HEAD_SPLITS = (1, 2, 4, 8)
@@ -197,6 +200,10 @@ def _make_call(impl: str, row: Row, inp: common.RopeInputs, module, compiled, ct
     if impl == "op":
         op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace
         return lambda: op(inp.q_rot, inp.k_rot, cache, pos, rot, neox)
+    if impl == "public":
+        from rope_compile import fused_qk_rope_with_cos_sin_cache_inplace as public
+
+        return lambda: public(inp.q_rot, inp.k_rot, cache, pos, rot, neox)
     if impl == "eager":
         return lambda: module.forward_native(pos, inp.q2d, inp.k2d)
     if impl == "compile":
@@ -545,6 +552,7 @@ def _legend(impls: Sequence[str]) -> str:
     names = {
         "triton": "launch_fused_qk_rope (Triton launcher)",
         "op": "torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace",
+        "public": "rope_compile.fused_qk_rope_with_cos_sin_cache_inplace (eager fast path)",
         "eager": "RotaryEmbedding.forward_native (eager)",
         "compile": "torch.compile(forward_native), Inductor default mode",
         "flashinfer": "flashinfer.rope.apply_rope_with_cos_sin_cache_inplace",

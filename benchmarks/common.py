@@ -286,13 +286,21 @@ def time_steps_ms(
     return statistics.median(samples), samples
 
 
-def count_gpu_kernels(
-    step: Callable[[], object], steps: int, device: str
-) -> tuple[float, dict[str, float]] | None:
-    """Kernels launched per ``step()``: CUDA kernel events seen by ``torch.profiler`` over
-    ``steps`` steps, divided by ``steps`` (memcpy / memset events are not counted), and the same
-    per kernel name. Kernels replayed from CUDA graphs are reported by CUPTI as kernels too.
-    ``None`` on CPU."""
+@dataclass
+class KernelProfile:
+    """CUDA kernels of one step, averaged over the profiled steps."""
+
+    count: float  # kernels launched per step
+    gpu_us: float  # their summed durations per step: GPU busy time, whatever the host does
+    per_name: dict[str, float]  # launches per step, by kernel name
+    us_per_name: dict[str, float]  # µs per step, by kernel name
+
+
+def profile_gpu_kernels(step: Callable[[], object], steps: int, device: str
+                        ) -> KernelProfile | None:
+    """Profile ``steps`` calls of ``step()`` with ``torch.profiler`` and average its CUDA kernel
+    events per step (memcpy / memset events are not counted). Kernels replayed from CUDA graphs
+    are reported by CUPTI as kernels too. ``None`` on CPU."""
     if torch.device(device).type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -304,10 +312,13 @@ def count_gpu_kernels(
             step()
         synchronize(device)
     per_name: dict[str, float] = {}
+    us_per_name: dict[str, float] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
             per_name[e.name] = per_name.get(e.name, 0.0) + 1.0 / steps
-    return sum(per_name.values()), per_name
+            us_per_name[e.name] = us_per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / steps
+    return KernelProfile(sum(per_name.values()), sum(us_per_name.values()), per_name,
+                         us_per_name)
 
 
 # --------------------------------------------------------------------------------------------

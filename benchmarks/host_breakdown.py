@@ -1,12 +1,14 @@
 """Host-time breakdown of one fused RoPE call (diagnostic): raw Triton launch, launcher,
-validation, registered op, public function, and a compiled 4-layer step with and without the
-rewrite.
+validation, registered op, public function (eager fast path on and off), flashinfer's call if
+importable, and a compiled 4-layer step with and without the rewrite (interleaved rounds,
+median).
 
     python benchmarks/host_breakdown.py
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rope_compile.ops as ops  # noqa: E402
+from rope_compile import fast_launch  # noqa: E402
 from rope_compile import triton_kernel as tk  # noqa: E402
 from rope_compile.demo import TinyLlama  # noqa: E402
 from rope_compile.reference import compute_cos_sin_cache  # noqa: E402
@@ -49,28 +52,54 @@ def main() -> None:
                                       BLOCK_H=cfg["block_h"], IS_NEOX=True, Q_ITERS=1,
                                       K_ITERS=1, num_warps=4)
 
+    def public_slow():
+        fast_launch.set_fast_launch(False)
+        try:
+            ops.fused_qk_rope_with_cos_sin_cache_inplace(*args)
+        finally:
+            fast_launch.set_fast_launch(True)
+
     rows = {
         "raw kernel[grid](...)": raw,
         "launch_fused_qk_rope": lambda: tk.launch_fused_qk_rope(*args),
-        "validation only": lambda: ops._validate_fused(q, k, cache, pos, d),
+        "validation only": lambda: ops.validate_fused(q, k, cache, pos, d),
         "torch.ops op": lambda: torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace(
             *args),
-        "public function": lambda: ops.fused_qk_rope_with_cos_sin_cache_inplace(*args),
+        "public function (fast path)": lambda: ops.fused_qk_rope_with_cos_sin_cache_inplace(
+            *args),
+        "public function, fast path off": public_slow,
         "empty torch op (aten.add_ of 1 elem)": lambda: pos[:1].add_(0),
     }
-    for name, fn in rows.items():
-        print(f"{name:<40} {per_call_us(fn):8.1f} us/call")
+    try:
+        from flashinfer.rope import apply_rope_with_cos_sin_cache_inplace as fi
+
+        q2d, k2d = q.view(T, hq * d), k.view(T, hk * d)
+        rows["flashinfer apply_rope_with_cos_sin_cache_inplace"] = lambda: fi(
+            pos, q2d, k2d, d, cache, True)
+    except Exception as err:  # noqa: BLE001 - not installed or not built
+        print(f"flashinfer: n/a ({type(err).__name__})")
+    # Interleaved rounds: the host's drift falls on every row alike.
+    times = {name: [] for name in rows}
+    for _ in range(5):
+        for name, fn in rows.items():
+            times[name].append(per_call_us(fn))
+    for name, got in times.items():
+        print(f"{name:<50} {statistics.median(got):8.1f} us/call "
+              f"(rounds {min(got):.1f}-{max(got):.1f})")
 
     model = TinyLlama(layers=4, dtype=torch.bfloat16).cuda().to(torch.bfloat16).eval()
     inputs = (torch.randint(0, 4096, (16,), device="cuda"),
               torch.randn(16, 512, device="cuda", dtype=torch.bfloat16))
     with torch.no_grad():
-        plain = torch.compile(model)
-        fused = torch.compile(model, backend="rope_compile")
-        print(f"{'compiled step, plain inductor':<40} "
-              f"{per_call_us(lambda: plain(*inputs), 300):8.1f}")
-        print(f"{'compiled step, rope_compile':<40} "
-              f"{per_call_us(lambda: fused(*inputs), 300):8.1f}")
+        steps = {"compiled step, plain inductor": torch.compile(model),
+                 "compiled step, rope_compile": torch.compile(model, backend="rope_compile")}
+        times = {name: [] for name in steps}
+        for _ in range(5):
+            for name, fn in steps.items():
+                times[name].append(per_call_us(lambda fn=fn: fn(*inputs), 300))
+        for name, got in times.items():
+            print(f"{name:<50} {statistics.median(got):8.1f} us/step "
+                  f"(rounds {min(got):.1f}-{max(got):.1f})")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,35 @@ def test_row_table_and_selection():
     assert picked and all("gptj" in r.name for r in picked)
     swept = bench.select_rows(bench.ROWS, sweep=True)
     assert swept and all(r.sweep for r in swept)
+
+
+def test_public_function_row():
+    """(f), the public function, is checked and timed like the op."""
+    device = _device()
+    bench = _bench_op()
+    row = bench.Row(hq=2, hk=1, d=64, rot=32, neox=False, tokens=5)
+    [res] = bench.run_benchmark([row], device=device, repeats=2, impls=("public",),
+                                host_iters=2, host_max_tokens=5, log=lambda _: None)
+    assert res["check"] == {"public": "OK"} and res["errors"] == {}
+    assert res["time_us"]["public"] > 0 and res["host_us"]["public"] > 0
+
+
+def test_e2e_interleaved_rounds_eager_tiny():
+    """bench_e2e's run/timing structure on CPU with the eager config (no compilation)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    e2e = importlib.import_module("benchmarks.bench_e2e")
+    cfg = e2e.ModelConfig(layers=1, hidden=256, num_q_heads=2, num_kv_heads=1, head_dim=128,
+                          intermediate=256)
+    shapes = [("decode", 3), ("prefill", 8)]
+    logged = []
+    results = e2e.run_e2e(cfg, shapes, [e2e.CompileConfig("eager", None)], "cpu",
+                          decode_steps=2, prefill_steps=2, rounds=3, log=logged.append)
+    assert [(r["kind"], r["tokens"]) for r in results] == shapes
+    for r in results:
+        assert r["error"] is None and r["max_abs_diff_vs_eager"] == 0
+        low, high = r["ms_spread"]
+        assert 0 < low <= r["ms"] <= high
+        assert r["host_ms"] > 0
+    assert sum("timing round" in line for line in logged) == 3
+    assert "host ms/step" in e2e.results_table(results)
