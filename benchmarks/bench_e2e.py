@@ -195,24 +195,12 @@ class CompileConfig:
         return self.name if self.mode is None else f"{self.name} {self.mode}"
 
 
-def rope_backend():
-    """The rope_compile backend: by name when registered (entry point), else the function."""
-    import rope_compile.backend as backend_module  # also imports the pass
-
-    try:
-        if "rope_compile" in torch._dynamo.list_backends(exclude_tags=()):
-            return "rope_compile"
-    except Exception:  # noqa: BLE001 - a broken entry point: use the function itself
-        pass
-    return backend_module.rope_compile_backend
-
-
 def compile_model(model: nn.Module, cfg: CompileConfig, device: str) -> Callable:
     if cfg.name == "eager":
         return model
     kwargs: dict = {"dynamic": False}
     if cfg.name == "rope_compile":
-        kwargs["backend"] = rope_backend()
+        kwargs["backend"] = common.rope_backend()
         if torch.device(device).type == "cpu":
             # The pass leaves CPU graphs alone by default; force it for CPU smoke runs.
             kwargs["options"] = {"devices": ("cpu",)}
@@ -389,11 +377,12 @@ def _short(err: BaseException) -> str:
 def results_table(results: Sequence[dict]) -> str:
     by_key = {(r["label"], r["kind"], r["tokens"]): r for r in results}
     headers = ["shape", "config", "ms/step", "spread", "vs inductor", "host ms/step",
-               "host vs inductor", "GPU kernel ms", "kernels/step", "rope kernels",
+               "host vs inductor", "GPU kernel ms", "differing kernels µs", "kernels/step",
+               "rope kernels",
                "first call s", "maxΔ eager", "maxΔ inductor"]
     rows = []
     for r in sorted(results, key=lambda r: (r["kind"] != "decode", r["tokens"])):
-        speedup = host_speedup = "-"
+        speedup = host_speedup = differing = "-"
         if r["config"] == "rope_compile":
             plain = by_key.get((CompileConfig("inductor", r["mode"]).label, r["kind"],
                                 r["tokens"]))
@@ -401,6 +390,10 @@ def results_table(results: Sequence[dict]) -> str:
                 speedup = f"{plain['ms'] / r['ms']:.3f}x"
             if plain and plain["host_ms"] and r["host_ms"]:
                 host_speedup = f"{plain['host_ms'] / r['host_ms']:.3f}x"
+            if plain and plain["kernel_us_by_name"] and r["kernel_us_by_name"]:
+                theirs, ours, _ = common.differing_kernels(plain["kernel_us_by_name"],
+                                                           r["kernel_us_by_name"])
+                differing = f"{theirs:.1f} -> {ours:.1f}"
         spread = r["ms_spread"]
         label = r["label"]
         if r["mode"] == "reduce-overhead" and r["cudagraph_skips"]:
@@ -410,6 +403,7 @@ def results_table(results: Sequence[dict]) -> str:
             "err" if r["error"] else common.fmt(r["ms"], 3),
             f"{spread[0]:.3f}-{spread[1]:.3f}" if spread else "-", speedup,
             common.fmt(r["host_ms"], 3), host_speedup, common.fmt(r["gpu_kernel_ms"], 3),
+            differing,
             common.fmt(r["kernels_per_step"], 0), common.fmt(r["rope_kernels_per_step"], 0),
             common.fmt(r["first_call_s"], 1),
             _sci(r["max_abs_diff_vs_eager"]), _sci(r["max_abs_diff_vs_inductor"]),
@@ -445,6 +439,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=50)
     p.add_argument("--prefill-steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--from-json", default=None,
+                   help="render the tables of a saved results_e2e.json instead of running")
     return p.parse_args(argv)
 
 
@@ -479,17 +475,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = common.env_info(device)
-    meta.update(model=asdict(model_cfg), dtype=args.dtype, shapes=shapes,
-                argv=list(argv if argv is not None else sys.argv[1:]))
-    print(f"{meta['device_name']}: torch {meta['torch']}, triton {meta['triton']}; "
-          f"{model_cfg.layers} layers, hidden {model_cfg.hidden}, shapes {shapes}", flush=True)
-
-    t0 = time.perf_counter()
-    results = run_e2e(model_cfg, shapes, configs, device, common.DTYPES[args.dtype],
-                      decode_steps=args.decode_steps, prefill_steps=args.prefill_steps,
-                      rounds=args.rounds, log=lambda s: print(s, flush=True))
-    meta["total_s"] = time.perf_counter() - t0
+    if args.from_json:  # re-render a saved run (e.g. after a change of the table)
+        saved = json.loads(Path(args.from_json).read_text())
+        meta, results = saved["meta"], saved["rows"]
+        model_cfg = ModelConfig(**meta["model"])
+        args.dtype, args.rounds = meta["dtype"], meta.get("rounds", args.rounds)
+    else:
+        meta = common.env_info(device)
+        meta.update(model=asdict(model_cfg), dtype=args.dtype, shapes=shapes, rounds=args.rounds,
+                    argv=list(argv if argv is not None else sys.argv[1:]))
+        print(f"{meta['device_name']}: torch {meta['torch']}, triton {meta['triton']}; "
+              f"{model_cfg.layers} layers, hidden {model_cfg.hidden}, shapes {shapes}",
+              flush=True)
+        t0 = time.perf_counter()
+        results = run_e2e(model_cfg, shapes, configs, device, common.DTYPES[args.dtype],
+                          decode_steps=args.decode_steps, prefill_steps=args.prefill_steps,
+                          rounds=args.rounds, log=lambda s: print(s, flush=True))
+        meta["total_s"] = time.perf_counter() - t0
     table = results_table(results)
     errors = [f"- {r['label']} {r['kind']} T={r['tokens']}: {r['error']}"
               for r in results if r["error"]]
@@ -501,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "round medians. host ms/step: back-to-back steps with one sync at the end (what the "
         "host costs per step when it is the bottleneck). vs inductor: inductor / rope_compile "
         "in the same mode. GPU kernel ms: the summed durations of the step's CUDA kernels "
-        "(torch.profiler), the GPU's share whatever the host does. "
+        "(torch.profiler), the GPU's share whatever the host does. differing kernels µs: the "
+        "kernels that run in only one of plain Inductor and rope_compile (its RoPE kernels and "
+        "ours), their µs per step, Inductor's -> ours. "
         "kernels/step: CUDA kernel events from torch.profiler / steps; rope kernels: those of "
         f"them named {ROPE_KERNEL} (one per layer when the pass fused every layer). first call "
         "s: includes compilation. maxΔ: max abs "

@@ -66,18 +66,11 @@ def _output(result):
 
 
 def _kernel_diff(plain, fused) -> str:
-    """Kernels whose per-step count differs (Inductor's generated names shortened)."""
-    def short(name):
-        return name.split("(")[0][:40]
+    """The kernels that run in only one of the two (Inductor's RoPE kernels and ours)."""
+    import common
 
-    names = sorted(set(plain.per_name) | set(fused.per_name))
-    diffs = []
-    for n in names:
-        a, b = plain.per_name.get(n, 0), fused.per_name.get(n, 0)
-        if round(a) != round(b):
-            us = fused.us_per_name.get(n, 0) - plain.us_per_name.get(n, 0)
-            diffs.append(f"{short(n)} {a:.0f}->{b:.0f} ({us:+.1f}us)")
-    return "; ".join(diffs) or "-"
+    theirs, ours, names = common.differing_kernels(plain.us_per_name, fused.us_per_name)
+    return f"{theirs:.1f} -> {ours:.1f} us: " + ", ".join(n[:48] for n in names)
 
 
 def run(name, model, args, rounds: int = 5) -> dict:
@@ -92,7 +85,7 @@ def run(name, model, args, rounds: int = 5) -> dict:
         eager = _output(model(*args)).float()
         plain = torch.compile(model)
         plain(*args)
-        fused = torch.compile(model, backend="rope_compile")
+        fused = torch.compile(model, backend=common.rope_backend())
         out, code = run_and_get_code(fused, *args)
         fns = {"plain": plain, "fused": fused}
         ms = {k: [] for k in fns}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -286,6 +287,18 @@ def time_steps_ms(
     return statistics.median(samples), samples
 
 
+def rope_backend():
+    """The rope_compile backend: by name when registered (entry point), else the function."""
+    import rope_compile.backend as backend_module  # also imports the pass
+
+    try:
+        if "rope_compile" in torch._dynamo.list_backends(exclude_tags=()):
+            return "rope_compile"
+    except Exception:  # noqa: BLE001 - a broken entry point: use the function itself
+        pass
+    return backend_module.rope_compile_backend
+
+
 @dataclass
 class KernelProfile:
     """CUDA kernels of one step, averaged over the profiled steps."""
@@ -319,6 +332,29 @@ def profile_gpu_kernels(step: Callable[[], object], steps: int, device: str
             us_per_name[e.name] = us_per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / steps
     return KernelProfile(sum(per_name.values()), sum(us_per_name.values()), per_name,
                          us_per_name)
+
+
+def _kernel_family(name: str) -> str:
+    """A kernel name without Inductor's numbering (``triton_poi_fused_mul_silu_4`` and ``_2``
+    are the same kernel in two graphs) or launch arguments."""
+    return re.sub(r"_\d+$", "", name.split("(")[0])
+
+
+def differing_kernels(base: dict[str, float], other: dict[str, float]
+                      ) -> tuple[float, float, list[str]]:
+    """Kernel families that run in only one of two profiles (``KernelProfile.us_per_name``):
+    their summed µs per step in ``base``, in ``other``, and their names. Comparing plain
+    Inductor with rope_compile, these are the kernels the rewrite removed and added (the RoPE
+    kernels, whatever Inductor named them)."""
+    def families(us):
+        out: dict[str, float] = {}
+        for name, t in us.items():
+            out[_kernel_family(name)] = out.get(_kernel_family(name), 0.0) + t
+        return out
+
+    a, b = families(base), families(other)
+    names = sorted(set(a) ^ set(b))
+    return sum(a.get(n, 0.0) for n in names), sum(b.get(n, 0.0) for n in names), names
 
 
 # --------------------------------------------------------------------------------------------
