@@ -30,8 +30,9 @@ Per row it reports the floor (bytes of the rotated part of q and k read and writ
 cos/sin rows read, over the copy bandwidth), each impl's time, the % of copy bandwidth reached by
 (a), and, for rows with ``T <= --host-max-tokens`` (default 1), the host µs/call without graphs
 (200 back-to-back calls timed with ``time.perf_counter``, one synchronisation at the end: CPU
-launch overhead). Writes ``results.md``, ``results.json`` and ``rope_bench.png`` (if matplotlib
-is importable) to ``--out``; the markdown table is the last thing printed.
+launch overhead; median of 7 rounds that interleave the impls). Writes ``results.md``,
+``results.json`` and ``rope_bench.png`` (if matplotlib is importable) to ``--out``; the
+markdown table is the last thing printed.
 
 On CPU (``--device cpu``) the script sets ``TRITON_INTERPRET=1``, uses ``time.perf_counter``
 instead of CUDA graphs and skips flashinfer and (unless ``--impls`` names it) torch.compile;
@@ -44,6 +45,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -310,6 +312,7 @@ def _run_row(row: Row, ctx: _Context, impls: Sequence[str], opts: dict, copy_bw:
         "skipped": {},
     }
     bufs = [_inputs(row, device, seed=i) for i in range(res["n_buffers"])]
+    host_calls: dict[str, Callable] = {}
     for impl in impls:
         res["time_us"][impl] = res["host_us"][impl] = res["pct_copy_bw"][impl] = None
         reason = _skip_reason(impl, row, ctx)
@@ -333,11 +336,18 @@ def _run_row(row: Row, ctx: _Context, impls: Sequence[str], opts: dict, copy_bw:
             if t > 0 and floor_bytes:
                 res["pct_copy_bw"][impl] = 100.0 * res["floor_us"] / t
             if impl in HOST_IMPLS and row.tokens <= opts["host_max_tokens"]:
-                res["host_us"][impl] = common.host_time_us(fns[0], opts["host_iters"], device)
+                host_calls[impl] = fns[0]
         except Exception as err:  # noqa: BLE001 - record and go on with the other impls
             res["errors"][impl] = _short_error(err)
             if res["check"].get(impl) in (None, "unchecked"):
                 res["check"][impl] = "err"
+    # Host time in interleaved rounds, so that the drift of a shared host hits every impl alike.
+    host_samples: dict[str, list[float]] = {impl: [] for impl in host_calls}
+    for _ in range(opts["host_rounds"]):
+        for impl, fn in host_calls.items():
+            host_samples[impl].append(common.host_time_us(fn, opts["host_iters"], device))
+    for impl, got in host_samples.items():
+        res["host_us"][impl] = statistics.median(got)
     del bufs
     if on_cuda:
         torch.cuda.empty_cache()
@@ -354,6 +364,7 @@ def run_benchmark(
     n_calls: int = 20,
     host_iters: int = 200,
     host_max_tokens: int = 1,
+    host_rounds: int = 7,
     max_buffers: int | None = None,
     check: bool = True,
     log: Callable[[str], None] = print,
@@ -375,6 +386,7 @@ def run_benchmark(
         copy_bw = common.measure_copy_bandwidth(device)
     ctx = _context(device)
     opts = {"repeats": repeats, "n_calls": n_calls, "host_iters": host_iters,
+            "host_rounds": host_rounds,
             "host_max_tokens": host_max_tokens, "max_buffers": max_buffers or n_calls,
             "check": check}
     results = []
@@ -561,7 +573,8 @@ def _legend(impls: Sequence[str]) -> str:
     return ("µs per call. Rows are Hq/Hk/D/rot style T. floor = (2*T*(Hq+Hk)*rot*elem + "
             "T*rot*4 bytes) / copy bandwidth. %BW a = floor / time(a). cfg a = heuristic "
             "block_h/head_splits/num_warps. host = µs/call of back-to-back calls without "
-            "graphs (CPU launch overhead). check: OK, or impl:FAIL/err. " + "; ".join(parts)
+            "graphs (CPU launch overhead), median of interleaved rounds. check: OK, or "
+            "impl:FAIL/err. " + "; ".join(parts)
             + ".")
 
 

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-from .validation import check_positions_on_device_enabled
+from . import validation
 
 # Set from ROPE_COMPILE_FAST_LAUNCH and, on first use, from the Triton check below.
 _enabled: bool | None = None if os.environ.get("ROPE_COMPILE_FAST_LAUNCH", "1") != "0" else False
@@ -44,6 +44,9 @@ _MAX_ENTRIES = 4096  # distinct layouts kept; a server sees a few per batch size
 
 class _Launch(NamedTuple):
     compiled: object | None  # Triton's CompiledKernel; None: nothing to launch (0 tokens)
+    run: object  # its launcher, function and metadata (fixed once its handles are loaded)
+    function: object
+    packed_metadata: object
     grid: tuple[int, int]
     device_index: int
     tail: tuple  # the arguments after the four tensors: ints, then constexpr values
@@ -96,49 +99,62 @@ def set_fast_launch(enabled: bool) -> None:
     _launches.clear()
 
 
-def _eligible(tensors, *flags) -> bool:
-    """Nothing around this call needs the dispatcher (see the module docstring)."""
-    if (
-        torch.compiler.is_compiling()  # first: Dynamo folds it, and traces the op instead
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()  # before touching the tensors
-        or torch._C._functorch.peek_interpreter_stack() is not None
+# Bound once: this runs on every eager call, where each attribute lookup shows.
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_increment_version = torch._C._increment_version
+
+
+def _eligible(a, b, cache, positions, flag, is_neox) -> bool:
+    """Nothing around this call needs the dispatcher (see the module docstring). The device
+    type is checked by the caller. cache and positions are only read, so their requires_grad
+    changes nothing (the op has no autograd formula either way)."""
+    return not (
+        _is_compiling()  # first: Dynamo folds it, and traces the op instead
+        or _dispatch_modes()
+        or _function_mode_on()  # before touching the tensors
+        or _functorch_level() is not None
         or not (_enabled or (_enabled is None and _init()))
-        or check_positions_on_device_enabled()
-        or type(flags[0]) is not int
-        or type(flags[1]) is not bool
-    ):
-        return False
-    for t in tensors:
-        if type(t) is not torch.Tensor or t.requires_grad:
-            return False
-    return tensors[0].device.type in _FAST_DEVICES
+        or validation._check_positions_on_device
+        or type(flag) is not int
+        or type(is_neox) is not bool
+        or type(a) is not _Tensor or type(b) is not _Tensor
+        or type(cache) is not _Tensor or type(positions) is not _Tensor
+        or a.requires_grad or b.requires_grad
+    )
 
 
 def _call(kind, a, b, cache, positions, flag, is_neox, first_call) -> bool:
-    """Relaunch the kernel stored for this call's layout, or run ``first_call`` (checks, then
-    Triton's JIT launch; returns the :class:`_Launch` to store, or None) and store it."""
-    tensors = (a, b, cache, positions)
-    if not _eligible(tensors, flag, is_neox):
+    """Relaunch the kernel stored for this call's layout, or run ``first_call(a, b, cache,
+    positions, flag, is_neox)`` (checks, then Triton's JIT launch; returns the
+    :class:`_Launch` to store, or None) and store it."""
+    if not _eligible(a, b, cache, positions, flag, is_neox):
         return False
     try:
-        pointers = (a.data_ptr(), b.data_ptr(), cache.data_ptr(), positions.data_ptr())
+        a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
+        cache_ptr, positions_ptr = cache.data_ptr(), positions.data_ptr()
         # Overlap depends on b's offset from a only when they share a storage.
         shared = a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        a_device = a.device
         key = (
             kind, flag, is_neox,
             a.shape, a.stride(), b.shape, b.stride(), cache.shape, cache.stride(),
             positions.shape, positions.stride(),
             a.dtype, b.dtype, cache.dtype, positions.dtype,
-            a.device, b.device, cache.device, positions.device,
-            pointers[0] & 15, pointers[1] & 15, pointers[2] & 15, pointers[3] & 15,
-            pointers[1] - pointers[0] if shared else None,
+            a_device, b.device, cache.device, positions.device,
+            a_ptr & 15, b_ptr & 15, cache_ptr & 15, positions_ptr & 15,
+            b_ptr - a_ptr if shared else None,
         )
     except (RuntimeError, NotImplementedError):  # sparse, nested, ...: let the op say why
         return False
+    if a_device.type not in _FAST_DEVICES:
+        return False
     launch = _launches.get(key)
     if launch is None:
-        launch = first_call()
+        launch = first_call(a, b, cache, positions, flag, is_neox)
         if launch is not None:
             if len(_launches) >= _MAX_ENTRIES:
                 _launches.clear()
@@ -149,12 +165,18 @@ def _call(kind, a, b, cache, positions, flag, is_neox, first_call) -> bool:
             return False  # the op launches under a device guard
         stream = _driver.get_current_stream(device)
         # As JITFunction.run does after binding the arguments.
-        args = (*(pointers if launch.pointers_as_ints else tensors), *launch.tail)
-        compiled, runtime = launch.compiled, _knobs.runtime
-        compiled.run(launch.grid[0], launch.grid[1], 1, stream, compiled.function,
-                     compiled.packed_metadata, compiled.launch_metadata(launch.grid, stream, *args),
-                     runtime.launch_enter_hook, runtime.launch_exit_hook, *args)
-    torch._C._increment_version((a, b))
+        if launch.pointers_as_ints:
+            args = (a_ptr, b_ptr, cache_ptr, positions_ptr, *launch.tail)
+        else:
+            args = (a, b, cache, positions, *launch.tail)
+        runtime = _knobs.runtime
+        enter = runtime.launch_enter_hook
+        # launch_metadata is None without an enter hook (what it returns itself then).
+        metadata = (None if enter is None
+                    else launch.compiled.launch_metadata(launch.grid, stream, *args))
+        launch.run(launch.grid[0], launch.grid[1], 1, stream, launch.function,
+                   launch.packed_metadata, metadata, enter, runtime.launch_exit_hook, *args)
+    _increment_version((a, b))
     return True
 
 
@@ -163,39 +185,42 @@ def _launch_first(q, k, cache, positions, rotary_dim, is_neox) -> _Launch:
     from .triton_kernel import plan_launch, run_plan
 
     if q.shape[0] == 0:
-        return _Launch(None, (0, 0), -1, (), False)
+        return _Launch(None, None, None, None, (0, 0), -1, (), False)
     plan = plan_launch(q, k, cache, positions, rotary_dim, is_neox)
     compiled = run_plan(plan, q, k, cache, positions)
-    return _Launch(compiled, plan.grid, q.device.index, (*plan.ints, *plan.constexprs.values()),
+    # The compiled kernel's handles are loaded by now: its launcher and function are fixed.
+    return _Launch(compiled, compiled.run, compiled.function, compiled.packed_metadata,
+                   plan.grid, q.device.index, (*plan.ints, *plan.constexprs.values()),
                    q.device.type in _POINTERS_AS_INTS)
+
+
+def _first_fused(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> _Launch:
+    from .ops import validate_fused
+
+    validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
+    return _launch_first(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+
+
+def _first_generic(query, key, cos_sin_cache, positions, head_size, is_neox) -> _Launch | None:
+    from .ops import generic_views
+
+    q, k, flat_positions, rotary_dim = generic_views(positions, query, key, head_size,
+                                                     cos_sin_cache)
+    launch = _launch_first(q, k, cos_sin_cache, flat_positions, rotary_dim, is_neox)
+    # Not stored when reshaping the positions copied them.
+    return launch if flat_positions.data_ptr() == positions.data_ptr() else None
 
 
 def try_fused(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> bool:
     """``fused_qk_rope_with_cos_sin_cache_inplace`` without the dispatcher; False: not done,
     call the op."""
-
-    def first_call():
-        from .ops import validate_fused
-
-        validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
-        return _launch_first(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
-
-    return _call("fused", q, k, cos_sin_cache, positions, rotary_dim, is_neox, first_call)
+    return _call("fused", q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                 _first_fused)
 
 
 def try_generic(positions, query, key, head_size, cos_sin_cache, is_neox) -> bool:
     """``rotary_embedding`` without the dispatcher; False: not done, call the op. The views
     of query/key/positions it launches on keep their data pointers, so on a relaunch the
     arguments themselves stand in for them."""
-
-    def first_call():
-        from .ops import generic_views
-
-        q, k, flat_positions, rotary_dim = generic_views(positions, query, key, head_size,
-                                                         cos_sin_cache)
-        launch = _launch_first(q, k, cos_sin_cache, flat_positions, rotary_dim, is_neox)
-        # Not stored when reshaping the positions copied them.
-        return launch if flat_positions.data_ptr() == positions.data_ptr() else None
-
     return _call("generic", query, key, cos_sin_cache, positions, head_size, is_neox,
-                 first_call)
+                 _first_generic)

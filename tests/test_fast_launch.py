@@ -101,10 +101,10 @@ def cpu_fast_path(monkeypatch):
     def launch_first(q, k, cache, positions, rotary_dim, is_neox):
         first_calls.append((q.shape, k.shape))
         if q.shape[0] == 0:
-            return fast_launch._Launch(None, (0, 0), -1, (), False)
+            return fast_launch._Launch(None, None, None, None, (0, 0), -1, (), False)
         plan = tk.plan_launch(q, k, cache, positions, rotary_dim, is_neox)
-        return fast_launch._Launch(kernel, plan.grid, 0, (*plan.ints, *plan.constexprs.values()),
-                                   False)
+        return fast_launch._Launch(kernel, kernel.run, kernel.function, kernel.packed_metadata,
+                                   plan.grid, 0, (*plan.ints, *plan.constexprs.values()), False)
 
     monkeypatch.setattr(fast_launch, "_enabled", True)
     monkeypatch.setattr(fast_launch, "_FAST_DEVICES", ("cpu",))
@@ -240,7 +240,7 @@ def test_generic_positions_copy_is_not_stored(cpu_fast_path):
 
 def _eligible(p, rotary_dim=None, is_neox=None) -> bool:
     return fast_launch._eligible(
-        (p.q, p.k, p.cos_sin_cache, p.positions),
+        p.q, p.k, p.cos_sin_cache, p.positions,
         p.rotary_dim if rotary_dim is None else rotary_dim,
         p.is_neox if is_neox is None else is_neox,
     )
