@@ -13,6 +13,7 @@ kernels per forward, and which kernels differ. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def _kernel_diff(plain, fused) -> str:
     return f"{theirs:.1f} -> {ours:.1f} us: " + ", ".join(n[:48] for n in names)
 
 
-def run(name, model, args, rounds: int = 5) -> dict:
+def run(name, model, args, rounds: int = 5, dump_code: str | None = None) -> dict:
     """Fused-kernel count, error, and plain Inductor vs rope_compile (default mode): ms per
     synchronised forward (median over interleaved rounds), GPU kernel ms per forward (summed
     kernel durations from torch.profiler), kernels per forward and the kernels that differ."""
@@ -84,9 +85,14 @@ def run(name, model, args, rounds: int = 5) -> dict:
     with torch.no_grad():
         eager = _output(model(*args)).float()
         plain = torch.compile(model)
-        plain(*args)
+        _, plain_code = run_and_get_code(plain, *args)
         fused = torch.compile(model, backend=common.rope_backend())
         out, code = run_and_get_code(fused, *args)
+        if dump_code:
+            stem = Path(dump_code) / re.sub(r"\W+", "_", name).strip("_")
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{stem}.inductor.py").write_text("\n".join(plain_code))
+            Path(f"{stem}.rope_compile.py").write_text("\n".join(code))
         fns = {"plain": plain, "fused": fused}
         ms = {k: [] for k in fns}
         for r in range(rounds):
@@ -114,6 +120,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dump-code", default=None,
+                        help="write each model's generated code (plain and rope_compile) here")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -122,7 +130,7 @@ def main() -> None:
         model = model.to(device="cuda", dtype=torch.bfloat16).eval()
         model.config.use_cache = False
         try:
-            rows.append(run(name, model, (ids,)))
+            rows.append(run(name, model, (ids,), dump_code=args.dump_code))
         except Exception as err:  # report and go on with the other models
             print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:300]}")
             import traceback
@@ -135,7 +143,8 @@ def main() -> None:
     model = model.to(torch.bfloat16).eval()
     x = torch.randn(1, min(args.tokens, 256), 2048, device="cuda", dtype=torch.bfloat16)
     pos = torch.arange(x.shape[1], device="cuda")
-    rows.append(run("gpt-fast Transformer (GQA 16/4)", model, (x, pos)))
+    rows.append(run("gpt-fast Transformer (GQA 16/4)", model, (x, pos),
+                    dump_code=args.dump_code))
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:

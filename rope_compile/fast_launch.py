@@ -71,7 +71,7 @@ _TRITON_LAUNCH = (
 
 
 def _init() -> bool:
-    global _enabled, _driver, _knobs
+    global _enabled, _driver, _knobs, _current_device
     _enabled = False
     try:
         import triton
@@ -83,8 +83,18 @@ def _init() -> bool:
         _driver, _knobs = triton.runtime.driver.active, triton.knobs
     except Exception:  # no Triton, or one this module does not know
         return False
+    _current_device = _driver.get_current_device
+    if _current_device is torch.cuda.current_device:
+        # The same answer without its lazy-init wrapper (the tensors are on the device already).
+        _current_device = torch._C._cuda_getDevice
     _enabled = _TRITON_LAUNCH in source and not is_interpreter()
     return _enabled
+
+
+def _active(hook) -> bool:
+    """A launch hook that does something: not None, and not an empty HookChain (newer
+    Tritons hold their hooks in one, which is never None)."""
+    return hook is not None and getattr(hook, "calls", None) != []
 
 
 def fast_launch_enabled() -> bool:
@@ -160,7 +170,7 @@ def _call(kind, a, b, cache, positions, flag, is_neox, first_call) -> bool:
                 _launches.clear()
             _launches[key] = launch
     elif launch.compiled is not None:
-        device = _driver.get_current_device()
+        device = _current_device()
         if device != launch.device_index:
             return False  # the op launches under a device guard
         stream = _driver.get_current_stream(device)
@@ -170,12 +180,13 @@ def _call(kind, a, b, cache, positions, flag, is_neox, first_call) -> bool:
         else:
             args = (a, b, cache, positions, *launch.tail)
         runtime = _knobs.runtime
-        enter = runtime.launch_enter_hook
-        # launch_metadata is None without an enter hook (what it returns itself then).
-        metadata = (None if enter is None
-                    else launch.compiled.launch_metadata(launch.grid, stream, *args))
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if _active(enter) or _active(leave):
+            metadata = launch.compiled.launch_metadata(launch.grid, stream, *args)
+        else:  # nothing to call: spare the launcher the hook calls and the metadata
+            enter = leave = metadata = None
         launch.run(launch.grid[0], launch.grid[1], 1, stream, launch.function,
-                   launch.packed_metadata, metadata, enter, runtime.launch_exit_hook, *args)
+                   launch.packed_metadata, metadata, enter, leave, *args)
     _increment_version((a, b))
     return True
 

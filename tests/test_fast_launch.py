@@ -76,6 +76,7 @@ class _RecordingKernel:
 
     def run(self, gx, gy, gz, stream, function, packed, metadata, enter, leave, *args):
         self.launches.append(((gx, gy, gz), stream, function, packed, metadata, args))
+        self.hooks = (enter, leave)
 
 
 class _Driver:
@@ -92,7 +93,7 @@ class _Driver:
 @pytest.fixture
 def cpu_fast_path(monkeypatch):
     """The fast path switched on for CPU tensors, with a recording kernel and no real launch."""
-    import triton
+    from types import SimpleNamespace
 
     kernel = _RecordingKernel()
     driver = _Driver()
@@ -109,7 +110,9 @@ def cpu_fast_path(monkeypatch):
     monkeypatch.setattr(fast_launch, "_enabled", True)
     monkeypatch.setattr(fast_launch, "_FAST_DEVICES", ("cpu",))
     monkeypatch.setattr(fast_launch, "_driver", driver, raising=False)
-    monkeypatch.setattr(fast_launch, "_knobs", triton.knobs, raising=False)
+    monkeypatch.setattr(fast_launch, "_current_device", driver.get_current_device, raising=False)
+    knobs = SimpleNamespace(runtime=SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None))
+    monkeypatch.setattr(fast_launch, "_knobs", knobs, raising=False)
     monkeypatch.setattr(fast_launch, "_launch_first", launch_first)
     monkeypatch.setattr(fast_launch, "_launches", {})
     return kernel, first_calls, driver
@@ -135,7 +138,7 @@ def test_second_call_of_a_layout_relaunches(cpu_fast_path):
     plan = tk.plan_launch(second.q_rot(), second.k_rot(), second.cos_sin_cache, second.positions,
                           second.rotary_dim, second.is_neox)
     assert grid == (*plan.grid, 1) and stream == 1234
-    assert (function, packed, metadata) == ("function", "packed", ("metadata", plan.grid, 1234))
+    assert (function, packed, metadata, kernel.hooks) == ("function", "packed", None, (None, None))
     # The tensors of this call (not the first one's), then the plan's ints and constexprs.
     assert args[0].data_ptr() == second.q.data_ptr() and args[1].data_ptr() == second.k.data_ptr()
     assert args[2] is second.cos_sin_cache and args[3] is second.positions
@@ -207,6 +210,34 @@ def test_zero_tokens_launch_nothing(cpu_fast_path):
     for seed in (0, 1):
         assert _fused(_problem(seed=seed, num_tokens=0))
     assert len(first_calls) == 1 and not kernel.launches
+
+
+def test_launch_hooks_are_passed_when_set(cpu_fast_path, monkeypatch):
+    """A profiler's launch hook (Triton's knobs) sees our relaunches as it sees JIT launches;
+    an empty hook chain counts as none."""
+
+    class HookChain:  # the shape of triton.knobs.HookChain (Triton >= 3.5)
+        def __init__(self):
+            self.calls = []
+
+        def add(self, fn):
+            self.calls.append(fn)
+
+    kernel, _, _ = cpu_fast_path
+    runtime = fast_launch._knobs.runtime
+    runtime.launch_enter_hook, runtime.launch_exit_hook = HookChain(), HookChain()
+    for seed in (0, 1):
+        assert _fused(_problem(seed=seed))
+    assert kernel.launches[-1][4] is None and kernel.hooks == (None, None)
+
+    def enter(metadata):
+        pass
+
+    runtime.launch_enter_hook.add(enter)
+    assert _fused(_problem(seed=2))
+    grid, stream, _, _, metadata, _ = kernel.launches[-1]
+    assert metadata == ("metadata", grid[:2], stream)
+    assert kernel.hooks == (runtime.launch_enter_hook, runtime.launch_exit_hook)
 
 
 def test_other_current_device_goes_through_the_op(cpu_fast_path):
