@@ -54,6 +54,7 @@ class _Launch(NamedTuple):
 
 
 _launches: dict[tuple, _Launch] = {}
+_driver = _knobs = _current_device = None  # Triton's, set by _init
 _FAST_DEVICES = ("cuda", "xpu")  # where the ops launch the Triton kernel
 
 # Devices whose Triton launcher takes a plain int as a pointer argument, which spares it a
