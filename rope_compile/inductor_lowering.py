@@ -58,10 +58,14 @@ def register_inductor_lowering() -> None:
             return fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
         sizevars = V.graph.sizevars
         # The cache may be a computed view (HF / gpt-fast tables built by the pass): give it
-        # (and positions) a real, contiguous buffer. q and k are as_strided views of their
-        # storage (the op mutates them), so they already have a fixed layout.
-        cos_sin_cache = ir.ExternKernel.require_contiguous(cos_sin_cache)
-        positions = ir.ExternKernel.require_contiguous(positions)
+        # (and positions) a real, contiguous buffer. Realizing first makes that buffer the
+        # computed node's own, so every layer's call shares one table and one positions
+        # buffer; without it each call copied its own (one extra kernel per layer). q and k
+        # are as_strided views of their storage (the op mutates them), so they already have a
+        # fixed layout.
+        cos_sin_cache = ir.ExternKernel.require_contiguous(
+            ir.ExternKernel.realize_input(cos_sin_cache))
+        positions = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(positions))
         num_tokens, num_q_heads, _ = q.get_size()
         num_k_heads = k.get_size()[1]
         q_stride, k_stride = q.get_stride(), k.get_stride()

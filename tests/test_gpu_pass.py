@@ -4,6 +4,8 @@ projection, and results match eager and plain Inductor."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -75,3 +77,49 @@ def test_reduce_overhead_mode_on_cuda():
             out = compiled(*args)
         torch.testing.assert_close(out, model(*args), atol=3e-2, rtol=3e-2)
     assert counters["rope_compile"]["rewritten"] == 2
+
+
+def _fused_launch_args(source: str) -> list[list[str]]:
+    """The top-level arguments of each launch of the fused kernel in generated code."""
+    launches = []
+    for match in re.finditer(r"fused_qk_rope_kernel_\d+\.run\(", source):
+        depth, start, args = 0, match.end(), []
+        for i in range(match.end(), len(source)):
+            ch = source[i]
+            if ch in "([":
+                depth += 1
+            elif ch in ")]" and depth:
+                depth -= 1
+            elif ch == ")":
+                args.append(source[start:i].strip())
+                break
+            elif ch == "," and depth == 0:
+                args.append(source[start:i].strip())
+                start = i + 1
+        launches.append(args)
+    return launches
+
+
+def test_hf_tables_are_built_once_for_all_layers_on_cuda():
+    """HF Llama's cos/sin tables: the pass builds one cos_sin_cache and one positions tensor
+    for all layers, and the generated code gives every layer's launch the same two buffers."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    counters.clear()
+    layers = 3
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+        max_position_embeddings=256, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (2, 40), device="cuda")
+    with torch.no_grad():
+        eager = model(ids).logits
+        fused, code = run_and_get_code(torch.compile(model, backend="rope_compile"), ids)
+    launches = _fused_launch_args("\n".join(code))
+    assert len(launches) == layers
+    tables = {args[2] for args in launches}
+    positions = {args[3] for args in launches}
+    assert len(tables) == 1 and len(positions) == 1, launches
+    torch.testing.assert_close(fused.logits, eager, atol=5e-2, rtol=5e-2)
