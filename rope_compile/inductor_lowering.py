@@ -63,9 +63,10 @@ def register_inductor_lowering() -> None:
         # buffer; without it each call copied its own (one extra kernel per layer). q and k
         # are as_strided views of their storage (the op mutates them), so they already have a
         # fixed layout.
-        cos_sin_cache = ir.ExternKernel.require_contiguous(
-            ir.ExternKernel.realize_input(cos_sin_cache))
-        positions = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(positions))
+        cos_sin_cache.realize()  # in place: the TensorBox now holds a buffer
+        positions.realize()
+        cos_sin_cache = ir.ExternKernel.require_contiguous(cos_sin_cache)
+        positions = ir.ExternKernel.require_contiguous(positions)
         num_tokens, num_q_heads, _ = q.get_size()
         num_k_heads = k.get_size()[1]
         q_stride, k_stride = q.get_stride(), k.get_stride()
