@@ -112,7 +112,7 @@ def test_hf_tables_are_built_once_for_all_layers_on_cuda():
         vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=128,
         max_position_embeddings=256, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    model = transformers.LlamaForCausalLM(config).to(device="cuda").eval()
     ids = torch.randint(0, 96, (2, 40), device="cuda")
     with torch.no_grad():
         eager = model(ids).logits
@@ -122,4 +122,4 @@ def test_hf_tables_are_built_once_for_all_layers_on_cuda():
     tables = {args[2] for args in launches}
     positions = {args[3] for args in launches}
     assert len(tables) == 1 and len(positions) == 1, launches
-    torch.testing.assert_close(fused.logits, eager, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(fused.logits, eager, atol=1e-3, rtol=1e-3)
