@@ -23,6 +23,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from passes.fuse_qk_rope import FuseQKRopePass
 
 PASS_OPTIONS = ("head_sizes", "devices", "strict")
+STATIC_LAUNCH_USER_KERNELS = "static_launch_user_defined_triton_kernels"
 
 
 def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,5 +85,10 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
     rope_pass = FuseQKRopePass(**pass_options)
     patches = {**list_mode_options(mode or "default"), **config_patches}
     patches["post_grad_custom_post_pass"] = chained_post_grad_passes(rope_pass)
+    if hasattr(torch._inductor.config, STATIC_LAUNCH_USER_KERNELS):
+        # Inductor launches its own kernels with its static launcher, but user-defined Triton
+        # kernels (ours, once lowered) with Triton's Python launcher unless this is set; it
+        # falls back per kernel where static launch is unsupported. A user's option wins.
+        patches.setdefault(STATIC_LAUNCH_USER_KERNELS, True)
     return compile_fx(gm, example_inputs, config_patches=patches)
 

@@ -107,6 +107,24 @@ def test_inductor_options_passed_through(model_and_inputs):
         _run(model, inputs, options={"devices": ("cpu",), "no_such_inductor_option": 1})
 
 
+@pytest.mark.parametrize("user_value", [None, False])
+def test_static_launch_of_our_kernel_unless_the_user_says_otherwise(monkeypatch, user_value):
+    """The lowered kernel is a user-defined Triton kernel: the backend asks Inductor to launch
+    those statically too (as its own), unless the options say otherwise."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from rope_compile.backend import STATIC_LAUNCH_USER_KERNELS, rope_compile_backend
+
+    if not hasattr(torch._inductor.config, STATIC_LAUNCH_USER_KERNELS):
+        pytest.skip("this torch has no such option")
+    seen = {}
+    monkeypatch.setattr(compile_fx_module, "compile_fx",
+                        lambda gm, inputs, config_patches: seen.update(config_patches))
+    options = {} if user_value is None else {STATIC_LAUNCH_USER_KERNELS: user_value}
+    rope_compile_backend(torch.fx.symbolic_trace(torch.nn.Identity()), [], options=options)
+    assert seen[STATIC_LAUNCH_USER_KERNELS] is (True if user_value is None else user_value)
+
+
 def test_config_not_leaked(model_and_inputs):
     model, inputs, _ = model_and_inputs
     before = torch._inductor.config.post_grad_custom_post_pass
