@@ -31,6 +31,22 @@ def _kernel_with_warps(num_warps: int):
         fused_qk_rope_kernel)
 
 
+def _shared_contiguous(x):
+    """``x`` as a contiguous buffer, made once per graph however many calls read it.
+
+    Every layer's call gets the same IR node for the table and positions the pass built once
+    (one FX node). Without this, each call realized its own copy of a view that has no buffer
+    of its own (an expand): one more kernel, or one more store, per layer."""
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    made = V.graph.__dict__.setdefault("_rope_compile_contiguous_inputs", {})
+    if id(x) not in made:
+        x.realize()
+        made[id(x)] = (x, ir.ExternKernel.require_contiguous(x))  # x kept: its id stays unique
+    return made[id(x)][1]
+
+
 def register_inductor_lowering() -> None:
     """Register the lowering once (idempotent). Needs Triton; without it nothing is done."""
     global _registered
@@ -58,15 +74,11 @@ def register_inductor_lowering() -> None:
             return fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
         sizevars = V.graph.sizevars
         # The cache may be a computed view (HF / gpt-fast tables built by the pass): give it
-        # (and positions) a real, contiguous buffer. Realizing first makes that buffer the
-        # computed node's own, so every layer's call shares one table and one positions
-        # buffer; without it each call copied its own (one extra kernel per layer). q and k
-        # are as_strided views of their storage (the op mutates them), so they already have a
-        # fixed layout.
-        cos_sin_cache.realize()  # in place: the TensorBox now holds a buffer
-        positions.realize()
-        cos_sin_cache = ir.ExternKernel.require_contiguous(cos_sin_cache)
-        positions = ir.ExternKernel.require_contiguous(positions)
+        # (and positions) a real, contiguous buffer, one per graph that every layer's call
+        # shares. q and k are as_strided views of their storage (the op mutates them), so they
+        # already have a fixed layout.
+        cos_sin_cache = _shared_contiguous(cos_sin_cache)
+        positions = _shared_contiguous(positions)
         num_tokens, num_q_heads, _ = q.get_size()
         num_k_heads = k.get_size()[1]
         q_stride, k_stride = q.get_stride(), k.get_stride()
