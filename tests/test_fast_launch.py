@@ -146,6 +146,15 @@ def test_second_call_of_a_layout_relaunches(cpu_fast_path):
     assert second.q._version > version, "in-place: the version counter moves, as via the op"
 
 
+def test_inference_mode_tensors(cpu_fast_path):
+    """Servers run under inference_mode: its tensors have no version counter to bump."""
+    kernel, _, _ = cpu_fast_path
+    with torch.inference_mode():
+        for seed in (0, 1):
+            assert _fused(_problem(seed=seed))
+    assert len(kernel.launches) == 1
+
+
 @pytest.mark.parametrize(
     "change",
     [
