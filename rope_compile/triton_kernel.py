@@ -30,6 +30,7 @@ so cos/sin are read once per token.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -244,13 +245,12 @@ def run_plan(plan: LaunchPlan, q, k, cos_sin_cache, positions):
     """Launch ``plan`` through Triton's JIT (compiling on first use) on q's device; returns the
     compiled kernel, which :mod:`rope_compile.fast_launch` relaunches (None under the
     interpreter)."""
-    launch = fused_qk_rope_kernel[plan.grid]
-    args = (q, k, cos_sin_cache, positions, *plan.ints)
-    if q.device.type == "cpu":
-        return launch(*args, **plan.constexprs, **plan.options)
-    device_module = torch.get_device_module(q.device)
-    if q.device.index == device_module.current_device():
-        return launch(*args, **plan.constexprs, **plan.options)
-    # Triton launches on the current device; a tensor on another one needs a guard.
-    with device_module.device(q.device.index):
-        return launch(*args, **plan.constexprs, **plan.options)
+    guard = contextlib.nullcontext()
+    if q.device.type != "cpu":
+        device_module = torch.get_device_module(q.device)
+        if q.device.index != device_module.current_device():
+            # Triton launches on the current device; a tensor on another one needs a guard.
+            guard = device_module.device(q.device.index)
+    with guard:
+        return fused_qk_rope_kernel[plan.grid](q, k, cos_sin_cache, positions, *plan.ints,
+                                               **plan.constexprs, **plan.options)
