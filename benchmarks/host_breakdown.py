@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +22,15 @@ from rope_compile import fast_launch  # noqa: E402
 from rope_compile import triton_kernel as tk  # noqa: E402
 from rope_compile.demo import TinyLlama  # noqa: E402
 from rope_compile.reference import compute_cos_sin_cache  # noqa: E402
+
+
+@contextmanager
+def fast_launch_off():
+    fast_launch.set_fast_launch(False)
+    try:
+        yield
+    finally:
+        fast_launch.set_fast_launch(True)
 
 
 def per_call_us(fn, iters=2000) -> float:
@@ -52,13 +62,6 @@ def main() -> None:
                                       BLOCK_H=cfg["block_h"], IS_NEOX=True, Q_ITERS=1,
                                       K_ITERS=1, num_warps=4)
 
-    def public_slow():
-        fast_launch.set_fast_launch(False)
-        try:
-            ops.fused_qk_rope_with_cos_sin_cache_inplace(*args)
-        finally:
-            fast_launch.set_fast_launch(True)
-
     rows = {
         "raw kernel[grid](...)": raw,
         "launch_fused_qk_rope": lambda: tk.launch_fused_qk_rope(*args),
@@ -67,7 +70,8 @@ def main() -> None:
             *args),
         "public function (fast path)": lambda: ops.fused_qk_rope_with_cos_sin_cache_inplace(
             *args),
-        "public function, fast path off": public_slow,
+        "public function, fast path off": lambda: ops.fused_qk_rope_with_cos_sin_cache_inplace(
+            *args),
         "empty torch op (aten.add_ of 1 elem)": lambda: pos[:1].add_(0),
     }
     try:
@@ -82,7 +86,9 @@ def main() -> None:
     times = {name: [] for name in rows}
     for _ in range(5):
         for name, fn in rows.items():
-            times[name].append(per_call_us(fn))
+            # The switch is outside the timed loop, so that row times only the call.
+            with fast_launch_off() if name == "public function, fast path off" else nullcontext():
+                times[name].append(per_call_us(fn))
     for name, got in times.items():
         print(f"{name:<50} {statistics.median(got):8.1f} us/call "
               f"(rounds {min(got):.1f}-{max(got):.1f})")
