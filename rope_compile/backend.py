@@ -5,7 +5,9 @@
     torch.compile(model, backend="rope_compile", options={"devices": ("cpu",)})
 
 ``options`` takes the pass options ``head_sizes``, ``devices`` and ``strict``; every other key is
-an Inductor config patch, as with the default backend. ``mode`` is passed on to Inductor
+an Inductor config patch, as with the default backend. Both are checked before anything is
+compiled (``rope_compile.options``): a bad one raises a ``ValueError`` that names it and, for a
+near miss, the right name. ``mode`` is passed on to Inductor
 (torch.compile accepts either ``mode`` or ``options``, not both). The pass is appended after any
 ``post_grad_custom_post_pass`` already configured, never replacing it. Registered by name through
 the ``torch_dynamo_backends`` entry point (``pip install`` makes ``backend="rope_compile"`` work;
@@ -21,18 +23,18 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from passes.fuse_qk_rope import FuseQKRopePass
+from rope_compile.options import PASS_OPTIONS, split_and_validate_backend_options
 
-PASS_OPTIONS = ("head_sizes", "devices", "strict")
+__all__ = ["PASS_OPTIONS", "rope_compile_backend", "split_options"]
+
 STATIC_LAUNCH_USER_KERNELS = "static_launch_user_defined_triton_kernels"
 
 
 def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(pass options, Inductor config patches) from torch.compile's ``options`` dict."""
-    options = dict(options or {})
-    pass_options = {key: options.pop(key) for key in PASS_OPTIONS if key in options}
-    if isinstance(pass_options.get("devices"), str):
-        pass_options["devices"] = (pass_options["devices"],)
-    return pass_options, options
+    """(pass options, Inductor config patches) from torch.compile's ``options`` dict, validated:
+    a bad pass option, or a key that is neither a pass option nor an Inductor config key, raises
+    a ``ValueError`` naming it (see ``rope_compile.options``)."""
+    return split_and_validate_backend_options(options)
 
 
 class ChainedGraphPass(CustomGraphPass):
@@ -79,9 +81,9 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
     import rope_compile.ops  # noqa: F401  (registers the op the pass emits)
     from rope_compile.inductor_lowering import register_inductor_lowering
 
+    pass_options, config_patches = split_options(options)  # first: a bad option fails at once
     register_inductor_lowering()
 
-    pass_options, config_patches = split_options(options)
     rope_pass = FuseQKRopePass(**pass_options)
     patches = {**list_mode_options(mode or "default"), **config_patches}
     patches["post_grad_custom_post_pass"] = chained_post_grad_passes(rope_pass)

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from .ops import fused_qk_rope_with_cos_sin_cache_inplace, rotary_embedding
+from .options import DEFAULT_HEAD_SIZES, GPU_DEVICE_TYPES, validate_rotary_embedding_args
 from .reference import compute_cos_sin_cache
 from .validation import as_token_heads
 
 # Head sizes the fused kernel path is taken for (as sgl-kernel-xpu); others use the fallback op.
-FUSED_HEAD_SIZES = (128, 256, 512)
+FUSED_HEAD_SIZES = DEFAULT_HEAD_SIZES
 
 
 def apply_rotary_emb(
@@ -36,7 +37,11 @@ def apply_rotary_emb(
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding with a ``[max_position, rotary_dim]`` fp32 cos/sin cache."""
+    """Rotary position embedding with a ``[max_position, rotary_dim]`` fp32 cos/sin cache.
+
+    The arguments are checked here (``rope_compile.options.validate_rotary_embedding_args``): a
+    bad one (an odd ``rotary_dim``, one larger than ``head_size``...) raises a ``ValueError``
+    naming it, rather than a shape error at the first forward."""
 
     def __init__(
         self,
@@ -48,6 +53,9 @@ class RotaryEmbedding(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
+        head_size, rotary_dim, max_position_embeddings, base, is_neox_style, dtype = (
+            validate_rotary_embedding_args(head_size, rotary_dim, max_position_embeddings, base,
+                                           is_neox_style, dtype))
         self.head_size = head_size
         self.rotary_dim = rotary_dim
         self.max_position_embeddings = max_position_embeddings
@@ -140,7 +148,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions, query, key, offsets=None, fused_set_kv_buffer_arg=None):
         device_type = query.device.type
-        if device_type in ("xpu", "cuda"):
+        if device_type in GPU_DEVICE_TYPES:
             return self.forward_xpu(positions, query, key, offsets, fused_set_kv_buffer_arg)
         if fused_set_kv_buffer_arg is not None:
             raise NotImplementedError("fused_set_kv_buffer_arg is not supported by rope_compile")

@@ -78,8 +78,8 @@ def test_default_options_do_not_rewrite_on_cpu(model_and_inputs):
     _assert_same(out, expected)
 
 
-@pytest.mark.parametrize("devices", [("cpu",), "cpu", ("cuda", "cpu")],
-                         ids=["tuple", "str", "with-cuda"])
+@pytest.mark.parametrize("devices", [("cpu",), ["cpu"], ("cuda", "cpu")],
+                         ids=["tuple", "list", "with-cuda"])
 def test_devices_cpu_rewrites(model_and_inputs, devices):
     model, inputs, expected = model_and_inputs
     out, code, counts = _run(model, inputs, options={"devices": devices})
@@ -90,10 +90,12 @@ def test_devices_cpu_rewrites(model_and_inputs, devices):
 
 def test_split_options():
     assert split_options(None) == ({}, {})
-    pass_opts, patches = split_options({"devices": "cpu", "head_sizes": (64,), "strict": True,
+    pass_opts, patches = split_options({"devices": ["cpu"], "head_sizes": (64,), "strict": True,
                                         "max_autotune": False})
     assert pass_opts == {"devices": ("cpu",), "head_sizes": (64,), "strict": True}
     assert patches == {"max_autotune": False}
+    with pytest.raises(ValueError, match=r"`devices`.*bare str 'cpu'.*\('cpu',\)"):
+        split_options({"devices": "cpu"})  # a bare str is rejected (see test_options.py)
 
 
 def test_inductor_options_passed_through(model_and_inputs):
