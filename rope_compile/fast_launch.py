@@ -121,8 +121,8 @@ _increment_version = torch._C._increment_version
 
 def _eligible(a, b, cache, positions, flag, is_neox) -> bool:
     """Nothing around this call needs the dispatcher (see the module docstring). The device
-    type is checked by the caller. cache and positions are only read, so their requires_grad
-    changes nothing (the op has no autograd formula either way)."""
+    type is checked by the caller. A cache that requires grad goes to the op too, whose
+    Autograd kernel refuses it in grad mode (positions, integers, cannot require grad)."""
     return not (
         _is_compiling()  # first: Dynamo folds it, and traces the op instead
         or _dispatch_modes()
@@ -134,7 +134,7 @@ def _eligible(a, b, cache, positions, flag, is_neox) -> bool:
         or type(is_neox) is not bool
         or type(a) is not _Tensor or type(b) is not _Tensor
         or type(cache) is not _Tensor or type(positions) is not _Tensor
-        or a.requires_grad or b.requires_grad
+        or a.requires_grad or b.requires_grad or cache.requires_grad
     )
 
 

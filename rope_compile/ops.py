@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fast_launch
+from . import autograd, fast_launch
 from .reference import rope_reference_
 from .validation import (
     as_token_heads,
@@ -54,8 +54,9 @@ def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, op) -> N
 # The ops are defined on a torch.library.Library rather than with torch.library.custom_op:
 # custom_op adds Python autograd / ADInplaceOrView / aliasing-check layers to every call, which
 # measured ~350 us of host time per call inside a compiled graph on an H100 host (torch 2.11,
-# benchmarks/host_breakdown.py). Here the dispatcher calls the kernels below directly; autograd
-# falls back to PyTorch's C++ "not implemented" kernel (the ops are inference-only in place).
+# benchmarks/host_breakdown.py). Here the dispatcher calls the kernels below directly. The
+# Autograd kernels (rope_compile/autograd.py, which says why not register_autograd) only
+# redispatch below autograd when no input requires grad.
 _LIB = torch.library.Library("rope_compile", "DEF")
 _LIB.define(
     "fused_qk_rope_with_cos_sin_cache_inplace(Tensor(a0!) q, Tensor(a1!) k, Tensor cos_sin_cache, "
@@ -125,6 +126,7 @@ def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_n
 _register(_GENERIC, cpu=_rotary_embedding_cpu, gpu=_rotary_embedding_triton,
           fake=_rotary_embedding_fake)
 rotary_embedding_op = torch.ops.rope_compile.rotary_embedding.default
+autograd.register(_LIB)
 
 
 def fused_qk_rope_with_cos_sin_cache_inplace(

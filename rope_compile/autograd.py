@@ -1,0 +1,156 @@
+"""Autograd for the two in-place RoPE ops: the backward of a rotation is the inverse rotation.
+
+RoPE rotates each pair ``(x1, x2)`` of the first ``rotary_dim`` features by the angle of its
+token's position; the Jacobian is that rotation, so the gradient of the input is the gradient
+of the output rotated back, the same rotation with ``sin`` negated::
+
+    g1_in =  g1_out * c + g2_out * s
+    g2_in = -g1_out * s + g2_out * c
+
+Features beyond ``rotary_dim`` pass through, and so does their gradient. The backward runs the
+op itself (the same kernel) on a table of the used cache rows with the sin half negated,
+gathered by position (``[num_tokens, rotary_dim]``, smaller than the gradient it rotates), with
+positions ``arange(num_tokens)``. ``cos_sin_cache`` gets no gradient: when grad mode is on and
+it requires grad, the op raises rather than return a gradient that silently leaves it out.
+
+Why an ``Autograd`` kernel and not ``torch.library.register_autograd``: the latter refuses
+mutating schemas (``Cannot register autograd formula for non-functional operator``), and both
+ops mutate q and k. The kernel below is what ``register_autograd`` would generate, with one
+``autograd.Function`` per rotated tensor rather than one for the op: a Function that marks an
+input dirty may return only one tensor when that input is a view (q and k usually are, of one
+qkv projection), since the engine rebases a view's history onto its base through
+``CopySlices``, which drives a single-output node. The op runs once, below autograd, on both
+tensors (one launch; the CPU reference's inner ops are never what autograd records), then each
+Function records the rotation of its tensor without touching data (``mark_dirty``: views of
+leaves or intermediates are rebased onto their base, as for any in-place op).
+
+With no input requiring grad (or grad mode off) the kernel only redispatches below autograd and
+bumps the version counters of q and k, as any in-place op does; nothing else is done there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_grad_enabled = torch.is_grad_enabled
+_increment_version = torch._C._increment_version
+
+
+def _inverse_table(cos_sin_cache, positions, rotary_dim):
+    """(table, positions) that rotate by minus each token's angle: the cache rows of
+    ``positions`` with their sin half negated, indexed by ``arange(num_tokens)``."""
+    half = rotary_dim // 2
+    rows = cos_sin_cache.index_select(0, positions.reshape(-1))  # [T, rotary_dim]
+    table = torch.cat((rows[:, :half], rows[:, half:].neg()), dim=1)
+    return table, torch.arange(rows.shape[0], dtype=positions.dtype, device=positions.device)
+
+
+def _writable_grad(grad, fresh):
+    """The incoming gradient if this backward owns it (``fresh``: it comes from the
+    ``CopySlices`` of a rebased view, which hands over a contiguous clone), else a copy:
+    the engine may pass one gradient tensor to several nodes."""
+    return grad if fresh else grad.clone(memory_format=torch.contiguous_format)
+
+
+def _fused_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, fresh):
+    g = _writable_grad(grad, fresh)  # [T, H, D]
+    table, arange = _inverse_table(cos_sin_cache, positions, rotary_dim)
+    # The op rotates two tensors; the second is an empty one (no heads). Not an empty slice of
+    # g: Inductor's scheduler fails on a mutated zero-size view of a mutated buffer (torch 2.13).
+    no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))
+    torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default(
+        g, no_heads, table, arange, rotary_dim, is_neox)
+    return g
+
+
+def _generic_inverse(grad, cos_sin_cache, positions, head_size, is_neox, fresh):
+    g = _writable_grad(grad, fresh)  # query's (or key's) shape
+    table, arange = _inverse_table(cos_sin_cache, positions, cos_sin_cache.shape[1])
+    torch.ops.rope_compile.rotary_embedding.default(
+        arange, g, g.new_empty((arange.shape[0], 0)), head_size, table, is_neox)
+    return g
+
+
+class _RotatedInPlace(torch.autograd.Function):
+    """Records that the op rotates ``x`` in place; backward: ``inverse(grad, *args)``.
+    The forward touches no data (the op runs once for both tensors, after)."""
+
+    @staticmethod
+    def forward(ctx, x, cos_sin_cache, positions, inverse, args):
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos_sin_cache, positions)  # in-place changes to them are caught
+        ctx.inverse, ctx.args = inverse, args
+        ctx.fresh_grad = x._is_view()  # rebased through CopySlices: it clones the gradient
+        ctx.set_materialize_grads(False)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None, None
+        cos_sin_cache, positions = ctx.saved_tensors
+        return (ctx.inverse(grad, cos_sin_cache, positions, *ctx.args, fresh=ctx.fresh_grad),
+                None, None, None, None)
+
+
+def _check_differentiable(op, named_xs, cos_sin_cache) -> None:
+    """Raise before any data or graph is touched for what has no correct gradient here."""
+    if cos_sin_cache.requires_grad:
+        raise RuntimeError(
+            f"{op}: cos_sin_cache requires grad, but the op has no gradient for "
+            f"cos_sin_cache (only for the rotated tensors). Pass cos_sin_cache.detach(), or "
+            f"a cache with requires_grad=False, or use a pure-torch RoPE to train the table.")
+    for name, x in named_xs:
+        if x.requires_grad and x.is_leaf:
+            raise RuntimeError(
+                f"{op}: {name} is a leaf tensor that requires grad, and the op rotates it in "
+                f"place; rotate a non-leaf (e.g. {name}.clone()) instead.")
+
+
+def _with_grad(op, names, q, k, cos_sin_cache, positions, rotate, inverse, args):
+    _check_differentiable(op._name, ((names[0], q), (names[1], k)), cos_sin_cache)
+    # As an in-place aten op: check, run (the op validates before it writes), bump the
+    # versions, then rebase the histories (where a view that may not be modified in place,
+    # e.g. one of several outputs of split, is refused).
+    with torch._C._AutoDispatchBelowAutograd():
+        rotate()
+    _increment_version((q, k))
+    for x in (q, k):
+        if x.requires_grad:
+            _RotatedInPlace.apply(x, cos_sin_cache, positions, inverse, args)
+
+
+def register(lib: torch.library.Library) -> None:
+    """Register the Autograd kernels of both ops on ``lib`` (the library that defines them)."""
+    fused = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
+    generic = torch.ops.rope_compile.rotary_embedding.default
+    fused_redispatch, generic_redispatch = fused.redispatch, generic.redispatch
+
+    def fused_autograd(keyset, q, k, cos_sin_cache, positions, rotary_dim, is_neox):
+        below = keyset & _AFTER_AUTOGRAD
+        if _grad_enabled() and (q.requires_grad or k.requires_grad
+                                or cos_sin_cache.requires_grad):
+            _with_grad(fused, ("q", "k"), q, k, cos_sin_cache, positions,
+                       lambda: fused_redispatch(below, q, k, cos_sin_cache, positions,
+                                                rotary_dim, is_neox),
+                       _fused_inverse, (rotary_dim, is_neox))
+            return
+        fused_redispatch(below, q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+        _increment_version((q, k))
+
+    def generic_autograd(keyset, positions, query, key, head_size, cos_sin_cache, is_neox):
+        below = keyset & _AFTER_AUTOGRAD
+        if _grad_enabled() and (query.requires_grad or key.requires_grad
+                                or cos_sin_cache.requires_grad):
+            _with_grad(generic, ("query", "key"), query, key, cos_sin_cache, positions,
+                       lambda: generic_redispatch(below, positions, query, key, head_size,
+                                                  cos_sin_cache, is_neox),
+                       _generic_inverse, (head_size, is_neox))
+            return
+        generic_redispatch(below, positions, query, key, head_size, cos_sin_cache, is_neox)
+        _increment_version((query, key))
+
+    lib.impl(fused._schema.name.split("::")[1], fused_autograd, "Autograd", with_keyset=True)
+    lib.impl(generic._schema.name.split("::")[1], generic_autograd, "Autograd",
+             with_keyset=True)
