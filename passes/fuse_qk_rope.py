@@ -44,24 +44,33 @@ import hashlib
 import logging
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.multiprocessing.reductions import StorageWeakRef
 
+from rope_compile.options import DEFAULT_DEVICES, DEFAULT_HEAD_SIZES, validate_pass_options
 from rope_compile.validation import may_overlap
 
-from . import rope_pattern
-from .rope_pattern import NoMatch, RopeMatch, match_rope
+from .fx_surgery import (
+    GraphTransaction,
+    aliases_an_input,
+    fake_value,
+    is_view_of_input,
+    shares_storage,
+    view_chain,
+)
+from .rope_pattern import NoMatch, RopeMatch, enclosing_head_size, match_rope
 
 log = logging.getLogger("rope_compile")
+aten = torch.ops.aten
 
-DEFAULT_HEAD_SIZES = (128, 256, 512)
-DEFAULT_DEVICES = ("xpu", "cuda")
+__all__ = ["DEFAULT_DEVICES", "DEFAULT_HEAD_SIZES", "FuseQKRopePass", "find_rope_matches",
+           "pair_matches", "view_chain"]
 
 _CANDIDATE_TARGETS = (
     torch.ops.aten.cat.default,
@@ -83,8 +92,15 @@ def count(name: str, amount: int = 1) -> None:
     counters["rope_compile"][name] += amount
 
 
-def find_rope_matches(graph: Graph) -> list[RopeMatch]:
-    """Every proven RoPE application in ``graph``, in graph order."""
+def _raise_errors(node: Node, err: Exception) -> None:
+    raise err
+
+
+def find_rope_matches(graph: Graph, on_error=_raise_errors) -> list[RopeMatch]:
+    """Every proven RoPE application in ``graph``, in graph order.
+
+    A candidate whose matching raises anything but ``NoMatch`` is handed to ``on_error`` (the
+    pass counts and logs it, or re-raises under ``strict``) and skipped: it costs no other."""
     matches = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _CANDIDATE_TARGETS:
@@ -93,6 +109,8 @@ def find_rope_matches(graph: Graph) -> list[RopeMatch]:
             matches.append(match_rope(node))
         except NoMatch:
             continue
+        except Exception as err:
+            on_error(node, err)
     # A partial-rotary RoPE also contains a full RoPE of its x[..., :rot] slice: keep the
     # outermost match only.
     inner = {n for m in matches for n in m.nodes if n is not m.output}
@@ -141,68 +159,24 @@ def pair_matches(matches: list[RopeMatch]) -> tuple[list[tuple[RopeMatch, RopeMa
     return pairs, unpaired
 
 
-def _ancestors(node: Node) -> set[Node]:
+def _depends_on(node: Node, target: Node, order: dict[Node, int]) -> bool:
+    """Whether ``node`` is ``target`` or computed from it. The graph is in topological order,
+    so the walk never goes above ``target``'s position (no whole-graph ancestor sets)."""
+    limit = order[target]
     seen, stack = set(), [node]
     while stack:
-        for inp in stack.pop().all_input_nodes:
-            if inp not in seen:
+        current = stack.pop()
+        if current is target:
+            return True
+        for inp in current.all_input_nodes:
+            if inp not in seen and order.get(inp, -1) >= limit:
                 seen.add(inp)
                 stack.append(inp)
-    return seen
-
-
-def _depends_on(node: Node, target: Node) -> bool:
-    return node is target or target in _ancestors(node)
+    return False
 
 
 def _device_type(match: RopeMatch) -> str:
     return match.base.meta["val"].device.type
-
-
-aten = torch.ops.aten
-# Ops whose output aliases their (first) input's storage; what the chain from a storage root
-# to x may consist of.
-_VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-             aten.slice.Tensor, aten.as_strided.default, aten.unsqueeze.default,
-             aten.squeeze.dim, aten.permute.default, aten.transpose.int, aten.t.default,
-             aten.split.Tensor, aten.split_with_sizes.default, aten.alias.default)
-
-
-def _is_view_of_input(node: Node) -> bool:
-    """``node`` is a view op (or getitem of a split) sharing its input's storage."""
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
-        src = node.args[0]
-        return isinstance(src, Node) and src.target in (aten.split.Tensor,
-                                                        aten.split_with_sizes.default)
-    if node.target not in _VIEW_OPS or not isinstance(node.args[0], Node):
-        return False
-    if node.target in (aten.split.Tensor, aten.split_with_sizes.default):
-        return True
-    val, src_val = node.meta.get("val"), node.args[0].meta.get("val")
-    return (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)
-            and StorageWeakRef(val.untyped_storage()) == StorageWeakRef(src_val.untyped_storage()))
-
-
-def view_chain(node: Node) -> tuple[Node, list[Node]]:
-    """(storage root, view nodes from the root (exclusive) to ``node`` (inclusive))."""
-    chain = []
-    while _is_view_of_input(node):
-        chain.append(node)
-        node = node.args[0]
-    return node, chain[::-1]
-
-
-def _replay(graph: Graph, chain: list[Node], old_root: Node, new_root: Node) -> Node:
-    """Re-apply the view ``chain`` (built on ``old_root``) on ``new_root``; returns the last."""
-    env = {old_root: new_root}
-    last = new_root
-    for node in chain:
-        with graph.inserting_after(last):
-            last = graph.node_copy(node, lambda n: env.get(n, n))
-        env[node] = last
-    return last
 
 
 class PlanError(Exception):
@@ -229,7 +203,8 @@ def _as_graph_ints(values, symbols: dict) -> tuple:
             elif expr in symbols:
                 out.append(symbols[expr])
             else:
-                raise PlanError(f"symbolic size {expr} has no node in the graph")
+                raise PlanError(f"symbolic size {expr} has no node in the graph "
+                                f"(in {tuple(values)})")
         else:
             out.append(int(value))
     return tuple(out)
@@ -237,6 +212,8 @@ def _as_graph_ints(values, symbols: dict) -> tuple:
 
 @dataclass
 class PairPlan:
+    """Everything one rewrite needs, proven before the graph is touched."""
+
     q: RopeMatch
     k: RopeMatch
     roots: list[Node]
@@ -244,63 +221,186 @@ class PairPlan:
     kwargs: dict
     # Table form: the [..tokens.., rot] shape the cos/sin tables are expanded to (graph ints).
     table_shape: tuple | None = None
+    # Rotated outputs that are graph outputs: (match, dim order of eager's dense layout), which
+    # a copy restores (the in-place result is a strided view into the root).
+    graph_outputs: list[tuple[RopeMatch, list[int]]] = field(default_factory=list)
+
+    def touched(self) -> set[Node]:
+        """Nodes the rewrite erases, re-points or re-lays out: no other pair of the same round
+        may rely on them."""
+        nodes = set(self.roots)
+        for match, chain in ((self.q, self.chains[0]), (self.k, self.chains[1])):
+            nodes |= {match.output, match.base, *match.nodes, *chain}
+        return nodes
+
+    def reads(self) -> set[Node]:
+        """Nodes the rewrite reads (and must still exist when it runs)."""
+        nodes = self.touched()
+        nodes |= {n for n in (self.q.cache, self.q.positions, self.q.sin_table)
+                  if isinstance(n, Node)}
+        return nodes
 
 
 def _token_view(match: RopeMatch) -> tuple[list, list, object]:
     """(size, stride, storage_offset) of x[..., :rot] seen as [tokens, heads, rot]: the token
-    dims (all but heads and features) must merge into one, as a view."""
+    dims (all but heads and features) must merge into one, as a view, and the features must be
+    contiguous (last stride 1), which the kernel assumes."""
     val = match.base.meta["val"]
+    if not statically_known_true(val.stride(-1) == 1):
+        raise PlanError(f"x's last stride is {val.stride(-1)}, not 1")
     dims = [d for d in range(val.dim() - 1) if d != match.heads_dim]
-    size, stride = val.shape[dims[-1]], val.stride(dims[-1])
-    for outer in reversed(dims[:-1]):
+    moving = [d for d in dims if not statically_known_true(val.shape[d] == 1)] or dims[-1:]
+    # A size-1 dim (batch 1, or one token) does not move: only the others must merge.
+    size, stride = val.shape[moving[-1]], val.stride(moving[-1])
+    for outer in reversed(moving[:-1]):
         if not statically_known_true(val.stride(outer) == size * stride):
             raise PlanError("x's token dims do not merge into one without a copy")
         size = size * val.shape[outer]
+    for d in dims:
+        if d not in moving:
+            size = size * val.shape[d]
     return ([size, val.shape[match.heads_dim], match.rotary_dim],
             [stride, val.stride(match.heads_dim), 1], val.storage_offset())
 
 
+def _check_root(name: str, root: Node) -> torch.Tensor:
+    """The storage root must be a tensor whose layout Inductor either asserts (a graph input)
+    or pins to its fake strides (any computed buffer read through ``as_strided``, as the call's
+    views are once Inductor decomposes it); a view Inductor does not know is a view is not."""
+    val = fake_value(root)
+    if val is None:
+        raise PlanError(f"{name}'s storage root {root.name} has no tensor value")
+    if root.op == "call_function" and aliases_an_input(root):
+        raise PlanError(f"{name}'s storage root {root.name} ({root.target}) is a view the "
+                        "pass cannot follow")
+    if root.op not in ("placeholder", "call_function", "get_attr"):
+        raise PlanError(f"{name}'s storage root {root.name} is a {root.op} node")
+    return val
+
+
+def _fake_views(plan_kwargs: dict, roots: list[Node]):
+    q_k = []
+    for name in ("q", "k"):
+        root_val = roots[plan_kwargs[f"_{name}_base_index"]].meta["val"]
+        q_k.append(torch.as_strided(root_val, plan_kwargs[f"_{name}_fake_size"],
+                                    plan_kwargs[f"_{name}_fake_stride"],
+                                    plan_kwargs[f"_{name}_fake_offset"]))
+    return q_k
+
+
+def _dense(val: torch.Tensor) -> bool:
+    """Non-overlapping and dense, for sure (False when it depends on symbols)."""
+    check = getattr(torch._prims_common, "is_non_overlapping_and_dense_or_false", None)
+    if check is None:  # older torch
+        try:
+            return bool(torch._prims_common.is_non_overlapping_and_dense(val))
+        except Exception:
+            return False
+    return bool(check(val))
+
+
+def _graph_output_layout(match: RopeMatch) -> tuple[RopeMatch, list[int]] | None:
+    """If the rotated ``match.output`` is a graph output: (match, the dim order, outermost
+    first, of eager's dense layout), which a copy restores (the in-place result is a strided
+    view into the root, sharing its storage with v)."""
+    if not any(user.op == "output" for user in match.output.users):
+        return None
+    val = fake_value(match.output)
+    if val is None or not _dense(val):
+        raise PlanError("the rotated tensor is a graph output with a non-dense layout")
+    dims = list(range(val.dim()))
+    if _contiguous(val):
+        return match, dims
+    strides = val.stride()
+    if not all(isinstance(s, int) for s in strides):
+        raise PlanError("the rotated tensor is a graph output with a symbolic, non-contiguous "
+                        "layout")
+    order = sorted(dims, key=lambda d: -strides[d])
+    return match, order
+
+
+def _contiguous(val: torch.Tensor) -> bool:
+    check = getattr(torch._prims_common, "is_contiguous_or_false", None)
+    if check is not None:
+        return bool(check(val))
+    return statically_known_true(val.is_contiguous())
+
+
 def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
-    """Everything the rewrite needs, computed without touching the graph."""
+    """Prove every fact the fused call relies on and compute the rewrite, without touching the
+    graph; raise ``PlanError`` with the reason when a fact cannot be proven."""
+    from rope_compile.ops import validate_fused
+
     rot = q.rotary_dim
     kwargs = {"cos_sin_cache": q.cache, "positions": q.positions, "rotary_dim": rot,
               "is_neox": q.is_neox}
     roots: list[Node] = []
     chains = []
+    fake = {}
     for name, match in (("q", q), ("k", k)):
         root, chain = view_chain(match.base)
+        _check_root(name, root)
         if root not in roots:
             roots.append(root)
         chains.append(chain)
         # The op's argument x[..., :rot] as [T, H, rot], described against the root's storage.
         size, stride, offset = _token_view(match)
+        if any(statically_known_true(s == 0) and not statically_known_true(n <= 1)
+               for n, s in zip(size, stride, strict=True)):
+            raise PlanError(f"{name} is expanded (a stride-0 dim); the op rejects it")
         kwargs[f"_{name}_base_index"] = roots.index(root)
         kwargs[f"_{name}_size"] = _as_graph_ints(size, symbols)
         kwargs[f"_{name}_stride"] = _as_graph_ints(stride, symbols)
         kwargs[f"_{name}_storage_offset"] = _as_graph_ints([offset], symbols)[0]
+        fake[name] = (size, stride, offset)
     kwargs["_all_bases"] = roots
+    root_vals = [r.meta["val"] for r in roots]
+    # What the kernel reads (cache, positions, model tables) must not share memory with what
+    # it writes.
+    for reader in (q.cache, q.positions, q.sin_table):
+        reader_val = fake_value(reader)
+        if reader_val is not None and any(shares_storage(reader_val, r) for r in root_vals):
+            raise PlanError(f"{reader.name} (read by the call) shares storage with q or k")
+    # The op's own checks, on the exact views the call will get: never emit what it rejects.
+    views = []
+    for name in ("q", "k"):
+        size, stride, offset = fake[name]
+        root_val = root_vals[kwargs[f"_{name}_base_index"]]
+        with torch._guards.detect_fake_mode([root_val]) or _null():
+            views.append(torch.as_strided(root_val, size, stride, offset))
+    if len(roots) == 1 and may_overlap(*views):
+        raise PlanError("q and k overlap in memory (an in-place call would rotate twice)")
+    with torch._guards.detect_fake_mode(root_vals) or _null():
+        if q.sin_table is None:
+            cache_val, positions_val = q.cache.meta["val"], q.positions.meta["val"]
+        else:  # the table form's [T, rot] table and arange(T), built at rewrite time
+            cache_val = torch.empty(views[0].shape[0], rot, dtype=torch.float32,
+                                    device=views[0].device)
+            positions_val = torch.empty(views[0].shape[0], dtype=torch.int64,
+                                        device=views[0].device)
+        try:
+            validate_fused(views[0], views[1], cache_val, positions_val, rot)
+        except ValueError as err:
+            raise PlanError(f"the op would reject the call: {err}") from None
     table_shape = None
     if q.sin_table is not None:
         val = q.base.meta["val"]
         tokens = [n for d, n in enumerate(val.shape[:-1]) if d != q.heads_dim]
         table_shape = _as_graph_ints([*tokens, rot], symbols)
-    return PairPlan(q, k, roots, tuple(chains), kwargs, table_shape)
+    outputs = [layout for layout in map(_graph_output_layout, (q, k)) if layout]
+    return PairPlan(q, k, roots, tuple(chains), kwargs, table_shape, outputs)
 
 
-def _add_node(graph: Graph, after: Node, target, args, kwargs=None) -> Node:
-    """Insert ``target(*args, **kwargs)`` after ``after``, with its fake value as meta."""
-    kwargs = kwargs or {}
-    with graph.inserting_after(after):
-        node = graph.call_function(target, tuple(args), kwargs)
-    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    fake_tensors = [a for a in torch.utils._pytree.tree_leaves(fake_args)
-                    if isinstance(a, torch.Tensor)]
-    with torch._guards.detect_fake_mode(fake_tensors):
-        node.meta["val"] = target(*fake_args, **fake_kwargs)
-    return node
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
-def _materialise_tables(graph: Graph, after: Node, plan: PairPlan) -> tuple[Node, Node, Node]:
+def _materialise_tables(tx: GraphTransaction, after: Node, plan: PairPlan
+                        ) -> tuple[Node, Node, Node]:
     """Table form: build ``cos_sin_cache = cat(cos[..., :rot/2], sin[..., :rot/2])`` as
     ``[T, rot]`` (expanded over broadcast token dims) and ``positions = arange(T)`` from the
     model's own cos/sin tables, whose two halves the matcher proved equal.
@@ -308,81 +408,93 @@ def _materialise_tables(graph: Graph, after: Node, plan: PairPlan) -> tuple[Node
     match = plan.q
     half = match.rotary_dim // 2
     if match.tables_have_heads:  # interleaved form: [.., 1, .., rot/2] picks, squeeze heads
-        cos_half = _add_node(graph, after, aten.squeeze.dim, (match.cache, match.heads_dim))
-        sin_half = _add_node(graph, cos_half, aten.squeeze.dim,
-                             (match.sin_table, match.heads_dim))
+        cos_half = tx.add(after, aten.squeeze.dim, (match.cache, match.heads_dim))
+        sin_half = tx.add(cos_half, aten.squeeze.dim, (match.sin_table, match.heads_dim))
     else:  # HF form: duplicated halves, keep the first
-        cos_half = _add_node(graph, after, aten.slice.Tensor, (match.cache, -1, 0, half))
-        sin_half = _add_node(graph, cos_half, aten.slice.Tensor, (match.sin_table, -1, 0, half))
-    table = _add_node(graph, sin_half, aten.cat.default, ([cos_half, sin_half], -1))
-    table = _add_node(graph, table, aten.expand.default, (table, list(plan.table_shape)))
-    cache = _add_node(graph, table, aten.reshape.default, (table, [-1, match.rotary_dim]))
+        cos_half = tx.add(after, aten.slice.Tensor, (match.cache, -1, 0, half))
+        sin_half = tx.add(cos_half, aten.slice.Tensor, (match.sin_table, -1, 0, half))
+    table = tx.add(sin_half, aten.cat.default, ([cos_half, sin_half], -1))
+    table = tx.add(table, aten.expand.default, (table, list(plan.table_shape)))
+    cache = tx.add(table, aten.reshape.default, (table, [-1, match.rotary_dim]))
     tokens = cache.meta["val"].shape[0]
     last = cache
     if not isinstance(tokens, int):  # symbolic: read it off the table (a SymInt node)
-        tokens = last = _add_node(graph, cache, aten.sym_size.int, (cache, 0))
-    positions = _add_node(graph, last, torch.ops.prims.iota.default, (tokens,), {
+        tokens = last = tx.add(cache, aten.sym_size.int, (cache, 0))
+    positions = tx.add(last, torch.ops.prims.iota.default, (tokens,), {
         "start": 0, "step": 1, "dtype": torch.int64, "device": cache.meta["val"].device,
         "requires_grad": False})
     return positions, cache, positions
 
 
-def _fake_call(plan: PairPlan):
+def _fake_call(kwargs: dict, like: torch.Tensor):
     from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
-    def fake(arg):
-        return arg.meta["val"]
-
-    fake_kwargs = torch.fx.node.map_arg(plan.kwargs, fake)
-    with torch._guards.detect_fake_mode([plan.q.base.meta["val"]]):
+    fake_kwargs = torch.fx.node.map_arg(kwargs, lambda arg: arg.meta["val"])
+    with torch._guards.detect_fake_mode([like]):
         return auto_functionalized_v2(_fused_op(), **fake_kwargs)
 
 
-def rewrite_pair(graph: Graph, plan: PairPlan, tables: dict | None = None) -> None:
-    """Replace the two RoPE subgraphs by one functional call of the fused op."""
+def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict) -> dict:
+    """Replace the two RoPE subgraphs by one functional call of the fused op, recording every
+    mutation in ``tx``. Returns the cos/sin tables it built (table form), for the memo."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
+    graph = tx.graph
     q, k = plan.q, plan.k
+    kwargs = {key: value for key, value in plan.kwargs.items()}
     # The call needs the roots, cache and positions: put it after the last of them
-    # (stable_topological_sort, run by Inductor right after custom passes, orders the rest).
+    # (stable_topological_sort, run after each round, orders the rest).
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = [*plan.roots, q.cache, q.positions if q.sin_table is None else q.sin_table]
     anchor = max(inputs, key=order.__getitem__)
+    built = {}
     if q.sin_table is not None:
         # One [T, rot] table per distinct cos/sin source, shared by every layer that uses it.
         memo_key = (q.key[0], plan.table_shape)
-        if tables is not None and memo_key in tables:
+        if memo_key in tables:
             cache, positions = tables[memo_key]
             anchor = max([anchor, positions], key=order.__getitem__)
         else:
-            anchor, cache, positions = _materialise_tables(graph, anchor, plan)
-            if tables is not None:
-                tables[memo_key] = (cache, positions)
-        plan.kwargs.update(cos_sin_cache=cache, positions=positions)
-    fake_result = _fake_call(plan)
+            anchor, cache, positions = _materialise_tables(tx, anchor, plan)
+            built[memo_key] = (cache, positions)
+        kwargs.update(cos_sin_cache=cache, positions=positions)
+    fake_result = _fake_call(kwargs, q.base.meta["val"])
     with graph.inserting_after(anchor):
-        call = graph.call_function(auto_functionalized_v2, (_fused_op(),), plan.kwargs)
+        call = tx.record_new(graph.call_function(auto_functionalized_v2, (_fused_op(),),
+                                                 kwargs))
     call.meta["val"] = fake_result
     new_roots = {}
     last = call
     for index, root in enumerate(plan.roots, start=1):
         with graph.inserting_after(last):
-            last = graph.call_function(operator.getitem, (call, index))
+            last = tx.record_new(graph.call_function(operator.getitem, (call, index)))
         last.meta["val"] = fake_result[index]
         new_roots[root] = last
+    relayouts = {id(match): order for match, order in plan.graph_outputs}
     for name, match, chain in (("q", q, plan.chains[0]), ("k", k, plan.chains[1])):
-        root = plan.roots[plan.kwargs[f"_{name}_base_index"]]
-        new_value = _replay(graph, chain, root, new_roots[root])
-        match.output.replace_all_uses_with(new_value)
-    for match in (q, k):
-        _erase_dead(graph, [match.output, *match.nodes])
+        root = plan.roots[kwargs[f"_{name}_base_index"]]
+        new_value = tx.replay_views(chain, root, new_roots[root])
+        if id(match) in relayouts:
+            # A graph output keeps eager's layout and its own storage: for that use, copy into
+            # eager's dim order (permute, contiguous clone, permute back).
+            order = relayouts[id(match)]
+            inverse = [order.index(d) for d in range(len(order))]
+            copied = tx.add(new_value, aten.permute.default, (new_value, order))
+            copied = tx.add(copied, aten.clone.default, (copied,),
+                            {"memory_format": torch.contiguous_format})
+            copied = tx.add(copied, aten.permute.default, (copied, inverse))
+            for user in list(match.output.users):
+                if user.op == "output":
+                    tx.replace_input(user, match.output, copied)
+        tx.replace_uses(match.output, new_value)
     for root in plan.roots:
-        _redirect_disjoint_views(graph, root, new_roots[root], call,
+        _redirect_disjoint_views(tx, root, new_roots[root], call,
                                  [q.base.meta["val"][..., :q.rotary_dim],
                                   k.base.meta["val"][..., :k.rotary_dim]])
+    return built
 
 
-def _redirect_disjoint_views(graph: Graph, root: Node, new_root: Node, call: Node,
+def _redirect_disjoint_views(tx: GraphTransaction, root: Node, new_root: Node, call: Node,
                              rotated: list[torch.Tensor]) -> None:
     """Make readers of ``root``'s views that are disjoint from the rotated regions (e.g. v of
     the same qkv projection) read the call's output instead, as functionalization would.
@@ -390,13 +502,15 @@ def _redirect_disjoint_views(graph: Graph, root: Node, new_root: Node, call: Nod
     Their values are identical either way, but while they read the old root Inductor cannot
     reinplace the call and copies the whole projection. Views that overlap q or k keep reading
     the pre-RoPE root (then Inductor copies, which is what those readers need)."""
+    graph = tx.graph
+    env: dict[Node, Node] = {}
     stack = [root]
     while stack:
         node = stack.pop()
         for user in list(node.users):
-            if user is call or user.graph is not graph:
+            if user is call or user.graph is not graph or user in tx.new_nodes:
                 continue
-            if _is_view_of_input(user):
+            if is_view_of_input(user):
                 stack.append(user)
                 continue
             if node is root:
@@ -406,23 +520,33 @@ def _redirect_disjoint_views(graph: Graph, root: Node, new_root: Node, call: Nod
                 continue
             _, chain = view_chain(node)
             # chain runs from the root: replay it on the new root for this reader.
-            replayed = _replay(graph, chain, root, new_root)
-            user.replace_input_with(node, replayed)
-            _erase_dead(graph, [node])
+            replayed = tx.replay_views(chain, root, new_root, env)
+            tx.replace_input(user, node, replayed)
 
 
-def _erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:
-    """Erase the matched nodes (and their now-unused inputs) that nothing uses any more."""
-    worklist = list(nodes)
-    while worklist:
-        node = worklist.pop()
-        if node.graph is not graph or node.op != "call_function" or node.users:
-            continue
-        if node._erased or node.is_impure():
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        worklist.extend(inputs)
+def _check_graph(graph: Graph) -> None:
+    """Order the graph (rewrites insert calls after their last input) and lint it: raises on
+    a cycle or a malformed graph."""
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(graph)
+    graph.lint()
+
+
+def _restore_order(graph: Graph, nodes: list[Node]) -> None:
+    """Put ``nodes`` (every node of ``graph``) back in this order."""
+    previous = nodes[0]
+    for node in nodes[1:]:
+        if previous.next is not node:
+            previous.append(node)
+        previous = node
+
+
+def _source_files() -> list[str]:
+    """Every source the rewrite and its lowering depend on: the passes and the package."""
+    here = Path(__file__).resolve().parent
+    package = Path(__import__("rope_compile").__file__).resolve().parent
+    return sorted(str(p) for folder in (here, package) for p in folder.glob("*.py"))
 
 
 class FuseQKRopePass(CustomGraphPass):
@@ -430,92 +554,151 @@ class FuseQKRopePass(CustomGraphPass):
 
     Options: ``head_sizes`` rewritten (default 128, 256, 512), ``devices`` whose graphs are
     rewritten (default xpu, cuda; add "cpu" to force it on CPU), ``strict`` re-raises errors
-    raised inside the pass instead of leaving the graph unchanged with a warning.
+    raised inside the pass instead of skipping the candidate that raised them.
     """
 
     def __init__(self, head_sizes: Iterable[int] = DEFAULT_HEAD_SIZES,
                  devices: Iterable[str] = DEFAULT_DEVICES, strict: bool = False) -> None:
-        self.head_sizes = tuple(int(h) for h in head_sizes)
-        self.devices = tuple(str(d) for d in devices)
-        self.strict = bool(strict)
+        self.head_sizes, self.devices, self.strict = validate_pass_options(
+            head_sizes, devices, strict)
 
     def __repr__(self) -> str:
         return (f"FuseQKRopePass(head_sizes={self.head_sizes}, devices={self.devices}, "
                 f"strict={self.strict})")
 
     def uuid(self) -> bytes:
-        files = (__file__, rope_pattern.__file__)
-        return hashlib.sha256(get_hash_for_files(files, repr(self))).digest()
+        return hashlib.sha256(get_hash_for_files(tuple(_source_files()), repr(self))).digest()
 
     def __call__(self, graph: Graph) -> None:
+        committed = 0
         try:
-            self.apply(graph)
+            committed = self.apply(graph)
         except Exception as err:
             count("pass_errors")
             if self.strict:
                 raise
-            log.warning("rope_compile pass failed, graph left unchanged: %r", err, exc_info=True)
+            log.warning("rope_compile pass failed after committing %d pair(s); every pair is "
+                        "committed whole or not at all: %r", committed, err, exc_info=True)
 
     def skip(self, match: RopeMatch, reason: str) -> None:
         count(f"skipped: {reason}")
         log.debug("not rewriting RoPE at %s: %s", match.output.name, reason)
 
-    def reject_reason(self, q: RopeMatch, k: RopeMatch) -> str | None:
-        """Why a structurally valid pair must not be rewritten, or None."""
-        if q.head_size not in self.head_sizes:
+    def _candidate_error(self, what: str, node: Node, err: Exception) -> None:
+        count("candidate_errors")
+        if self.strict:
+            raise err
+        log.warning("rope_compile: error while %s at %s, candidate skipped: %r", what,
+                    node.name, err, exc_info=True)
+
+    def reject_reason(self, q: RopeMatch, k: RopeMatch, order: dict[Node, int]) -> str | None:
+        """Why a structurally valid pair must not be rewritten by policy, or None."""
+        sizes = {q.head_size, enclosing_head_size(q)}
+        if not sizes & set(self.head_sizes):
             return f"head_size {q.head_size} not in {self.head_sizes}"
         if _device_type(q) not in self.devices or _device_type(k) != _device_type(q):
             return f"device {_device_type(q)} not in {self.devices}"
-        if _depends_on(k.base, q.output) or _depends_on(q.base, k.output):
+        if _depends_on(k.base, q.output, order) or _depends_on(q.base, k.output, order):
             return "k depends on the rotated q (or the reverse)"
-        q_rot = q.base.meta["val"][..., :q.rotary_dim]
-        k_rot = k.base.meta["val"][..., :k.rotary_dim]
-        if StorageWeakRef(q_rot.untyped_storage()) == StorageWeakRef(
-                k_rot.untyped_storage()) and may_overlap(q_rot, k_rot):
-            return "q and k overlap in memory (an in-place call would rotate twice)"
         return None
+
+    def _plan_round(self, graph: Graph, found: set, failed: set
+                    ) -> tuple[list[PairPlan], list, bool]:
+        """Analyse the graph without mutating it: the pairs to rewrite this round (on
+        disjoint nodes), the misses, and whether some proven pair waits for a later round."""
+        on_error = lambda node, err: self._candidate_error("matching", node, err)
+        pairs, unpaired = pair_matches(find_rope_matches(graph, on_error))
+        symbols = _graph_symbols(graph)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        skips = list(unpaired)
+        plans, touched, deferred = [], set(), False
+        for q, k in pairs:
+            names = (q.output.name, k.output.name)
+            if names not in found:
+                found.add(names)
+                count("pairs_found")
+            if names in failed:
+                continue
+            try:
+                reason = self.reject_reason(q, k, order)
+                if reason:
+                    skips.append((q, reason))
+                    continue
+                plan = plan_pair(q, k, symbols)
+            except PlanError as why:
+                skips.append((q, str(why)))
+                continue
+            except Exception as err:
+                self._candidate_error("planning", q.output, err)
+                continue
+            # Pairs on one root (axial RoPE, several pairs of one projection) and a RoPE of a
+            # RoPE output wait for the next round, which re-analyses the rewritten graph.
+            if plan.reads() & touched:
+                deferred = True
+                continue
+            plans.append(plan)
+            touched |= plan.touched()
+        return plans, skips, deferred
+
+    def _rewrite(self, graph: Graph, plans: list[PairPlan], tables: dict, failed: set,
+                 check_each: bool) -> tuple[list[tuple[PairPlan, GraphTransaction]], dict]:
+        """Rewrite each plan in its own transaction; a failing one is rolled back alone.
+        Returns the rewritten plans and the cos/sin table memo including their tables."""
+        done, tables = [], dict(tables)
+        for plan in plans:
+            tx = GraphTransaction(graph)
+            order = list(graph.nodes)
+            try:
+                built = rewrite_pair(tx, plan, tables)
+                if check_each:
+                    _check_graph(graph)
+            except Exception as err:
+                tx.rollback()
+                _restore_order(graph, order)
+                failed.add((plan.q.output.name, plan.k.output.name))
+                self._candidate_error("rewriting", plan.q.output, err)
+                continue
+            tables.update(built)
+            done.append((plan, tx))
+        return done, tables
 
     def apply(self, graph: Graph) -> int:
         """Rewrite every accepted pair; returns the number rewritten.
 
-        Each round analyses the graph without mutating it, then rewrites the pairs that do not
-        depend on each other; a pair whose input is another pair's output (RoPE of a RoPE) waits
-        for the next round, which re-analyses the rewritten graph."""
+        Each round analyses the graph without mutating it, then rewrites the pairs that touch
+        disjoint nodes, each in its own transaction; the round is committed once the graph
+        sorts (no cycle) and lints. If it does not, the round is undone and its pairs are
+        retried one by one, each checked on its own. Rounds repeat while they rewrite."""
         rewritten = 0
         found: set[tuple[str, str]] = set()
+        failed: set[tuple[str, str]] = set()
         tables: dict = {}
         while True:
-            pairs, unpaired = pair_matches(find_rope_matches(graph))
-            symbols = _graph_symbols(graph)
-            skips = [(match, reason) for match, reason in unpaired]
-            plans, claimed_outputs, claimed_inputs = [], set(), set()
-            for q, k in pairs:
-                if (q.output.name, k.output.name) not in found:
-                    found.add((q.output.name, k.output.name))
-                    count("pairs_found")
-                reason = self.reject_reason(q, k)
-                if reason:
-                    skips.append((q, reason))
-                    continue
-                inputs = {q.base, k.base} | _ancestors(q.base) | _ancestors(k.base)
-                if inputs & claimed_outputs or {q.output, k.output} & claimed_inputs:
-                    continue  # chained on a pair rewritten this round: next round
-                try:
-                    plans.append(plan_pair(q, k, symbols))
-                except PlanError as why:
-                    skips.append((q, str(why)))
-                    continue
-                claimed_outputs |= {q.output, k.output}
-                claimed_inputs |= inputs
-            for plan in plans:
-                rewrite_pair(graph, plan, tables)
+            plans, skips, deferred = self._plan_round(graph, found, failed)
+            order = list(graph.nodes)
+            done, round_tables = self._rewrite(graph, plans, tables, failed, check_each=False)
+            try:
+                if done:
+                    _check_graph(graph)
+            except Exception as err:
+                for _, tx in reversed(done):
+                    tx.rollback()
+                _restore_order(graph, order)
+                log.debug("rope_compile: round failed its check (%r); retrying pair by pair",
+                          err)
+                done, round_tables = self._rewrite(graph, plans, tables, failed,
+                                                   check_each=True)
+            tables = round_tables
+            for plan, tx in done:
+                tx.commit(also_dead=[plan.q.output, plan.k.output, *plan.q.nodes,
+                                     *plan.k.nodes])
                 rewritten += 1
                 count("rewritten")
                 q, k = plan.q, plan.k
                 log.info("rope_compile: fused the RoPE of %s and %s into one in-place call "
                          "(rotary_dim=%d, head_size=%d, %s)", q.output.name, k.output.name,
                          q.rotary_dim, q.head_size, "neox" if q.is_neox else "GPT-J")
-            if not plans:
+            if not done and not deferred:
                 for match, reason in skips:  # final round: each miss counted once
                     self.skip(match, reason)
                 return rewritten

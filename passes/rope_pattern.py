@@ -344,7 +344,7 @@ def _split_factor(node: Node) -> tuple[Node, Node, int]:
         while _float_cast(table):
             table = table.args[0]
         x_val = _val(x)
-        if table.target is not aten.unsqueeze.default or x_val is None:
+        if table.target is not aten.unsqueeze.default or x_val is None or x_val.dim() < 3:
             continue
         heads_dim = table.args[1] % x_val.dim()
         if 0 < heads_dim < x_val.dim() - 1:
@@ -360,6 +360,25 @@ def _is_scalar(value) -> bool:
     return val is not None and val.dim() == 0
 
 
+def _keeps_rows(node: Node) -> bool:
+    """``node`` only adds, picks or broadcasts whole rows of its input's last dim (unsqueeze,
+    slice or expand of another dim), so each output row is an input row."""
+    val = _val(node)
+    if val is None or not isinstance(node.args[0], Node) or _val(node.args[0]) is None:
+        return False
+    src = _val(node.args[0])
+    if val.dim() == 0 or src.dim() == 0 or not _statically_equal(val.shape[-1], src.shape[-1]):
+        return False
+    if node.target is aten.unsqueeze.default:
+        return node.args[1] % val.dim() != val.dim() - 1
+    if node.target is aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        return dim % src.dim() != src.dim() - 1
+    if node.target is aten.expand.default:
+        return val.dim() >= src.dim()
+    return False
+
+
 def _duplicated_halves(table: Node) -> Node:
     """Prove ``table[..., :n/2] == table[..., n/2:]``: an elementwise function (cos/sin, scalar
     scale, casts) of ``cat((f, f), -1)`` or of its expand-and-reshape spelling. Returns f."""
@@ -370,7 +389,7 @@ def _duplicated_halves(table: Node) -> Node:
         elif node.target in (aten.cos.default, aten.sin.default) and not trig:
             trig, node = 1, node.args[0]
         elif node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node) and (
-                _is_scalar(node.args[1])):
+                _is_scalar(node.args[1])) or _keeps_rows(node):
             node = node.args[0]
         else:
             break
@@ -385,12 +404,23 @@ def _duplicated_halves(table: Node) -> Node:
     inner = node.args[0]
     if inner.target is aten.clone.default:
         inner = inner.args[0]
-    _require(inner.target is aten.expand.default, "angles are not an expand of one half")
+    _require(isinstance(inner, Node) and inner.target is aten.expand.default,
+             "angles are not an expand of one half")
     unsq = inner.args[0]
-    unsq_val, exp_val = _val(unsq), _val(inner)
-    _require(unsq.target is aten.unsqueeze.default and unsq.args[1] % unsq_val.dim()
-             == unsq_val.dim() - 2 and unsq_val.shape[-2] == 1 and exp_val.shape[-2] == 2,
-             "angles are not f expanded to (.., 2, n/2)")
+    unsq_val, exp_val, out_val = _val(unsq), _val(inner), _val(node)
+    _require(isinstance(unsq, Node) and unsq.target is aten.unsqueeze.default
+             and None not in (unsq_val, exp_val, out_val) and unsq_val.dim() >= 2
+             and unsq.args[1] % unsq_val.dim() == unsq_val.dim() - 2
+             and _statically_equal(unsq_val.shape[-2], 1) and _statically_equal(
+                 exp_val.shape[-2], 2), "angles are not f expanded to (.., 2, n/2)")
+    # The reshape must merge exactly the (2, n/2) pair into the last dim: (.., n). Merging
+    # another dim (repeat_interleave along the sequence, flatten(1, 2)) duplicates rows, not
+    # halves.
+    _require(out_val.dim() == exp_val.dim() - 1 and all(
+        _statically_equal(a, b) for a, b in zip(out_val.shape[:-1], exp_val.shape[:-2],
+                                                strict=True))
+             and _statically_equal(out_val.shape[-1], 2 * exp_val.shape[-1]),
+             "angles are not f duplicated along the last dim (another dim is merged)")
     return unsq.args[0]
 
 
@@ -430,7 +460,8 @@ def _rotated_halves(node: Node):
     if node.target in _VIEW_TARGETS:
         # GPT-J: stack((o1, o2), -1).flatten(-2) == view(cat((o1[..., None], o2[..., None])))
         inner = node.args[0]
-        _require(inner.target is aten.cat.default, "view of something other than a stack")
+        _require(isinstance(inner, Node) and inner.target is aten.cat.default,
+                 "view of something other than a stack")
         parts, dim = inner.args[0], inner.args[1] if len(inner.args) > 1 else 0
         _require(len(parts) == 2 and _last_dim(inner, dim), "not a stack of two halves")
         halves = []
@@ -561,3 +592,16 @@ def match_rope(candidate: Node) -> RopeMatch:
              f"dtype {base_val.dtype} not supported by the fused op")
     return RopeMatch(base, candidate, cache, positions, rot, head_size, is_neox, nodes,
                      sin_table, heads_dim, has_heads, source)
+
+
+def enclosing_head_size(match: RopeMatch) -> int:
+    """The last dim of the tensor ``match.base`` is a contiguous last-dim slice of (itself if
+    it is none): the head an axial RoPE rotates one part of (``q[..., 64:]`` of a 128 head)."""
+    node = match.base
+    while isinstance(node, Node):
+        sliced = _last_dim_range(node)
+        if sliced is None or sliced[2] != 1:
+            break
+        node = sliced[0]
+    val = _val(node)
+    return val.shape[-1] if val is not None else match.head_size
