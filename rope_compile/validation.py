@@ -96,10 +96,14 @@ def check_rope_operands(
             _fail(op, f"{name} must not be expanded (a stride-0 dim writes one element "
                       f"several times), got strides {tuple(x.stride())}")
     a_rot, b_rot = a[..., :rotary_dim], b[..., :rotary_dim]
-    if (StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
-            and may_overlap(a_rot, b_rot)):
+    if _may_share_memory(a_rot, b_rot, unknown=True):
         _fail(op, f"{a_name} and {b_name} overlap in memory; rotating them in place would "
                   f"rotate the shared elements twice")
+    for read_name, read in (("cos_sin_cache", cos_sin_cache), ("positions", positions)):
+        for name, x in ((a_name, a_rot), (b_name, b_rot)):
+            if _may_share_memory(read, x, unknown=False):
+                _fail(op, f"{read_name} overlaps {name} in memory; the op would read "
+                          f"{read_name} while it rotates {name} in place")
 
 
 def check_positions_in_range(op: str, positions: torch.Tensor, max_position: int) -> None:
@@ -207,3 +211,48 @@ def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         if ca and cb and (ca[1] < cb[0] or cb[1] < ca[0]):
             return False
     return True
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """No real memory behind ``t``: a fake (or functional-over-fake) or meta tensor."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _storage_bases(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
+    """Byte addresses that ``storage_offset() * element_size()`` of ``a`` and of ``b`` count
+    from, comparable with each other: (0, 0) for one storage object, else the storages' data
+    pointers (two storage objects can hold the same memory: two ``torch.from_numpy`` of one
+    array, ``torch.frombuffer``). None when unknown: fake or meta tensors of two storages,
+    which have no real memory (the fake implementations take them as distinct, as before)."""
+    if StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage()):
+        return 0, 0
+    if _is_fake(a) or _is_fake(b):
+        return None
+    try:
+        return a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _may_share_memory(a: torch.Tensor, b: torch.Tensor, *, unknown: bool) -> bool:
+    """Whether ``a`` and ``b`` may share a byte; ``unknown`` is the answer where that cannot
+    be decided without a guard (symbolic layouts; fake tensors of two storages are taken as
+    disjoint). Views of one buffer (same base address and element size) get the precise
+    :func:`may_overlap`; anything else (two buffers, or two element sizes) the intersection of
+    byte ranges."""
+    if _definitely_empty(a) or _definitely_empty(b):
+        return False
+    bases = _storage_bases(a, b)
+    if bases is None:
+        return False
+    ea, eb = _extent(a), _extent(b)
+    if bases[0] == bases[1] and a.element_size() == b.element_size():
+        return may_overlap(a, b) if ea and eb or unknown else False
+    if not (ea and eb):
+        return unknown
+    size_a, size_b = a.element_size(), b.element_size()
+    low_a, high_a = bases[0] + ea[0] * size_a, bases[0] + (ea[1] + 1) * size_a
+    low_b, high_b = bases[1] + eb[0] * size_b, bases[1] + (eb[1] + 1) * size_b
+    return low_a < high_b and low_b < high_a
