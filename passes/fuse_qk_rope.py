@@ -434,28 +434,34 @@ def _fake_call(kwargs: dict, like: torch.Tensor):
         return auto_functionalized_v2(_fused_op(), **fake_kwargs)
 
 
-def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict) -> dict:
+def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
+                 position: dict[Node, int] | None = None) -> dict:
     """Replace the two RoPE subgraphs by one functional call of the fused op, recording every
-    mutation in ``tx``. Returns the cos/sin tables it built (table form), for the memo."""
+    mutation in ``tx``. Returns the cos/sin tables it built (table form), for the memo.
+    ``position``: node -> index in the graph, computed once per round (new nodes take their
+    anchor's)."""
     from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
     graph = tx.graph
     q, k = plan.q, plan.k
     kwargs = {key: value for key, value in plan.kwargs.items()}
+    if position is None:
+        position = {n: i for i, n in enumerate(graph.nodes)}
     # The call needs the roots, cache and positions: put it after the last of them
     # (stable_topological_sort, run after each round, orders the rest).
-    order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = [*plan.roots, q.cache, q.positions if q.sin_table is None else q.sin_table]
-    anchor = max(inputs, key=order.__getitem__)
+    anchor = max(inputs, key=position.__getitem__)
     built = {}
     if q.sin_table is not None:
         # One [T, rot] table per distinct cos/sin source, shared by every layer that uses it.
         memo_key = (q.key[0], plan.table_shape)
         if memo_key in tables:
             cache, positions = tables[memo_key]
-            anchor = max([anchor, positions], key=order.__getitem__)
+            anchor = max([anchor, positions], key=position.__getitem__)
         else:
+            where = position[anchor]
             anchor, cache, positions = _materialise_tables(tx, anchor, plan)
+            position.update({cache: where, positions: where})
             built[memo_key] = (cache, positions)
         kwargs.update(cos_sin_cache=cache, positions=positions)
     fake_result = _fake_call(kwargs, q.base.meta["val"])
@@ -508,7 +514,7 @@ def _redirect_disjoint_views(tx: GraphTransaction, root: Node, new_root: Node, c
     while stack:
         node = stack.pop()
         for user in list(node.users):
-            if user is call or user.graph is not graph or user in tx.new_nodes:
+            if user is call or user.graph is not graph or user in tx.new_node_set:
                 continue
             if is_view_of_input(user):
                 stack.append(user)
@@ -645,16 +651,20 @@ class FuseQKRopePass(CustomGraphPass):
         """Rewrite each plan in its own transaction; a failing one is rolled back alone.
         Returns the rewritten plans and the cos/sin table memo including their tables."""
         done, tables = [], dict(tables)
+        position = {n: i for i, n in enumerate(graph.nodes)}
         for plan in plans:
             tx = GraphTransaction(graph)
-            order = list(graph.nodes)
+            # Only a check sorts the graph: without one, a rollback leaves the order as it was.
+            order = list(graph.nodes) if check_each else None
             try:
-                built = rewrite_pair(tx, plan, tables)
+                built = rewrite_pair(tx, plan, tables,
+                                     None if check_each else position)
                 if check_each:
                     _check_graph(graph)
             except Exception as err:
                 tx.rollback()
-                _restore_order(graph, order)
+                if order is not None:
+                    _restore_order(graph, order)
                 failed.add((plan.q.output.name, plan.k.output.name))
                 self._candidate_error("rewriting", plan.q.output, err)
                 continue

@@ -94,11 +94,13 @@ class GraphTransaction:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.new_nodes: list[Node] = []
+        self.new_node_set: set[Node] = set()
         self.moved_uses: list[tuple[Node, Node, Node]] = []  # (user, old input, new input)
         self.maybe_dead: list[Node] = []
 
     def record_new(self, node: Node) -> Node:
         self.new_nodes.append(node)
+        self.new_node_set.add(node)
         return node
 
     def add(self, after: Node, target, args, kwargs=None) -> Node:
@@ -142,6 +144,7 @@ class GraphTransaction:
             if not node._erased:
                 self.graph.erase_node(node)
         self.new_nodes, self.moved_uses, self.maybe_dead = [], [], []
+        self.new_node_set = set()
 
     def commit(self, also_dead: Iterable[Node] = ()) -> None:
         """Erase what the rewrite left unused (and their now-unused inputs)."""

@@ -66,10 +66,15 @@ def _flatten(configured) -> list:
     return [configured]
 
 
-def chained_post_grad_passes(rope_pass: FuseQKRopePass) -> CustomGraphPass:
-    """The user's configured post-grad custom passes (minus any older copy of ours), then ours."""
-    existing = [p for p in _flatten(torch._inductor.config.post_grad_custom_post_pass)
-                if not isinstance(p, FuseQKRopePass)]
+_UNSET = object()
+
+
+def chained_post_grad_passes(rope_pass: FuseQKRopePass, configured=_UNSET) -> CustomGraphPass:
+    """The user's post-grad custom passes (``configured``, by default Inductor's config; minus
+    any older copy of ours), then ours."""
+    if configured is _UNSET:
+        configured = torch._inductor.config.post_grad_custom_post_pass
+    existing = [p for p in _flatten(configured) if not isinstance(p, FuseQKRopePass)]
     return ChainedGraphPass([*existing, rope_pass]) if existing else rope_pass
 
 
@@ -86,7 +91,9 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
 
     rope_pass = FuseQKRopePass(**pass_options)
     patches = {**list_mode_options(mode or "default"), **config_patches}
-    patches["post_grad_custom_post_pass"] = chained_post_grad_passes(rope_pass)
+    # A pass given in ``options`` is the user's too: chained before ours, never dropped.
+    patches["post_grad_custom_post_pass"] = chained_post_grad_passes(
+        rope_pass, patches.get("post_grad_custom_post_pass", _UNSET))
     if hasattr(torch._inductor.config, STATIC_LAUNCH_USER_KERNELS):
         # Inductor launches its own kernels with its static launcher, but user-defined Triton
         # kernels (ours, once lowered) with Triton's Python launcher unless this is set; it
