@@ -14,7 +14,9 @@ the launch plan and Triton's specialisation read:
 
 * shapes, strides, dtypes and devices of all four tensors, ``rotary_dim`` and ``is_neox``;
 * k's byte offset from q when they share a storage, so the overlap check (a function of
-  the layout then) is covered;
+  the layout then) is covered. Where the tensors lie otherwise (a cache or positions inside
+  q or k, q and k of two buffers over one memory) is checked on each relaunch from byte
+  ranges stored with the launch; any intersection sends the call to the op;
 * each pointer's 16-byte alignment, the only pointer property Triton specialises on. The ints
   it specialises on (``== 1``, ``% 16``) are all shapes and strides, already in the key.
 
@@ -51,6 +53,9 @@ class _Launch(NamedTuple):
     device_index: int
     tail: tuple  # the arguments after the four tensors: ints, then constexpr values
     pointers_as_ints: bool  # pass data pointers, not tensors (see _POINTERS_AS_INTS)
+    # Byte range of q, k, cache and positions relative to each data pointer, flattened
+    # (low, high) x 4; set by _call when stored. None: not checked.
+    spans: tuple[int, ...] | None = None
 
 
 _launches: dict[tuple, _Launch] = {}
@@ -169,8 +174,11 @@ def _call(kind, a, b, cache, positions, flag, is_neox, first_call) -> bool:
         if launch is not None:
             if len(_launches) >= _MAX_ENTRIES:
                 _launches.clear()
-            _launches[key] = launch
+            _launches[key] = launch._replace(spans=_byte_spans(a, b, cache, positions))
     elif launch.compiled is not None:
+        if launch.spans is not None and _may_alias(launch.spans, a_ptr, b_ptr, cache_ptr,
+                                                   positions_ptr, shared):
+            return False  # the op's checks decide (and refuse what does overlap)
         device = _current_device()
         if device != launch.device_index:
             return False  # the op launches under a device guard
@@ -190,6 +198,32 @@ def _call(kind, a, b, cache, positions, flag, is_neox, first_call) -> bool:
                    launch.packed_metadata, metadata, enter, leave, *args)
     _increment_version((a, b))
     return True
+
+
+def _byte_spans(*tensors) -> tuple[int, ...]:
+    """(low, high) byte of each tensor's memory relative to its data pointer, flattened."""
+    spans = []
+    for t in tensors:
+        low = high = 0
+        for size, stride in zip(t.shape, t.stride(), strict=True):
+            if stride > 0:
+                high += (size - 1) * stride
+            else:
+                low += (size - 1) * stride
+        spans += (low * t.element_size(), (high + 1) * t.element_size())
+    return tuple(spans)
+
+
+def _may_alias(spans, a_ptr, b_ptr, cache_ptr, positions_ptr, shared) -> bool:
+    """Whether this call's cache or positions may overlap q or k, or q and k of two buffers
+    may overlap: the key holds layouts, not where the tensors lie relative to each other
+    (except k's offset from q in one buffer, whose overlap the first call's checks decided).
+    Byte ranges, so disjoint interleavings also answer True: the op then decides."""
+    a_lo, a_hi, b_lo, b_hi, c_lo, c_hi, p_lo, p_hi = spans
+    a0, a1, b0, b1 = a_ptr + a_lo, a_ptr + a_hi, b_ptr + b_lo, b_ptr + b_hi
+    c0, c1, p0, p1 = cache_ptr + c_lo, cache_ptr + c_hi, positions_ptr + p_lo, positions_ptr + p_hi
+    return ((c0 < a1 and a0 < c1) or (c0 < b1 and b0 < c1) or (p0 < a1 and a0 < p1)
+            or (p0 < b1 and b0 < p1) or (not shared and a0 < b1 and b0 < a1))
 
 
 def _launch_first(q, k, cache, positions, rotary_dim, is_neox) -> _Launch:

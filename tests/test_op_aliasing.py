@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TOLERANCES, rope_f64
+from test_fast_launch import cpu_fast_path  # noqa: F401  (a fixture used below)
 from torch.utils.dlpack import from_dlpack
 
 import rope_compile
@@ -232,6 +233,55 @@ def test_compiled_cache_overlapping_q_fails_at_trace_time(generic):
     with pytest.raises(Exception, match="cos_sin_cache overlaps"):
         torch.compile(f, backend="aot_eager", fullgraph=True)(
             _flat("cpu", T * WIDTH + P * ROT), _positions())
+
+
+# --------------------------------------------------------------------------------------------
+# the public functions' fast path: a relaunch checks where the tensors lie
+
+
+@OPS
+def test_fast_path_relaunch_declines_aliased_operands(generic, cpu_fast_path):  # noqa: F811
+    """With CPU tensors standing in for GPU ones (test_fast_launch's fixture): a stored layout
+    is relaunched for operands apart, but not for a cache over q, nor for q and k of two
+    storages over one memory; those calls go to the op, which refuses them."""
+    from rope_compile import fast_launch
+
+    kernel, first_calls, _ = cpu_fast_path
+
+    def fast(q, k, cache, positions):
+        if generic:
+            return fast_launch.try_generic(positions, q.reshape(T, -1), k.reshape(T, -1), D,
+                                           cache, True)
+        return fast_launch.try_fused(q[..., :ROT], k[..., :ROT], cache, positions, ROT, True)
+
+    positions = _positions()
+    q, k, _ = _cache_over_q_contiguous("cpu")
+    apart = _flat("cpu", P * ROT, seed=4).view(P, ROT)
+    assert fast(q, k, apart, positions) and fast(q, k, apart, positions)
+    assert len(first_calls) == 1 and len(kernel.launches) == 1, "stored, then relaunched"
+    q, k, cache = _cache_over_q_contiguous("cpu")  # the same layout, the cache over q
+    assert not fast(q, k, cache, positions)
+    # int32 positions with a row stride: in another buffer, then in k's first column.
+    positions_apart = _flat("cpu", T * WIDTH).view(T, WIDTH)[:, :1].view(torch.int32).view(-1)
+    positions_over_k = k[:, 0, :1].view(torch.int32).view(-1)
+    for p in (positions_apart, positions_over_k):
+        p.copy_(positions.to(torch.int32))
+    assert fast(q, k, apart, positions_apart)  # a new layout: stored
+    assert not fast(q, k, apart, positions_over_k)
+    # q and k in two storages at two base addresses: the key has no offset between them.
+    data = bytearray(_flat("cpu", 2 * T * WIDTH).numpy().tobytes())
+
+    def q_k(k_byte_offset):
+        q = torch.frombuffer(data, dtype=torch.float32, count=T * HQ * D).view(T, HQ, D)
+        k = torch.frombuffer(data, dtype=torch.float32, offset=k_byte_offset,
+                             count=T * HK * D).view(T, HK, D)
+        return q, k
+
+    assert fast(*q_k(4 * T * WIDTH), apart, positions)
+    assert fast(*q_k(4 * T * WIDTH), apart, positions)
+    launches = len(kernel.launches)
+    assert not fast(*q_k(4 * D), apart, positions)  # k inside q
+    assert len(kernel.launches) == launches
 
 
 # --------------------------------------------------------------------------------------------
