@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -573,7 +573,14 @@ class FuseQKRopePass(CustomGraphPass):
                 f"strict={self.strict})")
 
     def uuid(self) -> bytes:
-        return hashlib.sha256(get_hash_for_files(tuple(_source_files()), repr(self))).digest()
+        """Inductor's FX graph cache key: every source the rewrite and its lowering depend on
+        (by content, read each time: an edited file never serves a stale graph), and the
+        options."""
+        hasher = hashlib.sha256(repr(self).encode())
+        for path in _source_files():
+            hasher.update(Path(path).name.encode())
+            hasher.update(Path(path).read_bytes())
+        return hasher.digest()
 
     def __call__(self, graph: Graph) -> None:
         committed = 0

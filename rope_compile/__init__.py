@@ -6,8 +6,12 @@ Public API:
   (``torch.ops.rope_compile.*``), drop-ins for sgl_kernel's.
 * :class:`RotaryEmbedding`: sglang's module.
 * ``torch.compile(model, backend="rope_compile")``: the backend (``rope_compile.backend``).
+* :mod:`rope_compile.passes`: the compiler passes (the repository's top-level ``passes/``
+  folder, installed under this package by a setuptools ``package-dir`` mapping, so that no
+  top-level ``passes`` lands in site-packages).
 """
 
+from . import _checkout  # noqa: F401  (finds rope_compile.passes in a source checkout)
 from .module import FUSED_HEAD_SIZES, RotaryEmbedding, apply_rotary_emb
 from .ops import (
     FUSED_OP_NAME,

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from passes.fuse_qk_rope import FuseQKRopePass
 from rope_compile.options import PASS_OPTIONS, split_and_validate_backend_options
+from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
 
 __all__ = ["PASS_OPTIONS", "rope_compile_backend", "split_options"]
 

@@ -18,12 +18,12 @@ import re
 
 import torch
 import torch.nn.functional as F
+from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
 from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 
-from passes.fuse_qk_rope import FuseQKRopePass
 from rope_compile import RotaryEmbedding
 
 # What one call of the fused op looks like in Inductor's generated wrapper code.

@@ -15,11 +15,11 @@ from pass_helpers import (
     rope_counters,
     tokens,
 )
+from rope_compile.passes import fuse_qk_rope
+from rope_compile.passes.fuse_qk_rope import DEFAULT_DEVICES, FuseQKRopePass
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.utils import run_and_get_code
 
-from passes import fuse_qk_rope
-from passes.fuse_qk_rope import DEFAULT_DEVICES, FuseQKRopePass
 from rope_compile.backend import rope_compile_backend, split_options
 
 T = 5

@@ -40,12 +40,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from rope_compile.passes import fuse_qk_rope, rope_pattern
+from rope_compile.passes.fuse_qk_rope import FuseQKRopePass, find_rope_matches, pair_matches
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
-
-from passes import fuse_qk_rope, rope_pattern
-from passes.fuse_qk_rope import FuseQKRopePass, find_rope_matches, pair_matches
 
 OPTIONS = {"devices": ("cpu",), "strict": True}
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from pass_helpers import fresh_compile, rope_counters
+from rope_compile.passes import fuse_qk_rope
 
-from passes import fuse_qk_rope
 from rope_compile.reference import compute_cos_sin_cache
 
 T, H, D = 5, 2, 128
