@@ -567,6 +567,7 @@ class FuseQKRopePass(CustomGraphPass):
                  devices: Iterable[str] = DEFAULT_DEVICES, strict: bool = False) -> None:
         self.head_sizes, self.devices, self.strict = validate_pass_options(
             head_sizes, devices, strict)
+        self.calls = 0  # graphs this instance ran on (the backend reports cache hits)
 
     def __repr__(self) -> str:
         return (f"FuseQKRopePass(head_sizes={self.head_sizes}, devices={self.devices}, "
@@ -583,6 +584,7 @@ class FuseQKRopePass(CustomGraphPass):
         return hasher.digest()
 
     def __call__(self, graph: Graph) -> None:
+        self.calls += 1
         committed = 0
         try:
             committed = self.apply(graph)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from rope_compile.decision_cache import decision_key, record_or_replay, snapshot
 from rope_compile.options import PASS_OPTIONS, split_and_validate_backend_options
 from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
 
@@ -99,5 +100,10 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
         # kernels (ours, once lowered) with Triton's Python launcher unless this is set; it
         # falls back per kernel where static launch is unsupported. A user's option wins.
         patches.setdefault(STATIC_LAUNCH_USER_KERNELS, True)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # On a cache hit the pass does not run: its recorded decisions are reported instead.
+    key = decision_key(gm, example_inputs, patches, rope_pass.uuid())
+    before = snapshot()
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    record_or_replay(key, before, pass_ran=rope_pass.calls > 0)
+    return compiled
 

@@ -7,8 +7,10 @@ whether the output equals eager:
 
 1. first process: cache miss, the pass runs and rewrites; then, same model with other pass
    options: their uuid differs, so the cache key does: miss again, the pass runs again;
-2. second process, first options: cache hit, the pass does not run (rewritten 0), yet the loaded
-   code still calls the fused op (its kernel runs once) and computes the same.
+2. second process, first options: cache hit, the pass does not run, yet the loaded code still
+   calls the fused op (its kernel runs once) and computes the same; the backend reports the
+   pass's recorded decisions (``rope_compile.decision_cache``), so the counters are the same as
+   on the first run, plus ``graphs_from_cache``.
 """
 
 from __future__ import annotations
@@ -94,6 +96,33 @@ def test_fx_graph_cache_across_processes(tmp_path):
 
     (second,) = _run(tmp_path, [OPTIONS])
     assert (second["miss"], second["hit"], second["bypass"]) == (0, 1, 0), second
-    assert second["rope"] == {}, second  # the pass did not run again
+    # The pass did not run again; its recorded decisions are reported, marked as from the cache.
+    assert second["rope"] == {"pairs_found": 1, "rewritten": 1, "graphs_from_cache": 1}, second
     # ... but the cached code is the rewritten one: it calls the fused op, once.
     assert second["kernel_calls"] == 1 and second["equal_to_eager"], second
+
+
+def test_demo_twice_prints_the_same_counts(tmp_path):
+    """The demo run twice (the second served by the FX graph cache) reports the same pairs and
+    fused calls."""
+    env = dict(os.environ)
+    for key in ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        env.pop(key, None)
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "rope_compile.demo", "--device", "cpu",
+                               "--layers", "2", "--tokens", "8", "--repeats", "1"], env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        fields = dict(line.split(None, 1) for line in proc.stdout.splitlines()
+                      if line.split(None, 1)[:1] and line.split()[0] in (
+                          "pairs_found", "pairs_rewritten", "fused_calls_in_code",
+                          "graphs_from_cache"))
+        runs.append(fields)
+    first, second = runs
+    assert first["pairs_found"] == second["pairs_found"] == "2", runs
+    assert first["pairs_rewritten"] == second["pairs_rewritten"] == "2", runs
+    assert first["fused_calls_in_code"] == second["fused_calls_in_code"] == "2", runs
+    assert first["graphs_from_cache"] == "0" and second["graphs_from_cache"] == "1", runs
