@@ -1,0 +1,711 @@
+"""Layout fuzzer for the fused Q+K RoPE pass: random RoPE programs whose q/k come through varied
+memory layouts, compiled with ``backend="rope_compile"`` and checked against eager.
+
+Programs are plain Python functions written with torch ops, in two forms:
+
+* ``sglang``: ``forward_native``-style RoPE of ``x [T, H, D]`` from a ``[max_pos, rot]``
+  cos_sin_cache gathered at ``positions`` (neox: chunk + cat; GPT-J: ``x[..., ::2]`` /
+  ``x[..., 1::2]`` + stack + flatten), full or partial rotary (``cat`` with ``x[..., rot:]``);
+* ``hf``: ``q * cos + rotate_half(q) * sin`` over ``[B, H, S, D]`` with cos/sin tables computed
+  in the graph from ``position_ids`` and ``inv_freq`` (``cat((freqs, freqs), -1)``).
+
+The layout kind (:data:`KINDS`) says where q and k come from: views of one qkv projection
+(an input or a matmul), graph inputs, intermediates, transposed / permuted / unbound /
+selected / expanded / ``as_strided`` views, pointwise roots of transposed tensors, rotated
+results returned as graph outputs, two pairs on one projection, axial RoPE. Unrelated odd ops
+(:data:`ODD_OPS`: 0-d tensors, empty tensors, integer maths on positions, in-place ops on a
+clone) are sprinkled in. Head sizes 128 (rewritten) and 64 (not in the default head sizes);
+fp32 mostly, fp16 / bf16 sometimes.
+
+Every program is drawn from ``random.Random(seed)`` (no hypothesis: the CLI runs where
+hypothesis is not installed). The oracle (:meth:`LayoutProgram.expected_rewrites`) is computed
+from the drawn parameters alone (see :data:`ORACLE_RULES`).
+
+Property, for each program (:func:`check_program`), compiled in a fresh dynamo state with the
+FX graph / AOTAutograd caches off:
+
+1. every output equals eager's and is close to a float64 evaluation of the same program
+   (tolerance by dtype); the inputs are not modified;
+2. every output's strides equal eager's;
+3. the compile does not fail (CPU: ``strict=True``, so an error inside the pass raises), and
+   ``counters["rope_compile"]`` has no ``pass_errors`` / ``candidate_errors``;
+4. ``counters["rope_compile"]["rewritten"]`` equals the oracle's count.
+
+A failure is re-run with plain Inductor (no RoPE pass): if it reproduces there, it is Inductor's
+own behaviour and is reported as ``inductor_only`` (printed, counted, not a pass failure).
+
+CLI (from the repo root; program i uses seed S+i, so ranges parallelise over processes)::
+
+    python tests/fuzz_layouts.py --device cpu --programs 300 --seed 0 --out stats.json
+    python tests/fuzz_layouts.py --device cuda --programs 200 --seed 100000 --fail-fast
+
+``--device cpu`` compiles with ``options={"devices": ("cpu",), "strict": True}``; ``cuda`` with
+the default options (``{}``), so the GPU lowering is in the loop. Exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+for _path in (str(_HERE), str(_HERE.parent)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # As conftest.py: Triton (if imported at all) runs interpreted without a GPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pass_helpers import fresh_compile, rope_counters  # noqa: E402
+
+MAX_POS = 64
+HIDDEN = 32
+ALIGNED_HEADS = (128, 256, 512)  # the pass's default head_sizes
+POS_OFFSET = 5
+
+SGLANG_KINDS = (
+    "qkv_split",                 # q, k, v split from one projection (input or matmul), viewed
+    "graph_inputs",              # q, k graph inputs ([T, H, D] or flat [T, H*D] viewed)
+    "intermediate",              # q, k computed (pointwise), or split from a computed buffer
+    "transposed_input",          # q = a.transpose(1, 2): last stride H, not 1
+    "permuted_input",            # q = a.permute(1, 0, 2) of an [H, T, D] input: last stride 1
+    "unbind_interleave",         # q, k = qk.view(T, H, D, 2).unbind(-1): last stride 2
+    "select",                    # q = s[0], k = s[1], or qkv.view(T, 3, H, D).select(1, i)
+    "expand_k",                  # k = k1.expand(T, H, D): stride-0 heads (GQA expand)
+    "as_strided_input",          # q, k = as_strided views of a 1-D input
+    "as_strided_intermediate",   # q, k = as_strided views of a computed buffer
+    "pointwise_root_transposed",  # q = a.transpose(0, 1) * 2.0
+    "rotated_outputs",           # qkv split, rotated q, k returned beside v
+    "two_pairs",                 # two q/k pairs split from one projection
+    "axial",                     # one table on the first half of each head, another on the 2nd
+)
+HF_KINDS = (
+    "hf_inputs",                 # q, k [B, H, S, D] graph inputs
+    "hf_projection",             # split of [B, S, W], view(B, S, H, D).transpose(1, 2)
+    "hf_unequal_halves",         # angles cat((f, 1.5 f), -1): not RoPE with one table
+    "hf_expand_k",               # k = k1.expand(B, H, S, D): stride-0 heads
+    "hf_transposed",             # q = a.transpose(2, 3) of [B, H, D, S]: last stride S
+)
+KINDS = SGLANG_KINDS + HF_KINDS
+ODD_OPS = ("zero_d", "empty", "int_positions", "inplace_unrelated")
+OUT_MODES = ("consumed", "outputs", "mixed")
+
+# Layout kinds whose q/k layout (or table) the fused op cannot take: never rewritten.
+NEVER_REWRITTEN = {
+    "transposed_input": "x's last stride is H, not 1",
+    "unbind_interleave": "x's last stride is 2, not 1",
+    "expand_k": "k has stride-0 heads (expanded)",
+    "hf_unequal_halves": "cos/sin halves differ (not one RoPE table)",
+    "hf_expand_k": "k has stride-0 heads (expanded)",
+    "hf_transposed": "x's last stride is S, not 1",
+}
+ORACLE_RULES = (
+    "kinds in NEVER_REWRITTEN -> 0 (the reason is in the table)",
+    "head size not in the pass's head sizes (64; axial: 64 heads rotate 32-wide halves) -> 0",
+    "two_pairs, axial (head 128) -> 2 (two pairs on one storage root)",
+    "every other kind, with head 128 -> 1 (rotated outputs, pointwise roots of transposed "
+    "tensors, as_strided / select / permute views with last stride 1 included)",
+    "odd ops, dtype, style, partial rotary and output mode never change the count",
+)
+
+
+@dataclass
+class LayoutProgram:
+    kind: str
+    variant: str  # the kind's sub-layout (e.g. "mm" / "input" projection)
+    is_neox: bool
+    head_size: int
+    rotary_dim: int
+    dtype: torch.dtype
+    num_tokens: int  # T (sglang) or S (hf)
+    batch: int  # B (hf)
+    num_q_heads: int
+    num_kv_heads: int
+    odd_ops: tuple[str, ...]
+    out_mode: str
+    seed: int
+    expected_override: int | None = field(default=None, repr=False)  # self-tests only
+
+    @property
+    def form(self) -> str:
+        return "hf" if self.kind in HF_KINDS else "sglang"
+
+    @property
+    def expected_rewrites(self) -> int | None:
+        """The oracle: how many pairs the pass must rewrite (None: either)."""
+        if self.expected_override is not None:
+            return self.expected_override
+        if self.kind in NEVER_REWRITTEN:
+            return 0
+        if self.head_size not in ALIGNED_HEADS:
+            return 0
+        return 2 if self.kind in ("two_pairs", "axial") else 1
+
+    def describe(self) -> str:
+        dt = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[self.dtype]
+        shape = (f"T{self.num_tokens}" if self.form == "sglang"
+                 else f"B{self.batch}S{self.num_tokens}")
+        rot = "full" if self.rotary_dim == self.head_size else f"rot{self.rotary_dim}"
+        parts = [self.kind, self.variant, "neox" if self.is_neox else "gptj",
+                 f"D{self.head_size}", rot, dt, shape,
+                 f"H{self.num_q_heads}/{self.num_kv_heads}", self.out_mode]
+        parts += list(self.odd_ops)
+        parts.append(f"seed{self.seed}")
+        return "-".join(parts)
+
+
+_VARIANTS = {
+    "qkv_split": ("input", "mm"),
+    "graph_inputs": ("3d", "flat"),
+    "intermediate": ("pointwise", "split_of_computed"),
+    "select": ("stacked", "qkv_view"),
+    "as_strided_input": ("dense", "padded"),
+    "as_strided_intermediate": ("dense", "padded"),
+    "rotated_outputs": ("input", "mm"),
+    "two_pairs": ("input", "mm"),
+    "axial": ("input", "mm"),
+    "hf_projection": ("input", "mm"),
+}
+
+
+def draw_program(seed: int) -> LayoutProgram:
+    """The program of ``seed`` (deterministic; drawn uniformly over the layout kinds)."""
+    rng = random.Random(seed)
+    kind = rng.choice(KINDS)
+    variant = rng.choice(_VARIANTS.get(kind, ("plain",)))
+    form = "hf" if kind in HF_KINDS else "sglang"
+    head = rng.choice((128, 128, 128, 64))
+    is_neox = True if form == "hf" else rng.random() < 0.6
+    partial = kind != "axial" and rng.random() < 0.3
+    rot = head if not partial else rng.choice((head // 2, head // 4))
+    dtype = rng.choice((torch.float32,) * 6 + (torch.float16, torch.bfloat16))
+    hq = rng.choice((1, 2, 4))
+    hk = rng.choice([h for h in (1, 2, 4) if hq % h == 0])
+    if kind in ("unbind_interleave", "select"):
+        hk = hq
+    if kind in ("transposed_input", "expand_k", "hf_expand_k"):
+        hq = max(hq, 2)  # a size-1 heads dim would make the layout trivially dense
+        hk = rng.choice([h for h in (1, 2) if hq % h == 0]) if kind != "transposed_input" \
+            else max(hk, 2)
+        if kind == "transposed_input" and hq % hk:
+            hk = hq
+    tokens = rng.randint(2 if kind == "hf_transposed" else 1, 6)
+    odd = tuple(op for op in ODD_OPS if rng.random() < 0.25)
+    out_mode = "outputs" if kind == "rotated_outputs" else rng.choice(OUT_MODES)
+    return LayoutProgram(kind=kind, variant=variant, is_neox=is_neox, head_size=head,
+                         rotary_dim=rot, dtype=dtype, num_tokens=tokens,
+                         batch=rng.choice((1, 2)), num_q_heads=hq, num_kv_heads=hk,
+                         odd_ops=odd, out_mode=out_mode, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# the RoPE spellings
+
+
+def rope_native(x, cache, positions, rot: int, is_neox: bool):
+    """sglang ``forward_native`` RoPE of ``x [T, H, D]`` (first ``rot`` features)."""
+    cos, sin = cache.index_select(0, positions).chunk(2, -1)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    partial = rot < x.shape[-1]
+    x_rot = x[..., :rot] if partial else x
+    if is_neox:
+        x1, x2 = x_rot.chunk(2, -1)
+    else:
+        x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    out = torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2)
+    return torch.cat((out, x[..., rot:]), -1) if partial else out
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_hf(x, cos, sin, rot: int):
+    """HF RoPE of ``x [B, H, S, D]`` with ``cos``/``sin`` ``[B, S, rot]`` tables."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if rot < x.shape[-1]:
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), -1)
+    return x * cos + rotate_half(x) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# programs
+
+
+def _uniform(g, shape, dtype=torch.float32):
+    return (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+
+def _selection(g, rows: int, width: int, dtype):
+    """A signed selection matrix: ``x @ w`` is exact in every dtype."""
+    w = torch.zeros(rows, width, dtype=torch.float64)
+    w[torch.randint(0, rows, (width,), generator=g), torch.arange(width)] = (
+        torch.randint(0, 2, (width,), generator=g) * 2 - 1).double()
+    return w.to(dtype)
+
+
+class _Inputs:
+    def __init__(self, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.named: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.named[name] = tensor
+
+
+def build_program(p: LayoutProgram, device: str = "cpu"):
+    """(fn, args): ``fn(*args)`` returns a tuple of tensors."""
+    inp = _Inputs(p.seed)
+    body = _build_sglang(p, inp) if p.form == "sglang" else _build_hf(p, inp)
+    _add_odd_inputs(p, inp)
+    names = list(inp.named)
+
+    def fn(*tensors):
+        env = dict(zip(names, tensors, strict=True))
+        outs = body(env)
+        outs += _odd_outputs(p, env)
+        return tuple(outs)
+
+    args = tuple(t.to(device) for t in inp.named.values())
+    return fn, args
+
+
+def _emit(p: LayoutProgram, rq, rk, outs: list) -> None:
+    if p.out_mode == "consumed":
+        outs += [rq * 2.0, rk + 1.0]
+    elif p.out_mode == "outputs":
+        outs += [rq, rk]
+    else:
+        outs += [rq, rk * 2.0]
+
+
+def _projection(p: LayoutProgram, inp: _Inputs, lead: tuple[int, ...], width: int):
+    """Adds the projection inputs; returns f(env) -> the projection [*lead, width]."""
+    if p.variant == "mm":
+        inp.add("x", _uniform(inp.g, (*lead, HIDDEN), p.dtype))
+        inp.add("w", _selection(inp.g, HIDDEN, width, p.dtype))
+        return lambda e: e["x"] @ e["w"]
+    inp.add("qkv", _uniform(inp.g, (*lead, width), p.dtype))
+    return lambda e: e["qkv"]
+
+
+def _build_sglang(p: LayoutProgram, inp: _Inputs):
+    t, hq, hk, d, rot, dt = (p.num_tokens, p.num_q_heads, p.num_kv_heads, p.head_size,
+                             p.rotary_dim, p.dtype)
+    g = inp.g
+    inp.add("positions", torch.randint(0, MAX_POS, (t,), generator=g))
+    cache_width = d // 2 if p.kind == "axial" else rot
+    inp.add("cache", _uniform(g, (MAX_POS, cache_width)))
+    kind, variant = p.kind, p.variant
+    make_qk = None  # env, outs -> list of (q, k) pairs [T, H, D]
+
+    if kind in ("qkv_split", "rotated_outputs", "axial"):
+        proj = _projection(p, inp, (t,), (hq + 2 * hk) * d)
+
+        def make_qk(e, outs):
+            q, k, v = proj(e).split([hq * d, hk * d, hk * d], -1)
+            outs.append(v * 1 if p.out_mode == "consumed" else v)
+            return [(q.view(t, hq, d), k.view(t, hk, d))]
+    elif kind == "two_pairs":
+        proj = _projection(p, inp, (t,), 2 * (hq + hk) * d)
+
+        def make_qk(e, outs):
+            q, k, q2, k2 = proj(e).split([hq * d, hk * d] * 2, -1)
+            return [(q.view(t, hq, d), k.view(t, hk, d)), (q2.view(t, hq, d), k2.view(t, hk, d))]
+    elif kind == "graph_inputs":
+        if variant == "3d":
+            inp.add("a", _uniform(g, (t, hq, d), dt))
+            inp.add("b", _uniform(g, (t, hk, d), dt))
+            make_qk = lambda e, outs: [(e["a"], e["b"])]
+        else:
+            inp.add("a", _uniform(g, (t, hq * d), dt))
+            inp.add("b", _uniform(g, (t, hk * d), dt))
+            make_qk = lambda e, outs: [(e["a"].view(t, hq, d), e["b"].view(t, hk, d))]
+    elif kind == "intermediate":
+        if variant == "pointwise":
+            inp.add("a", _uniform(g, (t, hq, d), dt))
+            inp.add("b", _uniform(g, (t, hk, d), dt))
+            make_qk = lambda e, outs: [(e["a"] * 2.0, e["b"] + 1.0)]
+        else:
+            inp.add("a", _uniform(g, (t, (hq + hk) * d), dt))
+
+            def make_qk(e, outs):
+                q, k = (e["a"] * 2.0).split([hq * d, hk * d], -1)
+                return [(q.view(t, hq, d), k.view(t, hk, d))]
+    elif kind == "transposed_input":
+        inp.add("a", _uniform(g, (t, d, hq), dt))
+        inp.add("b", _uniform(g, (t, d, hk), dt))
+        make_qk = lambda e, outs: [(e["a"].transpose(1, 2), e["b"].transpose(1, 2))]
+    elif kind == "permuted_input":
+        inp.add("a", _uniform(g, (hq, t, d), dt))
+        inp.add("b", _uniform(g, (hk, t, d), dt))
+        make_qk = lambda e, outs: [(e["a"].permute(1, 0, 2), e["b"].permute(1, 0, 2))]
+    elif kind == "unbind_interleave":
+        inp.add("qk", _uniform(g, (t, hq * d * 2), dt))
+
+        def make_qk(e, outs):
+            return [tuple(e["qk"].view(t, hq, d, 2).unbind(-1))]
+    elif kind == "select":
+        if variant == "stacked":
+            inp.add("s", _uniform(g, (2, t, hq, d), dt))
+            make_qk = lambda e, outs: [(e["s"][0], e["s"][1])]
+        else:
+            inp.add("qkv", _uniform(g, (t, 3 * hq * d), dt))
+
+            def make_qk(e, outs):
+                qkv = e["qkv"].view(t, 3, hq, d)
+                outs.append(qkv.select(1, 2) * 1)
+                return [(qkv.select(1, 0), qkv.select(1, 1))]
+    elif kind == "expand_k":
+        inp.add("a", _uniform(g, (t, hq, d), dt))
+        inp.add("b", _uniform(g, (t, 1, d), dt))
+        make_qk = lambda e, outs: [(e["a"], e["b"].expand(t, hq, d))]
+    elif kind in ("as_strided_input", "as_strided_intermediate"):
+        pad = 16 if variant == "padded" else 0
+        stride = (hq + hk) * d + pad
+        inp.add("buf", _uniform(g, (t * stride,), dt))
+
+        def make_qk(e, outs):
+            buf = e["buf"] if kind == "as_strided_input" else e["buf"] * 1.5
+            q = buf.as_strided((t, hq, d), (stride, d, 1), 0)
+            k = buf.as_strided((t, hk, d), (stride, d, 1), hq * d)
+            return [(q, k)]
+    elif kind == "pointwise_root_transposed":
+        inp.add("a", _uniform(g, (hq, t, d), dt))
+        inp.add("b", _uniform(g, (hk, t, d), dt))
+        make_qk = lambda e, outs: [(e["a"].transpose(0, 1) * 2.0, e["b"].transpose(0, 1) * 3.0)]
+    else:
+        raise ValueError(kind)
+
+    if kind == "axial":
+        inp.add("cache2", _uniform(g, (MAX_POS, d // 2)))
+        inp.add("positions2", torch.randint(0, MAX_POS, (t,), generator=g))
+
+    def body(e):
+        outs: list = []
+        positions = e["positions"]
+        if "int_positions" in p.odd_ops:
+            positions = (positions + POS_OFFSET) % MAX_POS
+        pairs = make_qk(e, outs)
+        half = d // 2
+
+        def axial(x):
+            return torch.cat((
+                rope_native(x[..., :half], e["cache"], positions, half, p.is_neox),
+                rope_native(x[..., half:], e["cache2"], e["positions2"], half, p.is_neox)), -1)
+
+        for q, k in pairs:
+            if kind == "axial":
+                rq, rk = axial(q), axial(k)
+            else:
+                rq = rope_native(q, e["cache"], positions, rot, p.is_neox)
+                rk = rope_native(k, e["cache"], positions, rot, p.is_neox)
+            _emit(p, rq, rk, outs)
+        return outs
+
+    return body
+
+
+def _build_hf(p: LayoutProgram, inp: _Inputs):
+    b, s, hq, hk, d, rot, dt = (p.batch, p.num_tokens, p.num_q_heads, p.num_kv_heads,
+                                p.head_size, p.rotary_dim, p.dtype)
+    g = inp.g
+    inp.add("position_ids", torch.randint(0, MAX_POS, (b, s), generator=g))
+    inp.add("inv_freq", 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot)))
+    kind = p.kind
+    if kind == "hf_projection":
+        proj = _projection(p, inp, (b, s), (hq + 2 * hk) * d)
+
+        def make_qk(e, outs):
+            q, k, v = proj(e).split([hq * d, hk * d, hk * d], -1)
+            outs.append(v * 1 if p.out_mode == "consumed" else v)
+            return (q.view(b, s, hq, d).transpose(1, 2), k.view(b, s, hk, d).transpose(1, 2))
+    elif kind in ("hf_inputs", "hf_unequal_halves"):
+        inp.add("q", _uniform(g, (b, hq, s, d), dt))
+        inp.add("k", _uniform(g, (b, hk, s, d), dt))
+        make_qk = lambda e, outs: (e["q"], e["k"])
+    elif kind == "hf_expand_k":
+        inp.add("q", _uniform(g, (b, hq, s, d), dt))
+        inp.add("k", _uniform(g, (b, 1, s, d), dt))
+        make_qk = lambda e, outs: (e["q"], e["k"].expand(b, hq, s, d))
+    elif kind == "hf_transposed":
+        inp.add("q", _uniform(g, (b, hq, d, s), dt))
+        inp.add("k", _uniform(g, (b, hk, d, s), dt))
+        make_qk = lambda e, outs: (e["q"].transpose(2, 3), e["k"].transpose(2, 3))
+    else:
+        raise ValueError(kind)
+
+    def body(e):
+        outs: list = []
+        position_ids = e["position_ids"]
+        if "int_positions" in p.odd_ops:
+            position_ids = position_ids + POS_OFFSET
+        inv_freq = e["inv_freq"]
+        freqs = position_ids[:, :, None].to(inv_freq.dtype) * inv_freq[None, None, :]
+        second = freqs * 1.5 if kind == "hf_unequal_halves" else freqs
+        emb = torch.cat((freqs, second), -1)
+        q, k = make_qk(e, outs)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        _emit(p, rope_hf(q, cos, sin, rot), rope_hf(k, cos, sin, rot), outs)
+        return outs
+
+    return body
+
+
+def _add_odd_inputs(p: LayoutProgram, inp: _Inputs) -> None:
+    if "zero_d" in p.odd_ops:
+        inp.add("scale", torch.tensor(3.0))
+        inp.add("table", _uniform(inp.g, (4,)))
+    if "inplace_unrelated" in p.odd_ops:
+        inp.add("u", _uniform(inp.g, (4, 8)))
+
+
+def _odd_outputs(p: LayoutProgram, env: dict) -> list:
+    outs = []
+    if "zero_d" in p.odd_ops:
+        outs.append(env["scale"] * env["table"].unsqueeze(0) + env["scale"])
+    if "empty" in p.odd_ops:
+        first = next(t for t in env.values() if t.is_floating_point())
+        outs.append(first[:0].sum() + torch.zeros(0, device=first.device).sum())
+    if "inplace_unrelated" in p.odd_ops:
+        t = env["u"].clone()
+        t.add_(1)
+        t.mul_(2.0)
+        outs.append(t)
+    return outs
+
+
+# --------------------------------------------------------------------------------------------
+# the checker
+
+# (atol, rtol) against eager and against float64, by output dtype.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float64: (1e-4, 1e-4),
+    torch.float16: (8e-3, 8e-3),
+    torch.bfloat16: (6e-2, 6e-2),
+}
+
+
+def compile_options(device: str) -> dict:
+    return {"devices": ("cpu",), "strict": True} if device == "cpu" else {}
+
+
+@dataclass
+class Result:
+    program: LayoutProgram
+    expected: int | None
+    rewritten: int = 0
+    failures: list[str] = field(default_factory=list)  # "category: message"
+    counters: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    inductor_only: bool = False  # the failures reproduce without the pass
+
+    @property
+    def categories(self) -> set[str]:
+        return {f.split(":", 1)[0] for f in self.failures}
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures) and not self.inductor_only
+
+
+def _to64(args):
+    return tuple(a.double() if a.is_floating_point() else a for a in args)
+
+
+def _value_and_layout_failures(outs, eager, ref64) -> list[str]:
+    found = []
+    if not isinstance(outs, tuple) or len(outs) != len(eager):
+        return [f"values: {len(outs)} outputs, eager has {len(eager)}"]
+    for i, (out, e, r) in enumerate(zip(outs, eager, ref64, strict=True)):
+        if out.shape != e.shape or out.dtype != e.dtype:
+            found.append(f"values: output {i} is {out.dtype}{list(out.shape)}, eager "
+                         f"{e.dtype}{list(e.shape)}")
+            continue
+        atol, rtol = TOLERANCES.get(e.dtype, (0, 0))
+        got = out.detach().cpu()
+        if e.is_floating_point():
+            for what, want in (("eager", e.cpu()), ("float64", r.cpu().to(e.dtype))):
+                if not torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol):
+                    err = (got.double() - want.double()).abs().max().item()
+                    found.append(f"values: output {i} differs from {what} (max abs error "
+                                 f"{err:.3g})")
+                    break
+        elif not torch.equal(got, e.cpu()):
+            found.append(f"values: integer output {i} differs from eager")
+        if out.stride() != e.stride():
+            found.append(f"strides: output {i} has strides {out.stride()}, eager {e.stride()}")
+    return found
+
+
+def _run_compiled(fn, args, backend: str, options: dict | None):
+    """(outputs, counters, error message)."""
+    with fresh_compile():
+        try:
+            kwargs = {"options": options} if options is not None else {}
+            outs = torch.compile(fn, backend=backend, **kwargs)(*[a.clone() for a in args])
+            return outs, rope_counters(), None
+        except Exception as err:  # noqa: BLE001  (any compile error is a finding)
+            message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            return None, rope_counters(), message
+
+
+def check_program(p: LayoutProgram, device: str = "cpu", control: bool = True) -> Result:
+    """Compile ``p`` with the pass and check the 4-part property; ``control``: re-run a failure
+    with plain Inductor to tell Inductor's own behaviour from the pass's."""
+    start = time.perf_counter()
+    result = Result(p, p.expected_rewrites)
+    fn, args = build_program(p, device)
+    snapshot = [a.clone() for a in args]
+    eager = fn(*[a.clone() for a in args])
+    ref64 = fn(*_to64(args))
+    outs, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device))
+    result.counters = seen
+    result.rewritten = seen.get("rewritten", 0)
+    if error is not None:
+        result.failures.append(f"compile: {error}")
+    for key in ("pass_errors", "candidate_errors"):
+        if seen.get(key):
+            result.failures.append(f"pass_errors: counters[{key!r}] = {seen[key]}")
+    if outs is not None:
+        result.failures += _value_and_layout_failures(outs, eager, ref64)
+    for i, (a, s) in enumerate(zip(args, snapshot, strict=True)):
+        if not torch.equal(a, s):
+            result.failures.append(f"values: input {i} was modified")
+    if result.expected is not None and error is None and result.rewritten != result.expected:
+        direction = "missed" if result.rewritten < result.expected else "unexpected"
+        result.failures.append(f"oracle_{direction}: {result.rewritten} pair(s) rewritten, "
+                               f"expected {result.expected}; skips: "
+                               f"{sorted(k for k in seen if k.startswith('skipped'))}")
+    pass_caused = {"compile", "pass_errors", "oracle_missed", "oracle_unexpected"}
+    if control and result.failures and not (result.categories & pass_caused):
+        # Values / strides only: does plain Inductor do the same?
+        base_outs, _, base_error = _run_compiled(fn, args, "inductor", None)
+        if base_error is None:
+            base = _value_and_layout_failures(base_outs, eager, ref64)
+            if {f.split(":", 1)[0] for f in base} >= result.categories:
+                result.inductor_only = True
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def new_stats(device: str) -> dict:
+    return {
+        "device": device, "torch": torch.__version__, "programs": 0, "failed_programs": 0,
+        "inductor_only_programs": 0, "expected_rewrites": 0, "rewrites": 0,
+        "oracle_unspecified": 0, "wrong_values": 0, "stride_mismatches": 0,
+        "compile_failures": 0, "pass_errors": 0, "oracle_missed": 0, "oracle_unexpected": 0,
+        "seconds": 0.0, "by_kind": {}, "by_form": {}, "by_dtype": {}, "odd_ops": {},
+        "failures": [],
+    }
+
+
+def record(stats: dict, r: Result) -> None:
+    p = r.program
+    stats["programs"] += 1
+    stats["seconds"] += r.seconds
+    if r.expected is None:
+        stats["oracle_unspecified"] += 1
+    else:
+        stats["expected_rewrites"] += r.expected
+    stats["rewrites"] += r.rewritten
+    cats = r.categories
+    if r.inductor_only:
+        stats["inductor_only_programs"] += 1
+    elif r.failures:
+        stats["failed_programs"] += 1
+        for cat, key in (("values", "wrong_values"), ("strides", "stride_mismatches"),
+                         ("compile", "compile_failures"), ("pass_errors", "pass_errors"),
+                         ("oracle_missed", "oracle_missed"),
+                         ("oracle_unexpected", "oracle_unexpected")):
+            stats[key] += int(cat in cats)
+    if r.failures:
+        stats["failures"].append({"seed": p.seed, "program": p.describe(),
+                                  "inductor_only": r.inductor_only, "failures": r.failures})
+    kind = stats["by_kind"].setdefault(p.kind, {"programs": 0, "expected_rewrites": 0,
+                                                "rewrites": 0, "failed": 0})
+    kind["programs"] += 1
+    kind["expected_rewrites"] += r.expected or 0
+    kind["rewrites"] += r.rewritten
+    kind["failed"] += int(r.failed)
+    for table, key in (("by_form", p.form), ("by_dtype", str(p.dtype).replace("torch.", ""))):
+        stats[table][key] = stats[table].get(key, 0) + 1
+    for op in p.odd_ops:
+        stats["odd_ops"][op] = stats["odd_ops"].get(op, 0) + 1
+
+
+def summary(stats: dict) -> str:
+    n = max(stats["programs"], 1)
+    lines = [
+        f"layout fuzz ({stats['device']}, torch {stats['torch']}): {stats['programs']} programs, "
+        f"{stats['failed_programs']} failed, {stats['inductor_only_programs']} inductor-only; "
+        f"{stats['seconds']:.0f} s ({stats['seconds'] / n:.2f} s/program)",
+        f"  rewrites: expected {stats['expected_rewrites']}, done {stats['rewrites']}; oracle "
+        f"missed {stats['oracle_missed']}, unexpected {stats['oracle_unexpected']}, "
+        f"unspecified {stats['oracle_unspecified']}",
+        f"  wrong values {stats['wrong_values']}, stride mismatches "
+        f"{stats['stride_mismatches']}, compile failures {stats['compile_failures']}, "
+        f"pass errors {stats['pass_errors']}",
+        "  by kind: " + ", ".join(
+            f"{k} {v['programs']} ({v['rewrites']}/{v['expected_rewrites']} rw"
+            + (f", {v['failed']} FAILED" if v["failed"] else "") + ")"
+            for k, v in sorted(stats["by_kind"].items())),
+        f"  forms {stats['by_form']}, dtypes {stats['by_dtype']}, odd ops {stats['odd_ops']}",
+    ]
+    return "\n".join(lines)
+
+
+def run(device: str, programs: int, seed: int, fail_fast: bool = False, log=print) -> dict:
+    stats = new_stats(device)
+    for i in range(programs):
+        p = draw_program(seed + i)
+        r = check_program(p, device)
+        record(stats, r)
+        if r.failures:
+            tag = "INDUCTOR-ONLY" if r.inductor_only else "FAIL"
+            log(f"{tag} seed={p.seed} {p.describe()}: " + " | ".join(r.failures))
+            if fail_fast and r.failed:
+                break
+    return stats
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--programs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the statistics as JSON here")
+    parser.add_argument("--fail-fast", action="store_true")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    stats = run(args.device, args.programs, args.seed, args.fail_fast,
+                log=lambda line: print(line, flush=True))
+    stats["seed"], stats["requested_programs"] = args.seed, args.programs
+    print(summary(stats))
+    if args.out:
+        Path(args.out).write_text(json.dumps(stats, indent=1, default=str))
+    return 1 if stats["failed_programs"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
