@@ -79,9 +79,11 @@ SGLANG_KINDS = (
     "transposed_input",          # q = a.transpose(1, 2): last stride H, not 1
     "permuted_input",            # q = a.permute(1, 0, 2) of an [H, T, D] input: last stride 1
     "unbind_interleave",         # q, k = qk.view(T, H, D, 2).unbind(-1): last stride 2
-    "select",                    # q = s[0], k = s[1], or qkv.view(T, 3, H, D).select(1, i)
+    "select",                    # q = s[0], k = s[1]; qkv.view(T, 3, H, D).select(1, i);
+                                 # qkv.view(T, H, 3, D)[:, :, i]; x[:, :H], x[:, H:]
     "expand_k",                  # k = k1.expand(T, H, D): stride-0 heads (GQA expand)
-    "as_strided_input",          # q, k = as_strided views of a 1-D input
+    "as_strided_input",          # q, k = as_strided views of a 1-D input (variant overlap:
+                                 # k overlaps q by half a head: never rewritten)
     "as_strided_intermediate",   # q, k = as_strided views of a computed buffer
     "pointwise_root_transposed",  # q = a.transpose(0, 1) * 2.0
     "rotated_outputs",           # qkv split, rotated q, k returned beside v
@@ -94,10 +96,17 @@ HF_KINDS = (
     "hf_unequal_halves",         # angles cat((f, 1.5 f), -1): not RoPE with one table
     "hf_expand_k",               # k = k1.expand(B, H, S, D): stride-0 heads
     "hf_transposed",             # q = a.transpose(2, 3) of [B, H, D, S]: last stride S
+    "hf_seq_first",              # q = a.permute(1, 2, 0, 3) of [S, B, H, D]: the token dims
+                                 # (B, S) merge into one only if B == 1 or S == 1
 )
 KINDS = SGLANG_KINDS + HF_KINDS
 ODD_OPS = ("zero_d", "empty", "int_positions", "inplace_unrelated")
-OUT_MODES = ("consumed", "outputs", "mixed")
+# consumed: only pointwise results of the rotated q/k are outputs; outputs: the rotated q/k are
+# graph outputs; mixed: rotated q and a result of k; with_pre: rotated q/k and the pre-RoPE
+# q/k views themselves (outputs aliasing the inputs / the projection).
+# reshaped: the rotated q/k flattened back to [T, H*D] ([B, S, H*D] for hf), as forward_native
+# returns them.
+OUT_MODES = ("consumed", "outputs", "mixed", "with_pre", "reshaped")
 
 # Layout kinds whose q/k layout (or table) the fused op cannot take: never rewritten.
 NEVER_REWRITTEN = {
@@ -108,13 +117,21 @@ NEVER_REWRITTEN = {
     "hf_expand_k": "k has stride-0 heads (expanded)",
     "hf_transposed": "x's last stride is S, not 1",
 }
+NEVER_REWRITTEN_VARIANTS = {
+    ("as_strided_input", "overlap"): "q and k overlap in memory",
+}
 ORACLE_RULES = (
     "kinds in NEVER_REWRITTEN -> 0 (the reason is in the table)",
     "head size not in the pass's head sizes (64; axial: 64 heads rotate 32-wide halves) -> 0",
     "two_pairs, axial (head 128) -> 2 (two pairs on one storage root)",
     "every other kind, with head 128 -> 1 (rotated outputs, pointwise roots of transposed "
     "tensors, as_strided / select / permute views with last stride 1 included)",
-    "odd ops, dtype, style, partial rotary and output mode never change the count",
+    "as_strided_input/overlap (q and k share elements) -> 0",
+    "hf_seq_first with B > 1 and S > 1 (token dims do not merge) -> 0, else 1",
+    "hf_inputs (contiguous [B, H, S, D]) with B > 1, S > 1 and H > 1 for q or k: the heads "
+    "dim sits between the token dims, which do not merge -> 0",
+    "odd ops, dtype, style, partial rotary and output mode (pre-RoPE q/k returned too "
+    "included) never change the count",
 )
 
 
@@ -144,10 +161,14 @@ class LayoutProgram:
         """The oracle: how many pairs the pass must rewrite (None: either)."""
         if self.expected_override is not None:
             return self.expected_override
-        if self.kind in NEVER_REWRITTEN:
+        if self.kind in NEVER_REWRITTEN or (self.kind, self.variant) in NEVER_REWRITTEN_VARIANTS:
             return 0
         if self.head_size not in ALIGNED_HEADS:
             return 0
+        if self.batch > 1 and self.num_tokens > 1 and (
+                self.kind == "hf_seq_first"
+                or (self.kind == "hf_inputs" and max(self.num_q_heads, self.num_kv_heads) > 1)):
+            return 0  # x's token dims (B, S) do not merge into one without a copy
         return 2 if self.kind in ("two_pairs", "axial") else 1
 
     def describe(self) -> str:
@@ -164,11 +185,11 @@ class LayoutProgram:
 
 
 _VARIANTS = {
-    "qkv_split": ("input", "mm"),
+    "qkv_split": ("input", "mm", "kqv_order", "token_slice"),
     "graph_inputs": ("3d", "flat"),
     "intermediate": ("pointwise", "split_of_computed"),
-    "select": ("stacked", "qkv_view"),
-    "as_strided_input": ("dense", "padded"),
+    "select": ("stacked", "qkv_view", "heads_interleaved", "head_slices"),
+    "as_strided_input": ("dense", "padded", "overlap"),
     "as_strided_intermediate": ("dense", "padded"),
     "rotated_outputs": ("input", "mm"),
     "two_pairs": ("input", "mm"),
@@ -190,7 +211,7 @@ def draw_program(seed: int) -> LayoutProgram:
     dtype = rng.choice((torch.float32,) * 6 + (torch.float16, torch.bfloat16))
     hq = rng.choice((1, 2, 4))
     hk = rng.choice([h for h in (1, 2, 4) if hq % h == 0])
-    if kind in ("unbind_interleave", "select"):
+    if kind == "unbind_interleave" or (kind == "select" and variant != "head_slices"):
         hk = hq
     if kind in ("transposed_input", "expand_k", "hf_expand_k"):
         hq = max(hq, 2)  # a size-1 heads dim would make the layout trivially dense
@@ -283,11 +304,19 @@ def build_program(p: LayoutProgram, device: str = "cpu"):
     return fn, args
 
 
-def _emit(p: LayoutProgram, rq, rk, outs: list) -> None:
+def _emit(p: LayoutProgram, rq, rk, outs: list, q=None, k=None) -> None:
     if p.out_mode == "consumed":
         outs += [rq * 2.0, rk + 1.0]
     elif p.out_mode == "outputs":
         outs += [rq, rk]
+    elif p.out_mode == "with_pre":
+        outs += [rq, rk, q, k]
+    elif p.out_mode == "reshaped":
+        if p.form == "hf":
+            b, s = rq.shape[0], rq.shape[2]
+            outs += [rq.transpose(1, 2).reshape(b, s, -1), rk.transpose(1, 2).reshape(b, s, -1)]
+        else:
+            outs += [rq.reshape(rq.shape[0], -1), rk.reshape(rk.shape[0], -1)]
     else:
         outs += [rq, rk * 2.0]
 
@@ -312,7 +341,21 @@ def _build_sglang(p: LayoutProgram, inp: _Inputs):
     kind, variant = p.kind, p.variant
     make_qk = None  # env, outs -> list of (q, k) pairs [T, H, D]
 
-    if kind in ("qkv_split", "rotated_outputs", "axial"):
+    if kind == "qkv_split" and variant == "kqv_order":
+        inp.add("kqv", _uniform(g, (t, (hq + 2 * hk) * d), dt))
+
+        def make_qk(e, outs):
+            k, q, v = e["kqv"].split([hk * d, hq * d, hk * d], -1)
+            outs.append(v * 1 if p.out_mode == "consumed" else v)
+            return [(q.view(t, hq, d), k.view(t, hk, d))]
+    elif kind == "qkv_split" and variant == "token_slice":
+        inp.add("qkv", _uniform(g, (t + 2, (hq + 2 * hk) * d), dt))
+
+        def make_qk(e, outs):  # tokens 1 .. T of a T + 2 token projection
+            q, k, v = e["qkv"][1:t + 1].split([hq * d, hk * d, hk * d], -1)
+            outs.append(v * 1 if p.out_mode == "consumed" else v)
+            return [(q.view(t, hq, d), k.view(t, hk, d))]
+    elif kind in ("qkv_split", "rotated_outputs", "axial"):
         proj = _projection(p, inp, (t,), (hq + 2 * hk) * d)
 
         def make_qk(e, outs):
@@ -362,13 +405,23 @@ def _build_sglang(p: LayoutProgram, inp: _Inputs):
         if variant == "stacked":
             inp.add("s", _uniform(g, (2, t, hq, d), dt))
             make_qk = lambda e, outs: [(e["s"][0], e["s"][1])]
-        else:
+        elif variant == "qkv_view":
             inp.add("qkv", _uniform(g, (t, 3 * hq * d), dt))
 
             def make_qk(e, outs):
                 qkv = e["qkv"].view(t, 3, hq, d)
                 outs.append(qkv.select(1, 2) * 1)
                 return [(qkv.select(1, 0), qkv.select(1, 1))]
+        elif variant == "heads_interleaved":
+            inp.add("qkv", _uniform(g, (t, hq * 3 * d), dt))
+
+            def make_qk(e, outs):
+                qkv = e["qkv"].view(t, hq, 3, d)
+                outs.append(qkv[:, :, 2] * 1)
+                return [(qkv[:, :, 0], qkv[:, :, 1])]
+        else:
+            inp.add("x", _uniform(g, (t, hq + hk, d), dt))
+            make_qk = lambda e, outs: [(e["x"][:, :hq], e["x"][:, hq:])]
     elif kind == "expand_k":
         inp.add("a", _uniform(g, (t, hq, d), dt))
         inp.add("b", _uniform(g, (t, 1, d), dt))
@@ -381,7 +434,8 @@ def _build_sglang(p: LayoutProgram, inp: _Inputs):
         def make_qk(e, outs):
             buf = e["buf"] if kind == "as_strided_input" else e["buf"] * 1.5
             q = buf.as_strided((t, hq, d), (stride, d, 1), 0)
-            k = buf.as_strided((t, hk, d), (stride, d, 1), hq * d)
+            k_offset = d // 2 if variant == "overlap" else hq * d
+            k = buf.as_strided((t, hk, d), (stride, d, 1), k_offset)
             return [(q, k)]
     elif kind == "pointwise_root_transposed":
         inp.add("a", _uniform(g, (hq, t, d), dt))
@@ -413,7 +467,7 @@ def _build_sglang(p: LayoutProgram, inp: _Inputs):
             else:
                 rq = rope_native(q, e["cache"], positions, rot, p.is_neox)
                 rk = rope_native(k, e["cache"], positions, rot, p.is_neox)
-            _emit(p, rq, rk, outs)
+            _emit(p, rq, rk, outs, q, k)
         return outs
 
     return body
@@ -441,6 +495,10 @@ def _build_hf(p: LayoutProgram, inp: _Inputs):
         inp.add("q", _uniform(g, (b, hq, s, d), dt))
         inp.add("k", _uniform(g, (b, 1, s, d), dt))
         make_qk = lambda e, outs: (e["q"], e["k"].expand(b, hq, s, d))
+    elif kind == "hf_seq_first":
+        inp.add("q", _uniform(g, (s, b, hq, d), dt))
+        inp.add("k", _uniform(g, (s, b, hk, d), dt))
+        make_qk = lambda e, outs: (e["q"].permute(1, 2, 0, 3), e["k"].permute(1, 2, 0, 3))
     elif kind == "hf_transposed":
         inp.add("q", _uniform(g, (b, hq, d, s), dt))
         inp.add("k", _uniform(g, (b, hk, d, s), dt))
@@ -459,7 +517,7 @@ def _build_hf(p: LayoutProgram, inp: _Inputs):
         emb = torch.cat((freqs, second), -1)
         q, k = make_qk(e, outs)
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-        _emit(p, rope_hf(q, cos, sin, rot), rope_hf(k, cos, sin, rot), outs)
+        _emit(p, rope_hf(q, cos, sin, rot), rope_hf(k, cos, sin, rot), outs, q, k)
         return outs
 
     return body

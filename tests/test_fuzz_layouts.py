@@ -89,8 +89,17 @@ def test_generator_covers_every_layout_kind():
     for kind in fl.KINDS:
         expected = {p.expected_rewrites for p in programs if p.kind == kind
                     and p.head_size == 128}
+        if kind in ("as_strided_input", "hf_seq_first", "hf_inputs"):
+            continue  # by variant / shape, below
         want = 0 if kind in fl.NEVER_REWRITTEN else (2 if kind in ("two_pairs", "axial") else 1)
         assert expected == {want}, (kind, expected)
+    for variant in fl._VARIANTS["as_strided_input"]:
+        expected = {p.expected_rewrites for p in programs if p.kind == "as_strided_input"
+                    and p.variant == variant and p.head_size == 128}
+        assert expected == {0 if variant == "overlap" else 1}, (variant, expected)
+    seq_first = [p for p in programs if p.kind == "hf_seq_first" and p.head_size == 128]
+    assert {p.expected_rewrites for p in seq_first if p.batch > 1 and p.num_tokens > 1} == {0}
+    assert {p.expected_rewrites for p in seq_first if p.batch == 1} == {1}
 
 
 def test_oracle_rules():
@@ -108,6 +117,16 @@ def test_oracle_rules():
     assert expected(kind="axial", head_size=64) == 0
     assert expected(kind="rotated_outputs", head_size=128) == 1
     assert expected(kind="pointwise_root_transposed", head_size=128) == 1
+    assert expected(kind="as_strided_input", variant="dense", head_size=128) == 1
+    assert expected(kind="as_strided_input", variant="overlap", head_size=128) == 0
+    assert expected(kind="select", variant="head_slices", head_size=128) == 1
+    assert expected(kind="hf_seq_first", head_size=128, batch=2, num_tokens=3) == 0
+    assert expected(kind="hf_seq_first", head_size=128, batch=1, num_tokens=3) == 1
+    assert expected(kind="hf_seq_first", head_size=128, batch=2, num_tokens=1) == 1
+    hf = {"kind": "hf_inputs", "head_size": 128, "batch": 2, "num_tokens": 3}
+    assert expected(**hf, num_q_heads=2, num_kv_heads=1) == 0
+    assert expected(**hf, num_q_heads=1, num_kv_heads=1) == 1
+    assert expected(**{**hf, "batch": 1}, num_q_heads=4, num_kv_heads=2) == 1
     for kind in ("transposed_input", "unbind_interleave", "expand_k", "hf_unequal_halves",
                  "hf_expand_k", "hf_transposed"):
         assert expected(kind=kind, head_size=128) == 0, kind
