@@ -271,13 +271,12 @@ def _short_error(err: BaseException) -> str:
 
 
 def _heuristic_config(row: Row, device: str) -> dict:
-    from rope_compile.triton_kernel import choose_config, device_launch_options
+    from rope_compile.triton_kernel import launch_shape
 
-    cfg = choose_config(row.tokens, row.hq, row.hk, row.rot)
-    opts = device_launch_options(torch.device(device).type,
-                                 cfg["block_h"] * 2 * cfg["half_pad"],
-                                 common.DTYPES[row.dtype].itemsize)
-    return {"block_h": cfg["block_h"], "head_splits": cfg["head_splits"], **opts}
+    shape = launch_shape(row.tokens, row.hq, row.hk, row.rot, row.neox,
+                         torch.device(device).type, common.DTYPES[row.dtype].itemsize)
+    return {"block_h": shape.constexprs["BLOCK_H"], "head_splits": shape.head_splits,
+            **shape.options}
 
 
 def _run_row(row: Row, ctx: _Context, impls: Sequence[str], opts: dict, copy_bw: float) -> dict:

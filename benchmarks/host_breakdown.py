@@ -52,15 +52,11 @@ def main() -> None:
     cache = compute_cos_sin_cache(d, 4096).cuda()
     pos = torch.randint(0, 4096, (T,), device="cuda")
     args = (q, k, cache, pos, d, True)
-    cfg = tk.choose_config(T, hq, hk, d)
-    grid = (T, cfg["head_splits"])
+    plan = tk.plan_launch(q, k, cache, pos, d, True)
 
     def raw():
-        tk.fused_qk_rope_kernel[grid](q, k, cache, pos, q.stride(0), q.stride(1), k.stride(0),
-                                      k.stride(1), cache.stride(0), cache.stride(1),
-                                      pos.stride(0), hq, hk, ROT=d, HALF_PAD=d // 2,
-                                      BLOCK_H=cfg["block_h"], IS_NEOX=True, Q_ITERS=1,
-                                      K_ITERS=1, num_warps=4)
+        tk.fused_qk_rope_kernel[plan.grid](q, k, cache, pos, *plan.ints, **plan.constexprs,
+                                           **plan.options)
 
     rows = {
         "raw kernel[grid](...)": raw,

@@ -53,8 +53,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from rope_compile.options import DEFAULT_DEVICES, DEFAULT_HEAD_SIZES, validate_pass_options
-from rope_compile.validation import may_overlap
+from rope_compile.constants import DEFAULT_DEVICES, DEFAULT_HEAD_SIZES
+from rope_compile.layout import may_overlap
+from rope_compile.options import validate_pass_options
+from rope_compile.validation import validate_fused
 
 from .fx_surgery import (
     GraphTransaction,
@@ -329,8 +331,6 @@ def _contiguous(val: torch.Tensor) -> bool:
 def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
     """Prove every fact the fused call relies on and compute the rewrite, without touching the
     graph; raise ``PlanError`` with the reason when a fact cannot be proven."""
-    from rope_compile.ops import validate_fused
-
     rot = q.rotary_dim
     kwargs = {"cos_sin_cache": q.cache, "positions": q.positions, "rotary_dim": rot,
               "is_neox": q.is_neox}

@@ -38,6 +38,8 @@ from typing import NamedTuple
 import torch
 
 from . import validation
+from .constants import GPU_DEVICE_TYPES
+from .validation import generic_views, validate_fused
 
 # Set from ROPE_COMPILE_FAST_LAUNCH and, on first use, from the Triton check below.
 _enabled: bool | None = None if os.environ.get("ROPE_COMPILE_FAST_LAUNCH", "1") != "0" else False
@@ -60,7 +62,7 @@ class _Launch(NamedTuple):
 
 _launches: dict[tuple, _Launch] = {}
 _driver = _knobs = _current_device = None  # Triton's, set by _init
-_FAST_DEVICES = ("cuda", "xpu")  # where the ops launch the Triton kernel
+_FAST_DEVICES = GPU_DEVICE_TYPES  # where the ops launch the Triton kernel
 
 # Devices whose Triton launcher takes a plain int as a pointer argument, which spares it a
 # Python data_ptr() call and a driver pointer query per tensor (CUDA's does; Intel's XPU
@@ -241,14 +243,12 @@ def _launch_first(q, k, cache, positions, rotary_dim, is_neox) -> _Launch:
 
 
 def _first_fused(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> _Launch:
-    from .ops import validate_fused
 
     validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
     return _launch_first(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
 
 
 def _first_generic(query, key, cos_sin_cache, positions, head_size, is_neox) -> _Launch | None:
-    from .ops import generic_views
 
     q, k, flat_positions, rotary_dim = generic_views(positions, query, key, head_size,
                                                      cos_sin_cache)

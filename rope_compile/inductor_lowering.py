@@ -16,6 +16,8 @@ import functools
 
 import torch
 
+from .constants import GPU_DEVICE_TYPES
+
 _registered = False
 
 
@@ -53,7 +55,7 @@ def register_inductor_lowering() -> None:
     if _registered:
         return
     try:
-        import triton
+        import triton  # noqa: F401  (no Triton: the op stays a fallback call)
     except ImportError:
         return
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -62,7 +64,7 @@ def register_inductor_lowering() -> None:
     from torch._inductor.virtualized import V
 
     from . import ops  # noqa: F401  (defines the op)
-    from .triton_kernel import choose_config, device_launch_options
+    from .triton_kernel import launch_shape, runtime_args
 
     op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
     fallback = fallback_handler(op, add_to_fallback_set=False)
@@ -70,9 +72,8 @@ def register_inductor_lowering() -> None:
     @register_lowering(op, type_promotion_kind=None)
     def _lower(q, k, cos_sin_cache, positions, rotary_dim, is_neox):
         device = q.get_device()
-        if device is None or device.type not in ("cuda", "xpu"):
+        if device is None or device.type not in GPU_DEVICE_TYPES:
             return fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
-        sizevars = V.graph.sizevars
         # The cache may be a computed view (HF / gpt-fast tables built by the pass): give it
         # (and positions) a real, contiguous buffer, one per graph that every layer's call
         # shares. q and k are as_strided views of their storage (the op mutates them), so they
@@ -80,32 +81,20 @@ def register_inductor_lowering() -> None:
         cos_sin_cache = _shared_contiguous(cos_sin_cache)
         positions = _shared_contiguous(positions)
         num_tokens, num_q_heads, _ = q.get_size()
-        num_k_heads = k.get_size()[1]
-        q_stride, k_stride = q.get_stride(), k.get_stride()
-        tokens_hint = sizevars.size_hint(num_tokens, fallback=1024)
-        hq, hk = int(num_q_heads), int(num_k_heads)
-        cfg = choose_config(tokens_hint, hq, hk, rotary_dim)
-        block_h, splits = cfg["block_h"], cfg["head_splits"]
-        warps = device_launch_options(device.type, block_h * 2 * cfg["half_pad"],
-                                      q.get_dtype().itemsize)["num_warps"]
-        kernel_idx = kernel_side_table.add_kernel(_kernel_with_warps(warps))
+        hq, hk = int(num_q_heads), int(k.get_size()[1])
+        tokens_hint = V.graph.sizevars.size_hint(num_tokens, fallback=1024)
+        shape = launch_shape(tokens_hint, hq, hk, rotary_dim, is_neox, device.type,
+                             q.get_dtype().itemsize)
+        args = runtime_args(q, k, cos_sin_cache, positions, q_stride=q.get_stride(),
+                            k_stride=k.get_stride(), cache_stride=cos_sin_cache.get_stride(),
+                            positions_stride=positions.get_stride(), num_q_heads=hq,
+                            num_k_heads=hk)
+        kernel_idx = kernel_side_table.add_kernel(_kernel_with_warps(shape.options["num_warps"]))
         ir.UserDefinedTritonKernel(
             kernel_idx=kernel_idx,
-            grid=[(num_tokens, splits, 1)],
+            grid=[(num_tokens, shape.head_splits, 1)],
             tma_descriptor_metadata={},
-            kernel_args={
-                "q_ptr": q, "k_ptr": k, "cache_ptr": cos_sin_cache, "pos_ptr": positions,
-                "q_token_stride": q_stride[0], "q_head_stride": q_stride[1],
-                "k_token_stride": k_stride[0], "k_head_stride": k_stride[1],
-                "cache_row_stride": cos_sin_cache.get_stride()[0],
-                "cache_col_stride": cos_sin_cache.get_stride()[1],
-                "pos_stride": positions.get_stride()[0],
-                "num_q_heads": hq, "num_k_heads": hk,
-                "ROT": rotary_dim, "HALF_PAD": cfg["half_pad"], "BLOCK_H": block_h,
-                "IS_NEOX": bool(is_neox),
-                "Q_ITERS": triton.cdiv(triton.cdiv(hq, block_h), splits),
-                "K_ITERS": triton.cdiv(triton.cdiv(hk, block_h), splits),
-            },
+            kernel_args={**args, **shape.constexprs},
         )
         return None
 

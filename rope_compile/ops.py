@@ -16,31 +16,18 @@ from __future__ import annotations
 import torch
 
 from . import autograd, fast_launch
+from .constants import GPU_DEVICE_TYPES
 from .reference import rope_reference_
-from .validation import (
-    as_token_heads,
+from .validation import (  # noqa: F401  (names and checks re-exported for callers)
+    _FUSED,
+    _GENERIC,
+    FUSED_OP_NAME,
+    GENERIC_OP_NAME,
     check_positions_in_range,
     check_positions_on_device_enabled,
-    check_rope_operands,
+    generic_views,
+    validate_fused,
 )
-
-FUSED_OP_NAME = "rope_compile::fused_qk_rope_with_cos_sin_cache_inplace"
-GENERIC_OP_NAME = "rope_compile::rotary_embedding"
-_FUSED = "fused_qk_rope_with_cos_sin_cache_inplace"
-_GENERIC = "rotary_embedding"
-
-
-def validate_fused(q, k, cos_sin_cache, positions, rotary_dim) -> None:
-    if positions.dim() != 1:
-        raise ValueError(f"{_FUSED}: positions must be 1-D [num_tokens], got shape "
-                         f"{tuple(positions.shape)}")
-    for name, x in (("q", q), ("k", k)):
-        if x.dim() != 3:
-            raise ValueError(f"{_FUSED}: {name} must be [num_tokens, num_heads, rotary_dim], "
-                             f"got shape {tuple(x.shape)}")
-    head_size = min(q.shape[-1], k.shape[-1])
-    check_rope_operands(_FUSED, (("q", q), ("k", k)), cos_sin_cache, positions, rotary_dim,
-                        head_size)
 
 
 def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, op) -> None:
@@ -71,7 +58,7 @@ _LIB.define(
 def _register(name: str, *, cpu, gpu, fake) -> None:
     """CPU kernel, the Triton kernel for CUDA and XPU, and the fake implementation."""
     _LIB.impl(name, cpu, "CPU")
-    for dispatch_key in ("CUDA", "XPU"):
+    for dispatch_key in (device.upper() for device in GPU_DEVICE_TYPES):
         _LIB.impl(name, gpu, dispatch_key)
     torch.library.register_fake(f"rope_compile::{name}", fake, lib=_LIB)
 
@@ -93,19 +80,6 @@ def _fused_qk_rope_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> 
 
 _register(_FUSED, cpu=_fused_qk_rope_cpu, gpu=_fused_qk_rope_triton, fake=_fused_qk_rope_fake)
 fused_qk_rope_op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
-
-
-def generic_views(positions, query, key, head_size, cos_sin_cache):
-    if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2:
-        raise ValueError(f"{_GENERIC}: cos_sin_cache must be [max_position, rotary_dim]")
-    num_tokens = positions.numel()
-    q = as_token_heads(_GENERIC, "query", query, num_tokens, head_size)
-    k = as_token_heads(_GENERIC, "key", key, num_tokens, head_size)
-    rotary_dim = cos_sin_cache.shape[1]
-    flat_positions = positions.reshape(-1)
-    check_rope_operands(_GENERIC, (("query", q), ("key", k)), cos_sin_cache, flat_positions,
-                        rotary_dim, head_size)
-    return q, k, flat_positions, rotary_dim
 
 
 def _rotary_embedding_cpu(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:

@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 
-# Head sizes the fused kernel path is taken for (as sgl-kernel-xpu): the pass's default.
-DEFAULT_HEAD_SIZES: tuple[int, ...] = (128, 256, 512)
-# Device types the Triton kernel runs on.
-GPU_DEVICE_TYPES: tuple[str, ...] = ("xpu", "cuda")
-# Device types whose graphs the pass rewrites by default ("cpu" forces it on for CPU graphs).
-DEFAULT_DEVICES: tuple[str, ...] = GPU_DEVICE_TYPES
-# Every device type the ``devices`` option may name.
-KNOWN_DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "xpu")
+from .constants import (  # noqa: F401  (re-exported)
+    DEFAULT_DEVICES,
+    DEFAULT_HEAD_SIZES,
+    GPU_DEVICE_TYPES,
+    KNOWN_DEVICE_TYPES,
+)
+
 # Keys of the backend's ``options`` that are the pass's; every other key is an Inductor patch.
 PASS_OPTIONS: tuple[str, ...] = ("head_sizes", "devices", "strict")
 

@@ -165,6 +165,58 @@ def choose_config(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_di
     return {"half_pad": half_pad, "block_h": block_h, "head_splits": head_splits}
 
 
+# The kernel's runtime arguments, in its signature's order (a test checks it against the
+# signature): the four tensors, then the integers. Everything else is a constexpr.
+RUNTIME_ARGS = ("q_ptr", "k_ptr", "cache_ptr", "pos_ptr",
+                "q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
+                "cache_row_stride", "cache_col_stride", "pos_stride",
+                "num_q_heads", "num_k_heads")
+
+
+def runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, cache_stride,
+                 positions_stride, num_q_heads, num_k_heads) -> dict:
+    """``RUNTIME_ARGS`` -> value, in order. The tensors may be torch tensors or Inductor IR
+    nodes (the lowering), so their strides and head counts are passed in."""
+    values = (q, k, cos_sin_cache, positions, q_stride[0], q_stride[1], k_stride[0],
+              k_stride[1], cache_stride[0], cache_stride[1], positions_stride[0],
+              num_q_heads, num_k_heads)
+    return dict(zip(RUNTIME_ARGS, values, strict=True))
+
+
+class LaunchShape(NamedTuple):
+    """How one launch is cut: ``grid = (num_tokens, head_splits)``, the constexprs and the
+    options (warps). The one place that maps sizes to them (eager launch, fast path, Inductor
+    lowering and benchmarks all build from :func:`launch_shape`)."""
+
+    head_splits: int
+    constexprs: dict
+    options: dict
+
+
+def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim: int,
+                 is_neox: bool, device_type: str, elem_bytes: int, *,
+                 block_h: int | None = None, head_splits: int | None = None,
+                 num_warps: int | None = None) -> LaunchShape:
+    """``num_tokens`` may be a hint (the lowering's symbolic token count); ``block_h``,
+    ``head_splits`` and ``num_warps`` override the heuristics (for benchmarks)."""
+    cfg = choose_config(num_tokens, num_q_heads, num_k_heads, rotary_dim)
+    block_h = block_h or cfg["block_h"]
+    head_splits = head_splits or cfg["head_splits"]
+    options = device_launch_options(device_type, block_h * 2 * cfg["half_pad"], elem_bytes)
+    if num_warps is not None:
+        options["num_warps"] = num_warps
+    constexprs = {
+        "ROT": rotary_dim,
+        "HALF_PAD": cfg["half_pad"],
+        "BLOCK_H": block_h,
+        "IS_NEOX": bool(is_neox),
+        # Head blocks each program walks, for q and for k.
+        "Q_ITERS": triton.cdiv(triton.cdiv(num_q_heads, block_h), head_splits),
+        "K_ITERS": triton.cdiv(triton.cdiv(num_k_heads, block_h), head_splits),
+    }
+    return LaunchShape(head_splits, constexprs, options)
+
+
 class LaunchPlan(NamedTuple):
     """Everything one launch needs besides the four tensors: ``fused_qk_rope_kernel[grid](q, k,
     cos_sin_cache, positions, *ints, **constexprs, **options)``."""
@@ -190,24 +242,15 @@ def plan_launch(
     """Grid, integer arguments, constexprs and options for q ``[T, Hq, D]``, k ``[T, Hk, D]``.
     ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (for benchmarks)."""
     num_tokens, num_q_heads, num_k_heads = q.shape[0], q.shape[1], k.shape[1]
-    cfg = choose_config(num_tokens, num_q_heads, num_k_heads, rotary_dim)
-    block_h = block_h or cfg["block_h"]
-    head_splits = head_splits or cfg["head_splits"]
-    options = device_launch_options(q.device.type, block_h * 2 * cfg["half_pad"],
-                                    q.element_size())
-    if num_warps is not None:
-        options["num_warps"] = num_warps
-    ints = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-            cos_sin_cache.stride(1), positions.stride(0), num_q_heads, num_k_heads)
-    constexprs = {
-        "ROT": rotary_dim,
-        "HALF_PAD": cfg["half_pad"],
-        "BLOCK_H": block_h,
-        "IS_NEOX": is_neox,
-        "Q_ITERS": triton.cdiv(triton.cdiv(num_q_heads, block_h), head_splits),
-        "K_ITERS": triton.cdiv(triton.cdiv(num_k_heads, block_h), head_splits),
-    }
-    return LaunchPlan((num_tokens, head_splits), ints, constexprs, options)
+    shape = launch_shape(num_tokens, num_q_heads, num_k_heads, rotary_dim, is_neox,
+                         q.device.type, q.element_size(), block_h=block_h,
+                         head_splits=head_splits, num_warps=num_warps)
+    args = runtime_args(q, k, cos_sin_cache, positions, q_stride=q.stride(),
+                        k_stride=k.stride(), cache_stride=cos_sin_cache.stride(),
+                        positions_stride=positions.stride(), num_q_heads=num_q_heads,
+                        num_k_heads=num_k_heads)
+    ints = tuple(args.values())[4:]
+    return LaunchPlan((num_tokens, shape.head_splits), ints, shape.constexprs, shape.options)
 
 
 def launch_fused_qk_rope(

@@ -44,6 +44,14 @@ def test_enabled_exactly_when_kernels_are_compiled():
     assert fast_launch.fast_launch_enabled() == (not tk.is_interpreter())
 
 
+def test_one_launch_description_matches_the_kernel_signature():
+    """RUNTIME_ARGS then the constexprs of launch_shape are exactly the kernel's parameters,
+    in order: the eager launch, the fast path and the Inductor lowering all build from them."""
+    names = tk.fused_qk_rope_kernel.arg_names
+    shape = tk.launch_shape(7, 4, 2, 64, True, "cuda", 2)
+    assert names == [*tk.RUNTIME_ARGS, *shape.constexprs]
+
+
 def test_launch_tail_follows_the_kernel_parameters():
     """The relaunch passes (q, k, cache, positions, *ints, *constexprs) positionally: the plan's
     order must be the kernel's."""

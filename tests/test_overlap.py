@@ -1,4 +1,4 @@
-"""``validation.may_overlap``: never wrong when it says "disjoint", and it proves q/k/v split
+"""``layout.may_overlap``: never wrong when it says "disjoint", and it proves q/k/v split
 from one projection disjoint whatever their layout and the buffer's storage offset."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rope_compile.validation import may_overlap
+from rope_compile.layout import may_overlap
 
 
 def _elements(t: torch.Tensor) -> set[int]:
