@@ -409,8 +409,10 @@ def test_pass_error_is_contained(monkeypatch, caplog):
                                  options={"devices": ("cpu",), "strict": False})
         outs = compiled(*args)
         assert calls[0] > fail_at, "the fault was not reached"
-        assert counters["rope_compile"]["pass_errors"] >= 1
-        assert counters["rope_compile"]["rewritten"] == 0
+        # The failing candidate is skipped alone: counted, and the pass itself goes on.
+        assert counters["rope_compile"]["candidate_errors"] == 1
+        assert counters["rope_compile"]["pass_errors"] == 0
+        assert counters["rope_compile"]["rewritten"] <= 1
     _check_outputs(p, outs, eager, ref64, "pass with an injected fault")
     warnings = [r for r in caplog.records
                 if r.name == "rope_compile" and r.levelno == logging.WARNING]
