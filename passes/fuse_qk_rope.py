@@ -120,14 +120,8 @@ def find_rope_matches(graph: Graph, on_error=_raise_errors) -> list[RopeMatch]:
 
 
 def _describe_difference(a: RopeMatch, b: RopeMatch) -> str:
-    if (a.positions is None) != (b.positions is None):
-        return "q and k take cos/sin in different forms (cache gather vs tables)"
-    if a.sin_table is not b.sin_table:
-        return "q and k use different sin tables"
-    if a.positions is not b.positions:
-        return "q and k use different positions"
-    if a.cache is not b.cache:
-        return "q and k use different cos_sin_caches"
+    if a.trig.pairing_key() != b.trig.pairing_key():
+        return a.trig.describe_difference(b.trig)
     if a.rotary_dim != b.rotary_dim:
         return f"q and k use different rotary_dim ({a.rotary_dim} vs {b.rotary_dim})"
     if a.is_neox != b.is_neox:
@@ -238,8 +232,7 @@ class PairPlan:
     def reads(self) -> set[Node]:
         """Nodes the rewrite reads (and must still exist when it runs)."""
         nodes = self.touched()
-        nodes |= {n for n in (self.q.cache, self.q.positions, self.q.sin_table)
-                  if isinstance(n, Node)}
+        nodes |= set(self.q.trig.reads())
         return nodes
 
 
@@ -278,16 +271,6 @@ def _check_root(name: str, root: Node) -> torch.Tensor:
     if root.op not in ("placeholder", "call_function", "get_attr"):
         raise PlanError(f"{name}'s storage root {root.name} is a {root.op} node")
     return val
-
-
-def _fake_views(plan_kwargs: dict, roots: list[Node]):
-    q_k = []
-    for name in ("q", "k"):
-        root_val = roots[plan_kwargs[f"_{name}_base_index"]].meta["val"]
-        q_k.append(torch.as_strided(root_val, plan_kwargs[f"_{name}_fake_size"],
-                                    plan_kwargs[f"_{name}_fake_stride"],
-                                    plan_kwargs[f"_{name}_fake_offset"]))
-    return q_k
 
 
 def _dense(val: torch.Tensor) -> bool:
@@ -332,8 +315,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
     """Prove every fact the fused call relies on and compute the rewrite, without touching the
     graph; raise ``PlanError`` with the reason when a fact cannot be proven."""
     rot = q.rotary_dim
-    kwargs = {"cos_sin_cache": q.cache, "positions": q.positions, "rotary_dim": rot,
-              "is_neox": q.is_neox}
+    kwargs = {"rotary_dim": rot, "is_neox": q.is_neox}
     roots: list[Node] = []
     chains = []
     fake = {}
@@ -357,7 +339,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
     root_vals = [r.meta["val"] for r in roots]
     # What the kernel reads (cache, positions, model tables) must not share memory with what
     # it writes.
-    for reader in (q.cache, q.positions, q.sin_table):
+    for reader in q.trig.reads():
         reader_val = fake_value(reader)
         if reader_val is not None and any(shares_storage(reader_val, r) for r in root_vals):
             raise PlanError(f"{reader.name} (read by the call) shares storage with q or k")
@@ -371,8 +353,9 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
     if len(roots) == 1 and may_overlap(*views):
         raise PlanError("q and k overlap in memory (an in-place call would rotate twice)")
     with torch._guards.detect_fake_mode(root_vals) or _null():
-        if q.sin_table is None:
-            cache_val, positions_val = q.cache.meta["val"], q.positions.meta["val"]
+        if not q.trig.table_form:
+            cache_val = q.trig.cache.meta["val"]
+            positions_val = q.trig.positions.meta["val"]
         else:  # the table form's [T, rot] table and arange(T), built at rewrite time
             cache_val = torch.empty(views[0].shape[0], rot, dtype=torch.float32,
                                     device=views[0].device)
@@ -383,7 +366,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         except ValueError as err:
             raise PlanError(f"the op would reject the call: {err}") from None
     table_shape = None
-    if q.sin_table is not None:
+    if q.trig.table_form:
         val = q.base.meta["val"]
         tokens = [n for d, n in enumerate(val.shape[:-1]) if d != q.heads_dim]
         table_shape = _as_graph_ints([*tokens, rot], symbols)
@@ -397,33 +380,6 @@ class _null:
 
     def __exit__(self, *exc):
         return False
-
-
-def _materialise_tables(tx: GraphTransaction, after: Node, plan: PairPlan
-                        ) -> tuple[Node, Node, Node]:
-    """Table form: build ``cos_sin_cache = cat(cos[..., :rot/2], sin[..., :rot/2])`` as
-    ``[T, rot]`` (expanded over broadcast token dims) and ``positions = arange(T)`` from the
-    model's own cos/sin tables, whose two halves the matcher proved equal.
-    Returns (last node, cache, positions)."""
-    match = plan.q
-    half = match.rotary_dim // 2
-    if match.tables_have_heads:  # interleaved form: [.., 1, .., rot/2] picks, squeeze heads
-        cos_half = tx.add(after, aten.squeeze.dim, (match.cache, match.heads_dim))
-        sin_half = tx.add(cos_half, aten.squeeze.dim, (match.sin_table, match.heads_dim))
-    else:  # HF form: duplicated halves, keep the first
-        cos_half = tx.add(after, aten.slice.Tensor, (match.cache, -1, 0, half))
-        sin_half = tx.add(cos_half, aten.slice.Tensor, (match.sin_table, -1, 0, half))
-    table = tx.add(sin_half, aten.cat.default, ([cos_half, sin_half], -1))
-    table = tx.add(table, aten.expand.default, (table, list(plan.table_shape)))
-    cache = tx.add(table, aten.reshape.default, (table, [-1, match.rotary_dim]))
-    tokens = cache.meta["val"].shape[0]
-    last = cache
-    if not isinstance(tokens, int):  # symbolic: read it off the table (a SymInt node)
-        tokens = last = tx.add(cache, aten.sym_size.int, (cache, 0))
-    positions = tx.add(last, torch.ops.prims.iota.default, (tokens,), {
-        "start": 0, "step": 1, "dtype": torch.int64, "device": cache.meta["val"].device,
-        "requires_grad": False})
-    return positions, cache, positions
 
 
 def _fake_call(kwargs: dict, like: torch.Tensor):
@@ -449,21 +405,23 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
         position = {n: i for i, n in enumerate(graph.nodes)}
     # The call needs the roots, cache and positions: put it after the last of them
     # (stable_topological_sort, run after each round, orders the rest).
-    inputs = [*plan.roots, q.cache, q.positions if q.sin_table is None else q.sin_table]
+    inputs = [*plan.roots, *q.trig.reads()]
     anchor = max(inputs, key=position.__getitem__)
     built = {}
-    if q.sin_table is not None:
-        # One [T, rot] table per distinct cos/sin source, shared by every layer that uses it.
-        memo_key = (q.key[0], plan.table_shape)
-        if memo_key in tables:
-            cache, positions = tables[memo_key]
-            anchor = max([anchor, positions], key=position.__getitem__)
-        else:
-            where = position[anchor]
-            anchor, cache, positions = _materialise_tables(tx, anchor, plan)
+    # One [T, rot] table per distinct cos/sin source (and token shape), shared by every layer
+    # that uses it; the gathered form is its own cache.
+    memo_key = (q.trig.pairing_key(), plan.table_shape)
+    if memo_key in tables:
+        cache, positions = tables[memo_key]
+        anchor = max([anchor, positions], key=position.__getitem__)
+    else:
+        where = position[anchor]
+        anchor, cache, positions = q.trig.materialise(tx, anchor, q.rotary_dim, q.heads_dim,
+                                                      plan.table_shape)
+        if q.trig.table_form:  # new nodes: placed right after the anchor
             position.update({cache: where, positions: where})
             built[memo_key] = (cache, positions)
-        kwargs.update(cos_sin_cache=cache, positions=positions)
+    kwargs = {"cos_sin_cache": cache, "positions": positions, **kwargs}
     fake_result = _fake_call(kwargs, q.base.meta["val"])
     with graph.inserting_after(anchor):
         call = tx.record_new(graph.call_function(auto_functionalized_v2, (_fused_op(),),

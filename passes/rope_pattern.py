@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
+from .trig_sources import GatheredCache, HalfTables, PairTables, TrigSource
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -287,33 +289,23 @@ def _product_terms(node: Node, num_tokens):
 
 @dataclass
 class RopeMatch:
-    """One proven RoPE application ``output = rope(base)``.
-
-    Gathered form: ``base`` is ``[T, H, head_size]`` and cos/sin are the halves of
-    ``cache[positions]``. Table form (HF ``rotate_half``): ``base`` has token dims, a heads dim
-    and the feature dim, and cos/sin are per-token tables with duplicated halves."""
+    """One proven RoPE application ``output = rope(base)``: the first ``rotary_dim`` features of
+    ``base`` (heads at ``heads_dim``, the features last) rotated by the cos/sin of ``trig``, the
+    rest passed through."""
 
     base: Node
     output: Node
-    cache: Node
-    positions: Node
+    trig: TrigSource
     rotary_dim: int
     head_size: int
     is_neox: bool
-    nodes: list[Node] = field(default_factory=list)
-    # Table form (HF): ``cache`` is the [..tokens.., rot] cos table, ``sin_table`` the sin table,
-    # ``positions`` is None, and heads sit at ``heads_dim`` of ``base``.
-    sin_table: Node | None = None
     heads_dim: int = 1
-    # Interleaved form (gpt-fast): the tables are [.., 1 (heads), .., rot/2] picks of gathered
-    # (cos, sin) rows; ``source`` identifies those rows (q and k pick them separately).
-    tables_have_heads: bool = False
-    source: object = None
+    nodes: list[Node] = field(default_factory=list)
 
     @property
     def key(self):
-        source = self.source or (self.cache, self.positions, self.sin_table)
-        return (source, self.rotary_dim, self.is_neox, self.head_size,
+        """What q and k must share to be rotated by one call."""
+        return (self.trig.pairing_key(), self.rotary_dim, self.is_neox, self.head_size,
                 self.base.meta["val"].dtype)
 
 
@@ -484,12 +476,24 @@ def _rotated_halves(node: Node):
     return parts[0], parts[1], True, [node]
 
 
-def match_rope(candidate: Node) -> RopeMatch:
-    """Prove that ``candidate`` is RoPE of some ``[T, H, head_size]`` tensor, or raise NoMatch.
+@dataclass
+class RotatedBlock:
+    """Step 1's result: ``x1``/``x2`` rotated by the factors ``cos``/``sin`` (``TrigOperand``,
+    ``PairTrig`` or an HF table node), optionally followed by a pass-through ``tail``."""
 
-    Candidates are the value that replaces x: the rotated block itself (full rotary), or
-    ``cat((rotated, x[..., rot:]), -1)`` (partial rotary), optionally cast back to x's dtype.
-    """
+    x1: Operand
+    x2: Operand
+    cos: object
+    sin: object
+    is_neox: bool
+    heads_dim: int
+    tail: Operand | None
+    nodes: list[Node]
+
+
+def match_rotated_block(candidate: Node) -> RotatedBlock:
+    """Step 1: the arithmetic. ``candidate`` is the rotated block itself (full rotary) or
+    ``cat((rotated, x[..., rot:]), -1)`` (partial rotary), optionally cast back to x's dtype."""
     out_val = _val(candidate)
     _require(out_val is not None and out_val.dim() in (3, 4), "not a 3-D or 4-D tensor")
     node = candidate
@@ -507,43 +511,38 @@ def match_rope(candidate: Node) -> RopeMatch:
             tail = trace_features(second)
             nodes.append(node)
             node = first
-    has_heads = False  # the interleaved form's tables keep a size-1 heads dim
     if node.target in _ADDS:
-        x1, x2, cos_table, sin_table, heads_dim, block_nodes = _match_rotate_half(node)
-        nodes += block_nodes
-        is_neox = True
-    else:
-        o1, o2, is_neox, block_nodes = _rotated_halves(node)
-        nodes += block_nodes
-        num_tokens = _val(node).shape[0]
-        x1, x2, cos, sin = _match_rotation(o1, o2, num_tokens)
-        nodes += [o1, o2, *o1.args, *o2.args]
-        sin_table, heads_dim = None, 1
-        if isinstance(cos, PairTrig):
-            _require(isinstance(sin, PairTrig) and cos.rows is sin.rows
-                     and (cos.index, sin.index) == (0, 1), "cos/sin are not the (cos, sin) pairs "
-                     "of one gathered freqs_cis")
-            f_shape = _val(cos.factor).shape
-            heads_dim = max(d for d in range(len(f_shape) - 1) if _statically_equal(f_shape[d], 1))
-            cos_table, sin_table = cos.factor, sin.factor
-            has_heads = True
+        x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_half(node)
+        return RotatedBlock(x1, x2, cos, sin, True, heads_dim, tail, nodes + block_nodes)
+    o1, o2, is_neox, block_nodes = _rotated_halves(node)
+    x1, x2, cos, sin = _match_rotation(o1, o2, _val(node).shape[0])
+    nodes += [*block_nodes, o1, o2, *o1.args, *o2.args]
+    heads_dim = 1
+    if isinstance(cos, PairTrig):
+        f_shape = _val(cos.factor).shape
+        heads_dim = max(d for d in range(len(f_shape) - 1) if _statically_equal(f_shape[d], 1))
+    return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes)
 
-    half = x1.count
+
+def match_head_base(block: RotatedBlock) -> Node:
+    """Step 2: the head ``x``, the level of slicing where x1, x2 (and the pass-through tail)
+    tile ``[0, head_size)``."""
+    half = block.x1.count
     rot = 2 * half
-    _require(x2.count == half, "x1 and x2 have different sizes")
-    base, why = None, "x1 and x2 come from different tensors"
-    # The head x is the level where x1, x2 (and the pass-through tail) tile [0, head_size).
-    for node, _, _ in x1.levels:
-        starts = (x1.at(node), x2.at(node))
+    _require(block.x2.count == half, "x1 and x2 have different sizes")
+    why = "x1 and x2 come from different tensors"
+    for node, _, _ in block.x1.levels:
+        starts = (block.x1.at(node), block.x2.at(node))
         val = _val(node)
         if None in starts or val is None or val.dim() not in (3, 4):
             continue
         width = val.shape[-1]
-        pattern = ((0, 1), (half, 1)) if is_neox else ((0, 2), (1, 2))
+        pattern = ((0, 1), (half, 1)) if block.is_neox else ((0, 2), (1, 2))
         if starts != pattern:
-            why = ("neox halves are not x[..., :rot/2] and x[..., rot/2:rot]" if is_neox
+            why = ("neox halves are not x[..., :rot/2] and x[..., rot/2:rot]" if block.is_neox
                    else "GPT-J pairs are not x[..., 0:rot:2] and x[..., 1:rot:2]")
             continue
+        tail = block.tail
         if rot < width and not (tail is not None and tail.at(node) == (rot, 1)
                                 and tail.count == width - rot):
             why = "partial rotary without x[..., rot:] passed through"
@@ -553,36 +552,56 @@ def match_rope(candidate: Node) -> RopeMatch:
             continue
         if rot > width:
             continue
-        base = node
-        break
-    _require(base is not None, why)
+        return node
+    raise NoMatch(why)
+
+
+def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
+    """Step 3: where cos/sin come from, proven to be what the op reads."""
+    half = block.x1.count
+    rot = 2 * half
+    cos, sin = block.cos, block.sin
     base_val = _val(base)
-    head_size = base_val.shape[-1]
-    _require(isinstance(head_size, int), "head size is symbolic")
-    source = None
-    if sin_table is None:
+    if isinstance(cos, TrigOperand):
+        _require(isinstance(sin, TrigOperand), "cos and sin come in different forms")
         _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
         _require(cos.cache is sin.cache, "cos and sin come from different caches")
         _require(cos.positions is sin.positions, "cos and sin use different positions")
         _require((cos.start, cos.count, sin.start, sin.count) == (0, half, half, half),
                  "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
         _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
-        cache, positions = cos.cache, cos.positions
+        return GatheredCache(cos.cache, cos.positions)
+    if isinstance(cos, PairTrig):
+        _require(isinstance(sin, PairTrig) and cos.rows is sin.rows
+                 and (cos.index, sin.index) == (0, 1), "cos/sin are not the (cos, sin) pairs "
+                 "of one gathered freqs_cis")
+        source = PairTables(cos.factor, sin.factor, cos.rows)
     else:
-        token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != heads_dim]
-        width = half if has_heads else rot
-        for table in (cos_table, sin_table):
-            shape = list(_val(table).shape)
-            if has_heads:
-                del shape[heads_dim]
-            # Each token dim of the table matches x's or broadcasts (1, e.g. over the batch).
-            _require(len(shape) == len(token_shape) + 1 and shape[-1] == width and all(
-                _statically_equal(a, b) or _statically_equal(a, 1)
-                for a, b in zip(shape[:-1], token_shape, strict=True)),
-                "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
-        cache, positions = cos_table, None
+        source = HalfTables(cos, sin)
+    has_heads = isinstance(source, PairTables)
+    token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != block.heads_dim]
+    width = half if has_heads else rot
+    for table in (source.cos, source.sin):
+        shape = list(_val(table).shape)
         if has_heads:
-            source = ("freqs_cis", cos.rows)
+            del shape[block.heads_dim]
+        # Each token dim of the table matches x's or broadcasts (1, e.g. over the batch).
+        _require(len(shape) == len(token_shape) + 1 and shape[-1] == width and all(
+            _statically_equal(a, b) or _statically_equal(a, 1)
+            for a, b in zip(shape[:-1], token_shape, strict=True)),
+            "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
+    return source
+
+
+def match_rope(candidate: Node) -> RopeMatch:
+    """Prove that ``candidate`` is RoPE of some tensor, or raise NoMatch: the rotated block,
+    the head it rotates, and where its cos/sin come from."""
+    block = match_rotated_block(candidate)
+    base = match_head_base(block)
+    trig = match_trig_source(block, base)
+    out_val, base_val = _val(candidate), _val(base)
+    head_size = base_val.shape[-1]
+    _require(isinstance(head_size, int), "head size is symbolic")
     _require(out_val.dtype == base_val.dtype, f"RoPE output dtype {out_val.dtype} differs from "
                                               f"input dtype {base_val.dtype}")
     _require(out_val.dim() == base_val.dim() and all(
@@ -590,8 +609,8 @@ def match_rope(candidate: Node) -> RopeMatch:
         "RoPE output shape differs from the input's")
     _require(base_val.dtype in (torch.float16, torch.bfloat16, torch.float32),
              f"dtype {base_val.dtype} not supported by the fused op")
-    return RopeMatch(base, candidate, cache, positions, rot, head_size, is_neox, nodes,
-                     sin_table, heads_dim, has_heads, source)
+    return RopeMatch(base, candidate, trig, 2 * block.x1.count, head_size, block.is_neox,
+                     block.heads_dim, block.nodes)
 
 
 def enclosing_head_size(match: RopeMatch) -> int:
