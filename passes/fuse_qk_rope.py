@@ -382,12 +382,13 @@ class _null:
         return False
 
 
-def _fake_call(kwargs: dict, like: torch.Tensor):
-    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
-
-    fake_kwargs = torch.fx.node.map_arg(kwargs, lambda arg: arg.meta["val"])
+def _fake_call(kwargs: dict, like: torch.Tensor) -> tuple:
+    """The fake value of ``auto_functionalized_v2(op, **kwargs)``: the op returns nothing, and
+    each base comes back as a new tensor of the same layout (``clone_preserve_strides``). The
+    op's checks already ran on the exact views in ``plan_pair``."""
     with torch._guards.detect_fake_mode([like]):
-        return auto_functionalized_v2(_fused_op(), **fake_kwargs)
+        bases = [base.meta["val"] for base in kwargs["_all_bases"]]
+        return (None, *(torch._prims_common.clone_preserve_strides(b) for b in bases))
 
 
 def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
