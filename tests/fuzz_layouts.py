@@ -26,7 +26,8 @@ FX graph / AOTAutograd caches off:
 
 1. every output equals eager's and is close to a float64 evaluation of the same program
    (tolerance by dtype); the inputs are not modified;
-2. every output's strides equal eager's;
+2. every output's strides equal eager's (strides that differ on size-1 dims only are recorded
+   as notes, not failures, unless ``--strict-size1-strides``: plain Inductor does that itself);
 3. the compile does not fail (CPU: ``strict=True``, so an error inside the pass raises), and
    ``counters["rope_compile"]`` has no ``pass_errors`` / ``candidate_errors``;
 4. ``counters["rope_compile"]["rewritten"]`` equals the oracle's count.
@@ -100,13 +101,14 @@ HF_KINDS = (
                                  # (B, S) merge into one only if B == 1 or S == 1
 )
 KINDS = SGLANG_KINDS + HF_KINDS
-ODD_OPS = ("zero_d", "empty", "int_positions", "inplace_unrelated")
+# pre_reader: the pre-RoPE q (a view of its root) is also read, elementwise, into an output.
+ODD_OPS = ("zero_d", "empty", "int_positions", "inplace_unrelated", "pre_reader")
 # consumed: only pointwise results of the rotated q/k are outputs; outputs: the rotated q/k are
 # graph outputs; mixed: rotated q and a result of k; with_pre: rotated q/k and the pre-RoPE
 # q/k views themselves (outputs aliasing the inputs / the projection).
 # reshaped: the rotated q/k flattened back to [T, H*D] ([B, S, H*D] for hf), as forward_native
-# returns them.
-OUT_MODES = ("consumed", "outputs", "mixed", "with_pre", "reshaped")
+# returns them; viewed: views of the rotated q/k (a transpose, a slice of the heads).
+OUT_MODES = ("consumed", "outputs", "mixed", "with_pre", "reshaped", "viewed")
 
 # Layout kinds whose q/k layout (or table) the fused op cannot take: never rewritten.
 NEVER_REWRITTEN = {
@@ -317,8 +319,14 @@ def _emit(p: LayoutProgram, rq, rk, outs: list, q=None, k=None) -> None:
             outs += [rq.transpose(1, 2).reshape(b, s, -1), rk.transpose(1, 2).reshape(b, s, -1)]
         else:
             outs += [rq.reshape(rq.shape[0], -1), rk.reshape(rk.shape[0], -1)]
-    else:
+    elif p.out_mode == "viewed":
+        outs += [rq.transpose(0, 1), rk[:, :1]]
+    elif p.out_mode == "mixed":
         outs += [rq, rk * 2.0]
+    else:
+        raise ValueError(p.out_mode)
+    if "pre_reader" in p.odd_ops:
+        outs.append(q[..., :8] * 1.0)
 
 
 def _projection(p: LayoutProgram, inp: _Inputs, lead: tuple[int, ...], width: int):
@@ -547,6 +555,28 @@ def _odd_outputs(p: LayoutProgram, env: dict) -> list:
 
 
 # --------------------------------------------------------------------------------------------
+# known pass bugs (reported; see test_fuzz_layouts.test_known_bug_*)
+
+KNOWN_BUGS = {
+    "view_of_rotated_output": "a graph output that is a view of a rotated q/k (reshape to "
+                              "[T, H*D] as forward_native returns, transpose, head slice) is "
+                              "a strided view into the rotated root, not eager's dense tensor",
+    "tail_overlap": "partial rotary with q's and k's rotated parts disjoint but one inside the "
+                    "other's pass-through tail x[..., rot:]: the call changes what the other's "
+                    "output reads (wrong values)",
+}
+
+
+def known_bug(p: LayoutProgram) -> str | None:
+    """The known pass bug ``p`` may hit (its failures are then labelled), or None."""
+    if p.out_mode in ("reshaped", "viewed") and p.expected_rewrites:
+        return "view_of_rotated_output"
+    if p.kind == "as_strided_input" and p.variant == "overlap" and p.rotary_dim < p.head_size:
+        return "tail_overlap"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # the checker
 
 # (atol, rtol) against eager and against float64, by output dtype.
@@ -558,6 +588,13 @@ TOLERANCES = {
 }
 
 
+# Whether strides that differ from eager's on size-1 dims only (the same memory layout) fail a
+# program. Off by default: plain Inductor returns such strides itself (the control run shows
+# it), so they are recorded as notes ("size1_strides" in the statistics). The CLI's
+# --strict-size1-strides turns it on.
+SIZE1_STRIDES_FAIL = False
+
+
 def compile_options(device: str) -> dict:
     return {"devices": ("cpu",), "strict": True} if device == "cpu" else {}
 
@@ -567,6 +604,7 @@ class Result:
     program: LayoutProgram
     expected: int | None
     rewritten: int = 0
+    known_bug: str | None = None  # the known pass bug the program may hit
     failures: list[str] = field(default_factory=list)  # "category: message"
     counters: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -578,7 +616,10 @@ class Result:
 
     @property
     def failed(self) -> bool:
-        return bool(self.failures) and not self.inductor_only
+        if self.inductor_only:
+            return False
+        notes = set() if SIZE1_STRIDES_FAIL else {"size1_strides"}
+        return bool(self.categories - notes)
 
 
 def _to64(args):
@@ -606,7 +647,12 @@ def _value_and_layout_failures(outs, eager, ref64) -> list[str]:
         elif not torch.equal(got, e.cpu()):
             found.append(f"values: integer output {i} differs from eager")
         if out.stride() != e.stride():
-            found.append(f"strides: output {i} has strides {out.stride()}, eager {e.stride()}")
+            # Strides of size-1 dims do not change the layout; Inductor itself does not keep
+            # them (see SIZE1_STRIDES_FAIL).
+            size1 = all(a == b or n <= 1 for a, b, n in zip(out.stride(), e.stride(), e.shape,
+                                                              strict=True))
+            found.append(f"{'size1_strides' if size1 else 'strides'}: output {i} has strides "
+                         f"{out.stride()}, eager {e.stride()}")
     return found
 
 
@@ -626,7 +672,7 @@ def check_program(p: LayoutProgram, device: str = "cpu", control: bool = True) -
     """Compile ``p`` with the pass and check the 4-part property; ``control``: re-run a failure
     with plain Inductor to tell Inductor's own behaviour from the pass's."""
     start = time.perf_counter()
-    result = Result(p, p.expected_rewrites)
+    result = Result(p, p.expected_rewrites, known_bug=known_bug(p))
     fn, args = build_program(p, device)
     snapshot = [a.clone() for a in args]
     eager = fn(*[a.clone() for a in args])
@@ -669,7 +715,9 @@ def new_stats(device: str) -> dict:
     return {
         "device": device, "torch": torch.__version__, "programs": 0, "failed_programs": 0,
         "inductor_only_programs": 0, "expected_rewrites": 0, "rewrites": 0,
-        "oracle_unspecified": 0, "wrong_values": 0, "stride_mismatches": 0,
+        "known_bug_programs": {}, "oracle_unspecified": 0, "wrong_values": 0,
+        "stride_mismatches": 0,
+        "size1_stride_notes": 0,
         "compile_failures": 0, "pass_errors": 0, "oracle_missed": 0, "oracle_unexpected": 0,
         "seconds": 0.0, "by_kind": {}, "by_form": {}, "by_dtype": {}, "odd_ops": {},
         "failures": [],
@@ -689,7 +737,11 @@ def record(stats: dict, r: Result) -> None:
     if r.inductor_only:
         stats["inductor_only_programs"] += 1
     elif r.failures:
-        stats["failed_programs"] += 1
+        stats["failed_programs"] += int(r.failed)
+        if r.failed and r.known_bug:
+            stats["known_bug_programs"][r.known_bug] = (
+                stats["known_bug_programs"].get(r.known_bug, 0) + 1)
+        stats["size1_stride_notes"] += int("size1_strides" in cats)
         for cat, key in (("values", "wrong_values"), ("strides", "stride_mismatches"),
                          ("compile", "compile_failures"), ("pass_errors", "pass_errors"),
                          ("oracle_missed", "oracle_missed"),
@@ -697,7 +749,9 @@ def record(stats: dict, r: Result) -> None:
             stats[key] += int(cat in cats)
     if r.failures:
         stats["failures"].append({"seed": p.seed, "program": p.describe(),
-                                  "inductor_only": r.inductor_only, "failures": r.failures})
+                                  "failed": r.failed, "inductor_only": r.inductor_only,
+                                  "known_bug": r.known_bug if r.failed else None,
+                                  "failures": r.failures})
     kind = stats["by_kind"].setdefault(p.kind, {"programs": 0, "expected_rewrites": 0,
                                                 "rewrites": 0, "failed": 0})
     kind["programs"] += 1
@@ -714,14 +768,17 @@ def summary(stats: dict) -> str:
     n = max(stats["programs"], 1)
     lines = [
         f"layout fuzz ({stats['device']}, torch {stats['torch']}): {stats['programs']} programs, "
-        f"{stats['failed_programs']} failed, {stats['inductor_only_programs']} inductor-only; "
+        f"{stats['failed_programs']} failed (known pass bugs: "
+        f"{stats['known_bug_programs'] or 'none'}), {stats['inductor_only_programs']} "
+        "inductor-only; "
         f"{stats['seconds']:.0f} s ({stats['seconds'] / n:.2f} s/program)",
         f"  rewrites: expected {stats['expected_rewrites']}, done {stats['rewrites']}; oracle "
         f"missed {stats['oracle_missed']}, unexpected {stats['oracle_unexpected']}, "
         f"unspecified {stats['oracle_unspecified']}",
         f"  wrong values {stats['wrong_values']}, stride mismatches "
-        f"{stats['stride_mismatches']}, compile failures {stats['compile_failures']}, "
-        f"pass errors {stats['pass_errors']}",
+        f"{stats['stride_mismatches']} (+ {stats['size1_stride_notes']} on size-1 dims only, "
+        f"{'failing' if SIZE1_STRIDES_FAIL else 'notes'}), compile failures "
+        f"{stats['compile_failures']}, pass errors {stats['pass_errors']}",
         "  by kind: " + ", ".join(
             f"{k} {v['programs']} ({v['rewrites']}/{v['expected_rewrites']} rw"
             + (f", {v['failed']} FAILED" if v["failed"] else "") + ")"
@@ -738,7 +795,9 @@ def run(device: str, programs: int, seed: int, fail_fast: bool = False, log=prin
         r = check_program(p, device)
         record(stats, r)
         if r.failures:
-            tag = "INDUCTOR-ONLY" if r.inductor_only else "FAIL"
+            tag = "INDUCTOR-ONLY" if r.inductor_only else ("FAIL" if r.failed else "NOTE")
+            if r.failed and r.known_bug:
+                tag += f"(known bug: {r.known_bug})"
             log(f"{tag} seed={p.seed} {p.describe()}: " + " | ".join(r.failures))
             if fail_fast and r.failed:
                 break
@@ -752,13 +811,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the statistics as JSON here")
     parser.add_argument("--fail-fast", action="store_true")
+    parser.add_argument("--strict-size1-strides", action="store_true",
+                        help="strides differing from eager's on size-1 dims only fail too")
     args = parser.parse_args(argv)
+    global SIZE1_STRIDES_FAIL
+    SIZE1_STRIDES_FAIL = args.strict_size1_strides
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available", file=sys.stderr)
         return 2
     stats = run(args.device, args.programs, args.seed, args.fail_fast,
                 log=lambda line: print(line, flush=True))
     stats["seed"], stats["requested_programs"] = args.seed, args.programs
+    stats["oracle_rules"], stats["never_rewritten"] = list(ORACLE_RULES), NEVER_REWRITTEN
     print(summary(stats))
     if args.out:
         Path(args.out).write_text(json.dumps(stats, indent=1, default=str))
