@@ -140,9 +140,11 @@ def _grads(f, data):
 def _assert_grads_match(f, case, data, rtol=1e-10, atol=1e-10):
     loss, grads = _grads(f, data)
     ref_loss, ref_grads = _grads(model_torch(case), tuple(t.cpu() for t in data))
-    torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss.double(), rtol=rtol, atol=atol)
     for name, got, exp in zip(("x", "weight", "bias"), grads, ref_grads, strict=True):
-        torch.testing.assert_close(got.cpu().double(), exp, rtol=rtol, atol=atol, msg=name)
+        # Compared in float64 (a float32 run's gradients against the float64 reference's).
+        torch.testing.assert_close(got.cpu().double(), exp.double(), rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --------------------------------------------------------------------------------------------
