@@ -66,7 +66,7 @@ from .fx_surgery import (
     shares_storage,
     view_chain,
 )
-from .rope_pattern import NoMatch, RopeMatch, enclosing_head_size, match_rope
+from .rope_pattern import NearMiss, NoMatch, RopeMatch, enclosing_head_size, match_rope
 
 log = logging.getLogger("rope_compile")
 aten = torch.ops.aten
@@ -109,6 +109,9 @@ def find_rope_matches(graph: Graph, on_error=_raise_errors) -> list[RopeMatch]:
             continue
         try:
             matches.append(match_rope(node))
+        except NearMiss as why:  # RoPE's arithmetic, but not provably what the op computes
+            log.debug("not rewriting RoPE-like %s: %s", node.name, why)
+            continue
         except NoMatch:
             continue
         except Exception as err:

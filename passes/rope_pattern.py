@@ -36,6 +36,11 @@ class NoMatch(Exception):
     """The candidate is not RoPE; the message says why (for debug logs)."""
 
 
+class NearMiss(NoMatch):
+    """The candidate has RoPE's arithmetic (a rotated block) but a later proof step failed:
+    the pass logs these at DEBUG, so a miss on real model code is never silent."""
+
+
 def _val(node) -> torch.Tensor | None:
     val = node.meta.get("val") if isinstance(node, Node) else None
     return val if isinstance(val, torch.Tensor) else None
@@ -597,8 +602,13 @@ def match_rope(candidate: Node) -> RopeMatch:
     """Prove that ``candidate`` is RoPE of some tensor, or raise NoMatch: the rotated block,
     the head it rotates, and where its cos/sin come from."""
     block = match_rotated_block(candidate)
-    base = match_head_base(block)
-    trig = match_trig_source(block, base)
+    try:
+        base = match_head_base(block)
+        trig = match_trig_source(block, base)
+    except NearMiss:
+        raise
+    except NoMatch as why:
+        raise NearMiss(str(why)) from None
     out_val, base_val = _val(candidate), _val(base)
     head_size = base_val.shape[-1]
     _require(isinstance(head_size, int), "head size is symbolic")
@@ -607,8 +617,8 @@ def match_rope(candidate: Node) -> RopeMatch:
     _require(out_val.dim() == base_val.dim() and all(
         _statically_equal(a, b) for a, b in zip(out_val.shape, base_val.shape, strict=True)),
         "RoPE output shape differs from the input's")
-    _require(base_val.dtype in (torch.float16, torch.bfloat16, torch.float32),
-             f"dtype {base_val.dtype} not supported by the fused op")
+    if base_val.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise NearMiss(f"dtype {base_val.dtype} not supported by the fused op")
     return RopeMatch(base, candidate, trig, 2 * block.x1.count, head_size, block.is_neox,
                      block.heads_dim, block.nodes)
 

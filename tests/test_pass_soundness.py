@@ -360,3 +360,15 @@ def test_pass_output_lints_and_rewrites_both_pairs_of_one_root():
     graph = post_grad_graph(fn, args).graph
     assert fuse_qk_rope.FuseQKRopePass(devices=("cpu",), strict=True).apply(graph) == 2
     graph.lint()
+
+
+def test_near_misses_are_logged(caplog):
+    """A candidate with RoPE's arithmetic that a later proof step rejects says why at DEBUG."""
+    import logging
+
+    fn, args, _ = unequal_halves_repeat_interleave("cpu")
+    with fresh_compile(), caplog.at_level(logging.DEBUG, logger="rope_compile"):
+        torch.compile(fn, backend="rope_compile", options={"devices": ("cpu",)})(*args)
+    messages = [r.getMessage() for r in caplog.records if r.name == "rope_compile"]
+    assert any("not rewriting RoPE-like" in m and "another dim is merged" in m
+               for m in messages), messages
