@@ -445,8 +445,6 @@ def _match_rotate_half(node: Node):
             x.at(n) is not None and x.at(n)[1] == 1 and x1.at(n) == x.at(n)
             and x2.at(n) == (x.at(n)[0] + x1.count, 1) for n, _, _ in x.levels),
             "cos term does not multiply the same x[..., :rot]")
-        _duplicated_halves(cos_table)
-        _duplicated_halves(sin_table)
         nodes = [node, plain, rotated, rh, neg_x2]
         return x1, x2, cos_table, sin_table, heads_dim, nodes
     raise NoMatch("sum is not x * cos + rotate_half(x) * sin")
@@ -582,6 +580,10 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
                  "of one gathered freqs_cis")
         source = PairTables(cos.factor, sin.factor, cos.rows)
     else:
+        # rotate_half multiplies x[..., rot/2:] by sin[..., :rot/2] and x[..., :rot/2] by
+        # sin[..., rot/2:]: that is RoPE only when the halves are equal.
+        _duplicated_halves(cos)
+        _duplicated_halves(sin)
         source = HalfTables(cos, sin)
     has_heads = isinstance(source, PairTables)
     token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != block.heads_dim]
