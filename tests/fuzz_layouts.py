@@ -69,6 +69,22 @@ if not torch.cuda.is_available():
 
 from pass_helpers import fresh_compile, rope_counters  # noqa: E402
 
+
+def _ensure_backend() -> None:
+    """``backend="rope_compile"`` comes from the installed package's entry point; in a bare
+    source checkout (a device machine without ``pip install -e .``) register it by name."""
+    from torch._dynamo.backends import registry
+
+    try:
+        registry.lookup_backend("rope_compile")
+    except Exception:  # noqa: BLE001  (not installed: InvalidBackend)
+        from rope_compile.backend import rope_compile_backend
+
+        registry.register_backend(rope_compile_backend, name="rope_compile")
+
+
+_ensure_backend()
+
 MAX_POS = 64
 HIDDEN = 32
 ALIGNED_HEADS = (128, 256, 512)  # the pass's default head_sizes
