@@ -220,9 +220,9 @@ class PairPlan:
     kwargs: dict
     # Table form: the [..tokens.., rot] shape the cos/sin tables are expanded to (graph ints).
     table_shape: tuple | None = None
-    # Rotated outputs that are graph outputs: (match, dim order of eager's dense layout), which
-    # a copy restores (the in-place result is a strided view into the root).
-    graph_outputs: list[tuple[RopeMatch, list[int]]] = field(default_factory=list)
+    # Rotated outputs that reach the graph output: (match, dim order of eager's dense layout,
+    # the users that read a copy in that layout instead of the in-place result).
+    graph_outputs: list[tuple[RopeMatch, list[int], list[Node]]] = field(default_factory=list)
 
     def touched(self) -> set[Node]:
         """Nodes the rewrite erases, re-points or re-lays out: no other pair of the same round
@@ -287,24 +287,42 @@ def _dense(val: torch.Tensor) -> bool:
     return bool(check(val))
 
 
-def _graph_output_layout(match: RopeMatch) -> tuple[RopeMatch, list[int]] | None:
-    """If the rotated ``match.output`` is a graph output: (match, the dim order, outermost
-    first, of eager's dense layout), which a copy restores (the in-place result is a strided
-    view into the root, sharing its storage with v)."""
-    if not any(user.op == "output" for user in match.output.users):
+def _leads_to_output(node: Node) -> bool:
+    """``node`` is used by the graph output directly or through view ops only."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user.op == "output":
+                return True
+            if user not in seen and is_view_of_input(user):
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _graph_output_layout(match: RopeMatch) -> tuple[RopeMatch, list[int], list[Node]] | None:
+    """If the rotated ``match.output`` reaches the graph output (itself, or a view of it:
+    ``reshape(T, H * D)``, a transpose, a head slice): (match, the dim order, outermost first,
+    of eager's dense layout, the users to re-point at a copy in that layout). The in-place
+    result is a strided view into the root, sharing its storage with v; eager's is a fresh
+    tensor, and its views are views of that."""
+    users = [user for user in match.output.users
+             if user.op == "output" or (is_view_of_input(user) and _leads_to_output(user))]
+    if not users:
         return None
     val = fake_value(match.output)
     if val is None or not _dense(val):
         raise PlanError("the rotated tensor is a graph output with a non-dense layout")
     dims = list(range(val.dim()))
     if _contiguous(val):
-        return match, dims
+        return match, dims, users
     strides = val.stride()
     if not all(isinstance(s, int) for s in strides):
         raise PlanError("the rotated tensor is a graph output with a symbolic, non-contiguous "
                         "layout")
     order = sorted(dims, key=lambda d: -strides[d])
-    return match, order
+    return match, order, users
 
 
 def _contiguous(val: torch.Tensor) -> bool:
@@ -353,8 +371,15 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         root_val = root_vals[kwargs[f"_{name}_base_index"]]
         with torch._guards.detect_fake_mode([root_val]) or _null():
             views.append(torch.as_strided(root_val, size, stride, offset))
-    if len(roots) == 1 and may_overlap(*views):
-        raise PlanError("q and k overlap in memory (an in-place call would rotate twice)")
+    if len(roots) == 1:
+        if may_overlap(*views):
+            raise PlanError("q and k overlap in memory (an in-place call would rotate twice)")
+        # The rotated outputs read their whole head back from the root after the call: a
+        # pass-through tail x[..., rot:] of one must not be rotated as part of the other.
+        q_head, k_head = q.base.meta["val"], k.base.meta["val"]
+        if may_overlap(q_head, views[1]) or may_overlap(k_head, views[0]):
+            raise PlanError("the rotated part of q or k overlaps the other's head (its "
+                            "pass-through features would change)")
     with torch._guards.detect_fake_mode(root_vals) or _null():
         if not q.trig.table_form:
             cache_val = q.trig.cache.meta["val"]
@@ -438,22 +463,21 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
             last = tx.record_new(graph.call_function(operator.getitem, (call, index)))
         last.meta["val"] = fake_result[index]
         new_roots[root] = last
-    relayouts = {id(match): order for match, order in plan.graph_outputs}
+    relayouts = {id(match): (order, users) for match, order, users in plan.graph_outputs}
     for name, match, chain in (("q", q, plan.chains[0]), ("k", k, plan.chains[1])):
         root = plan.roots[kwargs[f"_{name}_base_index"]]
         new_value = tx.replay_views(chain, root, new_roots[root])
         if id(match) in relayouts:
-            # A graph output keeps eager's layout and its own storage: for that use, copy into
-            # eager's dim order (permute, contiguous clone, permute back).
-            order = relayouts[id(match)]
+            # What reaches the graph output keeps eager's layout and its own storage: those
+            # users read a copy in eager's dim order (permute, contiguous clone, permute back).
+            order, users = relayouts[id(match)]
             inverse = [order.index(d) for d in range(len(order))]
             copied = tx.add(new_value, aten.permute.default, (new_value, order))
             copied = tx.add(copied, aten.clone.default, (copied,),
                             {"memory_format": torch.contiguous_format})
             copied = tx.add(copied, aten.permute.default, (copied, inverse))
-            for user in list(match.output.users):
-                if user.op == "output":
-                    tx.replace_input(user, match.output, copied)
+            for user in users:
+                tx.replace_input(user, match.output, copied)
         tx.replace_uses(match.output, new_value)
     for root in plan.roots:
         _redirect_disjoint_views(tx, root, new_roots[root], call,

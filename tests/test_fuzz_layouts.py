@@ -32,8 +32,6 @@ LONG_PROGRAMS = int(os.environ.get("ROPE_FUZZ_LAYOUT_PROGRAMS", "400"))
 GPU_PROGRAMS = int(os.environ.get("ROPE_FUZZ_GPU_PROGRAMS", "40"))
 COVERAGE_SEEDS = 300
 
-# Generated programs that fail because of a known pass bug (fuzz_layouts.known_bug) are
-# xfailed (not strictly: most such programs are fine); the test_known_bug_* tests are strict.
 
 
 def _first_seed_per_kind(base: int) -> list[int]:
@@ -188,14 +186,6 @@ def test_checker_reports_a_wrong_rewrite_count():
     assert bad.failed and bad.categories == {"oracle_unexpected"}, bad.failures
 
 
-def _expect_known_bug(r: fl.Result, signature: set[str]) -> None:
-    """Fail with AssertionError (the expected failure) only if the program fails as the bug was
-    reported; any other failure is a RuntimeError, which the xfail marker does not accept."""
-    if r.failed and not signature <= r.categories:
-        raise RuntimeError(f"the known bug changed: {r.failures}")
-    assert not r.failed, r.failures
-
-
 def _reshaped_output_program(out_mode: str = "reshaped") -> fl.LayoutProgram:
     from dataclasses import replace
 
@@ -212,27 +202,23 @@ def _tail_overlap_program() -> fl.LayoutProgram:
                    num_kv_heads=1)
 
 
-def test_known_bug_programs():
-    for mode in ("reshaped", "viewed"):
-        p = _reshaped_output_program(mode)
-        assert p.expected_rewrites == 1 and fl.known_bug(p) == "view_of_rotated_output"
-    assert fl.known_bug(_reshaped_output_program("outputs")) is None
-    p = _tail_overlap_program()
-    assert p.expected_rewrites == 0 and fl.known_bug(p) == "tail_overlap"
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="pass bug (reported): " + fl.KNOWN_BUGS["view_of_rotated_output"])
 @pytest.mark.parametrize("out_mode", ["reshaped", "viewed"])
-def test_known_bug_view_of_rotated_output_keeps_eager_strides(out_mode):
-    _expect_known_bug(fl.check_program(_reshaped_output_program(out_mode), control=False),
-                      {"strides"})
+def test_regression_view_of_rotated_output_keeps_eager_strides(out_mode):
+    """Was (found by this fuzzer): a graph output that is a view of a rotated q/k (reshape to
+    [T, H*D], transpose, head slice) came back as a strided view into the rotated root."""
+    p = _reshaped_output_program(out_mode)
+    assert p.expected_rewrites == 1
+    r = fl.check_program(p, control=False)
+    assert not r.failed and r.rewritten == 1, r.failures
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="pass bug (reported): " + fl.KNOWN_BUGS["tail_overlap"])
-def test_known_bug_partial_rotary_tail_overlapping_the_other_rotated_part():
-    _expect_known_bug(fl.check_program(_tail_overlap_program(), control=False), {"values"})
+def test_regression_partial_rotary_tail_overlapping_the_other_rotated_part():
+    """Was (found by this fuzzer): q's and k's rotated parts disjoint, but k's inside q's
+    pass-through tail: the call changed what q's output reads. Now not rewritten."""
+    p = _tail_overlap_program()
+    assert p.expected_rewrites == 0
+    r = fl.check_program(p, control=False)
+    assert not r.failed and r.rewritten == 0, r.failures
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +228,6 @@ def test_known_bug_partial_rotary_tail_overlapping_the_other_rotated_part():
 def _check(seed: int, device: str) -> None:
     p = fl.draw_program(seed)
     r = fl.check_program(p, device)
-    if r.failed and r.known_bug:
-        pytest.xfail(f"known pass bug {r.known_bug}: {fl.KNOWN_BUGS[r.known_bug]}")
     assert not r.failed, f"seed {seed} {p.describe()}: " + " | ".join(r.failures)
 
 
