@@ -798,9 +798,15 @@ def summary(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device: str, programs: int, seed: int, fail_fast: bool = False, log=print) -> dict:
+def run(device: str, programs: int, seed: int, fail_fast: bool = False, log=print,
+        time_limit: float | None = None) -> dict:
+    """Check programs ``seed .. seed + programs - 1``; with ``time_limit`` (seconds), stop
+    drawing new programs once it has passed (the statistics count the programs run)."""
     stats = new_stats(device)
+    start = time.perf_counter()
     for i in range(programs):
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            break
         p = draw_program(seed + i)
         r = check_program(p, device)
         record(stats, r)
@@ -821,6 +827,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the statistics as JSON here")
     parser.add_argument("--fail-fast", action="store_true")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop drawing new programs after this many seconds")
     parser.add_argument("--strict-size1-strides", action="store_true",
                         help="strides differing from eager's on size-1 dims only fail too")
     args = parser.parse_args(argv)
@@ -830,7 +838,7 @@ def main(argv=None) -> int:
         print("--device cuda: CUDA is not available", file=sys.stderr)
         return 2
     stats = run(args.device, args.programs, args.seed, args.fail_fast,
-                log=lambda line: print(line, flush=True))
+                log=lambda line: print(line, flush=True), time_limit=args.time_limit)
     stats["seed"], stats["requested_programs"] = args.seed, args.programs
     stats["oracle_rules"], stats["never_rewritten"] = list(ORACLE_RULES), NEVER_REWRITTEN
     print(summary(stats))
