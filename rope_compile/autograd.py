@@ -121,36 +121,36 @@ def _with_grad(op, names, q, k, cos_sin_cache, positions, rotate, inverse, args)
             _RotatedInPlace.apply(x, cos_sin_cache, positions, inverse, args)
 
 
+def _autograd_kernel(op, names, operands, inverse, inverse_args):
+    """The Autograd kernel of ``op``: ``operands(*args)`` gives its (rotated a, rotated b,
+    cos_sin_cache, positions), ``inverse_args(*args)`` the extra arguments of ``inverse``."""
+    redispatch = op.redispatch
+
+    def kernel(keyset, *args):
+        below = keyset & _AFTER_AUTOGRAD
+        a, b, cos_sin_cache, positions = operands(*args)
+        if _grad_enabled() and (a.requires_grad or b.requires_grad
+                                or cos_sin_cache.requires_grad):
+            _with_grad(op, names, a, b, cos_sin_cache, positions,
+                       lambda: redispatch(below, *args), inverse, inverse_args(*args))
+            return
+        redispatch(below, *args)
+        _increment_version((a, b))
+
+    return kernel
+
+
 def register(lib: torch.library.Library) -> None:
     """Register the Autograd kernels of both ops on ``lib`` (the library that defines them)."""
     fused = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
     generic = torch.ops.rope_compile.rotary_embedding.default
-    fused_redispatch, generic_redispatch = fused.redispatch, generic.redispatch
-
-    def fused_autograd(keyset, q, k, cos_sin_cache, positions, rotary_dim, is_neox):
-        below = keyset & _AFTER_AUTOGRAD
-        if _grad_enabled() and (q.requires_grad or k.requires_grad
-                                or cos_sin_cache.requires_grad):
-            _with_grad(fused, ("q", "k"), q, k, cos_sin_cache, positions,
-                       lambda: fused_redispatch(below, q, k, cos_sin_cache, positions,
-                                                rotary_dim, is_neox),
-                       _fused_inverse, (rotary_dim, is_neox))
-            return
-        fused_redispatch(below, q, k, cos_sin_cache, positions, rotary_dim, is_neox)
-        _increment_version((q, k))
-
-    def generic_autograd(keyset, positions, query, key, head_size, cos_sin_cache, is_neox):
-        below = keyset & _AFTER_AUTOGRAD
-        if _grad_enabled() and (query.requires_grad or key.requires_grad
-                                or cos_sin_cache.requires_grad):
-            _with_grad(generic, ("query", "key"), query, key, cos_sin_cache, positions,
-                       lambda: generic_redispatch(below, positions, query, key, head_size,
-                                                  cos_sin_cache, is_neox),
-                       _generic_inverse, (head_size, is_neox))
-            return
-        generic_redispatch(below, positions, query, key, head_size, cos_sin_cache, is_neox)
-        _increment_version((query, key))
-
+    # (q, k, cos_sin_cache, positions) and the inverse's extra arguments, from each schema.
+    fused_autograd = _autograd_kernel(
+        fused, ("q", "k"), lambda q, k, cache, pos, rot, neox: (q, k, cache, pos),
+        _fused_inverse, lambda q, k, cache, pos, rot, neox: (rot, neox))
+    generic_autograd = _autograd_kernel(
+        generic, ("query", "key"), lambda pos, q, k, head, cache, neox: (q, k, cache, pos),
+        _generic_inverse, lambda pos, q, k, head, cache, neox: (head, neox))
     lib.impl(fused._schema.name.split("::")[1], fused_autograd, "Autograd", with_keyset=True)
     lib.impl(generic._schema.name.split("::")[1], generic_autograd, "Autograd",
              with_keyset=True)
