@@ -469,13 +469,25 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
         new_value = tx.replay_views(chain, root, new_roots[root])
         if id(match) in relayouts:
             # What reaches the graph output keeps eager's layout and its own storage: those
-            # users read a copy in eager's dim order (permute, contiguous clone, permute back).
+            # users read a copy in eager's dim order (a contiguous clone, permuted into and
+            # out of that order when it is not the identity).
             order, users = relayouts[id(match)]
+            identity = order == sorted(order)
             inverse = [order.index(d) for d in range(len(order))]
-            copied = tx.add(new_value, aten.permute.default, (new_value, order))
+            copied = new_value if identity else tx.add(new_value, aten.permute.default,
+                                                       (new_value, order))
             copied = tx.add(copied, aten.clone.default, (copied,),
                             {"memory_format": torch.contiguous_format})
-            copied = tx.add(copied, aten.permute.default, (copied, inverse))
+            if not identity:
+                copied = tx.add(copied, aten.permute.default, (copied, inverse))
+            eager = match.output.meta["val"]
+            exact = [int(x) for x in eager.stride()] if all(
+                isinstance(x, int) for x in (*eager.shape, *eager.stride())) else None
+            if exact is not None and list(copied.meta["val"].stride()) != exact:
+                # Only size-1 dims can differ (the order fixed the others): take eager's
+                # strides there too, as a view of the copy.
+                copied = tx.add(copied, aten.as_strided.default,
+                                (copied, list(eager.shape), exact, 0))
             for user in users:
                 tx.replace_input(user, match.output, copied)
         tx.replace_uses(match.output, new_value)

@@ -92,9 +92,12 @@ def test_no_copy_introduced(gqa, dtype, is_neox, rotary_dim):
 
 @pytest.mark.parametrize(("is_neox", "rotary_dim"), [(True, 128), (False, 128), (True, 64)],
                          ids=["neox", "gptj", "neox-rot64"])
-def test_projection_outputs_no_copy(is_neox, rotary_dim):
-    """q, k and v (all three read after the rotation) are returned: v must be read from the
-    op's output for the op to be reinplaced on the projection, with no copy of it."""
+def test_projection_outputs_keep_eager_layout(is_neox, rotary_dim):
+    """q, k and v (all three read after the rotation) are returned. The op is still reinplaced
+    on the projection (v is read from the op's output, no copy of the projection), and the
+    rotated q and k are returned as eager returns them: fresh tensors in eager's layout, not
+    strided views into the projection that share its storage with v (one copy kernel writes
+    them; a layer whose q/k go on to attention has none, test_no_copy_introduced)."""
     model = QKVRope(is_neox=is_neox, rotary_dim=rotary_dim)
     inputs = (positions_for(T), tokens(T))
     with torch.no_grad():
@@ -105,12 +108,14 @@ def test_projection_outputs_no_copy(is_neox, rotary_dim):
     assert count_fused_calls(code) == 1
     assert copy_kinds(base_code) == {"clone": 0, "copy": 0}
     assert copy_kinds(code) == {"clone": 0, "copy": 0}
-    # No kernel at all: q and k are rotated in place in the projection's buffer, and the
-    # outputs are views of it.
-    assert "cpp_fused" not in code.split("def call(")[1]
     for got, base, want in zip(out, base_out, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(base, want, atol=1e-5, rtol=1e-5)
+        assert got.stride() == want.stride() == base.stride()
+    q, k, v = out
+    for rotated in (q, k):
+        assert rotated.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()
+        rotated.view(-1)  # eager allows it
 
 
 # Regression: with SDPA(enable_gqa=True) v reaches SDPA as a [1, Hk, T, D] view (strides
