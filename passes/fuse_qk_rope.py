@@ -40,6 +40,7 @@ is left untouched, with the reason logged at DEBUG and counted in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import operator
@@ -254,14 +255,11 @@ def _token_view(match: RopeMatch) -> tuple[list, list, object]:
         if not statically_known_true(val.stride(outer) == size * stride):
             raise PlanError("x's token dims do not merge into one without a copy")
         size = size * val.shape[outer]
-    for d in dims:
-        if d not in moving:
-            size = size * val.shape[d]
     return ([size, val.shape[match.heads_dim], match.rotary_dim],
             [stride, val.stride(match.heads_dim), 1], val.storage_offset())
 
 
-def _check_root(name: str, root: Node) -> torch.Tensor:
+def _check_root(name: str, root: Node) -> None:
     """The storage root must be a tensor whose layout Inductor either asserts (a graph input)
     or pins to its fake strides (any computed buffer read through ``as_strided``, as the call's
     views are once Inductor decomposes it); a view Inductor does not know is a view is not."""
@@ -273,7 +271,6 @@ def _check_root(name: str, root: Node) -> torch.Tensor:
                         "pass cannot follow")
     if root.op not in ("placeholder", "call_function", "get_attr"):
         raise PlanError(f"{name}'s storage root {root.name} is a {root.op} node")
-    return val
 
 
 def _dense(val: torch.Tensor) -> bool:
@@ -348,9 +345,6 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         chains.append(chain)
         # The op's argument x[..., :rot] as [T, H, rot], described against the root's storage.
         size, stride, offset = _token_view(match)
-        if any(statically_known_true(s == 0) and not statically_known_true(n <= 1)
-               for n, s in zip(size, stride, strict=True)):
-            raise PlanError(f"{name} is expanded (a stride-0 dim); the op rejects it")
         kwargs[f"_{name}_base_index"] = roots.index(root)
         kwargs[f"_{name}_size"] = _as_graph_ints(size, symbols)
         kwargs[f"_{name}_stride"] = _as_graph_ints(stride, symbols)
@@ -369,7 +363,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
     for name in ("q", "k"):
         size, stride, offset = fake[name]
         root_val = root_vals[kwargs[f"_{name}_base_index"]]
-        with torch._guards.detect_fake_mode([root_val]) or _null():
+        with torch._guards.detect_fake_mode([root_val]) or contextlib.nullcontext():
             views.append(torch.as_strided(root_val, size, stride, offset))
     if len(roots) == 1:
         if may_overlap(*views):
@@ -380,7 +374,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         if may_overlap(q_head, views[1]) or may_overlap(k_head, views[0]):
             raise PlanError("the rotated part of q or k overlaps the other's head (its "
                             "pass-through features would change)")
-    with torch._guards.detect_fake_mode(root_vals) or _null():
+    with torch._guards.detect_fake_mode(root_vals) or contextlib.nullcontext():
         if not q.trig.table_form:
             cache_val = q.trig.cache.meta["val"]
             positions_val = q.trig.positions.meta["val"]
@@ -402,14 +396,6 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
     return PairPlan(q, k, roots, tuple(chains), kwargs, table_shape, outputs)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _fake_call(kwargs: dict, like: torch.Tensor) -> tuple:
     """The fake value of ``auto_functionalized_v2(op, **kwargs)``: the op returns nothing, and
     each base comes back as a new tensor of the same layout (``clone_preserve_strides``). The
@@ -429,7 +415,6 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
 
     graph = tx.graph
     q, k = plan.q, plan.k
-    kwargs = {key: value for key, value in plan.kwargs.items()}
     if position is None:
         position = {n: i for i, n in enumerate(graph.nodes)}
     # The call needs the roots, cache and positions: put it after the last of them
@@ -450,7 +435,7 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
         if q.trig.table_form:  # new nodes: placed right after the anchor
             position.update({cache: where, positions: where})
             built[memo_key] = (cache, positions)
-    kwargs = {"cos_sin_cache": cache, "positions": positions, **kwargs}
+    kwargs = {"cos_sin_cache": cache, "positions": positions, **plan.kwargs}
     fake_result = _fake_call(kwargs, q.base.meta["val"])
     with graph.inserting_after(anchor):
         call = tx.record_new(graph.call_function(auto_functionalized_v2, (_fused_op(),),
@@ -512,7 +497,7 @@ def _redirect_disjoint_views(tx: GraphTransaction, root: Node, new_root: Node, c
     while stack:
         node = stack.pop()
         for user in list(node.users):
-            if user is call or user.graph is not graph or user in tx.new_node_set:
+            if user is call or user.graph is not graph or user in tx.new_nodes:
                 continue
             if is_view_of_input(user):
                 stack.append(user)

@@ -71,17 +71,22 @@ def view_chain(node: Node) -> tuple[Node, list[Node]]:
     return node, chain[::-1]
 
 
-def add_node(graph: Graph, after: Node, target, args, kwargs=None) -> Node:
-    """Insert ``target(*args, **kwargs)`` after ``after``, with its fake value as meta."""
-    kwargs = kwargs or {}
-    with graph.inserting_after(after):
-        node = graph.call_function(target, tuple(args), kwargs)
-    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    fake_tensors = [a for a in torch.utils._pytree.tree_leaves(fake_args)
+def propagate_fake(node: Node) -> Node:
+    """Set ``node.meta["val"]``: its target run on its inputs' fake values."""
+    fake_args, fake_kwargs = torch.fx.node.map_arg((node.args, node.kwargs),
+                                                   lambda n: n.meta["val"])
+    fake_tensors = [a for a in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs))
                     if isinstance(a, torch.Tensor)]
     with torch._guards.detect_fake_mode(fake_tensors):
-        node.meta["val"] = target(*fake_args, **fake_kwargs)
+        node.meta["val"] = node.target(*fake_args, **fake_kwargs)
     return node
+
+
+def add_node(graph: Graph, after: Node, target, args, kwargs=None) -> Node:
+    """Insert ``target(*args, **kwargs)`` after ``after``, with its fake value as meta."""
+    with graph.inserting_after(after):
+        node = graph.call_function(target, tuple(args), kwargs or {})
+    return propagate_fake(node)
 
 
 class GraphTransaction:
@@ -93,14 +98,12 @@ class GraphTransaction:
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self.new_nodes: list[Node] = []
-        self.new_node_set: set[Node] = set()
+        self.new_nodes: dict[Node, None] = {}  # in insertion order
         self.moved_uses: list[tuple[Node, Node, Node]] = []  # (user, old input, new input)
         self.maybe_dead: list[Node] = []
 
     def record_new(self, node: Node) -> Node:
-        self.new_nodes.append(node)
-        self.new_node_set.add(node)
+        self.new_nodes[node] = None
         return node
 
     def add(self, after: Node, target, args, kwargs=None) -> Node:
@@ -120,11 +123,7 @@ class GraphTransaction:
                 continue
             with self.graph.inserting_after(last):
                 copy = self.record_new(self.graph.node_copy(node, lambda n: env.get(n, n)))
-            fake_args, fake_kwargs = torch.fx.node.map_arg(
-                (copy.args, copy.kwargs), lambda n: n.meta["val"])
-            with torch._guards.detect_fake_mode([fake_value(env[old_root])]):
-                copy.meta["val"] = copy.target(*fake_args, **fake_kwargs)
-            env[node] = last = copy
+            env[node] = last = propagate_fake(copy)
         return last
 
     def replace_input(self, user: Node, old: Node, new: Node) -> None:
@@ -143,8 +142,7 @@ class GraphTransaction:
         for node in reversed(self.new_nodes):
             if not node._erased:
                 self.graph.erase_node(node)
-        self.new_nodes, self.moved_uses, self.maybe_dead = [], [], []
-        self.new_node_set = set()
+        self.new_nodes, self.moved_uses, self.maybe_dead = {}, [], []
 
     def commit(self, also_dead: Iterable[Node] = ()) -> None:
         """Erase what the rewrite left unused (and their now-unused inputs)."""

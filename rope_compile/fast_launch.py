@@ -39,6 +39,7 @@ import torch
 
 from . import validation
 from .constants import GPU_DEVICE_TYPES
+from .layout import extent
 from .validation import generic_views, validate_fused
 
 # Set from ROPE_COMPILE_FAST_LAUNCH and, on first use, from the Triton check below.
@@ -206,13 +207,9 @@ def _byte_spans(*tensors) -> tuple[int, ...]:
     """(low, high) byte of each tensor's memory relative to its data pointer, flattened."""
     spans = []
     for t in tensors:
-        low = high = 0
-        for size, stride in zip(t.shape, t.stride(), strict=True):
-            if stride > 0:
-                high += (size - 1) * stride
-            else:
-                low += (size - 1) * stride
-        spans += (low * t.element_size(), (high + 1) * t.element_size())
+        low, high = extent(t)  # elements of the storage; the data pointer is at the offset
+        offset, size = t.storage_offset(), t.element_size()
+        spans += ((low - offset) * size, (high - offset + 1) * size)
     return tuple(spans)
 
 
@@ -243,13 +240,11 @@ def _launch_first(q, k, cache, positions, rotary_dim, is_neox) -> _Launch:
 
 
 def _first_fused(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> _Launch:
-
     validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
     return _launch_first(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
 
 
 def _first_generic(query, key, cos_sin_cache, positions, head_size, is_neox) -> _Launch | None:
-
     q, k, flat_positions, rotary_dim = generic_views(positions, query, key, head_size,
                                                      cos_sin_cache)
     launch = _launch_first(q, k, cos_sin_cache, flat_positions, rotary_dim, is_neox)
