@@ -109,3 +109,39 @@ def test_e2e_interleaved_rounds_eager_tiny():
         assert r["host_ms"] > 0
     assert sum("timing round" in line for line in logged) == 3
     assert "host ms/step" in e2e.results_table(results)
+
+
+def _bench(name: str):
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_models_every_model_builds_tiny():
+    """Every model of bench_models builds at the tiny size (no compile) and runs eagerly."""
+    bench = _bench("bench_models")
+    assert bench.select_models("qwen3,gemma2") == ["qwen3", "gemma2"]
+    assert bench.select_models("gpt-fast") == ["gpt-fast"]
+    with pytest.raises(SystemExit):
+        bench.select_models("nope")
+    for name in bench.MODEL_NAMES:
+        model, args = bench.build(name, bench.TINY, "cpu", torch.float32)
+        with torch.no_grad():
+            assert bench._logits(model(*args)).isfinite().all(), name
+
+
+def test_models_qwen3_tiny_cpu(tmp_path):
+    """bench_models end to end on CPU: Qwen3 (q/k norm), default mode, two rounds."""
+    bench = _bench("bench_models")
+    rows = bench.main(["--device", "cpu", "--tiny", "--models", "qwen3", "--rounds", "2",
+                       "--iters", "1", "--modes", "default,reduce-overhead",
+                       "--out", str(tmp_path)])
+    [row] = rows  # reduce-overhead is dropped without CUDA
+    assert row["error"] is None and row["mode"] == "default"
+    assert row["fused_calls"] == 1 and row["rewritten"] == 1
+    assert row["max_err_rope_compile"] < 1e-4 and row["max_err_inductor"] < 1e-4
+    assert len(row["ms_rounds_inductor"]) == len(row["ms_rounds_rope_compile"]) == 2
+    low, high = row["ms_spread_rope_compile"]
+    assert 0 < low <= row["ms_rope_compile"] <= high
+    assert "HF Qwen3" in (tmp_path / "models.md").read_text()
+    assert (tmp_path / "models.json").exists()
