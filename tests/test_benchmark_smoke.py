@@ -145,3 +145,32 @@ def test_models_qwen3_tiny_cpu(tmp_path):
     assert 0 < low <= row["ms_rope_compile"] <= high
     assert "HF Qwen3" in (tmp_path / "models.md").read_text()
     assert (tmp_path / "models.json").exists()
+
+
+def test_decode_prologue_kernel_count():
+    """Non-GEMM kernels between a layer's three q/k/v GEMMs and its attention kernel."""
+    bench = _bench("bench_decode")
+    step = ["triton_red_fused_rms_norm_0", "nvjet_tst_q", "triton_red_fused_q_norm_1",
+            "nvjet_tst_k", "nvjet_tst_v", "triton_poi_fused_rope_2",
+            "triton_poi_fused_index_copy_3",
+            "triton_poi_fused__scaled_dot_product_efficient_attention_4",
+            "fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "nvjet_tst_o", "triton_red_fused_add_5",
+            "nvjet_tst_q", "nvjet_tst_k", "splitKreduce_kernel", "nvjet_tst_v",
+            "fmha_cutlassF_bf16_aligned_64x64_rf_sm80"]
+    assert bench.prologue_kernels(step) == [4, 0]
+    assert bench.prologue_kernels(["triton_poi_fused_0"]) == []
+
+
+def test_decode_qwen3_tiny_cpu(tmp_path):
+    """bench_decode end to end on CPU: Qwen3 with a StaticCache, batch 2, two rounds."""
+    bench = _bench("bench_decode")
+    rows = bench.main(["--device", "cpu", "--tiny", "--models", "qwen3", "--batches", "2",
+                       "--rounds", "2", "--iters", "2", "--out", str(tmp_path)])
+    [row] = rows
+    assert row["error"] is None and (row["batch"], row["mode"]) == (2, "default")
+    assert row["fused_calls_rope_compile"] == 1 and row["rewritten"] == 1
+    assert row["fused_calls_inductor"] == 0
+    assert row["max_err_rope_compile"] < 1e-4 and row["max_err_inductor"] < 1e-4
+    assert len(row["ms_rounds_rope_compile"]) == 2 and row["speedup"] > 0
+    assert "HF Qwen3" in (tmp_path / "decode.md").read_text()
+    assert (tmp_path / "decode.json").exists()
