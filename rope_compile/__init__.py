@@ -34,3 +34,31 @@ __all__ = [
     "rotary_embedding",
     "set_check_positions",
 ]
+
+# RoPE + KV-cache store and QK-norm + RoPE, one launch each (rope_compile/kernels/rope_kv_store.py),
+# and the sglang / vLLM drop-ins built on them (rope_compile/kv_store.py).
+from .kv_store import (  # noqa: E402
+    FusedSetKVBufferArg,
+    apply_rope_with_cos_sin_cache_inplace,
+    fused_qk_norm_rope,
+)
+from .ops import (  # noqa: E402
+    KV_STORE_OP_NAME,
+    NORM_ROPE_KV_OP_NAME,
+    NORM_ROPE_OP_NAME,
+    fused_qk_norm_rope_inplace,
+    fused_qk_norm_rope_kv_store_inplace,
+    fused_qk_rope_kv_store_inplace,
+)
+
+__all__ += [
+    "KV_STORE_OP_NAME",
+    "NORM_ROPE_KV_OP_NAME",
+    "NORM_ROPE_OP_NAME",
+    "FusedSetKVBufferArg",
+    "apply_rope_with_cos_sin_cache_inplace",
+    "fused_qk_norm_rope",
+    "fused_qk_norm_rope_inplace",
+    "fused_qk_norm_rope_kv_store_inplace",
+    "fused_qk_rope_kv_store_inplace",
+]

@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import fused_qk_rope_with_cos_sin_cache_inplace, rotary_embedding
+from .kv_store import FusedSetKVBufferArg, kv_store_views, set_kv_buffer_native
+from .ops import (
+    fused_qk_rope_kv_store_inplace,
+    fused_qk_rope_with_cos_sin_cache_inplace,
+    rotary_embedding,
+)
 from .options import DEFAULT_HEAD_SIZES, GPU_DEVICE_TYPES, validate_rotary_embedding_args
 from .reference import compute_cos_sin_cache
 from .validation import as_token_heads
@@ -77,7 +82,10 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,
         key: torch.Tensor,
         offsets: torch.Tensor | None = None,
+        fused_set_kv_buffer_arg: FusedSetKVBufferArg | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain torch RoPE; with ``fused_set_kv_buffer_arg`` the rotated key and the value are
+        then written into the KV cache (``set_kv_buffer_native``)."""
         if offsets is not None:
             positions = positions + offsets
         positions = positions.flatten()
@@ -97,8 +105,10 @@ class RotaryEmbedding(nn.Module):
         key_rot = key[..., : self.rotary_dim]
         key_pass = key[..., self.rotary_dim :]
         key_rot = apply_rotary_emb(key_rot, cos, sin, self.is_neox_style)
-        key = torch.cat((key_rot, key_pass), dim=-1).reshape(key_shape)
-        return query, key
+        key = torch.cat((key_rot, key_pass), dim=-1)
+        if fused_set_kv_buffer_arg is not None:
+            set_kv_buffer_native(fused_set_kv_buffer_arg, key)
+        return query, key.reshape(key_shape)
 
     def _cache_like(self, query: torch.Tensor) -> torch.Tensor:
         """The cache in the query's dtype. Eager converts the buffer once (as sglang does); under
@@ -116,14 +126,24 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,
         key: torch.Tensor,
         offsets: torch.Tensor | None = None,
-        fused_set_kv_buffer_arg=None,
+        fused_set_kv_buffer_arg: FusedSetKVBufferArg | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if fused_set_kv_buffer_arg is not None:
-            raise NotImplementedError("fused_set_kv_buffer_arg is not supported by rope_compile")
         if offsets is not None:
             positions = torch.add(positions, offsets)
         cos_sin_cache = self._cache_like(query)
-        if self.head_size in FUSED_HEAD_SIZES:
+        if fused_set_kv_buffer_arg is not None:
+            # RoPE of q and k and the KV-cache store of k and v, one launch (any head size).
+            positions = positions.flatten()
+            num_tokens = positions.shape[0]
+            op = "RotaryEmbedding.forward_xpu"
+            q = as_token_heads(op, "query", query, num_tokens, self.head_size)
+            k = as_token_heads(op, "key", key, num_tokens, self.head_size)
+            arg = fused_set_kv_buffer_arg
+            v, k_buffer, v_buffer = kv_store_views(arg, num_tokens, k.shape[1])
+            fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, arg.cache_loc,
+                                           cos_sin_cache, positions, self.rotary_dim,
+                                           self.is_neox_style, arg.k_scale, arg.v_scale)
+        elif self.head_size in FUSED_HEAD_SIZES:
             positions = positions.flatten()
             num_tokens = positions.shape[0]
             op = "RotaryEmbedding.forward_xpu"
@@ -150,6 +170,4 @@ class RotaryEmbedding(nn.Module):
         device_type = query.device.type
         if device_type in GPU_DEVICE_TYPES:
             return self.forward_xpu(positions, query, key, offsets, fused_set_kv_buffer_arg)
-        if fused_set_kv_buffer_arg is not None:
-            raise NotImplementedError("fused_set_kv_buffer_arg is not supported by rope_compile")
-        return self.forward_native(positions, query, key, offsets)
+        return self.forward_native(positions, query, key, offsets, fused_set_kv_buffer_arg)

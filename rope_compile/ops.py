@@ -103,6 +103,153 @@ rotary_embedding_op = torch.ops.rope_compile.rotary_embedding.default
 autograd.register(_LIB)
 
 
+# ---------------------------------------------------------------------------------------------
+# RoPE + KV-cache store, and QK-norm + RoPE (+ KV store): one Triton kernel with constexpr
+# switches (rope_compile/kernels/rope_kv_store.py, which gives the math and rounding); CPU: the
+# float32 reference in place (reference.qk_norm_rope_kv_reference_).
+#
+# q [T, Hq, D] and k [T, Hk, D] are whole heads (RoPE touches [..., :rotary_dim]; the norm and
+# the store the whole head); v [T, Hk, Dv]; k_buffer [S, Hk, D] / v_buffer [S, Hk, Dv] get rows
+# cache_loc[t] (any row stride, last stride 1; fp16 / bf16 / fp32 / fp8 e4m3fn), the stored
+# value being cast(x / scale) in fp32 (no division when the scale is None). Duplicate cache_loc
+# values are not checked (a sort, and a device sync on GPUs): which token's row lands is then
+# unspecified, as with eager ``k_buffer[cache_loc] = k``. Out-of-range cache_loc (and
+# positions) raise IndexError on the CPU always, on GPUs with set_check_positions(True).
+# These are inference (decode-path) ops: a call with an input that requires grad is refused.
+
+from .reference import qk_norm_rope_kv_reference_  # noqa: E402
+from .validation import (  # noqa: E402, F401  (names re-exported for callers)
+    _KV_STORE,
+    _NORM_ROPE,
+    _NORM_ROPE_KV,
+    KV_STORE_OP_NAME,
+    NORM_ROPE_KV_OP_NAME,
+    NORM_ROPE_OP_NAME,
+    check_cache_loc_in_range,
+    validate_kv_store,
+    validate_norm_rope,
+)
+
+_KV_ARGS = ("Tensor v, Tensor(a2!) k_buffer, Tensor(a3!) v_buffer, Tensor cache_loc")
+_NORM_ARGS = "Tensor q_weight, Tensor k_weight, float eps, float weight_offset"
+_ROPE_ARGS = "Tensor cos_sin_cache, Tensor positions, int rotary_dim, bool is_neox"
+_SCALES = "float? k_scale=None, float? v_scale=None"
+_LIB.define(f"{_KV_STORE}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_ROPE_ARGS}, {_SCALES}) -> ()")
+_LIB.define(f"{_NORM_ROPE}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_ROPE_ARGS}) -> ()")
+_LIB.define(f"{_NORM_ROPE_KV}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_NORM_ARGS}, "
+            f"{_ROPE_ARGS}, {_SCALES}) -> ()")
+
+
+def _kv_store_args(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions,
+                   rotary_dim, is_neox, k_scale=None, v_scale=None):
+    validate_kv_store(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions,
+                      rotary_dim, k_scale, v_scale)
+    kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
+    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, None, kv
+
+
+def _norm_rope_args(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
+                    rotary_dim, is_neox):
+    validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
+                       rotary_dim)
+    norm = (q_weight, k_weight, eps, weight_offset)
+    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, None
+
+
+def _norm_rope_kv_args(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
+                       weight_offset, cos_sin_cache, positions, rotary_dim, is_neox,
+                       k_scale=None, v_scale=None):
+    kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
+    validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
+                       rotary_dim, kv)
+    norm = (q_weight, k_weight, eps, weight_offset)
+    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, kv
+
+
+def _check_indices(op, cos_sin_cache, positions, kv) -> None:
+    check_positions_in_range(op, positions, cos_sin_cache.shape[0])
+    if kv is not None:
+        check_cache_loc_in_range(op, kv[3], kv[1].shape[0])
+
+
+def _register_kv_op(name: str, args, mutated: tuple[int, ...]) -> None:
+    """CPU, Triton (cuda/xpu), fake and Autograd kernels of ``name``; ``args`` validates the
+    op's arguments and returns ``(q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm,
+    kv)``; ``mutated``: the positions of the arguments the op writes."""
+
+    def cpu(*op_args) -> None:
+        q, k, cache, positions, rot, neox, norm, kv = args(*op_args)
+        _check_indices(name, cache, positions, kv)
+        qk_norm_rope_kv_reference_(q, k, cache, positions, rot, neox, norm=norm, kv=kv)
+
+    def triton(*op_args) -> None:
+        q, k, cache, positions, rot, neox, norm, kv = args(*op_args)
+        if check_positions_on_device_enabled():
+            _check_indices(name, cache, positions, kv)
+        from .kernels.rope_kv_store import launch
+
+        launch(q, k, cache, positions, rot, neox, norm=norm, kv=kv)
+
+    def fake(*op_args) -> None:
+        args(*op_args)
+
+    _register(name, cpu=cpu, gpu=triton, fake=fake)
+    op = getattr(torch.ops.rope_compile, name).default
+    below_autograd = torch._C._after_autograd_keyset
+
+    def autograd_kernel(keyset, *op_args) -> None:
+        if torch.is_grad_enabled():
+            names = [a.name for a, x in zip(op._schema.arguments, op_args, strict=False)
+                     if isinstance(x, torch.Tensor) and x.requires_grad]
+            if names:
+                raise RuntimeError(
+                    f"{name}: {', '.join(names)} requires grad, but this op has no gradient "
+                    f"(an inference, decode-path op). Call it under torch.no_grad() or "
+                    f"torch.inference_mode(), or use RotaryEmbedding.forward_native.")
+        op.redispatch(keyset & below_autograd, *op_args)
+        torch._C._increment_version(tuple(op_args[i] for i in mutated))
+
+    _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+_register_kv_op(_KV_STORE, _kv_store_args, (0, 1, 3, 4))
+_register_kv_op(_NORM_ROPE, _norm_rope_args, (0, 1))
+_register_kv_op(_NORM_ROPE_KV, _norm_rope_kv_args, (0, 1, 3, 4))
+kv_store_op = torch.ops.rope_compile.fused_qk_rope_kv_store_inplace.default
+norm_rope_op = torch.ops.rope_compile.fused_qk_norm_rope_inplace.default
+norm_rope_kv_op = torch.ops.rope_compile.fused_qk_norm_rope_kv_store_inplace.default
+
+
+def fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache,
+                                   positions, rotary_dim, is_neox, k_scale=None,
+                                   v_scale=None) -> None:
+    """Rotate q ``[T, Hq, D]`` and k ``[T, Hk, D]`` in place and write the rotated k and v
+    ``[T, Hk, Dv]`` into rows ``cache_loc`` of k_buffer ``[S, Hk, D]`` / v_buffer
+    ``[S, Hk, Dv]`` (``x / scale`` in fp32, cast to the buffer's dtype), in one launch."""
+    kv_store_op(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions, rotary_dim,
+                is_neox, k_scale, v_scale)
+
+
+def fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache,
+                               positions, rotary_dim, is_neox) -> None:
+    """Per-head RMSNorm of q ``[T, Hq, D]`` and k ``[T, Hk, D]`` over D (weights ``[D]``;
+    ``weight_offset`` 0.0: ``x * w``, HF Qwen3 rounding; 1.0: ``x * (1 + w)``, Gemma), then
+    RoPE, in place, in one launch."""
+    norm_rope_op(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
+                 rotary_dim, is_neox)
+
+
+def fused_qk_norm_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, q_weight,
+                                        k_weight, eps, weight_offset, cos_sin_cache, positions,
+                                        rotary_dim, is_neox, k_scale=None,
+                                        v_scale=None) -> None:
+    """:func:`fused_qk_norm_rope_inplace`, then the KV store of
+    :func:`fused_qk_rope_kv_store_inplace`, in one launch."""
+    norm_rope_kv_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
+                    weight_offset, cos_sin_cache, positions, rotary_dim, is_neox, k_scale,
+                    v_scale)
+
+
 def fused_qk_rope_with_cos_sin_cache_inplace(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -37,6 +37,58 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ---------------------------------------------------------------------------------------------
+# QK-norm and KV-cache store (the CPU kernels of the rope_kv_store ops; the math and rounding
+# are those of rope_compile/kernels/rope_kv_store.py, which documents them)
+
+FP8_E4M3_MAX = 448.0
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   weight_offset: float) -> torch.Tensor:
+    """RMSNorm of ``x`` ``[..., D]`` over D, rounded as HF's ``Qwen3RMSNorm`` (weight_offset
+    0.0: ``round(w * round(x * r))``) or ``Gemma3RMSNorm`` (1.0: ``round(x * r * (1 + w))``),
+    ``r = rsqrt(mean(x^2) + eps)`` in float32 (float64 for float64 x); result in x's dtype."""
+    math = _math_dtype(x.dtype)
+    h = x.to(math)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.to(math)
+    if weight_offset == 1.0:
+        return (h * r * (1.0 + w)).to(x.dtype)
+    return (w * (h * r).to(x.dtype).to(math)).to(x.dtype)
+
+
+def to_kv_cache(x: torch.Tensor, scale: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache of ``dtype`` stores it: ``x / scale`` in float32 (when a scale is
+    given), then one cast; fp8 e4m3fn saturates to +-448 (torch 2.13's conversion; clamped
+    first so that older torch, which gave NaN, agrees)."""
+    math = _math_dtype(x.dtype)
+    if scale is not None:
+        x = x.to(math) / scale
+    if dtype == getattr(torch, "float8_e4m3fn", None):
+        x = x.to(math).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return x.to(dtype)
+
+
+def qk_norm_rope_kv_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *,
+                               norm=None, kv=None) -> None:
+    """In place: RMSNorm q and k ``[T, H, D]`` per head (``norm = (q_weight, k_weight, eps,
+    weight_offset)``), rotate their first ``rotary_dim`` features, then (``kv = (v, k_buffer,
+    v_buffer, cache_loc, k_scale, v_scale)``) write the rotated k and v into the cache rows
+    ``cache_loc`` (duplicate locations: one of the writers wins, as with ``index_put_``)."""
+    if norm is not None:
+        q_weight, k_weight, eps, weight_offset = norm
+        for x, w in ((q, q_weight), (k, k_weight)):
+            if x.numel():
+                x.copy_(rms_norm_heads(x, w, eps, weight_offset))
+    rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+    if kv is not None:
+        v, k_buffer, v_buffer, cache_loc, k_scale, v_scale = kv
+        loc = cache_loc.long()
+        k_buffer.index_put_((loc,), to_kv_cache(k, k_scale, k_buffer.dtype))
+        v_buffer.index_put_((loc,), to_kv_cache(v, v_scale, v_buffer.dtype))
+
+
 def rope_reference(
     x: torch.Tensor,
     positions: torch.Tensor,

@@ -125,6 +125,163 @@ def check_positions_in_range(op: str, positions: torch.Tensor, max_position: int
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# QK-norm / RoPE + KV-cache store ops (rope_compile/kernels/rope_kv_store.py)
+
+KV_STORE_OP_NAME = "rope_compile::fused_qk_rope_kv_store_inplace"
+NORM_ROPE_OP_NAME = "rope_compile::fused_qk_norm_rope_inplace"
+NORM_ROPE_KV_OP_NAME = "rope_compile::fused_qk_norm_rope_kv_store_inplace"
+_KV_STORE = "fused_qk_rope_kv_store_inplace"
+_NORM_ROPE = "fused_qk_norm_rope_inplace"
+_NORM_ROPE_KV = "fused_qk_norm_rope_kv_store_inplace"
+
+
+def kv_cache_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes a KV-cache buffer may have (fp8 e4m3fn where this torch has it)."""
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    return (torch.float16, torch.bfloat16, torch.float32) + ((fp8,) if fp8 else ())
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, torch.SymFloat, torch.SymInt)) and not isinstance(
+        value, bool)
+
+
+def _finite(value) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+def _check_whole_heads(op, q, k, cos_sin_cache, positions, rotary_dim) -> None:
+    """q ``[T, Hq, D]`` and k ``[T, Hk, D]`` (whole heads: the norm writes them all, the store
+    reads k's tail), besides the RoPE checks of :func:`check_rope_operands`."""
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
+        _fail(op, f"positions must be 1-D [num_tokens], got "
+                  f"{tuple(getattr(positions, 'shape', ()))}")
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            _fail(op, f"{name} must be [num_tokens, num_heads, head_size], got shape "
+                      f"{tuple(getattr(x, 'shape', ()))}")
+    if q.shape[2] != k.shape[2]:
+        _fail(op, f"q and k must have the same head size, got {q.shape[2]} and {k.shape[2]}")
+    check_rope_operands(op, (("q", q), ("k", k)), cos_sin_cache, positions, rotary_dim,
+                        q.shape[2])
+    if may_share_memory(q, k, unknown=True):
+        _fail(op, "q and k overlap in memory; the op writes both in place")
+    _check_kv_reads(op, (("cos_sin_cache", cos_sin_cache), ("positions", positions)),
+                 (("q", q), ("k", k)))
+
+
+def _check_kv_reads(op, reads, writes) -> None:
+    """No tensor the op reads shares memory with one it writes."""
+    for read_name, read in reads:
+        for name, x in writes:
+            if may_share_memory(read, x, unknown=False):
+                _fail(op, f"{read_name} overlaps {name} in memory; the op would read "
+                          f"{read_name} while it writes {name}")
+
+
+def _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset) -> None:
+    head_size = q.shape[2]
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != head_size:
+            _fail(op, f"{name} must be [head_size={head_size}], got shape "
+                      f"{tuple(getattr(w, 'shape', ()))}")
+        if not w.dtype.is_floating_point:
+            _fail(op, f"{name} must be floating point, got dtype {w.dtype}")
+        if w.device != q.device:
+            _fail(op, f"{name} must be on q's device ({q.device}), got {w.device}")
+    if not _is_number(eps) or not _finite(eps) or eps < 0:
+        _fail(op, f"eps must be a finite number >= 0, got {eps!r}")
+    if weight_offset not in (0.0, 1.0) or isinstance(weight_offset, bool):
+        _fail(op, f"weight_offset must be 0.0 (x * w, Qwen3/Llama) or 1.0 (x * (1 + w), "
+                  f"Gemma), got {weight_offset!r}")
+    _check_kv_reads(op, (("q_weight", q_weight), ("k_weight", k_weight)), (("q", q), ("k", k)))
+
+
+def _check_kv_store(op, q, k, v, k_buffer, v_buffer, cache_loc, k_scale, v_scale,
+                    reads) -> None:
+    """v ``[T, Hk, Dv]``, k_buffer ``[S, Hk, D]``, v_buffer ``[S, Hk, Dv]``, cache_loc ``[T]``,
+    scales; ``reads``: the other tensors the op reads, ``(name, tensor)``."""
+    num_tokens, num_kv_heads, head_size = k.shape
+    if not isinstance(v, torch.Tensor) or v.dim() != 3:
+        _fail(op, f"v must be [num_tokens, num_kv_heads, v_head_size], got shape "
+                  f"{tuple(getattr(v, 'shape', ()))}")
+    if v.shape[0] != num_tokens or v.shape[1] != num_kv_heads:
+        _fail(op, f"v must be [{num_tokens}, {num_kv_heads}, v_head_size] (k's tokens and "
+                  f"heads), got {tuple(v.shape)}")
+    if not v.dtype.is_floating_point:
+        _fail(op, f"v must be a floating-point tensor, got dtype {v.dtype}")
+    for name, buf, size in (("k_buffer", k_buffer, head_size),
+                            ("v_buffer", v_buffer, v.shape[2])):
+        if not isinstance(buf, torch.Tensor) or buf.dim() != 3 or buf.shape[1:] != (
+                num_kv_heads, size):
+            _fail(op, f"{name} must be [num_slots, {num_kv_heads}, {size}], got shape "
+                      f"{tuple(getattr(buf, 'shape', ()))}")
+        if buf.dtype not in kv_cache_dtypes():
+            _fail(op, f"{name} must have a dtype in {kv_cache_dtypes()}, got {buf.dtype}")
+        if any(n > 1 and s == 0 for n, s in zip(buf.shape, buf.stride(), strict=True)):
+            _fail(op, f"{name} must not be expanded (a stride-0 dim writes one element "
+                      f"several times), got strides {tuple(buf.stride())}")
+    if k_buffer.shape[0] != v_buffer.shape[0]:
+        _fail(op, f"k_buffer and v_buffer must have the same number of slots, got "
+                  f"{k_buffer.shape[0]} and {v_buffer.shape[0]}")
+    for name, x in (("v", v), ("k_buffer", k_buffer), ("v_buffer", v_buffer)):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            _fail(op, f"{name} must have last stride 1, got strides {tuple(x.stride())}")
+    if not isinstance(cache_loc, torch.Tensor) or cache_loc.dtype not in (torch.int32,
+                                                                          torch.int64):
+        _fail(op, f"cache_loc must be an int32 or int64 tensor, got "
+                  f"{getattr(cache_loc, 'dtype', type(cache_loc).__name__)}")
+    if cache_loc.dim() != 1 or cache_loc.shape[0] != num_tokens:
+        _fail(op, f"cache_loc must be [num_tokens={num_tokens}], got shape "
+                  f"{tuple(cache_loc.shape)}")
+    for name, x in (("v", v), ("k_buffer", k_buffer), ("v_buffer", v_buffer),
+                    ("cache_loc", cache_loc)):
+        if x.device != k.device:
+            _fail(op, f"{name} must be on k's device ({k.device}), got {x.device}")
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is not None and (not _is_number(scale) or not _finite(scale)
+                                  or scale <= 0):
+            _fail(op, f"{name} must be None or a finite number > 0, got {scale!r}")
+    writes = (("q", q), ("k", k), ("k_buffer", k_buffer), ("v_buffer", v_buffer))
+    for i, (a_name, a) in enumerate(writes):
+        for b_name, b in writes[i + 1:]:
+            if may_share_memory(a, b, unknown=True):
+                _fail(op, f"{a_name} and {b_name} overlap in memory; the op writes both")
+    _check_kv_reads(op, (("v", v), ("cache_loc", cache_loc), *reads), writes)
+
+
+def validate_kv_store(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions,
+                      rotary_dim, k_scale, v_scale) -> None:
+    """The checks of ``fused_qk_rope_kv_store_inplace`` (metadata only)."""
+    _check_whole_heads(_KV_STORE, q, k, cos_sin_cache, positions, rotary_dim)
+    _check_kv_store(_KV_STORE, q, k, v, k_buffer, v_buffer, cache_loc, k_scale, v_scale,
+                    (("cos_sin_cache", cos_sin_cache), ("positions", positions)))
+
+
+def validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
+                       rotary_dim, kv=None) -> None:
+    """The checks of ``fused_qk_norm_rope_inplace`` and, with ``kv = (v, k_buffer, v_buffer,
+    cache_loc, k_scale, v_scale)``, of ``fused_qk_norm_rope_kv_store_inplace``."""
+    op = _NORM_ROPE if kv is None else _NORM_ROPE_KV
+    _check_whole_heads(op, q, k, cos_sin_cache, positions, rotary_dim)
+    _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset)
+    if kv is not None:
+        _check_kv_store(op, q, k, *kv, (("cos_sin_cache", cos_sin_cache),
+                                        ("positions", positions), ("q_weight", q_weight),
+                                        ("k_weight", k_weight)))
+
+
+def check_cache_loc_in_range(op: str, cache_loc: torch.Tensor, num_slots: int) -> None:
+    """Raise ``IndexError`` if a cache location is outside ``[0, num_slots)`` (reads data)."""
+    if cache_loc.numel() == 0:
+        return
+    low, high = int(cache_loc.min()), int(cache_loc.max())
+    if low < 0 or high >= num_slots:
+        raise IndexError(f"{op}: cache_loc must lie in [0, {num_slots}) (the k_buffer/v_buffer "
+                         f"rows), got values in [{low}, {high}]")
+
+
 def as_token_heads(op: str, name: str, x: torch.Tensor, num_tokens: int, head_size: int):
     """View ``x`` (``[T, H * head_size]`` or ``[..., H, head_size]``) as ``[T, H, head_size]``
     without copying, or raise ``ValueError`` naming ``name``."""

@@ -1,0 +1,625 @@
+"""RoPE + KV-cache store and QK-norm + RoPE (+ store): the three ops of
+``rope_compile/kernels/rope_kv_store.py`` on CPU (the reference kernel, and the Triton kernel
+through the interpreter), opcheck, bad input, the sglang / vLLM drop-ins and the module's
+``fused_set_kv_buffer_arg`` path; ``gpu``-marked variants on CUDA / XPU.
+
+Each problem takes q, k and v as strided views of one qkv projection, KV buffers that are
+views (padded heads) of larger NaN-poisoned buffers, and checks: q and k against a float64
+oracle (norm rounded to the dtype at HF's points, then RoPE), the written cache rows exactly
+equal to torch's conversion of the op's own k (and of v), and every other element of every
+buffer bit-identical to before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from conftest import TOLERANCES, pair_indices, rope_f64
+from conftest import assert_same_bits as _assert_same_bits
+
+import rope_compile
+from rope_compile.kernels import rope_kv_store
+from rope_compile.reference import to_kv_cache
+from rope_compile.validation import validate_kv_store, validate_norm_rope
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+KV_OP = torch.ops.rope_compile.fused_qk_rope_kv_store_inplace.default
+NORM_OP = torch.ops.rope_compile.fused_qk_norm_rope_inplace.default
+NORM_KV_OP = torch.ops.rope_compile.fused_qk_norm_rope_kv_store_inplace.default
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    """conftest's bitwise check, fp8 included (compared as its uint8 bits)."""
+    if a.dtype == b.dtype and a.element_size() == 1 and a.dtype.is_floating_point:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    _assert_same_bits(a, b, what)
+
+
+@dataclass(frozen=True)
+class KVCase:
+    num_tokens: int = 5
+    num_q_heads: int = 4
+    num_kv_heads: int = 2
+    head_size: int = 128
+    v_head_size: int | None = None  # None: head_size
+    rotary_dim: int = 128
+    is_neox: bool = True
+    dtype: torch.dtype = torch.bfloat16
+    cache_dtype: torch.dtype | None = None  # None: dtype
+    scales: tuple[float, float] | None = None
+    norm: str | None = None  # None, "qwen" (x * w) or "gemma" (x * (1 + w))
+    store: bool = True
+    pos_dtype: torch.dtype = torch.int64
+    loc_dtype: torch.dtype = torch.int64
+    num_slots: int = 13
+
+    @property
+    def id(self) -> str:
+        parts = [f"T{self.num_tokens}", f"H{self.num_q_heads}-{self.num_kv_heads}",
+                 f"D{self.head_size}r{self.rotary_dim}", "neox" if self.is_neox else "gptj",
+                 str(self.dtype)[6:]]
+        if self.v_head_size:
+            parts.append(f"Dv{self.v_head_size}")
+        if self.store:
+            parts.append(f"cache-{str(self.cache_dtype or self.dtype)[6:]}")
+        if self.scales:
+            parts.append("scaled")
+        if self.norm:
+            parts.append(self.norm)
+        parts.append(f"pos{str(self.pos_dtype)[-2:]}-loc{str(self.loc_dtype)[-2:]}")
+        return "-".join(parts)
+
+
+@dataclass
+class KVProblem:
+    case: KVCase
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qkv: torch.Tensor
+    k_big: torch.Tensor  # the poisoned storage k_buffer is a view of
+    v_big: torch.Tensor
+    k_buffer: torch.Tensor
+    v_buffer: torch.Tensor
+    cache_loc: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    positions: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+
+    @property
+    def norm(self):
+        if self.case.norm is None:
+            return None
+        return (self.q_weight, self.k_weight, 1e-6, 1.0 if self.case.norm == "gemma" else 0.0)
+
+    @property
+    def kv(self):
+        if not self.case.store:
+            return None
+        k_scale, v_scale = self.case.scales or (None, None)
+        return (self.v, self.k_buffer, self.v_buffer, self.cache_loc, k_scale, v_scale)
+
+
+def build(case: KVCase, device="cpu", seed=0) -> KVProblem:
+    g = torch.Generator().manual_seed(seed)
+    t, hq, hk, d, rot = (case.num_tokens, case.num_q_heads, case.num_kv_heads, case.head_size,
+                         case.rotary_dim)
+    dv = case.v_head_size or d
+    widths = [hq * d, hk * d, hk * dv]
+    qkv = torch.randn(t, sum(widths), generator=g).to(case.dtype).to(device)
+    q, k, v = qkv.split(widths, -1)
+    q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, dv)
+    cache_dtype = case.cache_dtype or case.dtype
+    # Buffers: [S, Hk, D] views of NaN-filled [S, Hk, D + 8] storages (head stride D + 8).
+    k_big = torch.full((case.num_slots, hk, d + 8), float("nan")).to(cache_dtype).to(device)
+    v_big = torch.full((case.num_slots, hk, dv + 8), float("nan")).to(cache_dtype).to(device)
+    loc = torch.randperm(case.num_slots, generator=g)[:t].to(case.loc_dtype).to(device)
+    max_position = 40
+    cache = (torch.rand(max_position, rot, generator=g) * 2 - 1).to(device)
+    positions = torch.randint(0, max_position, (t,), generator=g).to(case.pos_dtype).to(device)
+    weights = [None, None]
+    if case.norm:
+        weights = [(torch.randn(d, generator=g) * 0.5 + (0.0 if case.norm == "gemma" else 1.0))
+                   .to(case.dtype).to(device) for _ in range(2)]
+    return KVProblem(case, q, k, v, qkv, k_big, v_big, k_big[..., :d], v_big[..., :dv], loc,
+                     cache, positions, *weights)
+
+
+def norm_f64(x, weight, eps, gemma) -> torch.Tensor:
+    """HF's RMSNorm in float64, rounded to x's dtype where HF rounds (the kernel header)."""
+    h = x.detach().cpu().double()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.detach().cpu().double()
+    if gemma:
+        return (normed * (1 + w)).to(x.dtype)
+    return (w * normed.to(x.dtype).double()).to(x.dtype)
+
+
+def expected_qk(p: KVProblem):
+    q, k = p.q, p.k
+    if p.case.norm:
+        gemma = p.case.norm == "gemma"
+        q, k = norm_f64(q, p.q_weight, 1e-6, gemma), norm_f64(k, p.k_weight, 1e-6, gemma)
+    return [rope_f64(x, p.positions, p.cos_sin_cache, p.case.rotary_dim, p.case.is_neox)
+            for x in (q, k)]
+
+
+def _apply_op(p: KVProblem) -> None:
+    kv, norm, c = p.kv, p.norm, p.case
+    rope = (p.cos_sin_cache, p.positions, c.rotary_dim, c.is_neox)
+    if norm is None:
+        KV_OP(p.q, p.k, *kv[:4], *rope, *kv[4:])
+    elif kv is None:
+        NORM_OP(p.q, p.k, *norm, *rope)
+    else:
+        NORM_KV_OP(p.q, p.k, *kv[:4], *norm, *rope, *kv[4:])
+
+
+def _apply_triton(p: KVProblem) -> None:
+    """The Triton kernel (the interpreter on CPU tensors), after the op's checks."""
+    kv, norm, c = p.kv, p.norm, p.case
+    if norm is None:
+        validate_kv_store(p.q, p.k, *kv[:4], p.cos_sin_cache, p.positions, c.rotary_dim,
+                          *kv[4:])
+    else:
+        validate_norm_rope(p.q, p.k, *norm, p.cos_sin_cache, p.positions, c.rotary_dim, kv)
+    rope_kv_store.launch(p.q, p.k, p.cos_sin_cache, p.positions, c.rotary_dim, c.is_neox,
+                         norm=norm, kv=kv)
+
+
+APPLIES = {"op": _apply_op, "triton": _apply_triton}
+
+
+def _close_bf16_ulp(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Within one bf16 ulp (Triton's interpreter rounds fp32 -> bf16 toward zero)."""
+    a, b = a.float(), b.float()
+    ulp = torch.finfo(torch.bfloat16).eps * b.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return bool(((a - b).abs() <= ulp).all())
+
+
+def run_and_check(case: KVCase, apply, device="cpu", seed=0) -> KVProblem:
+    p = build(case, device, seed)
+    exp_q, exp_k = expected_qk(p)
+    snap = {name: getattr(p, name).clone() for name in ("qkv", "k_big", "v_big",
+                                                        "cos_sin_cache", "positions",
+                                                        "cache_loc")}
+    v_before = p.v.clone()
+    assert apply(p) is None
+    tol = TOLERANCES[case.dtype]
+    if case.norm:  # a normalised value one ulp off moves the rotation by about one ulp
+        tol = {"rtol": 2 * tol["rtol"], "atol": 4 * tol["rtol"]}
+    torch.testing.assert_close(p.q.cpu().double(), exp_q, **tol)
+    torch.testing.assert_close(p.k.cpu().double(), exp_k, **tol)
+    # q and k are written only where they are rotated (and normalised); v is read only.
+    qkv_keep = torch.ones(p.qkv.shape, dtype=torch.bool)
+    width = case.num_q_heads * case.head_size + case.num_kv_heads * case.head_size
+    if case.norm:
+        qkv_keep[:, :width] = False
+    else:
+        qkv_keep[:, :width].view(case.num_tokens, case.num_q_heads + case.num_kv_heads,
+                                 case.head_size)[
+            ..., :case.rotary_dim] = False
+    assert_same_bits(p.qkv.cpu()[qkv_keep], snap["qkv"].cpu()[qkv_keep], "qkv outside q/k")
+    for name in ("cos_sin_cache", "positions", "cache_loc"):
+        assert_same_bits(getattr(p, name), snap[name], name)
+
+    loc = p.cache_loc.long().cpu()
+    for big, buf, x, scale, name in (
+            (p.k_big, p.k_buffer, p.k, (case.scales or (None,))[0], "k_buffer"),
+            (p.v_big, p.v_buffer, v_before, (case.scales or (None, None))[1], "v_buffer")):
+        if not case.store:
+            assert_same_bits(big, snap[name.replace("buffer", "big")], name)
+            continue
+        written = torch.zeros(big.shape, dtype=torch.bool)
+        written[loc, :, :buf.shape[2]] = True
+        before = snap[name.replace("buffer", "big")].cpu()
+        assert_same_bits(big.cpu()[~written], before[~written], f"{name} outside the rows")
+        stored = buf.cpu()[loc]
+        expected = to_kv_cache(x.cpu(), scale, buf.dtype)  # torch's cast of the op's own k / v
+        if same_bits_or_interpreter_bf16(stored, expected, apply, device):
+            continue
+        assert_same_bits(stored, expected, f"{name} rows")
+    return p
+
+
+def same_bits_or_interpreter_bf16(stored, expected, apply, device) -> bool:
+    """bf16 rows from a conversion under Triton's interpreter (round toward zero): one ulp."""
+    if apply is _apply_triton and device == "cpu" and stored.dtype == torch.bfloat16:
+        return _close_bf16_ulp(stored, expected) and bool(
+            (stored.isnan() == expected.isnan()).all())
+    return False
+
+
+def kv_cases() -> list[KVCase]:
+    cases = []
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    caches = [None, torch.float32, torch.bfloat16, FP8, torch.float16]
+    n = 0
+    for norm in (None, "qwen", "gemma"):
+        for store in ((True,) if norm is None else (False, True)):
+            for is_neox in (True, False):
+                for head_size, rot in ((128, 128), (128, 64), (64, 48)):
+                    dtype = dtypes[n % 3]
+                    cache_dtype = caches[n % 5] if store else None
+                    if cache_dtype is not None and cache_dtype is FP8 and FP8 is None:
+                        cache_dtype = None
+                    cases.append(KVCase(
+                        num_tokens=(5, 7, 1, 4)[n % 4],
+                        num_q_heads=(4, 1, 3)[n % 3], num_kv_heads=(2, 1, 1)[n % 3],
+                        head_size=head_size, rotary_dim=rot, is_neox=is_neox, dtype=dtype,
+                        cache_dtype=cache_dtype, norm=norm, store=store,
+                        v_head_size=96 if n % 4 == 1 else None,
+                        scales=((0.5, 2.0), (0.03, 0.07), None)[n % 3] if store else None,
+                        pos_dtype=(torch.int64, torch.int32)[n % 2],
+                        loc_dtype=(torch.int32, torch.int64)[(n // 2) % 2]))
+                    n += 1
+    cases.append(KVCase(num_tokens=0))
+    cases.append(KVCase(num_tokens=0, norm="gemma"))
+    return cases
+
+
+CASES = [pytest.param(c, id=c.id) for c in kv_cases()]
+
+
+@pytest.mark.parametrize("apply", list(APPLIES.values()), ids=list(APPLIES))
+@pytest.mark.parametrize("case", CASES)
+def test_kv_ops_cpu(case, apply):
+    run_and_check(case, apply)
+
+
+@pytest.mark.skipif(FP8 is None, reason="torch has no float8_e4m3fn")
+@pytest.mark.parametrize("apply", list(APPLIES.values()), ids=list(APPLIES))
+def test_fp8_store_rounds_and_saturates_as_torch(apply):
+    """Values across fp8's whole range (subnormals, ties, 448..480, overflow, inf, NaN)."""
+    case = KVCase(num_tokens=3, num_q_heads=1, num_kv_heads=1, head_size=64, rotary_dim=64,
+                  dtype=torch.float32, cache_dtype=FP8, scales=(1.0, 0.25))
+    p = build(case)
+    special = torch.tensor([0.0, -0.0, 2.0**-10, 3 * 2.0**-10, 2.0**-7, 464.0, 470.0, 479.0,
+                            480.0, 1e6, float("inf"), -float("inf"), float("nan"), -500.0,
+                            1.0625, 1.1875])
+    values = torch.cat([special, torch.randn(3 * 64 - special.numel()) * 100])
+    p.v.copy_(values.view(3, 1, 64))
+    v = p.v.clone()
+    apply(p)
+    stored = p.v_buffer[p.cache_loc.long()]
+    assert_same_bits(stored, (v / 0.25).to(FP8), "fp8 v rows (torch's own cast)")
+    assert_same_bits(stored, to_kv_cache(v, 0.25, FP8), "fp8 v rows (reference)")
+
+
+def test_runtime_args_match_kernel_signature():
+    """The plan's runtime arguments then its constexprs are the kernel's parameters, in order
+    (one launch description)."""
+    p = _small({"norm": "gemma"})
+    plan = rope_kv_store.plan_launch(p.q, p.k, p.cos_sin_cache, p.positions, 32, True,
+                                     norm=p.norm, kv=p.kv)
+    names = rope_kv_store.fused_qk_norm_rope_kv_kernel.arg_names
+    assert names == [*rope_kv_store.RUNTIME_ARGS, *plan.constexprs]
+    assert list(plan.args) == list(rope_kv_store.RUNTIME_ARGS)
+
+
+def _small(case_changes=None, device="cpu"):
+    return build(replace(KVCase(num_tokens=3, num_q_heads=2, num_kv_heads=1, head_size=64,
+                                rotary_dim=32, dtype=torch.float32, num_slots=5,
+                                **(case_changes or {}))), device)
+
+
+def _opcheck_args(p: KVProblem, op):
+    c = p.case
+    k_scale, v_scale = c.scales or (None, None)
+    kv = (p.v, p.k_buffer, p.v_buffer, p.cache_loc)
+    norm = p.norm
+    rope = (p.cos_sin_cache, p.positions, c.rotary_dim, c.is_neox)
+    if op is KV_OP:
+        return (p.q, p.k, *kv, *rope, k_scale, v_scale)
+    if op is NORM_OP:
+        return (p.q, p.k, *norm, *rope)
+    return (p.q, p.k, *kv, *norm, *rope, k_scale, v_scale)
+
+
+OPCHECK = [
+    pytest.param(KV_OP, {"scales": (0.5, 2.0)}, id="kv-store"),
+    pytest.param(NORM_OP, {"norm": "qwen", "store": False}, id="norm-rope"),
+    pytest.param(NORM_KV_OP, {"norm": "gemma", "is_neox": False}, id="norm-rope-kv"),
+]
+
+
+@pytest.mark.parametrize(("op", "changes"), OPCHECK)
+def test_opcheck_cpu(op, changes):
+    p = _small(changes)
+    torch.library.opcheck(op, _opcheck_args(p, op))
+
+
+@pytest.mark.parametrize(("op", "changes"), OPCHECK)
+def test_inputs_requiring_grad_are_refused(op, changes):
+    p = _small(changes)
+    p.qkv.requires_grad_(True)
+    q, k, v = (x.clone() for x in (p.q, p.k, p.v))
+    p.q, p.k, p.v = q, k, v
+    with pytest.raises(RuntimeError, match="no gradient"):
+        op(*_opcheck_args(p, op))
+    with torch.no_grad():
+        op(*_opcheck_args(p, op))
+
+
+def _bad(p: KVProblem, **changes):
+    """KV-store op arguments with some replaced."""
+    args = dict(q=p.q, k=p.k, v=p.v, k_buffer=p.k_buffer, v_buffer=p.v_buffer,
+                cache_loc=p.cache_loc, cos_sin_cache=p.cos_sin_cache, positions=p.positions,
+                rotary_dim=p.case.rotary_dim, is_neox=True, k_scale=None, v_scale=None)
+    args.update(changes)
+    return args
+
+
+BAD_KV = {
+    "v heads": (lambda p: _bad(p, v=p.v[:, :0]), "v must be"),
+    "k_buffer head size": (lambda p: _bad(p, k_buffer=p.k_big[..., :32]), "k_buffer must be"),
+    "k_buffer int dtype": (lambda p: _bad(p, k_buffer=p.k_buffer.to(torch.int32)),
+                           "k_buffer must have a dtype"),
+    "v_buffer slots": (lambda p: _bad(p, v_buffer=p.v_buffer[:2]), "same number of slots"),
+    "cache_loc float": (lambda p: _bad(p, cache_loc=p.cache_loc.float()), "cache_loc must be"),
+    "cache_loc length": (lambda p: _bad(p, cache_loc=p.cache_loc[:1]), "cache_loc must be"),
+    "k_scale zero": (lambda p: _bad(p, k_scale=0.0), "k_scale must be"),
+    "v_scale inf": (lambda p: _bad(p, v_scale=float("inf")), "v_scale must be"),
+    "expanded k_buffer": (lambda p: _bad(p, k_buffer=p.k_buffer[:1].expand(5, -1, -1)),
+                          "k_buffer must not be expanded"),
+    "buffers overlap": (lambda p: _bad(p, v_buffer=p.k_buffer), "overlap"),
+    "k_buffer is qkv": (lambda p: _bad(p, k_buffer=p.qkv[:, :64].view(3, 1, 64),
+                                       v_buffer=p.v_buffer[:3]), "overlap"),
+    "v overlaps k": (lambda p: _bad(p, v=p.k), "overlaps k"),
+    "q/k head sizes": (lambda p: _bad(p, q=p.q[..., :32]), "same head size"),
+    "buffer last stride": (lambda p: _bad(p, k_buffer=torch.zeros(5, 1, 128)[..., ::2]),
+                           "last stride 1"),
+}
+
+
+@pytest.mark.parametrize("make", [pytest.param(m, id=n) for n, m in BAD_KV.items()])
+def test_kv_store_bad_input(make):
+    p = _small()
+    fn, match = make
+    with pytest.raises(ValueError, match=match):
+        rope_compile.fused_qk_rope_kv_store_inplace(**fn(p))
+
+
+def test_kv_store_bad_input_fake():
+    """The fake implementation raises the same errors (torch.compile reports them at trace)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    p = _small()
+    with FakeTensorMode() as mode:
+        args = {n: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                for n, x in _bad(p, k_scale=-1.0).items()}
+        with pytest.raises(ValueError, match="k_scale must be"):
+            KV_OP(**args)
+
+
+def test_cache_loc_out_of_range_cpu():
+    p = _small()
+    before = p.k_big.clone()
+    bad = p.cache_loc.clone()
+    bad[0] = p.case.num_slots
+    with pytest.raises(IndexError, match="cache_loc must lie in"):
+        rope_compile.fused_qk_rope_kv_store_inplace(**_bad(p, cache_loc=bad))
+    assert_same_bits(p.k_big, before, "k_buffer after a refused call")
+    with pytest.raises(IndexError, match="cache_loc must lie in"):
+        rope_compile.fused_qk_rope_kv_store_inplace(**_bad(p, cache_loc=bad - 6))
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"weight_offset": 0.5}, "weight_offset must be"),
+    ({"eps": -1.0}, "eps must be"),
+    ({"q_weight": "short"}, "q_weight must be"),
+    ({"k_weight": "int"}, "k_weight must be floating"),
+    ({"q_weight": "overlap"}, "q_weight overlaps"),
+])
+def test_norm_bad_input(changes, match):
+    p = _small({"norm": "qwen", "store": False})
+    args = dict(q=p.q, k=p.k, q_weight=p.q_weight, k_weight=p.k_weight, eps=1e-6,
+                weight_offset=0.0, cos_sin_cache=p.cos_sin_cache, positions=p.positions,
+                rotary_dim=32, is_neox=True)
+    special = {"short": p.q_weight[:8], "int": p.k_weight.int(), "overlap": p.q[0, 0]}
+    args.update({n: special.get(v, v) if isinstance(v, str) else v for n, v in changes.items()})
+    with pytest.raises(ValueError, match=match):
+        rope_compile.fused_qk_norm_rope_inplace(**args)
+
+
+def test_norm_matches_transformers():
+    """The CPU op's norm step equals HF's Qwen3RMSNorm / Gemma3RMSNorm (rotation by angle 0)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    del transformers
+    g = torch.Generator().manual_seed(1)
+    for cls, offset in ((Qwen3RMSNorm, 0.0), (Gemma3RMSNorm, 1.0)):
+        hf_q, hf_k = cls(64, eps=1e-6), cls(64, eps=1e-6)
+        with torch.no_grad():
+            hf_q.weight.copy_(torch.randn(64, generator=g))
+            hf_k.weight.copy_(torch.randn(64, generator=g))
+        hf_q, hf_k = hf_q.to(torch.bfloat16), hf_k.to(torch.bfloat16)
+        q = torch.randn(3, 2, 64, generator=g).to(torch.bfloat16)
+        k = torch.randn(3, 1, 64, generator=g).to(torch.bfloat16)
+        identity = torch.cat([torch.ones(1, 16), torch.zeros(1, 16)], -1)  # cos 1, sin 0
+        with torch.no_grad():
+            exp_q, exp_k = hf_q(q), hf_k(k)
+        rope_compile.fused_qk_norm_rope_inplace(q, k, hf_q.weight.detach(),
+                                                hf_k.weight.detach(), 1e-6, offset, identity,
+                                                torch.zeros(3, dtype=torch.long), 32, True)
+        assert_same_bits(q, exp_q, f"{cls.__name__} q")
+        assert_same_bits(k, exp_k, f"{cls.__name__} k")
+
+
+# ---------------------------------------------------------------------------------------------
+# drop-ins and the module
+
+
+def _kv_arg(p: KVProblem, scales=(None, None), flat=False):
+    c = p.case
+    kb, vb, v = p.k_buffer, p.v_buffer, p.v
+    if flat:  # sglang's 2-D spellings
+        v = p.v.reshape(c.num_tokens, -1)
+    return rope_compile.FusedSetKVBufferArg(value=v, k_buffer=kb, v_buffer=vb,
+                                            k_scale=scales[0], v_scale=scales[1],
+                                            cache_loc=p.cache_loc)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["3d", "2d-value"])
+def test_sglang_apply_rope_with_kv_store(flat):
+    case = KVCase(num_tokens=4, num_q_heads=2, num_kv_heads=1, head_size=64, rotary_dim=64,
+                  dtype=torch.float32, cache_dtype=torch.bfloat16, scales=(0.5, 2.0))
+    p, ref = build(case), build(case)
+    rope_compile.apply_rope_with_cos_sin_cache_inplace(
+        p.positions, p.q.reshape(4, -1), p.k.reshape(4, -1), 64, p.cos_sin_cache, True,
+        _kv_arg(p, (0.5, 2.0), flat))
+    _apply_op(ref)
+    for name in ("qkv", "k_big", "v_big"):
+        assert_same_bits(getattr(p, name), getattr(ref, name), name)
+    # Without the argument: RoPE only.
+    p2, ref2 = build(case), build(case)
+    rope_compile.apply_rope_with_cos_sin_cache_inplace(p2.positions, p2.q, p2.k, 64,
+                                                       p2.cos_sin_cache, True)
+    rope_compile.rotary_embedding(ref2.positions, ref2.q, ref2.k, 64, ref2.cos_sin_cache, True)
+    assert_same_bits(p2.qkv, ref2.qkv, "qkv")
+    assert_same_bits(p2.k_big, ref2.k_big, "k_buffer untouched")
+
+
+@pytest.mark.parametrize("gemma", [False, True], ids=["qwen", "gemma"])
+def test_vllm_fused_qk_norm_rope(gemma):
+    case = KVCase(num_tokens=3, num_q_heads=4, num_kv_heads=2, head_size=64, rotary_dim=64,
+                  norm="gemma" if gemma else "qwen", store=False, is_neox=False)
+    p, ref = build(case), build(case)
+    rope_compile.fused_qk_norm_rope(p.qkv, 4, 2, 2, 64, 1e-6, p.q_weight, p.k_weight,
+                                    p.cos_sin_cache, False, p.positions,
+                                    weight_offset=1.0 if gemma else 0.0)
+    _apply_op(ref)
+    assert_same_bits(p.qkv, ref.qkv, "qkv")
+    with pytest.raises(ValueError, match="qkv must be"):
+        rope_compile.fused_qk_norm_rope(p.qkv, 4, 2, 1, 64, 1e-6, p.q_weight, p.k_weight,
+                                        p.cos_sin_cache, False, p.positions)
+
+
+def _module_run(method, device, dtype, cache_dtype, scales, rotary_dim, head_size, seed=0):
+    m = rope_compile.RotaryEmbedding(head_size, rotary_dim, 64, 10000.0, True, dtype).to(device)
+    case = KVCase(num_tokens=5, num_q_heads=4, num_kv_heads=2, head_size=head_size,
+                  rotary_dim=rotary_dim, dtype=dtype, cache_dtype=cache_dtype, scales=scales)
+    p = build(case, device, seed)
+    positions = p.positions % 64
+    query, key = p.q.reshape(5, -1), p.k.reshape(5, -1)
+    out_q, out_k = getattr(m, method)(positions, query, key, None, _kv_arg(p, scales or
+                                                                           (None, None)))
+    return p, out_q, out_k
+
+
+@pytest.mark.parametrize("method", ["forward_xpu", "forward_cuda", "forward", "triton"])
+@pytest.mark.parametrize(("dtype", "cache_dtype", "scales"), [
+    (torch.float32, torch.float32, None),
+    (torch.float32, torch.bfloat16, (0.5, 2.0)),
+    (torch.float32, FP8, (0.25, 0.5)),
+], ids=["fp32", "bf16-cache-scaled", "fp8-cache-scaled"])
+def test_module_fused_set_kv_buffer_arg(method, dtype, cache_dtype, scales, monkeypatch):
+    """forward_xpu / forward_cuda take the fused path and agree with forward_native (the
+    "triton" variant drives the module's fused call through the Triton kernel)."""
+    if cache_dtype is None:
+        pytest.skip("torch has no float8_e4m3fn")
+    if method == "triton":
+        from rope_compile import module
+
+        def through_triton(q, k, v, kb, vb, loc, cache, pos, rot, neox, ks, vs):
+            rope_kv_store.launch(q, k, cache, pos, rot, neox, kv=(v, kb, vb, loc, ks, vs))
+
+        monkeypatch.setattr(module, "fused_qk_rope_kv_store_inplace", through_triton)
+    fused, out_q, out_k = _module_run("forward_xpu" if method == "triton" else method, "cpu",
+                                      dtype, cache_dtype, scales, 96, 128)
+    if method != "forward":  # forward on a CPU tensor is forward_native
+        assert out_q.data_ptr() == fused.q.data_ptr()  # in place
+    native, nat_q, nat_k = _module_run("forward_native", "cpu", dtype, cache_dtype, scales, 96,
+                                       128)
+    torch.testing.assert_close(out_q, nat_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_k, nat_k, rtol=1e-5, atol=1e-5)
+    loc = fused.cache_loc.long()
+    for name in ("k_big", "v_big"):
+        a, b = getattr(fused, name), getattr(native, name)
+        written = torch.zeros(a.shape, dtype=torch.bool)
+        written[loc] = True
+        assert_same_bits(a[~written], b[~written], f"{name} outside the rows")
+        # fp32 math of the fused op vs native torch: a rounding apart at most, one cache ulp.
+        torch.testing.assert_close(a[loc].float(), b[loc].float(), equal_nan=True,
+                                   rtol=0.13 if cache_dtype is FP8 else 1e-2, atol=1e-3)
+    # v: the same division and one cast in both (bit-equal; the interpreter's bf16 cast
+    # rounds toward zero: one ulp).
+    if method == "triton" and cache_dtype == torch.bfloat16:
+        assert _close_bf16_ulp(fused.v_buffer[loc], native.v_buffer[loc])
+    else:
+        assert_same_bits(fused.v_big, native.v_big, "v_buffer")
+
+
+def test_module_bad_kv_arg():
+    m = rope_compile.RotaryEmbedding(128, 128, 64, 10000.0, True, torch.float32)
+    p = build(KVCase(dtype=torch.float32))
+    with pytest.raises(TypeError, match="FusedSetKVBufferArg"):
+        m.forward_xpu(p.positions, p.q.reshape(5, -1), p.k.reshape(5, -1), None, object())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (cuda / xpu): the compiled Triton kernel
+
+
+GPU_CASES = [pytest.param(c, id=c.id) for c in kv_cases()] + [
+    pytest.param(c, id=c.id) for c in (
+        KVCase(num_tokens=4097, num_q_heads=32, num_kv_heads=8, head_size=128, rotary_dim=128,
+               dtype=torch.bfloat16, cache_dtype=FP8 or torch.bfloat16, scales=(0.5, 0.5),
+               num_slots=5000, pos_dtype=torch.int32, loc_dtype=torch.int32),
+        KVCase(num_tokens=1, num_q_heads=32, num_kv_heads=8, head_size=128, rotary_dim=64,
+               dtype=torch.bfloat16, norm="qwen", is_neox=False, num_slots=64),
+        KVCase(num_tokens=33, num_q_heads=8, num_kv_heads=1, head_size=256, rotary_dim=256,
+               dtype=torch.float16, norm="gemma", cache_dtype=torch.float16),
+    )]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_kv_ops_gpu(gpu_device, case):
+    run_and_check(case, _apply_op, gpu_device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("op", "changes"), OPCHECK)
+def test_opcheck_gpu(gpu_device, op, changes):
+    p = _small(changes, gpu_device)
+    torch.library.opcheck(op, _opcheck_args(p, op))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(FP8 is None, reason="torch has no float8_e4m3fn")
+def test_fp8_store_gpu(gpu_device):
+    case = KVCase(num_tokens=3, num_q_heads=1, num_kv_heads=1, head_size=64, rotary_dim=64,
+                  dtype=torch.float32, cache_dtype=FP8, scales=(1.0, 0.25))
+    p = build(case, gpu_device)
+    values = torch.cat([torch.tensor([2.0**-10, 3 * 2.0**-10, 464.0, 470.0, 480.0, 1e6,
+                                      float("inf"), float("nan"), -500.0]),
+                        torch.randn(3 * 64 - 9) * 100])
+    p.v.copy_(values.view(3, 1, 64))
+    v = p.v.cpu().clone()
+    _apply_op(p)
+    assert_same_bits(p.v_buffer[p.cache_loc.long()].cpu(), to_kv_cache(v, 0.25, FP8), "fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["forward_cuda", "forward"])
+def test_module_fused_set_kv_buffer_arg_gpu(gpu_device, method):
+    fused, out_q, out_k = _module_run(method, gpu_device, torch.float32, torch.bfloat16,
+                                      (0.5, 2.0), 128, 128)
+    native, nat_q, nat_k = _module_run("forward_native", gpu_device, torch.float32,
+                                       torch.bfloat16, (0.5, 2.0), 128, 128)
+    torch.testing.assert_close(out_q, nat_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_k, nat_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.k_big.float(), native.k_big.float(), equal_nan=True,
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_pair_indices_cover_rotary_dim():
+    """The oracle's pairs (conftest) cover each rotated column once (sanity of the helper)."""
+    first, second = pair_indices(48, False)
+    assert sorted(first + second) == list(range(48))
