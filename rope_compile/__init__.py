@@ -4,6 +4,8 @@ Public API:
 
 * :func:`fused_qk_rope_with_cos_sin_cache_inplace` and :func:`rotary_embedding`: the in-place ops
   (``torch.ops.rope_compile.*``), drop-ins for sgl_kernel's.
+* :func:`fused_qk_rope_with_cos_sin_tables_inplace` (a model's own per-token cos/sin tables) and
+  :func:`fused_qk_mrope_with_cos_sin_cache_inplace` (Qwen2-VL's multimodal RoPE).
 * :class:`RotaryEmbedding`: sglang's module.
 * ``torch.compile(model, backend="rope_compile")``: the backend (``rope_compile.backend``).
 * :mod:`rope_compile.passes`: the compiler passes (the repository's top-level ``passes/``
@@ -16,7 +18,11 @@ from .module import FUSED_HEAD_SIZES, RotaryEmbedding, apply_rotary_emb
 from .ops import (
     FUSED_OP_NAME,
     GENERIC_OP_NAME,
+    MROPE_OP_NAME,
+    TABLES_OP_NAME,
+    fused_qk_mrope_with_cos_sin_cache_inplace,
     fused_qk_rope_with_cos_sin_cache_inplace,
+    fused_qk_rope_with_cos_sin_tables_inplace,
     rotary_embedding,
 )
 from .reference import compute_cos_sin_cache, rope_reference
@@ -26,10 +32,14 @@ __all__ = [
     "FUSED_HEAD_SIZES",
     "FUSED_OP_NAME",
     "GENERIC_OP_NAME",
+    "MROPE_OP_NAME",
     "RotaryEmbedding",
+    "TABLES_OP_NAME",
     "apply_rotary_emb",
     "compute_cos_sin_cache",
+    "fused_qk_mrope_with_cos_sin_cache_inplace",
     "fused_qk_rope_with_cos_sin_cache_inplace",
+    "fused_qk_rope_with_cos_sin_tables_inplace",
     "rope_reference",
     "rotary_embedding",
     "set_check_positions",

@@ -94,13 +94,14 @@ class _RotatedInPlace(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _check_differentiable(op, named_xs, cos_sin_cache) -> None:
+def _check_differentiable(op, named_xs, named_reads) -> None:
     """Raise before any data or graph is touched for what has no correct gradient here."""
-    if cos_sin_cache.requires_grad:
-        raise RuntimeError(
-            f"{op}: cos_sin_cache requires grad, but the op has no gradient for "
-            f"cos_sin_cache (only for the rotated tensors). Pass cos_sin_cache.detach(), or "
-            f"a cache with requires_grad=False, or use a pure-torch RoPE to train the table.")
+    for read, table in named_reads:
+        if table.requires_grad:
+            raise RuntimeError(
+                f"{op}: {read} requires grad, but the op has no gradient for "
+                f"{read} (only for the rotated tensors). Pass {read}.detach(), or "
+                f"a table with requires_grad=False, or use a pure-torch RoPE to train it.")
     for name, x in named_xs:
         if x.requires_grad and x.is_leaf:
             raise RuntimeError(
@@ -109,7 +110,10 @@ def _check_differentiable(op, named_xs, cos_sin_cache) -> None:
 
 
 def _with_grad(op, names, q, k, cos_sin_cache, positions, rotate, inverse, args):
-    _check_differentiable(op._name, ((names[0], q), (names[1], k)), cos_sin_cache)
+    # names: the rotated tensors' and the two read tensors' (cos_sin_cache, positions or, for
+    # the tables op, cos, sin) argument names.
+    _check_differentiable(op._name, ((names[0], q), (names[1], k)),
+                          ((names[2], cos_sin_cache), (names[3], positions)))
     # As an in-place aten op: check, run (the op validates before it writes), bump the
     # versions, then rebase the histories (where a view that may not be modified in place,
     # e.g. one of several outputs of split, is refused).
@@ -123,14 +127,15 @@ def _with_grad(op, names, q, k, cos_sin_cache, positions, rotate, inverse, args)
 
 def _autograd_kernel(op, names, operands, inverse, inverse_args):
     """The Autograd kernel of ``op``: ``operands(*args)`` gives its (rotated a, rotated b,
-    cos_sin_cache, positions), ``inverse_args(*args)`` the extra arguments of ``inverse``."""
+    cos_sin_cache, positions) (the tables op: (q, k, cos, sin)), ``names`` their argument
+    names, ``inverse_args(*args)`` the extra arguments of ``inverse``."""
     redispatch = op.redispatch
 
     def kernel(keyset, *args):
         below = keyset & _AFTER_AUTOGRAD
         a, b, cos_sin_cache, positions = operands(*args)
         if _grad_enabled() and (a.requires_grad or b.requires_grad
-                                or cos_sin_cache.requires_grad):
+                                or cos_sin_cache.requires_grad or positions.requires_grad):
             _with_grad(op, names, a, b, cos_sin_cache, positions,
                        lambda: redispatch(below, *args), inverse, inverse_args(*args))
             return
@@ -146,11 +151,52 @@ def register(lib: torch.library.Library) -> None:
     generic = torch.ops.rope_compile.rotary_embedding.default
     # (q, k, cos_sin_cache, positions) and the inverse's extra arguments, from each schema.
     fused_autograd = _autograd_kernel(
-        fused, ("q", "k"), lambda q, k, cache, pos, rot, neox: (q, k, cache, pos),
+        fused, ("q", "k", "cos_sin_cache", "positions"),
+        lambda q, k, cache, pos, rot, neox: (q, k, cache, pos),
         _fused_inverse, lambda q, k, cache, pos, rot, neox: (rot, neox))
     generic_autograd = _autograd_kernel(
-        generic, ("query", "key"), lambda pos, q, k, head, cache, neox: (q, k, cache, pos),
+        generic, ("query", "key", "cos_sin_cache", "positions"),
+        lambda pos, q, k, head, cache, neox: (q, k, cache, pos),
         _generic_inverse, lambda pos, q, k, head, cache, neox: (head, neox))
     lib.impl(fused._schema.name.split("::")[1], fused_autograd, "Autograd", with_keyset=True)
     lib.impl(generic._schema.name.split("::")[1], generic_autograd, "Autograd",
              with_keyset=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cos/sin-tables op and the mRoPE-cache op: the same Autograd kernel; their inverses rotate
+# by the same tables with sin negated.
+
+
+def _tables_inverse(grad, cos, sin, rotary_dim, is_neox, mrope_section, fresh):
+    g = _writable_grad(grad, fresh)  # [T, H, D]
+    no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))  # see _fused_inverse
+    torch.ops.rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default(
+        g, no_heads, cos, sin.neg(), rotary_dim, is_neox, mrope_section)
+    return g
+
+
+def _mrope_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section, fresh):
+    g = _writable_grad(grad, fresh)  # [T, H, D]
+    # The used rows of every stream, sin negated, read back through arange(S * T) as [S, T].
+    table, arange = _inverse_table(cos_sin_cache, positions, rotary_dim)
+    no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))
+    torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default(
+        g, no_heads, table, arange.view(positions.shape), rotary_dim, is_neox, mrope_section)
+    return g
+
+
+def register_tables(lib: torch.library.Library) -> None:
+    """Register the Autograd kernels of the tables and mRoPE-cache ops on ``lib``."""
+    tables = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default
+    mrope = torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default
+    tables_autograd = _autograd_kernel(
+        tables, ("q", "k", "cos", "sin"),
+        lambda q, k, cos, sin, rot, neox, sections=None: (q, k, cos, sin),
+        _tables_inverse, lambda q, k, cos, sin, rot, neox, sections=None: (rot, neox, sections))
+    mrope_autograd = _autograd_kernel(
+        mrope, ("q", "k", "cos_sin_cache", "positions"),
+        lambda q, k, cache, pos, rot, neox, sections: (q, k, cache, pos),
+        _mrope_inverse, lambda q, k, cache, pos, rot, neox, sections: (rot, neox, sections))
+    for op, kernel in ((tables, tables_autograd), (mrope, mrope_autograd)):
+        lib.impl(op._schema.name.split("::")[1], kernel, "Autograd", with_keyset=True)

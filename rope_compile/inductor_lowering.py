@@ -12,6 +12,7 @@ CPU tensors (and any device Triton does not serve) keep the plain fallback call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -49,6 +50,16 @@ def _shared_contiguous(x):
     return made[id(x)][1]
 
 
+def _token_count_hint(num_tokens) -> int:
+    """A concrete token count for the launch heuristics (1024 for an unbacked symbol).
+    Inductor's ``SizeVarAllocator.size_hint`` is ``optimization_hint`` in newer torch (2.13)."""
+    from torch._inductor.virtualized import V
+
+    sizevars = V.graph.sizevars
+    hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint
+    return hint(num_tokens, fallback=1024)
+
+
 def register_inductor_lowering() -> None:
     """Register the lowering once (idempotent). Needs Triton; without it nothing is done."""
     global _registered
@@ -61,7 +72,6 @@ def register_inductor_lowering() -> None:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._inductor import ir
     from torch._inductor.lowering import fallback_handler, register_lowering
-    from torch._inductor.virtualized import V
 
     from . import ops  # noqa: F401  (defines the op)
     from .triton_kernel import launch_shape, runtime_args
@@ -82,7 +92,7 @@ def register_inductor_lowering() -> None:
         positions = _shared_contiguous(positions)
         num_tokens, num_q_heads, _ = q.get_size()
         hq, hk = int(num_q_heads), int(k.get_size()[1])
-        tokens_hint = V.graph.sizevars.size_hint(num_tokens, fallback=1024)
+        tokens_hint = _token_count_hint(num_tokens)
         shape = launch_shape(tokens_hint, hq, hk, rotary_dim, is_neox, device.type,
                              q.get_dtype().itemsize)
         args = runtime_args(q, k, cos_sin_cache, positions, q_stride=q.get_stride(),
@@ -98,4 +108,118 @@ def register_inductor_lowering() -> None:
         )
         return None
 
+    _register_tables_lowerings()
     _registered = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The cos/sin-tables op and the mRoPE-cache op (rope_compile/kernels/rope_tables.py): the same
+# lowering, to their one Triton kernel.
+
+
+@functools.cache
+def _tables_kernel_with_warps(num_warps: int):
+    """The tables kernel in a one-config autotuner (see :func:`_kernel_with_warps`)."""
+    import triton
+
+    from .kernels.rope_tables import fused_qk_rope_tables_kernel
+
+    return triton.autotune(configs=[triton.Config({}, num_warps=num_warps)], key=[])(
+        fused_qk_rope_tables_kernel)
+
+
+def _shared_read_input(x):
+    """A read-only input with fixed strides, made once per graph however many calls read it.
+
+    A view of a buffer (a ``[..., :rot/2]`` half of an HF table, a ``freqs_cis[..., 0]`` pair
+    pick, an expanded row) is passed as that view, strides and all (the kernel takes any
+    strides), as Inductor's own ``require_strides`` turns a view into a ``ReinterpretView``;
+    a buffer with a fixed layout (a graph input) as it is. Anything else gets a contiguous
+    buffer of its own, as the first op's lowering gives its cache."""
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    made = V.graph.__dict__.setdefault("_rope_compile_read_inputs", {})
+    if id(x) in made:
+        return made[id(x)][1]
+    fixed = None
+    if isinstance(x, ir.TensorBox) and isinstance(x.data, ir.ReinterpretView):
+        fixed = x
+    elif isinstance(x, ir.TensorBox) and isinstance(x.data, ir.BaseView):
+        x.data.realize()
+        if ir.is_storage_and_layout(x.data.unwrap_view()):
+            with contextlib.suppress(NotImplementedError):
+                fixed = ir.TensorBox(ir.ExternKernel.convert_to_reinterpret_view(x.data))
+    elif ir.is_storage_and_layout(x) and isinstance(x.get_layout(), ir.FixedLayout):
+        fixed = x
+    if fixed is None:
+        x.realize()
+        fixed = ir.ExternKernel.require_contiguous(x)
+    made[id(x)] = (x, fixed)  # x kept: its id stays unique
+    return fixed
+
+
+def _register_tables_lowerings() -> None:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._inductor import ir
+    from torch._inductor.lowering import fallback_handler, register_lowering
+
+    from . import ops  # noqa: F401  (defines the ops)
+
+    # rope_compile.kernels.rope_tables is imported when a graph uses the ops, not here.
+
+    def launch(q, k, rotary_dim, is_neox, mrope_section, runtime_args, from_cache):
+        """``runtime_args(hq, hk)``: the kernel's runtime arguments for q/k's head counts."""
+        from .kernels.rope_tables import launch_shape
+
+        num_tokens, num_q_heads, _ = q.get_size()
+        hq, hk = int(num_q_heads), int(k.get_size()[1])
+        tokens_hint = _token_count_hint(num_tokens)
+        shape = launch_shape(tokens_hint, hq, hk, rotary_dim, is_neox, q.get_device().type,
+                             q.get_dtype().itemsize, from_cache=from_cache,
+                             mrope_section=mrope_section)
+        kernel = _tables_kernel_with_warps(shape.options["num_warps"])
+        ir.UserDefinedTritonKernel(
+            kernel_idx=kernel_side_table.add_kernel(kernel),
+            grid=[(num_tokens, shape.head_splits, 1)],
+            tma_descriptor_metadata={},
+            kernel_args={**runtime_args(hq, hk), **shape.constexprs},
+        )
+
+    def on_gpu(q) -> bool:
+        device = q.get_device()
+        return device is not None and device.type in GPU_DEVICE_TYPES
+
+    tables_op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default
+    tables_fallback = fallback_handler(tables_op, add_to_fallback_set=False)
+
+    @register_lowering(tables_op, type_promotion_kind=None)
+    def _lower_tables(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None):
+        if not on_gpu(q):
+            return tables_fallback(q, k, cos, sin, rotary_dim, is_neox, mrope_section)
+        from .kernels.rope_tables import tables_runtime_args
+
+        cos, sin = _shared_read_input(cos), _shared_read_input(sin)
+        launch(q, k, rotary_dim, is_neox, mrope_section, lambda hq, hk: tables_runtime_args(
+            q, k, cos, sin, q_stride=q.get_stride(), k_stride=k.get_stride(),
+            cos_size=cos.get_size(), cos_stride=cos.get_stride(), sin_stride=sin.get_stride(),
+            num_q_heads=hq, num_k_heads=hk), from_cache=False)
+        return None
+
+    mrope_op = torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default
+    mrope_fallback = fallback_handler(mrope_op, add_to_fallback_set=False)
+
+    @register_lowering(mrope_op, type_promotion_kind=None)
+    def _lower_mrope(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section):
+        if not on_gpu(q):
+            return mrope_fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                                  mrope_section)
+        from .kernels.rope_tables import cache_runtime_args
+
+        cache, pos = _shared_read_input(cos_sin_cache), _shared_read_input(positions)
+        launch(q, k, rotary_dim, is_neox, mrope_section, lambda hq, hk: cache_runtime_args(
+            q, k, cache, pos, q_stride=q.get_stride(), k_stride=k.get_stride(),
+            cache_stride=cache.get_stride(), positions_size=pos.get_size(),
+            positions_stride=pos.get_stride(), num_q_heads=hq, num_k_heads=hk),
+            from_cache=True)
+        return None

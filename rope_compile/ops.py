@@ -280,3 +280,116 @@ def rotary_embedding(
     (the counterpart of ``torch.ops.sgl_kernel.rotary_embedding``)."""
     if not fast_launch.try_generic(positions, query, key, head_size, cos_sin_cache, is_neox):
         rotary_embedding_op(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q+K RoPE from per-token cos/sin tables, and mRoPE from a cache (rope_compile/kernels/
+# rope_tables.py: one Triton kernel serves both; CPU: the float32 reference in place).
+#
+# * ``fused_qk_rope_with_cos_sin_tables_inplace(q, k, cos, sin, rotary_dim, is_neox,
+#   mrope_section=None)``: token t rotated by row ``t % R`` of cos/sin ``[R, rotary_dim/2]``
+#   (``[3, R, rotary_dim/2]``, one per mRoPE stream, with ``mrope_section``): the model's own
+#   HF / gpt-fast tables, with no ``[T, rotary_dim]`` cache or positions built.
+# * ``fused_qk_mrope_with_cos_sin_cache_inplace(q, k, cos_sin_cache, positions, rotary_dim,
+#   is_neox, mrope_section)``: Qwen2-VL's multimodal RoPE (sglang's MRotaryEmbedding),
+#   positions ``[3, T]`` (or ``[T]``, text only).
+
+from .reference import mrope_cache_reference_, rope_tables_reference_  # noqa: E402
+from .validation import (  # noqa: E402, F401  (names re-exported for callers)
+    _MROPE,
+    _TABLES,
+    MROPE_OP_NAME,
+    TABLES_OP_NAME,
+    validate_qk_mrope_cache,
+    validate_qk_rope_tables,
+)
+
+_LIB.define(
+    "fused_qk_rope_with_cos_sin_tables_inplace(Tensor(a0!) q, Tensor(a1!) k, Tensor cos, "
+    "Tensor sin, int rotary_dim, bool is_neox, int[]? mrope_section=None) -> ()"
+)
+_LIB.define(
+    "fused_qk_mrope_with_cos_sin_cache_inplace(Tensor(a0!) q, Tensor(a1!) k, "
+    "Tensor cos_sin_cache, Tensor positions, int rotary_dim, bool is_neox, "
+    "int[] mrope_section) -> ()"
+)
+
+
+def _qk_rope_tables_cpu(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None) -> None:
+    validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section)
+    rope_tables_reference_(q, k, cos, sin, rotary_dim, is_neox, mrope_section)
+
+
+def _qk_rope_tables_triton(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None) -> None:
+    validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section)
+    from .kernels.rope_tables import launch_qk_rope_tables
+
+    launch_qk_rope_tables(q, k, cos, sin, rotary_dim, is_neox, mrope_section)
+
+
+def _qk_rope_tables_fake(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None) -> None:
+    validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section)
+
+
+def _qk_mrope_cache_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                        mrope_section) -> None:
+    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
+    check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0])
+    mrope_cache_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section)
+
+
+def _qk_mrope_cache_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                           mrope_section) -> None:
+    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
+    if check_positions_on_device_enabled():
+        check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0])
+    from .kernels.rope_tables import launch_qk_mrope_cache
+
+    launch_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section)
+
+
+def _qk_mrope_cache_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                         mrope_section) -> None:
+    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
+
+
+_register(_TABLES, cpu=_qk_rope_tables_cpu, gpu=_qk_rope_tables_triton,
+          fake=_qk_rope_tables_fake)
+_register(_MROPE, cpu=_qk_mrope_cache_cpu, gpu=_qk_mrope_cache_triton, fake=_qk_mrope_cache_fake)
+qk_rope_tables_op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default
+qk_mrope_cache_op = torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default
+autograd.register_tables(_LIB)
+
+
+def fused_qk_rope_with_cos_sin_tables_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    mrope_section: list[int] | None = None,
+) -> None:
+    """Rotate ``q`` ``[T, Hq, >= rotary_dim]`` and ``k`` ``[T, Hk, >= rotary_dim]`` in place in
+    one kernel launch, token t by row ``t % R`` of ``cos``/``sin`` ``[R, rotary_dim/2]`` (R
+    divides T; any strides), or of ``[3, R, rotary_dim/2]`` streams split by ``mrope_section``.
+    """
+    sections = None if mrope_section is None else list(mrope_section)
+    qk_rope_tables_op(q, k, cos, sin, rotary_dim, is_neox, sections)
+
+
+def fused_qk_mrope_with_cos_sin_cache_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    mrope_section: list[int],
+) -> None:
+    """Multimodal RoPE (Qwen2-VL; sglang's ``MRotaryEmbedding``) of ``q`` and ``k`` in place, in
+    one kernel launch: pair column i of token t is rotated by ``cos_sin_cache`` row
+    ``positions[stream(i), t]``, stream 0, 1 or 2 by the ``mrope_section`` ``(s0, s1, s2)``
+    (summing to ``rotary_dim/2``) that i lies in. ``positions`` ``[3, T]``, or ``[T]`` (text
+    only: every stream the same)."""
+    qk_mrope_cache_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox, list(mrope_section))

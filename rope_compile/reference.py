@@ -130,3 +130,52 @@ def rope_reference_(
             x[..., :rotary_dim].copy_(
                 rope_reference(x[..., :rotary_dim], positions, cos_sin_cache, rotary_dim, is_neox)
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token cos/sin tables and mRoPE (the CPU kernels of the tables and mRoPE-cache ops)
+
+
+def select_mrope_sections(per_stream: torch.Tensor, mrope_section) -> torch.Tensor:
+    """``[S, T, n]`` -> ``[T, n]``: column ``i`` from stream 0, 1 or 2 by the section
+    ``(s0, s1, s2)`` it lies in (sglang's MRotaryEmbedding); stream 0 when ``mrope_section`` is
+    None (``S == 1``)."""
+    if mrope_section is None:
+        return per_stream[0]
+    parts = per_stream.split(list(mrope_section), dim=-1)
+    return torch.cat([part[stream] for stream, part in enumerate(parts)], dim=-1)
+
+
+def _rotate_by_token_table_(q, k, table, rotary_dim, is_neox) -> None:
+    """Rotate q and k in place by a ``[T, rotary_dim]`` per-token cat(cos, sin) table."""
+    arange = torch.arange(table.shape[0], device=table.device)
+    rope_reference_(q, k, table, arange, rotary_dim, is_neox)
+
+
+def rope_tables_reference_(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None) -> None:
+    """In-place RoPE of q/k ``[T, H, >= rotary_dim]`` with token t rotated by row ``t % R`` of
+    cos/sin ``[R, rotary_dim/2]`` (``[3, R, rotary_dim/2]`` with ``mrope_section``)."""
+    num_tokens = q.shape[0]
+    if num_tokens == 0:
+        return
+    math = _math_dtype(q.dtype)
+    streams = (lambda t: t[None]) if mrope_section is None else (lambda t: t)
+    rows = torch.arange(num_tokens, device=q.device) % cos.shape[-2]
+    halves = [select_mrope_sections(streams(t)[:, rows].to(math), mrope_section)
+              for t in (cos, sin)]
+    _rotate_by_token_table_(q, k, torch.cat(halves, dim=-1), rotary_dim, is_neox)
+
+
+def mrope_cache_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                           mrope_section) -> None:
+    """In-place mRoPE of q/k: pair column i of token t by cache row ``positions[stream(i), t]``
+    (positions ``[3, T]``, or ``[T]`` for every stream)."""
+    num_tokens = q.shape[0]
+    if num_tokens == 0:
+        return
+    half = rotary_dim // 2
+    per_stream = positions.reshape(-1, num_tokens).expand(3, num_tokens).long()
+    rows = cos_sin_cache[per_stream].to(_math_dtype(q.dtype))  # [3, T, rot]
+    table = torch.cat([select_mrope_sections(rows[..., :half], mrope_section),
+                       select_mrope_sections(rows[..., half:rotary_dim], mrope_section)], -1)
+    _rotate_by_token_table_(q, k, table, rotary_dim, is_neox)

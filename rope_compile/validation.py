@@ -329,3 +329,120 @@ def generic_views(positions, query, key, head_size, cos_sin_cache):
     check_rope_operands(_GENERIC, (("query", q), ("key", k)), cos_sin_cache, flat_positions,
                         rotary_dim, head_size)
     return q, k, flat_positions, rotary_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# The cos/sin-tables op and the mRoPE-cache op (rope_compile/kernels/rope_tables.py)
+
+TABLES_OP_NAME = "rope_compile::fused_qk_rope_with_cos_sin_tables_inplace"
+MROPE_OP_NAME = "rope_compile::fused_qk_mrope_with_cos_sin_cache_inplace"
+_TABLES = "fused_qk_rope_with_cos_sin_tables_inplace"
+_MROPE = "fused_qk_mrope_with_cos_sin_cache_inplace"
+
+
+def _check_rotated_qk(op: str, q, k, rotary_dim) -> None:
+    """q ``[T, Hq, >= rotary_dim]`` and k ``[T, Hk, >= rotary_dim]``: floating point, one dtype,
+    last stride 1, not expanded, and their rotated parts disjoint."""
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            _fail(op, f"{name} must be a [num_tokens, num_heads, >= rotary_dim] tensor, got "
+                      f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            _fail(op, f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if q.dtype != k.dtype:
+        _fail(op, f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if not _is_int(rotary_dim) or rotary_dim <= 0 or rotary_dim % 2:
+        _fail(op, f"rotary_dim must be a positive even integer, got {rotary_dim!r}")
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[-1] < rotary_dim:
+            _fail(op, f"rotary_dim ({rotary_dim}) must not exceed {name}'s head size "
+                      f"({x.shape[-1]})")
+    if q.shape[0] != k.shape[0]:
+        _fail(op, f"q and k must have the same number of tokens, got {q.shape[0]} and "
+                  f"{k.shape[0]}")
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            _fail(op, f"{name} must have last stride 1, got strides {tuple(x.stride())}")
+        if any(n > 1 and s == 0 for n, s in zip(x.shape, x.stride(), strict=True)):
+            _fail(op, f"{name} must not be expanded (a stride-0 dim writes one element "
+                      f"several times), got strides {tuple(x.stride())}")
+    if may_share_memory(q[..., :rotary_dim], k[..., :rotary_dim], unknown=True):
+        _fail(op, "q and k overlap in memory; rotating them in place would rotate the shared "
+                  "elements twice")
+
+
+def _check_reads(op: str, q, k, rotary_dim, named_reads) -> None:
+    """Every read tensor on q's device and sharing no memory with the rotated parts of q/k."""
+    for name, read in named_reads:
+        if read.device != q.device or k.device != q.device:
+            _fail(op, f"q, k and {name} must be on one device, got {q.device}, {k.device} and "
+                      f"{read.device}")
+    for read_name, read in named_reads:
+        for name, x in (("q", q), ("k", k)):
+            if may_share_memory(read, x[..., :rotary_dim], unknown=False):
+                _fail(op, f"{read_name} overlaps {name} in memory; the op would read "
+                          f"{read_name} while it rotates {name} in place")
+
+
+def _check_mrope_section(op: str, mrope_section, rotary_dim) -> tuple[int, int, int]:
+    sections = tuple(mrope_section)
+    if len(sections) != 3 or not all(_is_int(s) and s >= 0 for s in sections):
+        _fail(op, f"mrope_section must be three non-negative integers (temporal, height, "
+                  f"width), got {list(sections)}")
+    if sum(sections) != rotary_dim // 2:
+        _fail(op, f"mrope_section {list(sections)} must sum to rotary_dim / 2 = "
+                  f"{rotary_dim // 2}, got {sum(sections)}")
+    return sections
+
+
+def validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section=None) -> None:
+    """Checks of ``fused_qk_rope_with_cos_sin_tables_inplace``: cos/sin ``[R, rotary_dim/2]``
+    (``[3, R, rotary_dim/2]`` with ``mrope_section``), R dividing the token count."""
+    op = _TABLES
+    _check_rotated_qk(op, q, k, rotary_dim)
+    streams = mrope_section is not None
+    expected = "[3, rows, rotary_dim/2]" if streams else "[rows, rotary_dim/2]"
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point:
+            _fail(op, f"{name} must be a floating-point tensor, got "
+                      f"{getattr(table, 'dtype', type(table).__name__)}")
+        if (table.dim() != (3 if streams else 2) or table.shape[-1] != rotary_dim // 2
+                or (streams and table.shape[0] != 3)):
+            _fail(op, f"{name} must be {expected} with rotary_dim/2 = {rotary_dim // 2}"
+                      f"{' (mrope_section given)' if streams else ''}, got shape "
+                      f"{tuple(table.shape)}")
+    if cos.shape != sin.shape:
+        _fail(op, f"cos and sin must have the same shape, got {tuple(cos.shape)} and "
+                  f"{tuple(sin.shape)}")
+    if streams:
+        _check_mrope_section(op, mrope_section, rotary_dim)
+    num_tokens, rows = q.shape[0], cos.shape[-2]
+    if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
+        _fail(op, f"the number of cos/sin rows ({rows}) must divide the number of tokens "
+                  f"({num_tokens}): token t is rotated by row t % rows")
+    _check_reads(op, q, k, rotary_dim, (("cos", cos), ("sin", sin)))
+
+
+def validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section) -> None:
+    """Checks of ``fused_qk_mrope_with_cos_sin_cache_inplace``: cache ``[P, rotary_dim]``,
+    positions ``[3, T]`` or ``[T]``, int32/int64."""
+    op = _MROPE
+    _check_rotated_qk(op, q, k, rotary_dim)
+    if not isinstance(cos_sin_cache, torch.Tensor) or not cos_sin_cache.dtype.is_floating_point:
+        _fail(op, f"cos_sin_cache must be floating point, got "
+                  f"{getattr(cos_sin_cache, 'dtype', type(cos_sin_cache).__name__)}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
+        _fail(op, f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got shape "
+                  f"{tuple(cos_sin_cache.shape)}")
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32,
+                                                                          torch.int64):
+        _fail(op, f"positions must be int32 or int64, got "
+                  f"{getattr(positions, 'dtype', type(positions).__name__)}")
+    num_tokens = q.shape[0]
+    if not (positions.dim() == 1 and positions.shape[0] == num_tokens
+            or positions.dim() == 2 and tuple(positions.shape) == (3, num_tokens)):
+        _fail(op, f"positions must be [3, num_tokens={num_tokens}] (or [num_tokens] for text "
+                  f"only), got shape {tuple(positions.shape)}")
+    _check_mrope_section(op, mrope_section, rotary_dim)
+    _check_reads(op, q, k, rotary_dim,
+                 (("cos_sin_cache", cos_sin_cache), ("positions", positions)))

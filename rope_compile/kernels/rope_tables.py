@@ -1,0 +1,244 @@
+"""Fused Q+K RoPE reading per-token cos/sin tables, or a cache through multi-row positions
+(mRoPE), and its launcher (no op registration here).
+
+One launch rotates both q and k in place, as :mod:`rope_compile.triton_kernel` does, but the
+cos/sin of a token come from one of two sources, chosen by the constexpr ``FROM_CACHE``:
+
+* TABLES (``FROM_CACHE=False``): the model's own tables, e.g. HF transformers' ``cos``/``sin``
+  halves or gpt-fast's ``freqs_cis[..., 0]``/``[..., 1]``; token ``t`` reads row ``t % R``
+  (a table broadcast over the batch has ``R = seq_len`` rows while ``T = batch * seq_len``).
+  No ``[T, ROT]`` cache and no ``arange(T)`` positions are built.
+* CACHE (``FROM_CACHE=True``): sglang's ``cos_sin_cache`` with one row of positions per stream
+  (Qwen2-VL's multimodal RoPE: temporal, height and width positions).
+
+Shapes and strides (elements; only the last stride of q and k must be 1)::
+
+    q          [T, Hq, >= ROT]     strides (q_token_stride, q_head_stride, 1)
+    k          [T, Hk, >= ROT]     strides (k_token_stride, k_head_stride, 1)
+    TABLES:
+      cos      [S, R, ROT/2]       strides (cos_stream_stride, cos_row_stride, cos_col_stride)
+      sin      [S, R, ROT/2]       strides (sin_stream_stride, sin_row_stride, sin_col_stride)
+                                   any strides: a [:, :ROT/2] slice, a (cos, sin) pair pick of
+                                   [R, ROT/2, 2] (column stride 2), an expanded row (stride 0)
+      pos      unused (any pointer), R = num_rows divides T
+    CACHE:
+      cos, sin the same [P, ROT] cache = cat(cos, sin), strides (0, row, col) for both
+      pos      [S, T]              strides (pos_stream_stride, pos_token_stride), int32/int64
+
+S (``NUM_STREAMS``) is 1 or 3. The stream of pair column ``i`` is 0 with one stream; with three
+(mRoPE sections ``(s0, s1, s2)``, ``s0 + s1 + s2 = ROT/2``) it is 0 for ``i < s0``
+(``SECTION_1_START``), 1 for ``i < s0 + s1`` (``SECTION_2_START``) and 2 after.
+
+Math, per token t, head h and pair i < ROT/2, with st = stream(i)::
+
+    TABLES: c = cos[st, t % R, i]                 s = sin[st, t % R, i]
+    CACHE : c = cache[pos[st, t], i]              s = cache[pos[st, t], ROT/2 + i]
+    neox  : (x1, x2) = (x[i], x[i + ROT/2])       GPT-J : (x1, x2) = (x[2i], x[2i + 1])
+    x1' = x1 * c - x2 * s
+    x2' = x2 * c + x1 * s
+
+computed in fp32 and rounded once to the tensor's dtype (the tables may have another dtype).
+
+Grid: ``(T, HEAD_SPLITS)``, cut as :func:`rope_compile.triton_kernel.launch_shape` cuts the
+first kernel's: program ``(t, s)`` loads the token's ROT/2 cos and sin once, then rotates head
+blocks ``s, s + HEAD_SPLITS, ...`` of q (``Q_ITERS``) and of k (``K_ITERS``), each a
+``[BLOCK_H, ROT]`` tile (the first kernel's ``_rotate_head_block``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_kernel import (
+    LaunchShape,
+    _rotate_head_block,  # the shared [BLOCK_H, ROT] tile rotation
+    is_interpreter,
+)
+from ..triton_kernel import launch_shape as head_launch_shape
+
+
+@triton.jit
+def fused_qk_rope_tables_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,  # TABLES: cos [S, R, ROT/2]; CACHE: the cache [P, ROT]
+    sin_ptr,  # TABLES: sin [S, R, ROT/2]; CACHE: the cache again
+    pos_ptr,  # CACHE: positions [S, T]; TABLES: never read
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    cos_stream_stride,
+    cos_row_stride,
+    cos_col_stride,
+    sin_stream_stride,
+    sin_row_stride,
+    sin_col_stride,
+    pos_stream_stride,
+    pos_token_stride,
+    num_rows,  # TABLES: R, token t reads row t % R; CACHE: unused
+    num_q_heads,
+    num_k_heads,
+    ROT: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    Q_ITERS: tl.constexpr,
+    K_ITERS: tl.constexpr,
+    FROM_CACHE: tl.constexpr,
+    NUM_STREAMS: tl.constexpr,
+    SECTION_1_START: tl.constexpr,
+    SECTION_2_START: tl.constexpr,
+):
+    HALF: tl.constexpr = ROT // 2
+    token = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+
+    i = tl.arange(0, HALF_PAD)  # pair column
+    cmask = i < HALF
+    # Stream of each column: the mRoPE section it lies in; 0 everywhere with one stream.
+    if NUM_STREAMS == 3:
+        stream = (i >= SECTION_1_START).to(tl.int64) + (i >= SECTION_2_START).to(tl.int64)
+    else:
+        stream = tl.zeros([HALF_PAD], dtype=tl.int64)
+
+    if FROM_CACHE:
+        # Row of column i: positions[stream(i), t] (three distinct addresses at most).
+        row = tl.load(pos_ptr + stream * pos_stream_stride + token * pos_token_stride,
+                      mask=cmask, other=0).to(tl.int64)
+        cos_offsets = row * cos_row_stride + i * cos_col_stride
+        sin_offsets = row * sin_row_stride + (HALF + i) * sin_col_stride
+    else:
+        row = token % num_rows
+        cos_offsets = stream * cos_stream_stride + row * cos_row_stride + i * cos_col_stride
+        sin_offsets = stream * sin_stream_stride + row * sin_row_stride + i * sin_col_stride
+    # cos/sin of this token: loaded once, reused for every head of q and k.
+    cos = tl.load(cos_ptr + cos_offsets, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + sin_offsets, mask=cmask, other=0.0).to(tl.float32)
+
+    q_token = q_ptr + token * q_token_stride
+    for j in tl.static_range(Q_ITERS):
+        _rotate_head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
+                           num_q_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+    k_token = k_ptr + token * k_token_stride
+    for j in tl.static_range(K_ITERS):
+        _rotate_head_block(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
+                           num_k_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one description of a launch: runtime arguments (in the signature's order, a test checks
+# it), the constexprs and the grid. The eager launcher passes tensors and their strides, the
+# Inductor lowering IR nodes and theirs.
+
+RUNTIME_ARGS = ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "pos_ptr",
+                "q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
+                "cos_stream_stride", "cos_row_stride", "cos_col_stride",
+                "sin_stream_stride", "sin_row_stride", "sin_col_stride",
+                "pos_stream_stride", "pos_token_stride",
+                "num_rows", "num_q_heads", "num_k_heads")
+
+
+def _with_stream_dim(size, stride) -> tuple:
+    """``(stream, row, col)`` strides of a table ``[R, n]`` (one stream) or ``[S, R, n]``."""
+    return (0, *stride) if len(size) == 2 else tuple(stride)
+
+
+def tables_runtime_args(q, k, cos, sin, *, q_stride, k_stride, cos_size, cos_stride,
+                        sin_stride, num_q_heads, num_k_heads) -> dict:
+    """``RUNTIME_ARGS`` -> value for the TABLES source: cos/sin ``[R, ROT/2]`` or
+    ``[3, R, ROT/2]`` (same sizes; ``sin_stride`` of sin's own layout)."""
+    cos_strides = _with_stream_dim(cos_size, cos_stride)
+    sin_strides = _with_stream_dim(cos_size, sin_stride)
+    values = (q, k, cos, sin, cos,  # pos_ptr: never read, any tensor of the launch
+              q_stride[0], q_stride[1], k_stride[0], k_stride[1],
+              *cos_strides, *sin_strides, 0, 0,
+              cos_size[-2], num_q_heads, num_k_heads)
+    return dict(zip(RUNTIME_ARGS, values, strict=True))
+
+
+def cache_runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, cache_stride,
+                       positions_size, positions_stride, num_q_heads, num_k_heads) -> dict:
+    """``RUNTIME_ARGS`` -> value for the CACHE source: positions ``[T]`` (every stream reads it)
+    or ``[S, T]``."""
+    cache_strides = (0, *cache_stride)
+    pos_strides = (0, *positions_stride) if len(positions_size) == 1 else tuple(positions_stride)
+    values = (q, k, cos_sin_cache, cos_sin_cache, positions,
+              q_stride[0], q_stride[1], k_stride[0], k_stride[1],
+              *cache_strides, *cache_strides, *pos_strides,
+              1, num_q_heads, num_k_heads)
+    return dict(zip(RUNTIME_ARGS, values, strict=True))
+
+
+def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim: int,
+                 is_neox: bool, device_type: str, elem_bytes: int, *, from_cache: bool,
+                 mrope_section=None) -> LaunchShape:
+    """The first kernel's head tiling and warps (``num_tokens`` may be a hint), plus the cos/sin
+    source constexprs. ``mrope_section`` ``(s0, s1, s2)`` or None (one stream)."""
+    shape = head_launch_shape(num_tokens, num_q_heads, num_k_heads, rotary_dim, is_neox,
+                              device_type, elem_bytes)
+    half = rotary_dim // 2
+    s0, s1, _ = mrope_section if mrope_section is not None else (half, 0, 0)
+    source = {
+        "FROM_CACHE": bool(from_cache),
+        "NUM_STREAMS": 1 if mrope_section is None else 3,
+        "SECTION_1_START": int(s0),
+        "SECTION_2_START": int(s0) + int(s1),
+    }
+    return LaunchShape(shape.head_splits, {**shape.constexprs, **source}, shape.options)
+
+
+def _launch(q, k, args: dict, shape: LaunchShape) -> None:
+    if q.device.type == "cpu" and not is_interpreter():
+        raise RuntimeError(
+            "rope_tables: q is a CPU tensor; the Triton kernel runs on CPU tensors only under "
+            "the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
+    grid = (q.shape[0], shape.head_splits)
+    # Triton launches on the current device; a tensor on another one needs a guard.
+    guard = contextlib.nullcontext()
+    if q.device.type != "cpu":
+        guard = torch.get_device_module(q.device).device(q.device.index)
+    with guard:
+        fused_qk_rope_tables_kernel[grid](*args.values(), **shape.constexprs, **shape.options)
+
+
+def launch_qk_rope_tables(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, rotary_dim: int, is_neox: bool,
+                          mrope_section=None) -> None:
+    """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place, token t by row
+    ``t % R`` of cos/sin ``[R, rotary_dim/2]`` (``[3, R, rotary_dim/2]`` with
+    ``mrope_section``). Arguments are assumed valid (the op layer validates)."""
+    if q.shape[0] == 0:
+        return
+    args = tables_runtime_args(q, k, cos, sin, q_stride=q.stride(), k_stride=k.stride(),
+                               cos_size=cos.shape, cos_stride=cos.stride(),
+                               sin_stride=sin.stride(), num_q_heads=q.shape[1],
+                               num_k_heads=k.shape[1])
+    shape = launch_shape(q.shape[0], q.shape[1], k.shape[1], rotary_dim, is_neox,
+                         q.device.type, q.element_size(), from_cache=False,
+                         mrope_section=mrope_section)
+    _launch(q, k, args, shape)
+
+
+def launch_qk_mrope_cache(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                          positions: torch.Tensor, rotary_dim: int, is_neox: bool,
+                          mrope_section) -> None:
+    """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place, pair column i of
+    token t by cache row ``positions[stream(i), t]`` (positions ``[3, T]``, or ``[T]`` for
+    every stream). Arguments are assumed valid (the op layer validates)."""
+    if q.shape[0] == 0:
+        return
+    args = cache_runtime_args(q, k, cos_sin_cache, positions, q_stride=q.stride(),
+                              k_stride=k.stride(), cache_stride=cos_sin_cache.stride(),
+                              positions_size=positions.shape,
+                              positions_stride=positions.stride(), num_q_heads=q.shape[1],
+                              num_k_heads=k.shape[1])
+    shape = launch_shape(q.shape[0], q.shape[1], k.shape[1], rotary_dim, is_neox,
+                         q.device.type, q.element_size(), from_cache=True,
+                         mrope_section=mrope_section)
+    _launch(q, k, args, shape)
