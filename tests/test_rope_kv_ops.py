@@ -290,7 +290,8 @@ def test_fp8_store_rounds_and_saturates_as_torch(apply):
     v = p.v.clone()
     apply(p)
     stored = p.v_buffer[p.cache_loc.long()]
-    assert_same_bits(stored, (v / 0.25).to(FP8), "fp8 v rows (torch's own cast)")
+    if torch.tensor([1e6]).to(FP8).item() == 448.0:  # torch's cast saturates (2.13 does)
+        assert_same_bits(stored, (v / 0.25).to(FP8), "fp8 v rows (torch's own cast)")
     assert_same_bits(stored, to_kv_cache(v, 0.25, FP8), "fp8 v rows (reference)")
 
 
