@@ -24,13 +24,15 @@ from torch._inductor.utils import run_and_get_code
 from rope_compile.module import RotaryEmbedding
 
 FUSED_CALL = "fused_qk_rope_with_cos_sin_cache_inplace.default("
+# The pass emits the cache op, or the tables op where it reads a model's own cos/sin tables.
+FUSED_OP_CALL = re.compile(r"fused_qk_rope_with_cos_sin_(?:cache|tables)_inplace\.default\(")
 # On GPUs Inductor launches the fused Triton kernel itself (rope_compile.inductor_lowering).
-FUSED_LAUNCH = re.compile(r"fused_qk_rope_kernel\w*\.run\(")
+FUSED_LAUNCH = re.compile(r"fused_qk_rope(?:_tables)?_kernel\w*\.run\(")
 
 
 def count_fused_calls(source: str) -> int:
     """Fused-op calls in Inductor's generated code: op calls plus direct kernel launches."""
-    return source.count(FUSED_CALL) + len(FUSED_LAUNCH.findall(source))
+    return len(FUSED_OP_CALL.findall(source)) + len(FUSED_LAUNCH.findall(source))
 
 
 class RMSNorm(nn.Module):

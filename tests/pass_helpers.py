@@ -29,6 +29,9 @@ from rope_compile import RotaryEmbedding
 # What one call of the fused op looks like in Inductor's generated wrapper code.
 FUSED_CALL = "fused_qk_rope_with_cos_sin_cache_inplace.default("
 FUSED_TARGET = "rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default"
+# The op the pass emits where it reads a model's own cos/sin tables (HF, gpt-fast, torchtune).
+TABLES_TARGET = "rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default"
+FUSED_OP_CALL = re.compile(r"fused_qk_rope_with_cos_sin_(?:cache|tables)_inplace\.default\(")
 # Pass options that force the pass on for CPU graphs and make pass errors raise.
 CPU_OPTIONS = {"devices": ("cpu",), "strict": True}
 
@@ -158,7 +161,8 @@ def capture_compile(fn, *inputs, rope_pass: FuseQKRopePass | None = None):
 def fused_nodes(graph: Graph) -> list[Node]:
     """The ``auto_functionalized_v2`` nodes calling the fused op."""
     return [n for n in graph.nodes if n.op == "call_function"
-            and "auto_functionalized" in _target_name(n) and str(n.args[0]) == FUSED_TARGET]
+            and "auto_functionalized" in _target_name(n)
+            and str(n.args[0]) in (FUSED_TARGET, TABLES_TARGET)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +170,7 @@ def fused_nodes(graph: Graph) -> list[Node]:
 
 
 def count_fused_calls(code: str) -> int:
-    return code.count(FUSED_CALL)
+    return len(FUSED_OP_CALL.findall(code))
 
 
 # View ops Inductor names kernels after; what is left of a kernel's name without them tells
