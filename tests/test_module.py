@@ -187,11 +187,12 @@ def test_forward_on_cpu_uses_native(spies, head_size):
 
 
 @pytest.mark.parametrize("method", ["forward_xpu", "forward_cuda", "forward"])
-def test_fused_set_kv_buffer_arg_raises(method):
+def test_bad_fused_set_kv_buffer_arg_raises(method):
+    """Not a FusedSetKVBufferArg: a clear TypeError before anything is written."""
     m = make_module(128, 128)
     query, key, _, _, positions = make_inputs(2, 1, 1, 128, torch.bfloat16)
     before = query.clone()
-    with pytest.raises(NotImplementedError, match="fused_set_kv_buffer_arg"):
+    with pytest.raises(TypeError, match="FusedSetKVBufferArg"):
         getattr(m, method)(positions, query, key, None, object())
     assert torch.equal(query, before)
 
