@@ -57,7 +57,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from rope_compile.constants import DEFAULT_DEVICES, DEFAULT_HEAD_SIZES
 from rope_compile.layout import may_overlap
 from rope_compile.options import validate_pass_options
-from rope_compile.validation import validate_fused
+from rope_compile.validation import validate_fused, validate_qk_rope_tables
 
 from .fx_surgery import (
     GraphTransaction,
@@ -67,7 +67,10 @@ from .fx_surgery import (
     shares_storage,
     view_chain,
 )
-from .rope_pattern import NearMiss, NoMatch, RopeMatch, enclosing_head_size, match_rope
+from .miss_report import find_misses
+from .rope_pattern import NoMatch, RopeMatch, enclosing_head_size, match_rope
+from .table_views import TableRows, table_rows
+from .trig_sources import PairTables
 
 log = logging.getLogger("rope_compile")
 aten = torch.ops.aten
@@ -91,6 +94,12 @@ def _fused_op():
     return torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
 
 
+def _tables_op():
+    import rope_compile.ops  # noqa: F401  (registers the op)
+
+    return torch.ops.rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default
+
+
 def count(name: str, amount: int = 1) -> None:
     counters["rope_compile"][name] += amount
 
@@ -99,23 +108,29 @@ def _raise_errors(node: Node, err: Exception) -> None:
     raise err
 
 
-def find_rope_matches(graph: Graph, on_error=_raise_errors) -> list[RopeMatch]:
+def find_rope_matches(graph: Graph, on_error=_raise_errors,
+                      outcomes: dict | None = None) -> list[RopeMatch]:
     """Every proven RoPE application in ``graph``, in graph order.
 
     A candidate whose matching raises anything but ``NoMatch`` is handed to ``on_error`` (the
-    pass counts and logs it, or re-raises under ``strict``) and skipped: it costs no other."""
+    pass counts and logs it, or re-raises under ``strict``) and skipped: it costs no other.
+    ``outcomes``, if given, receives each candidate's match or exception, from which
+    ``miss_report.find_misses`` explains the RoPE-like candidates that were not proven."""
     matches = []
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _CANDIDATE_TARGETS:
             continue
         try:
             matches.append(match_rope(node))
-        except NearMiss as why:  # RoPE's arithmetic, but not provably what the op computes
-            log.debug("not rewriting RoPE-like %s: %s", node.name, why)
-            continue
-        except NoMatch:
+            if outcomes is not None:
+                outcomes[node] = matches[-1]
+        except NoMatch as why:  # explained once, by find_misses, if it looks like RoPE
+            if outcomes is not None:
+                outcomes[node] = why
             continue
         except Exception as err:
+            if outcomes is not None:
+                outcomes[node] = err
             on_error(node, err)
     # A partial-rotary RoPE also contains a full RoPE of its x[..., :rot] slice: keep the
     # outermost match only.
@@ -219,7 +234,9 @@ class PairPlan:
     roots: list[Node]
     chains: tuple[list[Node], list[Node]]
     kwargs: dict
-    # Table form: the [..tokens.., rot] shape the cos/sin tables are expanded to (graph ints).
+    # Table form read in place: the model's cos and sin tables as [R, rot/2] rows (the tables
+    # op); else (no such reading) the [..tokens.., rot] shape a built table is expanded to.
+    table_rows: tuple[TableRows, TableRows] | None = None
     table_shape: tuple | None = None
     # Rotated outputs that reach the graph output: (match, dim order of eager's dense layout,
     # the users that read a copy in that layout instead of the in-place result).
@@ -374,7 +391,16 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         if may_overlap(q_head, views[1]) or may_overlap(k_head, views[0]):
             raise PlanError("the rotated part of q or k overlaps the other's head (its "
                             "pass-through features would change)")
+    rows = _plan_table_rows(q, views) if q.trig.table_form else None
     with torch._guards.detect_fake_mode(root_vals) or contextlib.nullcontext():
+        if rows is not None:
+            try:
+                validate_qk_rope_tables(views[0], views[1], rows[0].fake(rot // 2),
+                                        rows[1].fake(rot // 2), rot)
+            except ValueError as err:
+                raise PlanError(f"the op would reject the call: {err}") from None
+            outputs = [layout for layout in map(_graph_output_layout, (q, k)) if layout]
+            return PairPlan(q, k, roots, tuple(chains), kwargs, rows, None, outputs)
         if not q.trig.table_form:
             cache_val = q.trig.cache.meta["val"]
             positions_val = q.trig.positions.meta["val"]
@@ -393,7 +419,38 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         tokens = [n for d, n in enumerate(val.shape[:-1]) if d != q.heads_dim]
         table_shape = _as_graph_ints([*tokens, rot], symbols)
     outputs = [layout for layout in map(_graph_output_layout, (q, k)) if layout]
-    return PairPlan(q, k, roots, tuple(chains), kwargs, table_shape, outputs)
+    return PairPlan(q, k, roots, tuple(chains), kwargs, None, table_shape, outputs)
+
+
+def _plan_table_rows(q: RopeMatch, views) -> tuple[TableRows, TableRows] | None:
+    """The model's cos and sin tables read in place as ``[R, rot/2]`` rows by the tables op,
+    or None (the pass then builds a ``[T, rot]`` cache, as before) with the reason logged."""
+    trig = q.trig
+    half = q.rotary_dim // 2
+    val = q.base.meta["val"]
+    token_shape = [n for d, n in enumerate(val.shape[:-1]) if d != q.heads_dim]
+    # gpt-fast / torchtune pair picks keep x's heads dim (size 1); HF tables may have one.
+    heads_dim = q.heads_dim if isinstance(trig, PairTables) else trig.table_heads_dim
+    found = []
+    for view in (trig.cos_half_view, trig.sin_half_view):
+        rows, why = table_rows(view, heads_dim, token_shape, half)
+        if rows is None:
+            log.debug("rope_compile: building a cos/sin cache for %s: %s", q.output.name, why)
+            count("tables built")
+            return None
+        found.append(rows)
+    try:
+        with torch._guards.detect_fake_mode([val]) or contextlib.nullcontext():
+            tokens = views[0].shape[0]
+            for rows in found:
+                num_rows = rows.fake(half).shape[0]
+                if not statically_known_true(tokens % num_rows == 0):
+                    raise ValueError(f"{num_rows} rows for {tokens} tokens")
+    except Exception as err:
+        log.debug("rope_compile: building a cos/sin cache for %s: %r", q.output.name, err)
+        count("tables built")
+        return None
+    return found[0], found[1]
 
 
 def _fake_call(kwargs: dict, like: torch.Tensor) -> tuple:
@@ -422,24 +479,41 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
     inputs = [*plan.roots, *q.trig.reads()]
     anchor = max(inputs, key=position.__getitem__)
     built = {}
-    # One [T, rot] table per distinct cos/sin source (and token shape), shared by every layer
-    # that uses it; the gathered form is its own cache.
-    memo_key = (q.trig.pairing_key(), plan.table_shape)
-    if memo_key in tables:
-        cache, positions = tables[memo_key]
-        anchor = max([anchor, positions], key=position.__getitem__)
+    if plan.table_rows is not None:
+        # The model's own tables, read in place: [R, rot/2] views, made once per table.
+        half = q.rotary_dim // 2
+        memo_key = ("rows", plan.table_rows)
+        if memo_key in tables:
+            cos_rows, sin_rows = tables[memo_key]
+            anchor = max([anchor, sin_rows], key=position.__getitem__)
+        else:
+            where = position[anchor]
+            cos_rows = plan.table_rows[0].build(tx, anchor, half)
+            sin_rows = plan.table_rows[1].build(tx, cos_rows, half)
+            anchor = sin_rows
+            position.update({cos_rows: where, sin_rows: where})
+            built[memo_key] = (cos_rows, sin_rows)
+        kwargs = {"cos": cos_rows, "sin": sin_rows, **plan.kwargs}
+        call_op = _tables_op()
     else:
-        where = position[anchor]
-        anchor, cache, positions = q.trig.materialise(tx, anchor, q.rotary_dim, q.heads_dim,
-                                                      plan.table_shape)
-        if q.trig.table_form:  # new nodes: placed right after the anchor
-            position.update({cache: where, positions: where})
-            built[memo_key] = (cache, positions)
-    kwargs = {"cos_sin_cache": cache, "positions": positions, **plan.kwargs}
+        call_op = _fused_op()
+        # One [T, rot] table per distinct cos/sin source (and token shape), shared by every
+        # layer that uses it; the gathered form is its own cache.
+        memo_key = (q.trig.pairing_key(), plan.table_shape)
+        if memo_key in tables:
+            cache, positions = tables[memo_key]
+            anchor = max([anchor, positions], key=position.__getitem__)
+        else:
+            where = position[anchor]
+            anchor, cache, positions = q.trig.materialise(tx, anchor, q.rotary_dim,
+                                                          q.heads_dim, plan.table_shape)
+            if q.trig.table_form:  # new nodes: placed right after the anchor
+                position.update({cache: where, positions: where})
+                built[memo_key] = (cache, positions)
+        kwargs = {"cos_sin_cache": cache, "positions": positions, **plan.kwargs}
     fake_result = _fake_call(kwargs, q.base.meta["val"])
     with graph.inserting_after(anchor):
-        call = tx.record_new(graph.call_function(auto_functionalized_v2, (_fused_op(),),
-                                                 kwargs))
+        call = tx.record_new(graph.call_function(auto_functionalized_v2, (call_op,), kwargs))
     call.meta["val"] = fake_result
     new_roots = {}
     last = call
@@ -535,7 +609,7 @@ def _source_files() -> list[str]:
     """Every source the rewrite and its lowering depend on: the passes and the package."""
     here = Path(__file__).resolve().parent
     package = Path(__import__("rope_compile").__file__).resolve().parent
-    return sorted(str(p) for folder in (here, package) for p in folder.glob("*.py"))
+    return sorted({str(p) for folder in (here, package) for p in folder.rglob("*.py")})
 
 
 class FuseQKRopePass(CustomGraphPass):
@@ -582,6 +656,18 @@ class FuseQKRopePass(CustomGraphPass):
         count(f"skipped: {reason}")
         log.debug("not rewriting RoPE at %s: %s", match.output.name, reason)
 
+    def report_misses(self, graph: Graph, outcomes: dict) -> None:
+        """Count and log, once each, the RoPE-like candidates the matcher rejected."""
+        try:
+            misses = find_misses(graph, outcomes)
+        except Exception as err:
+            self._candidate_error("explaining misses", graph.output_node(), err)
+            return
+        for miss in misses:
+            count(f"missed: {miss.reason}")
+            detail = "" if miss.detail == miss.reason else f" [matcher: {miss.detail}]"
+            log.debug("not rewriting RoPE-like %s: %s%s", miss.output.name, miss.reason, detail)
+
     def _candidate_error(self, what: str, node: Node, err: Exception) -> None:
         count("candidate_errors")
         if self.strict:
@@ -600,12 +686,13 @@ class FuseQKRopePass(CustomGraphPass):
             return "k depends on the rotated q (or the reverse)"
         return None
 
-    def _plan_round(self, graph: Graph, found: set, failed: set
+    def _plan_round(self, graph: Graph, found: set, failed: set, outcomes: dict | None = None
                     ) -> tuple[list[PairPlan], list, bool]:
         """Analyse the graph without mutating it: the pairs to rewrite this round (on
-        disjoint nodes), the misses, and whether some proven pair waits for a later round."""
+        disjoint nodes), the misses, and whether some proven pair waits for a later round.
+        ``outcomes`` receives each candidate's match or exception (see find_rope_matches)."""
         on_error = lambda node, err: self._candidate_error("matching", node, err)
-        pairs, unpaired = pair_matches(find_rope_matches(graph, on_error))
+        pairs, unpaired = pair_matches(find_rope_matches(graph, on_error, outcomes))
         symbols = _graph_symbols(graph)
         order = {n: i for i, n in enumerate(graph.nodes)}
         skips = list(unpaired)
@@ -676,7 +763,8 @@ class FuseQKRopePass(CustomGraphPass):
         failed: set[tuple[str, str]] = set()
         tables: dict = {}
         while True:
-            plans, skips, deferred = self._plan_round(graph, found, failed)
+            outcomes: dict = {}
+            plans, skips, deferred = self._plan_round(graph, found, failed, outcomes)
             order = list(graph.nodes)
             done, round_tables = self._rewrite(graph, plans, tables, failed, check_each=False)
             try:
@@ -703,4 +791,5 @@ class FuseQKRopePass(CustomGraphPass):
             if not done and not deferred:
                 for match, reason in skips:  # final round: each miss counted once
                     self.skip(match, reason)
+                self.report_misses(graph, outcomes)
                 return rewritten
