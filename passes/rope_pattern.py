@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .trig_sources import GatheredCache, HalfTables, PairTables, TrigSource
+from .trig_sources import (
+    ComplexTables,
+    GatheredCache,
+    HalfTables,
+    PairTables,
+    PairwiseTables,
+    TrigSource,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -262,13 +269,59 @@ def trace_pair_trig(node: Node, x_val) -> PairTrig:
     _require(node.target is aten.select.int and node.args[2] in (0, 1), "not a (cos, sin) pick")
     view = node.args[0]
     rows = view.args[0] if view.target in _VIEW_TARGETS else None
-    _require(rows is not None and rows.target in _GATHERS, "cos/sin pairs are not gathered rows")
+    # Gathered rows (freqs_cis[input_pos]) or a slice of them on a row dim (cache[:seq_len]):
+    # the op reads the picks themselves, so any rows of (cos, sin) pairs will do.
+    _require(rows is not None and (rows.target in _GATHERS or (
+        rows.target is aten.slice.Tensor and not _last_dim(
+            rows, rows.args[1] if len(rows.args) > 1 else 0))),
+             "cos/sin pairs are not gathered or sliced rows")
     rows_val, f_val = _val(rows), _val(factor)
     _require(rows_val.dim() >= 2 and rows_val.shape[-1] == 2 and f_val.dim() == x_val.dim()
              and f_val.shape[-1] == x_val.shape[-1], "cos/sin pairs do not line up with x")
     _require(sum(1 for a in f_val.shape[:-1] if not _statically_equal(a, 1))
              == rows_val.dim() - 2, "cos/sin pairs are not broadcast over heads")
     return PairTrig(rows, node.args[2], factor)
+
+
+@dataclass(frozen=True)
+class ComplexTrig:
+    """A complex factor ``freqs_cis`` (Meta Llama, torchtitan) multiplying ``view_as_complex``
+    of x's pairs: its real part is cos, its imaginary part sin (``(a + ib)(c + is)``)."""
+
+    factor: Node
+
+
+def _match_complex_rotation(node: Node):
+    """``view_as_real(view_as_complex(x.reshape(.., -1, 2)) * freqs_cis).flatten(3)``: GPT-J
+    pairs ``(x[2i], x[2i+1])`` rotated by ``(real, imag)`` of ``freqs_cis``."""
+    vr = node.args[0]
+    _require(isinstance(vr, Node) and vr.target is aten.view_as_real.default,
+             "view of something other than view_as_real")
+    prod = vr.args[0]
+    _require(prod.target in _MULS and len(prod.args) == 2 and all(
+        isinstance(a, Node) for a in prod.args), "view_as_real of something other than a product")
+    out_val, vr_val = _val(node), _val(vr)
+    _require(out_val is not None and vr_val is not None and out_val.dim() == vr_val.dim() - 1
+             and all(_statically_equal(a, b) for a, b in zip(out_val.shape[:-1],
+                                                             vr_val.shape[:-2], strict=True)),
+             "view_as_real is not flattened back")
+    for xc, factor in (prod.args, prod.args[::-1]):
+        if xc.target is not aten.view_as_complex.default:
+            continue
+        pairs = xc.args[0]
+        x_node = _pair_view_source(pairs) if isinstance(pairs, Node) else None
+        f_val, xc_val = _val(factor), _val(xc)
+        if x_node is None or f_val is None or not f_val.is_complex() or (
+                f_val.dim() != xc_val.dim()) or not _statically_equal(
+                    f_val.shape[-1], xc_val.shape[-1]):
+            continue
+        x = trace_features(x_node)
+        x1 = Operand(tuple((n, s, 2 * st) for n, s, st in x.levels), x.count // 2, x.cast)
+        x2 = Operand(tuple((n, s + st, 2 * st) for n, s, st in x.levels), x.count // 2, x.cast)
+        ones = [d for d in range(f_val.dim() - 1) if _statically_equal(f_val.shape[d], 1)]
+        _require(bool(ones), "freqs_cis is not broadcast over heads")
+        return x1, x2, ComplexTrig(factor), max(ones), [node, vr, prod, xc, pairs]
+    raise NoMatch("product is not view_as_complex(x pairs) times a complex freqs_cis")
 
 
 def _product_terms(node: Node, num_tokens):
@@ -361,7 +414,8 @@ def _keeps_rows(node: Node) -> bool:
     """``node`` only adds, picks or broadcasts whole rows of its input's last dim (unsqueeze,
     slice or expand of another dim), so each output row is an input row."""
     val = _val(node)
-    if val is None or not isinstance(node.args[0], Node) or _val(node.args[0]) is None:
+    if val is None or node.op != "call_function" or not node.args or not isinstance(
+            node.args[0], Node) or _val(node.args[0]) is None:
         return False
     src = _val(node.args[0])
     if val.dim() == 0 or src.dim() == 0 or not _statically_equal(val.shape[-1], src.shape[-1]):
@@ -390,6 +444,8 @@ def _duplicated_halves(table: Node) -> Node:
             node = node.args[0]
         else:
             break
+    _require(node.op == "call_function", "cos/sin table is a graph input (a buffer computed "
+             "outside the graph, as litgpt's cos/sin): its equal halves cannot be proven")
     _require(trig == 1, "cos/sin table is not cos() or sin() of an angle table")
     if node.target is aten.cat.default:
         parts = node.args[0]
@@ -448,6 +504,120 @@ def _match_rotate_half(node: Node):
         nodes = [node, plain, rotated, rh, neg_x2]
         return x1, x2, cos_table, sin_table, heads_dim, nodes
     raise NoMatch("sum is not x * cos + rotate_half(x) * sin")
+
+
+def _even_pair_slice(node: Node) -> bool:
+    """``node`` takes columns ``[2j, 2k)`` of its source's last dim (so whole (2i, 2i+1) pairs)."""
+    sliced = _last_dim_range(node)
+    if sliced is None or node.target is not aten.slice.Tensor or sliced[1] % 2 or sliced[2] != 1:
+        return False
+    return _val(node).shape[-1] % 2 == 0
+
+
+def _pairwise_duplicated(table: Node) -> Node:
+    """Prove ``table[..., 2i] == table[..., 2i + 1]``: an elementwise function (cos/sin, scalar
+    scale, casts) or a row/pair pick of ``f`` duplicated as ``(.., n/2, 2)`` and merged into the
+    last dim only (``repeat_interleave(f, 2, dim=-1)``). Returns the view that duplicates."""
+    node = table
+    while True:
+        if _float_cast(node) or node.target in (aten.clone.default, aten.cos.default,
+                                                 aten.sin.default) or (
+                node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node)
+                and _is_scalar(node.args[1])) or _keeps_rows(node) or _even_pair_slice(node):
+            node = node.args[0]
+        else:
+            break
+    _require(node.op == "call_function", "cos/sin table is a graph input (a buffer computed "
+             "outside the graph): its equal pairs of columns cannot be proven")
+    why = ("cos/sin columns 2i and 2i+1 are not proven equal (the table is not f duplicated "
+           "as (.., n/2, 2) on the last dim, as repeat_interleave(f, 2, -1))")
+    _require(node.target in _VIEW_TARGETS and isinstance(node.args[0], Node), why)
+    inner = node.args[0]
+    if inner.target is aten.clone.default:
+        inner = inner.args[0]
+    _require(isinstance(inner, Node) and inner.target is aten.expand.default, why)
+    unsq = inner.args[0]
+    unsq_val, exp_val, out_val = _val(unsq), _val(inner), _val(node)
+    _require(isinstance(unsq, Node) and unsq.target is aten.unsqueeze.default
+             and None not in (unsq_val, exp_val, out_val) and unsq_val.dim() >= 2
+             and unsq.args[1] % unsq_val.dim() == unsq_val.dim() - 1
+             and _statically_equal(unsq_val.shape[-1], 1)
+             and _statically_equal(exp_val.shape[-1], 2), why)
+    # Exactly the (n/2, 2) pair merges into the last dim (another merged dim duplicates rows).
+    _require(out_val.dim() == exp_val.dim() - 1 and all(
+        _statically_equal(a, b) for a, b in zip(out_val.shape[:-1], exp_val.shape[:-2],
+                                                strict=True))
+             and _statically_equal(out_val.shape[-1], 2 * exp_val.shape[-2]), why)
+    return node
+
+
+def _table_heads_dim(table: Node, x_val) -> int:
+    """The dim of a cos/sin factor (x's rank) that broadcasts over heads: the one non-last dim
+    an ``unsqueeze`` adds, found through ops that keep the other dims' positions (elementwise
+    ops, casts, last-dim slices, a last-dim pair duplication)."""
+    val = _val(table)
+    _require(val is not None and val.dim() == x_val.dim() and _statically_equal(
+        val.shape[-1], x_val.shape[-1]), "cos/sin table does not line up with x")
+    node = table
+    while isinstance(node, Node) and _val(node) is not None and _val(node).dim() == val.dim():
+        if node.target is aten.unsqueeze.default:
+            dim = node.args[1] % val.dim()
+            _require(dim != val.dim() - 1 and _statically_equal(val.shape[dim], 1),
+                     "cos/sin table is unsqueezed on its last dim")
+            return dim
+        if (_float_cast(node) or node.target in (aten.clone.default, aten.cos.default,
+                                                  aten.sin.default)
+                or (node.target in _ELEMENTWISE_SCALE and _is_scalar(node.args[1]))
+                or _last_dim_range(node) is not None):
+            node = node.args[0]
+        elif node.target in _VIEW_TARGETS and isinstance(node.args[0], Node):
+            # The duplication view(expand(unsqueeze(f, -1))): back to f, same rank.
+            inner = node.args[0]
+            if inner.target is aten.clone.default:
+                inner = inner.args[0]
+            if inner.target is not aten.expand.default or (
+                    inner.args[0].target is not aten.unsqueeze.default):
+                break
+            node = inner.args[0].args[0]
+        else:
+            break
+    raise NoMatch("cos/sin table is not unsqueezed on a heads dim")
+
+
+def _match_rotate_every_two(node: Node):
+    """HF Cohere / GLM / GPT-J: ``x * cos + rotate_every_two(x) * sin`` with
+    ``rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)`` (GPT-J pairs;
+    RoPE only when cos/sin columns 2i and 2i+1 are equal, proven in step 3)."""
+    _require(len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 and all(
+        isinstance(a, Node) for a in node.args), "not a plain sum of tensors")
+    for plain, rotated in (node.args, node.args[::-1]):
+        if plain.target not in _MULS or rotated.target not in _MULS or not all(
+                isinstance(a, Node) for a in (*plain.args, *rotated.args)):
+            continue
+        for rh, sin_table in (rotated.args, rotated.args[::-1]):
+            if rh.target not in _VIEW_TARGETS:
+                continue
+            try:
+                neg_x2, x1_node, _, rh_nodes = _rotated_halves(rh)
+            except NoMatch:
+                continue
+            if neg_x2.target is not aten.neg.default:
+                continue
+            x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
+            for x_node, cos_table in (plain.args, plain.args[::-1]):
+                x = trace_features(x_node)
+                if x.count != 2 * x1.count or not any(
+                        x.at(n) is not None and x.at(n)[1] == 1
+                        and x1.at(n) == (x.at(n)[0], 2) and x2.at(n) == (x.at(n)[0] + 1, 2)
+                        for n, _, _ in x.levels):
+                    continue
+                x_val = _val(x_node)
+                heads_dim = _table_heads_dim(cos_table, x_val)
+                _require(_table_heads_dim(sin_table, x_val) == heads_dim,
+                         "cos and sin broadcast on different dims")
+                nodes = [node, plain, rotated, *rh_nodes, neg_x2]
+                return x1, x2, cos_table, sin_table, heads_dim, nodes
+    raise NoMatch("sum is not x * cos + rotate_every_two(x) * sin")
 
 
 def _rotated_halves(node: Node):
@@ -515,8 +685,20 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
             nodes.append(node)
             node = first
     if node.target in _ADDS:
-        x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_half(node)
-        return RotatedBlock(x1, x2, cos, sin, True, heads_dim, tail, nodes + block_nodes)
+        try:
+            x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_half(node)
+            is_neox = True
+        except NoMatch as why:
+            try:
+                x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_every_two(node)
+            except NoMatch:
+                raise why from None
+            is_neox = False
+        return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes + block_nodes)
+    if node.target in _VIEW_TARGETS and isinstance(node.args[0], Node) and (
+            node.args[0].target is aten.view_as_real.default):
+        x1, x2, trig, heads_dim, block_nodes = _match_complex_rotation(node)
+        return RotatedBlock(x1, x2, trig, trig, False, heads_dim, tail, nodes + block_nodes)
     o1, o2, is_neox, block_nodes = _rotated_halves(node)
     x1, x2, cos, sin = _match_rotation(o1, o2, _val(node).shape[0])
     nodes += [*block_nodes, o1, o2, *o1.args, *o2.args]
@@ -574,20 +756,28 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
                  "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
         _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
         return GatheredCache(cos.cache, cos.positions)
-    if isinstance(cos, PairTrig):
+    if isinstance(cos, ComplexTrig):
+        source = ComplexTables(cos.factor, cos.factor, block.heads_dim)
+    elif isinstance(cos, PairTrig):
         _require(isinstance(sin, PairTrig) and cos.rows is sin.rows
                  and (cos.index, sin.index) == (0, 1), "cos/sin are not the (cos, sin) pairs "
                  "of one gathered freqs_cis")
         source = PairTables(cos.factor, sin.factor, cos.rows)
+    elif not block.is_neox:
+        # rotate_every_two multiplies x[..., 2i+1] by sin[..., 2i] and x[..., 2i] by
+        # sin[..., 2i+1]: RoPE only when each pair of columns is equal.
+        _pairwise_duplicated(cos)
+        _pairwise_duplicated(sin)
+        source = PairwiseTables(cos, sin, block.heads_dim)
     else:
         # rotate_half multiplies x[..., rot/2:] by sin[..., :rot/2] and x[..., :rot/2] by
         # sin[..., rot/2:]: that is RoPE only when the halves are equal.
         _duplicated_halves(cos)
         _duplicated_halves(sin)
         source = HalfTables(cos, sin)
-    has_heads = isinstance(source, PairTables)
+    has_heads = isinstance(source, (PairTables, PairwiseTables, ComplexTables))
     token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != block.heads_dim]
-    width = half if has_heads else rot
+    width = half if isinstance(source, (PairTables, ComplexTables)) else rot
     for table in (source.cos, source.sin):
         shape = list(_val(table).shape)
         if has_heads:

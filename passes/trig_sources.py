@@ -16,11 +16,25 @@ HalfTables         HF ``cos``/``sin`` ``[..tokens.., rot]``  ``cat(cos[..., :rot
                                                            ``positions = arange(T)``
 PairTables         gpt-fast ``freqs_cis[input_pos]``       ``cat(cos, sin)`` of the picked
                    (cos, sin) pairs                        pairs as ``[T, rot]``, ``arange(T)``
+PairwiseTables     HF ``rotate_every_two`` (Cohere, GLM,   ``cat(cos[..., ::2], sin[..., ::2])``
+                   GPT-J): ``cos``/``sin`` with proven     as ``[T, rot]``, ``arange(T)``
+                   equal columns 2i, 2i+1 (heads dim kept)
+ComplexTables      Meta Llama / torchtitan complex         ``cat(real, imag)`` of
+                   ``freqs_cis`` times view_as_complex(x)  ``view_as_real(freqs_cis)``,
+                                                           ``arange(T)``
 =================  ======================================  ===================================
+
+Every per-token form also says where the model's own tables hold the ``rot/2`` distinct values
+of each token (for an op that reads the tables directly): ``cos_half_view`` and
+``sin_half_view`` are ``(node, column start, column step)``, the values being
+``node[..., start::step][..., :rot/2]``; ``table_heads_dim`` is the size-1 dim of those nodes
+that broadcasts over heads, or None when they are ``[..tokens.., n]`` (``PairTables``' picks
+keep the heads dim of their match: ``RopeMatch.heads_dim``).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +85,16 @@ class _PerTokenTables:
     def reads(self) -> tuple[Node, ...]:
         return (self.cos, self.sin)
 
+    column_start, column_step, table_heads_dim = 0, 1, None
+
+    @property
+    def cos_half_view(self) -> tuple[Node, int, int]:
+        return self.cos, self.column_start, self.column_step
+
+    @property
+    def sin_half_view(self) -> tuple[Node, int, int]:
+        return self.sin, self.column_start, self.column_step
+
     def _halves(self, tx, after, rotary_dim, heads_dim) -> tuple[Node, Node]:
         raise NotImplementedError
 
@@ -118,13 +142,13 @@ class HalfTables(_PerTokenTables):
 @dataclass(frozen=True)
 class PairTables(_PerTokenTables):
     """gpt-fast / torchtune: ``cos``/``sin`` are the ``[.., 1 (heads), .., rot/2]`` picks of
-    gathered ``(cos, sin)`` pair rows ``rows``; q and k pick them separately, so the key is the
-    rows, not the picks."""
+    gathered (or sliced) ``(cos, sin)`` pair rows ``rows``; q and k pick them separately (and
+    torchtune gathers them separately), so the key is the rows' value, not the picks."""
 
     rows: Node | None = None
 
     def pairing_key(self):
-        return ("pair tables", self.rows)
+        return ("pair tables", value_key(self.rows))
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, PairTables):
@@ -137,4 +161,97 @@ class PairTables(_PerTokenTables):
         return cos_half, sin_half
 
 
-TrigSource = GatheredCache | HalfTables | PairTables
+# Pure ops that recompute the same value from the same inputs: a table that models rebuild for
+# q and for k (HF GPT-J repeats ``repeat_interleave`` in each call) is one table.
+_PURE = {aten.unsqueeze.default, aten.expand.default, aten.clone.default, aten.view.default,
+         aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor, aten.squeeze.dim,
+         aten.select.int, aten.cos.default, aten.sin.default, aten.mul.Tensor, aten.div.Tensor,
+         aten.neg.default, aten.cat.default, aten.permute.default,
+         torch.ops.prims.convert_element_type.default, operator.getitem,
+         aten.split.Tensor, aten.split_with_sizes.default, aten.index.Tensor,
+         aten.index_select.default, aten.embedding.default, aten.view_as_real.default}
+
+
+def value_key(node, depth: int = 12):
+    """A key equal for two nodes that compute the same value: the same node, or the same pure
+    op on arguments with equal keys (bounded depth; beyond it, the node itself)."""
+    if isinstance(node, (list, tuple)):
+        return tuple(value_key(a, depth) for a in node)
+    if not isinstance(node, Node):
+        return ("const", type(node).__name__, repr(node))
+    if depth == 0 or node.op != "call_function" or node.target not in _PURE:
+        return ("node", node)
+    return ("op", node.target, value_key(list(node.args), depth - 1),
+            tuple(sorted((k, value_key(v, depth - 1)) for k, v in node.kwargs.items())))
+
+
+@dataclass(frozen=True)
+class PairwiseTables(_PerTokenTables):
+    """HF ``rotate_every_two`` (Cohere, GLM, GPT-J): ``cos``/``sin`` are x-ranked factors
+    ``[.., 1 (heads at heads_dim), .., rot]`` whose columns 2i and 2i+1 the matcher proved
+    equal (``repeat_interleave(f, 2, -1)``): GPT-J pairs rotated by ``cos[..., ::2]``."""
+
+    heads_dim: int = 1
+
+    column_step = 2
+
+    @property
+    def table_heads_dim(self) -> int:
+        return self.heads_dim
+
+    def pairing_key(self):
+        return ("pairwise tables", value_key(self.cos), value_key(self.sin), self.heads_dim)
+
+    def describe_difference(self, other) -> str:
+        if not isinstance(other, PairwiseTables):
+            return "q and k take cos/sin in different forms"
+        if value_key(self.sin) != value_key(other.sin):
+            return "q and k use different sin tables"
+        return "q and k use different cos tables"
+
+    def _halves(self, tx, after, rotary_dim, heads_dim):
+        halves, last = [], after
+        for table in (self.cos, self.sin):  # the pairs are equal: keep the even columns
+            last = tx.add(last, aten.slice.Tensor, (table, -1, 0, rotary_dim, 2))
+            last = tx.add(last, aten.squeeze.dim, (last, self.heads_dim))
+            halves.append(last)
+        return tuple(halves)
+
+
+@dataclass(frozen=True)
+class ComplexTables(_PerTokenTables):
+    """Meta Llama / torchtitan: one complex ``freqs_cis`` factor ``[.., 1 (heads), .., rot/2]``
+    (``cos`` and ``sin`` are both that node): cos is its real part, sin its imaginary part."""
+
+    heads_dim: int = 1
+
+    @property
+    def table_heads_dim(self) -> int:
+        return self.heads_dim
+
+    # No real-valued node of the graph holds cos or sin (they are view_as_real(freqs_cis)[...,
+    # 0] and [..., 1], built by materialise): no in-place view, so the pass builds the cache.
+    cos_half_view = sin_half_view = (None, 0, 1)
+
+    def reads(self) -> tuple[Node, ...]:
+        return (self.cos,)
+
+    def pairing_key(self):
+        return ("complex freqs_cis", value_key(self.cos), self.heads_dim)
+
+    def describe_difference(self, other) -> str:
+        if not isinstance(other, ComplexTables):
+            return "q and k take cos/sin in different forms"
+        return "q and k use different freqs_cis"
+
+    def _halves(self, tx, after, rotary_dim, heads_dim):
+        pairs = tx.add(after, aten.view_as_real.default, (self.cos,))
+        halves, last = [], pairs
+        for part in (0, 1):
+            last = tx.add(last, aten.select.int, (pairs, -1, part))
+            last = tx.add(last, aten.squeeze.dim, (last, self.heads_dim))
+            halves.append(last)
+        return tuple(halves)
+
+
+TrigSource = GatheredCache | HalfTables | PairTables | PairwiseTables | ComplexTables

@@ -1,0 +1,355 @@
+"""One tiny random model per RoPE family through ``backend="rope_compile"`` (CPU, forced on).
+
+Each family spells RoPE its own way; each is rewritten into one fused call per layer through
+the same proofs as the sglang form (``passes/rope_pattern.py``), or left alone with a logged
+reason. Checked for every family: fused calls in the generated code, the counters (rewritten
+== layers, no candidate or pass errors), and the logits against eager (float32).
+
+* HF ``rotate_every_two`` (GPT-J pairs, cos/sin ``repeat_interleave(f, 2, -1)``): Cohere, GLM,
+  GLM4 (partial rotary 0.5), GPT-J (``embed_positions`` gathered, partial rotary).
+* torchtune ``RotaryPositionalEmbeddings`` (``cache[:seq_len]`` or ``cache[input_pos]``, pairs
+  of (cos, sin)), and the complex ``freqs_cis`` form of Meta Llama / torchtitan
+  (``view_as_real(view_as_complex(x pairs) * freqs_cis)``): GPT-J pairs, mirrored here.
+* litgpt (mirrored): cos/sin are buffers computed outside the graph, so their equal halves
+  cannot be proven: left alone with that reason.
+* Near-misses refused with a reason: an interleaved rotation with ``cat(f, f)`` tables (pairs
+  not equal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from unittest import mock
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random init only: never reach the Hub
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pass_helpers import (  # noqa: E402
+    CPU_OPTIONS,
+    capture_compile,
+    count_fused_calls,
+    cpu_pass,
+    fresh_compile,
+    fused_nodes,
+    rope_counters,
+)
+from rope_compile.passes.rope_pattern import NearMiss, NoMatch, match_rope  # noqa: E402
+from torch import nn  # noqa: E402
+from torch._inductor.graph import GraphLowering  # noqa: E402
+
+VOCAB = 96
+LAYERS = 2
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": LAYERS,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 256,
+}
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def _build(model_cls, config):
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+def _ids(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def _compile_run(fn, *args, **options):
+    """(output, generated codes, rope counters) of one fresh rope_compile compile of ``fn``."""
+    codes: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        out = torch.compile(fn, backend="rope_compile",
+                            options={**CPU_OPTIONS, **options})(*args)
+    return out, codes, rope_counters()
+
+
+def _check_rewritten(fn, *args, layers: int = LAYERS, **options):
+    with fresh_compile():
+        expected = fn(*args)
+        out, codes, counts = _compile_run(fn, *args, **options)
+    assert sum(count_fused_calls(c) for c in codes) == layers, counts
+    assert counts.get("rewritten") == layers, counts
+    assert not {k for k in counts if "error" in k}, counts
+    torch.testing.assert_close(out, expected, **TOL)
+    return counts
+
+
+def _check_left_alone(fn, args, reason: str, near_misses: int) -> None:
+    """No rewrite, no error, eager's values, and ``near_misses`` candidates whose matcher
+    verdict (``NearMiss``: RoPE's arithmetic, a proof step failed) names ``reason``."""
+    with fresh_compile():
+        expected = fn(*args)
+    out, before, after, counts = capture_compile(fn, *args, rope_pass=cpu_pass())
+    torch.testing.assert_close(out, expected, **TOL)
+    assert not fused_nodes(after.graphs[0]), counts
+    assert not {k for k in counts if k == "rewritten" or "error" in k}, counts
+    assert all(reason in k for k in counts if k.startswith("missed")), counts
+    verdicts = []
+    for node in before.graphs[0].nodes:
+        if node.op == "call_function":
+            try:
+                match_rope(node)
+            except NearMiss as why:
+                verdicts.append(str(why))
+            except NoMatch:
+                pass
+    assert sum(reason in v for v in verdicts) == near_misses, verdicts
+
+
+def _logits(model):
+    return lambda ids: model(ids).logits
+
+
+# --------------------------------------------------------------------------------------------
+# 1. HF rotate_every_two: GPT-J pairs with pairwise-duplicated cos/sin
+
+
+def _cohere():
+    return _build(transformers.CohereForCausalLM,
+                  transformers.CohereConfig(**COMMON, num_key_value_heads=1))
+
+
+def _glm():
+    return _build(transformers.GlmForCausalLM, transformers.GlmConfig(
+        **COMMON, num_key_value_heads=1, head_dim=128, pad_token_id=0))
+
+
+def _glm4():
+    return _build(transformers.Glm4ForCausalLM, transformers.Glm4Config(
+        **COMMON, num_key_value_heads=1, head_dim=128, pad_token_id=0))
+
+
+def _gptj():
+    return _build(transformers.GPTJForCausalLM, transformers.GPTJConfig(
+        vocab_size=VOCAB, n_embd=256, n_layer=LAYERS, n_head=2, rotary_dim=64,
+        n_positions=256))
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(_cohere, id="cohere"),
+    pytest.param(_glm, id="glm"),
+    pytest.param(_glm4, id="glm4"),
+    pytest.param(_gptj, id="gptj"),
+])
+def test_hf_rotate_every_two(make, caplog):
+    model = make()
+    with caplog.at_level(logging.INFO, logger="rope_compile"):
+        _check_rewritten(_logits(model), _ids())
+    fused = [r.getMessage() for r in caplog.records if "fused the RoPE" in r.getMessage()]
+    assert len(fused) == LAYERS and all("GPT-J" in m for m in fused), fused
+
+
+# --------------------------------------------------------------------------------------------
+# 2. mirrors of torchtune, the complex freqs_cis form and litgpt (not installed here)
+
+
+class _TorchtuneRope(nn.Module):
+    """torchtune ``RotaryPositionalEmbeddings`` (x ``[b, s, n_h, h_d]``)."""
+
+    def __init__(self, dim: int, max_seq_len: int = 64, base: float = 10_000.0) -> None:
+        super().__init__()
+        theta = 1.0 / (base ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+        seq_idx = torch.arange(max_seq_len, dtype=theta.dtype)
+        idx_theta = torch.einsum("i, j -> ij", seq_idx, theta).float()
+        cache = torch.stack([torch.cos(idx_theta), torch.sin(idx_theta)], dim=-1)
+        self.register_buffer("cache", cache, persistent=False)
+
+    def forward(self, x, *, input_pos=None):
+        seq_len = x.size(1)
+        rope_cache = self.cache[:seq_len] if input_pos is None else self.cache[input_pos]
+        xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
+        rope_cache = rope_cache.view(-1, xshaped.size(1), 1, xshaped.size(3), 2)
+        x_out = torch.stack([
+            xshaped[..., 0] * rope_cache[..., 0] - xshaped[..., 1] * rope_cache[..., 1],
+            xshaped[..., 1] * rope_cache[..., 0] + xshaped[..., 0] * rope_cache[..., 1],
+        ], -1)
+        return x_out.flatten(3).type_as(x)
+
+
+def _polar_freqs_cis(dim: int, end: int, theta: float = 10_000.0) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    freqs = torch.outer(torch.arange(end), freqs).float()
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def _complex_rope(xq, xk, freqs_cis):
+    """Meta Llama's ``apply_rotary_emb`` (``reshape_for_broadcast`` included)."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    shape = [d if i in (1, xq_.ndim - 1) else 1 for i, d in enumerate(xq_.shape)]
+    freqs_cis = freqs_cis.view(*shape)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class _Attn(nn.Module):
+    """q/k/v projections ``[b, s, h, d]``, RoPE by ``style``, GQA SDPA, o projection."""
+
+    def __init__(self, style: str, hidden: int = 256, heads: int = 2, kv_heads: int = 1,
+                 head_dim: int = 128) -> None:
+        super().__init__()
+        self.style, self.h, self.hk, self.d = style, heads, kv_heads, head_dim
+        self.q = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o = nn.Linear(heads * head_dim, hidden, bias=False)
+        if style == "torchtune":
+            self.pos = _TorchtuneRope(head_dim)
+
+    def forward(self, x, rope_arg):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.d)
+        k = self.k(x).view(b, s, self.hk, self.d)
+        v = self.v(x).view(b, s, self.hk, self.d)
+        if self.style == "torchtune":
+            q, k = self.pos(q, input_pos=rope_arg), self.pos(k, input_pos=rope_arg)
+        else:
+            q, k = _complex_rope(q, k, rope_arg)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class _Mirror(nn.Module):
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.style = style
+        self.layers = nn.ModuleList(_Attn(style) for _ in range(LAYERS))
+        self.register_buffer("freqs_cis", _polar_freqs_cis(128, 64), persistent=False)
+
+    def forward(self, x, input_pos=None, start_pos: int = 0):
+        if self.style == "complex":
+            rope_arg = self.freqs_cis[start_pos:start_pos + x.shape[1]]
+        else:
+            rope_arg = input_pos
+        for layer in self.layers:
+            x = x + layer(x, rope_arg)
+        return x
+
+
+def _hidden(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 7, 256, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("input_pos", [None, torch.tensor([3, 1, 4, 1, 5, 9, 2])],
+                         ids=["slice", "input_pos"])
+def test_torchtune(input_pos):
+    _check_rewritten(_Mirror("torchtune").eval(), _hidden(), input_pos)
+
+
+def test_complex_freqs_cis():
+    _check_rewritten(_Mirror("complex").eval(), _hidden(), None, 3)
+
+
+# litgpt: cos/sin from build_rope_cache, kept as buffers and sliced [:T] in forward.
+
+
+def _litgpt_cache(seq_len: int, n_elem: int, base: float = 10_000.0):
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2).float() / n_elem))
+    idx_theta = torch.outer(torch.arange(seq_len).float(), theta)
+    idx_theta = torch.cat([idx_theta, idx_theta], dim=-1)
+    return torch.cos(idx_theta), torch.sin(idx_theta)
+
+
+def _litgpt_apply_rope(x, cos, sin):
+    head_size = x.size(-1)
+    x1 = x[..., : head_size // 2]
+    x2 = x[..., head_size // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    if cos.dim() > 1:
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+    roped = (x * cos) + (rotated * sin)
+    return roped.to(dtype=x.dtype)
+
+
+class _LitgptAttention(nn.Module):
+    def __init__(self, hidden=256, heads=2, groups=1, head_size=128, n_elem=64) -> None:
+        super().__init__()
+        self.h, self.g, self.hs, self.n_elem = heads, groups, head_size, n_elem
+        self.attn = nn.Linear(hidden, (heads + 2 * groups) * head_size, bias=False)
+        self.proj = nn.Linear(heads * head_size, hidden, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        q_per_kv = self.h // self.g
+        qkv = self.attn(x).view(b, t, self.g, q_per_kv + 2, self.hs).permute(0, 2, 3, 1, 4)
+        q, k, v = qkv.split((q_per_kv, 1, 1), dim=2)
+        q, k, v = (z.reshape(b, -1, t, self.hs) for z in (q, k, v))
+        q_roped = _litgpt_apply_rope(q[..., : self.n_elem], cos, sin)
+        k_roped = _litgpt_apply_rope(k[..., : self.n_elem], cos, sin)
+        q = torch.cat((q_roped, q[..., self.n_elem:]), dim=-1)
+        k = torch.cat((k_roped, k[..., self.n_elem:]), dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _Litgpt(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(_LitgptAttention() for _ in range(LAYERS))
+        cos, sin = _litgpt_cache(64, 64)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x):
+        t = x.size(1)
+        cos, sin = self.cos[:t], self.sin[:t]
+        for layer in self.layers:
+            x = x + layer(x, cos, sin)
+        return x
+
+
+def test_litgpt_left_alone_buffers_unprovable():
+    # Each layer: q and k, each as the partial-rotary cat and as its inner rotated block.
+    _check_left_alone(_Litgpt().eval(), (_hidden(),), "graph input", 4 * LAYERS)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. near-misses: the rotation's arithmetic without a provable RoPE
+
+
+def _every_two(x):
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def _interleaved_with(duplicate):
+    """q/k ``[B, H, S, D]`` rotated with ``rotate_every_two``, cos/sin from ``duplicate(f)``."""
+
+    def fn(q, k, inv_freq):
+        freqs = torch.arange(q.shape[2]).float()[:, None] * inv_freq
+        emb = duplicate(freqs)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        return q * cos + _every_two(q) * sin, k * cos + _every_two(k) * sin
+
+    return fn
+
+
+def _qk_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 2, 5, 128, generator=g), torch.randn(1, 1, 5, 128, generator=g),
+            torch.rand(64, generator=g))
+
+
+def test_interleaved_rewritten_with_repeat_interleave():
+    fn = _interleaved_with(lambda f: torch.repeat_interleave(f, 2, dim=-1))
+    _check_rewritten(fn, *_qk_inputs(), layers=1)
+
+
+def test_interleaved_with_cat_tables_refused():
+    """``cat(f, f)`` tables have equal halves, not equal pairs: not GPT-J RoPE."""
+    fn = _interleaved_with(lambda f: torch.cat((f, f), dim=-1))
+    _check_left_alone(fn, _qk_inputs(), "columns 2i and 2i+1 are not proven equal", 2)
