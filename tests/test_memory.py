@@ -193,6 +193,7 @@ def test_gpu_op_no_memory_growth(gpu_device):
     objects_before = _live_objects()
     _run(call, EAGER_CALLS)
     backend.synchronize()
-    assert backend.memory_allocated() == before, "device memory grew"
+    # Not above: an earlier test's tensors (same xdist worker) may be collected meanwhile.
+    assert backend.memory_allocated() <= before, "device memory grew"
     assert _live_objects() - objects_before <= OBJECT_TOLERANCE
     assert torch.isfinite(q).all() and torch.isfinite(k).all()
