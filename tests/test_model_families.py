@@ -7,6 +7,7 @@ reason. Checked for every family: fused calls in the generated code, the counter
 
 * HF ``rotate_every_two`` (GPT-J pairs, cos/sin ``repeat_interleave(f, 2, -1)``): Cohere, GLM,
   GLM4 (partial rotary 0.5), GPT-J (``embed_positions`` gathered, partial rotary).
+* HF Falcon, new decoder architecture with GQA: rewritten, no candidate error.
 * torchtune ``RotaryPositionalEmbeddings`` (``cache[:seq_len]`` or ``cache[input_pos]``, pairs
   of (cos, sin)), and the complex ``freqs_cis`` form of Meta Llama / torchtitan
   (``view_as_real(view_as_complex(x pairs) * freqs_cis)``): GPT-J pairs, mirrored here.
@@ -148,6 +149,15 @@ def test_hf_rotate_every_two(make, caplog):
         _check_rewritten(_logits(model), _ids())
     fused = [r.getMessage() for r in caplog.records if "fused the RoPE" in r.getMessage()]
     assert len(fused) == LAYERS and all("GPT-J" in m for m in fused), fused
+
+
+def test_falcon_new_decoder_gqa():
+    """Falcon's new decoder architecture with GQA (k from a grouped qkv): rewritten, no
+    candidate error (the op never sees an expanded k)."""
+    model = _build(transformers.FalconForCausalLM, transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=512, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_kv_heads=2, new_decoder_architecture=True))
+    _check_rewritten(_logits(model), _ids())
 
 
 # --------------------------------------------------------------------------------------------
