@@ -165,14 +165,31 @@ def register(lib: torch.library.Library) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The cos/sin-tables op and the mRoPE-cache op: the same Autograd kernel; their inverses rotate
-# by the same tables with sin negated.
+# by the same tables with sin negated (full tables: see _full_tables_adjoint_sin).
+
+
+def _full_tables_adjoint_sin(sin, rotary_dim, is_neox):
+    """The sin of the backward of a full-table rotation (``[..., rotary_dim]``, one value per
+    feature). Pair i with columns (a, b) maps ``(x_a, x_b)`` by ``[[c_a, -s_a], [s_b, c_b]]``,
+    a rotation only when ``s_a == s_b``; the gradient needs its transpose ``[[c_a, s_b],
+    [-s_a, c_b]]``, which is the op's own full-table map with the same cos and
+    ``sin'[a] = -sin[b]``, ``sin'[b] = -sin[a]``: sin with each pair's columns swapped,
+    negated."""
+    if is_neox:
+        half = rotary_dim // 2
+        swapped = torch.cat((sin[..., half:], sin[..., :half]), dim=-1)
+    else:
+        swapped = sin.unflatten(-1, (rotary_dim // 2, 2)).flip(-1).flatten(-2)
+    return swapped.neg()
 
 
 def _tables_inverse(grad, cos, sin, rotary_dim, is_neox, mrope_section, fresh):
     g = _writable_grad(grad, fresh)  # [T, H, D]
     no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))  # see _fused_inverse
+    full = sin.shape[-1] == rotary_dim  # full tables (else pair tables, rotary_dim/2 wide)
+    adjoint_sin = _full_tables_adjoint_sin(sin, rotary_dim, is_neox) if full else sin.neg()
     torch.ops.rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default(
-        g, no_heads, cos, sin.neg(), rotary_dim, is_neox, mrope_section)
+        g, no_heads, cos, adjoint_sin, rotary_dim, is_neox, mrope_section)
     return g
 
 

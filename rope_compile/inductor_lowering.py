@@ -163,13 +163,16 @@ def _register_tables_lowerings() -> None:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._inductor import ir
     from torch._inductor.lowering import fallback_handler, register_lowering
+    from torch._inductor.virtualized import V
 
     from . import ops  # noqa: F401  (defines the ops)
 
     # rope_compile.kernels.rope_tables is imported when a graph uses the ops, not here.
 
-    def launch(q, k, rotary_dim, is_neox, mrope_section, runtime_args, from_cache):
-        """``runtime_args(hq, hk)``: the kernel's runtime arguments for q/k's head counts."""
+    def launch(q, k, rotary_dim, is_neox, mrope_section, runtime_args, from_cache,
+               full_tables=False):
+        """``runtime_args(hq, hk)``: the kernel's runtime arguments for q/k's head counts;
+        ``full_tables``: TABLES ``rotary_dim`` wide (one cos/sin per feature)."""
         from .kernels.rope_tables import launch_shape
 
         num_tokens, num_q_heads, _ = q.get_size()
@@ -177,7 +180,7 @@ def _register_tables_lowerings() -> None:
         tokens_hint = _token_count_hint(num_tokens)
         shape = launch_shape(tokens_hint, hq, hk, rotary_dim, is_neox, q.get_device().type,
                              q.get_dtype().itemsize, from_cache=from_cache,
-                             mrope_section=mrope_section)
+                             mrope_section=mrope_section, full_tables=full_tables)
         kernel = _tables_kernel_with_warps(shape.options["num_warps"])
         ir.UserDefinedTritonKernel(
             kernel_idx=kernel_side_table.add_kernel(kernel),
@@ -200,10 +203,12 @@ def _register_tables_lowerings() -> None:
         from .kernels.rope_tables import tables_runtime_args
 
         cos, sin = _shared_read_input(cos), _shared_read_input(sin)
+        # The tables' width picks their form (the fake validated it: rotary_dim/2 or rotary_dim).
+        full = V.graph.sizevars.statically_known_equals(cos.get_size()[-1], rotary_dim)
         launch(q, k, rotary_dim, is_neox, mrope_section, lambda hq, hk: tables_runtime_args(
             q, k, cos, sin, q_stride=q.get_stride(), k_stride=k.get_stride(),
             cos_size=cos.get_size(), cos_stride=cos.get_stride(), sin_stride=sin.get_stride(),
-            num_q_heads=hq, num_k_heads=hk), from_cache=False)
+            num_q_heads=hq, num_k_heads=hk), from_cache=False, full_tables=full)
         return None
 
     mrope_op = torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default

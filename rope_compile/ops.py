@@ -288,8 +288,10 @@ def rotary_embedding(
 #
 # * ``fused_qk_rope_with_cos_sin_tables_inplace(q, k, cos, sin, rotary_dim, is_neox,
 #   mrope_section=None)``: token t rotated by row ``t % R`` of cos/sin ``[R, rotary_dim/2]``
-#   (``[3, R, rotary_dim/2]``, one per mRoPE stream, with ``mrope_section``): the model's own
-#   HF / gpt-fast tables, with no ``[T, rotary_dim]`` cache or positions built.
+#   (pair tables) or ``[R, rotary_dim]`` (full tables, one value per feature: HF's
+#   ``x * cos + rotate_half(x) * sin`` for any cos/sin), ``[3, R, ...]``, one per mRoPE stream,
+#   with ``mrope_section``: the model's own HF / gpt-fast tables, with no ``[T, rotary_dim]``
+#   cache or positions built.
 # * ``fused_qk_mrope_with_cos_sin_cache_inplace(q, k, cos_sin_cache, positions, rotary_dim,
 #   is_neox, mrope_section)``: Qwen2-VL's multimodal RoPE (sglang's MRotaryEmbedding),
 #   positions ``[3, T]`` (or ``[T]``, text only).
@@ -373,6 +375,13 @@ def fused_qk_rope_with_cos_sin_tables_inplace(
     """Rotate ``q`` ``[T, Hq, >= rotary_dim]`` and ``k`` ``[T, Hk, >= rotary_dim]`` in place in
     one kernel launch, token t by row ``t % R`` of ``cos``/``sin`` ``[R, rotary_dim/2]`` (R
     divides T; any strides), or of ``[3, R, rotary_dim/2]`` streams split by ``mrope_section``.
+
+    The tables' last dim picks their form. ``rotary_dim/2`` (pair tables): one cos and one sin
+    per pair. ``rotary_dim`` (full tables): one per rotated feature; pair i with feature
+    columns (a, b) = (i, i + rotary_dim/2) (neox) or (2i, 2i + 1) (GPT-J) becomes
+    ``x_a' = x_a * cos[a] - x_b * sin[a]``, ``x_b' = x_b * cos[b] + x_a * sin[b]``: exactly HF's
+    ``x * cos + rotate_half(x) * sin`` (``rotate_every_two`` for GPT-J) for any cos/sin,
+    equal halves or not. With ``mrope_section`` both columns of pair i come from stream(i).
     """
     sections = None if mrope_section is None else list(mrope_section)
     qk_rope_tables_op(q, k, cos, sin, rotary_dim, is_neox, sections)

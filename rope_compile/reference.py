@@ -152,15 +152,49 @@ def _rotate_by_token_table_(q, k, table, rotary_dim, is_neox) -> None:
     rope_reference_(q, k, table, arange, rotary_dim, is_neox)
 
 
+def _pair_columns(x: torch.Tensor, rotary_dim: int, is_neox: bool):
+    """``(x[..., a], x[..., b])`` over pairs i of the last dim: (a, b) = (i, i + rot/2) neox,
+    (2i, 2i + 1) GPT-J."""
+    if is_neox:
+        return x[..., :rotary_dim // 2], x[..., rotary_dim // 2:rotary_dim]
+    return x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+
+
+def _rotate_by_full_tables_(q, k, per_token, rotary_dim, is_neox) -> None:
+    """Rotate q and k in place by per-token ``(cos_a, sin_a, cos_b, sin_b)`` ``[T, rot/2]``:
+    ``x_a' = x_a * cos_a - x_b * sin_a``, ``x_b' = x_b * cos_b + x_a * sin_b``."""
+    cos_a, sin_a, cos_b, sin_b = (t[:, None, :] for t in per_token)  # [T, 1, rot/2]
+    for x in (q, k):
+        if not x.numel():
+            continue
+        x1, x2 = (part.to(cos_a.dtype) for part in _pair_columns(x, rotary_dim, is_neox))
+        out1, out2 = x1 * cos_a - x2 * sin_a, x2 * cos_b + x1 * sin_b
+        if is_neox:
+            rotated = torch.cat((out1, out2), dim=-1)
+        else:
+            rotated = torch.stack((out1, out2), dim=-1).flatten(-2)
+        x[..., :rotary_dim].copy_(rotated.to(x.dtype))
+
+
 def rope_tables_reference_(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None) -> None:
     """In-place RoPE of q/k ``[T, H, >= rotary_dim]`` with token t rotated by row ``t % R`` of
-    cos/sin ``[R, rotary_dim/2]`` (``[3, R, rotary_dim/2]`` with ``mrope_section``)."""
+    cos/sin ``[R, rotary_dim/2]`` (pair tables) or ``[R, rotary_dim]`` (full tables: one value
+    per feature, HF's ``x * cos + rotate_half(x) * sin`` for any cos/sin), ``[3, R, ...]``
+    with ``mrope_section`` (both columns of pair i from stream(i))."""
     num_tokens = q.shape[0]
     if num_tokens == 0:
         return
     math = _math_dtype(q.dtype)
     streams = (lambda t: t[None]) if mrope_section is None else (lambda t: t)
     rows = torch.arange(num_tokens, device=q.device) % cos.shape[-2]
+    if cos.shape[-1] == rotary_dim:  # full tables
+        per_token = [select_mrope_sections(column, mrope_section)
+                     for t in (cos, sin)
+                     for column in _pair_columns(streams(t)[:, rows].to(math), rotary_dim,
+                                                 is_neox)]  # cos_a, cos_b, sin_a, sin_b
+        cos_a, cos_b, sin_a, sin_b = per_token
+        _rotate_by_full_tables_(q, k, (cos_a, sin_a, cos_b, sin_b), rotary_dim, is_neox)
+        return
     halves = [select_mrope_sections(streams(t)[:, rows].to(math), mrope_section)
               for t in (cos, sin)]
     _rotate_by_token_table_(q, k, torch.cat(halves, dim=-1), rotary_dim, is_neox)

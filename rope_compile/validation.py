@@ -397,18 +397,22 @@ def _check_mrope_section(op: str, mrope_section, rotary_dim) -> tuple[int, int, 
 
 def validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section=None) -> None:
     """Checks of ``fused_qk_rope_with_cos_sin_tables_inplace``: cos/sin ``[R, rotary_dim/2]``
-    (``[3, R, rotary_dim/2]`` with ``mrope_section``), R dividing the token count."""
+    (pair tables) or ``[R, rotary_dim]`` (full tables), ``[3, R, ...]`` with ``mrope_section``,
+    R dividing the token count."""
     op = _TABLES
     _check_rotated_qk(op, q, k, rotary_dim)
     streams = mrope_section is not None
-    expected = "[3, rows, rotary_dim/2]" if streams else "[rows, rotary_dim/2]"
+    lead = "3, rows" if streams else "rows"
+    expected = f"[{lead}, rotary_dim/2] (pair tables) or [{lead}, rotary_dim] (full tables)"
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point:
             _fail(op, f"{name} must be a floating-point tensor, got "
                       f"{getattr(table, 'dtype', type(table).__name__)}")
-        if (table.dim() != (3 if streams else 2) or table.shape[-1] != rotary_dim // 2
+        if (table.dim() != (3 if streams else 2)
+                or table.shape[-1] not in (rotary_dim // 2, rotary_dim)
                 or (streams and table.shape[0] != 3)):
-            _fail(op, f"{name} must be {expected} with rotary_dim/2 = {rotary_dim // 2}"
+            _fail(op, f"{name} must be {expected} with rotary_dim/2 = {rotary_dim // 2}, "
+                      f"rotary_dim = {rotary_dim}"
                       f"{' (mrope_section given)' if streams else ''}, got shape "
                       f"{tuple(table.shape)}")
     if cos.shape != sin.shape:

@@ -1,7 +1,10 @@
 """The cos/sin-tables op and the mRoPE-cache op (rope_compile/kernels/rope_tables.py).
 
 * ``fused_qk_rope_with_cos_sin_tables_inplace``: token t rotated by row ``t % R`` of a model's
-  own cos/sin tables ``[R, rot/2]`` (``[3, R, rot/2]`` with mRoPE sections), any strides.
+  own cos/sin tables ``[R, rot/2]`` (``[3, R, rot/2]`` with mRoPE sections), any strides; or of
+  full tables ``[R, rot]`` (one value per feature; their halves deliberately unequal here),
+  checked against HF's own formula ``x * cos + rotate_half(x) * sin`` (``rotate_every_two``
+  for GPT-J) in float64.
 * ``fused_qk_mrope_with_cos_sin_cache_inplace``: Qwen2-VL's multimodal RoPE from a
   ``cos_sin_cache`` and positions ``[3, T]`` (or ``[T]``).
 
@@ -26,6 +29,7 @@ from conftest import (
     TOLERANCES,
     assert_same_bits,
     make_qkv,
+    pair_indices,
     poison,
     rope_f64,
 )
@@ -60,6 +64,8 @@ class TablesCase:
     # CACHE: "plain" or "poisoned" (NaN in every row no position uses).
     table_form: str = "plain"
     mrope_section: tuple[int, int, int] | None = None
+    # TABLES only: full tables [R, rot] (one cos/sin per feature) instead of pair tables.
+    full: bool = False
     # CACHE only: positions "3xT", "T" (one row for every stream), "strided" ([3, 2T][:, ::2]).
     positions: str | None = None
     pos_dtype: torch.dtype = torch.int64
@@ -74,6 +80,8 @@ class TablesCase:
                  f"D{self.head_size}r{self.rotary_dim}", "neox" if self.is_neox else "gptj",
                  str(self.dtype).removeprefix("torch."),
                  "tab-" + str(self.table_dtype).removeprefix("torch."), self.table_form]
+        if self.full:
+            parts.append("full")
         if self.rows is not None:
             parts.append(f"R{self.rows}")
         if self.mrope_section is not None:
@@ -90,7 +98,9 @@ class Problem:
     k: torch.Tensor
     qkv: torch.Tensor  # the buffer q, k (and v) are views of
     reads: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) or (cos_sin_cache, positions)
-    cos_token: torch.Tensor  # [T, rot/2] float64: the cos each token's pair i must use
+    # [T, rot/2] float64: the cos each token's pair i must use ([T, rot]: full tables, the cos
+    # of each feature)
+    cos_token: torch.Tensor
     sin_token: torch.Tensor
 
     def args(self, q=None, k=None) -> tuple:
@@ -101,11 +111,17 @@ class Problem:
 
 
 def _stream_of_column(case: TablesCase) -> torch.Tensor:
+    """The stream of each table column: pair i's (``[rot/2]``), or with full tables each
+    feature's, its pair's (``[rot]``: (i, i + rot/2) neox, (2i, 2i + 1) GPT-J)."""
     half = case.rotary_dim // 2
     if case.mrope_section is None:
-        return torch.zeros(half, dtype=torch.long)
-    s0, s1, _ = case.mrope_section
-    return torch.tensor([0 if i < s0 else 1 if i < s0 + s1 else 2 for i in range(half)])
+        per_pair = torch.zeros(half, dtype=torch.long)
+    else:
+        s0, s1, _ = case.mrope_section
+        per_pair = torch.tensor([0 if i < s0 else 1 if i < s0 + s1 else 2 for i in range(half)])
+    if not case.full:
+        return per_pair
+    return per_pair.repeat(2) if case.is_neox else per_pair.repeat_interleave(2)
 
 
 def _uniform(shape, dtype, g) -> torch.Tensor:
@@ -113,8 +129,10 @@ def _uniform(shape, dtype, g) -> torch.Tensor:
 
 
 def _tables(case: TablesCase, g):
-    """(cos, sin) in the case's form, and their values as float64 ``[S, R, rot/2]``."""
-    half, streams = case.rotary_dim // 2, 1 if case.mrope_section is None else 3
+    """(cos, sin) in the case's form, and their values as float64 ``[S, R, rot/2]`` (full
+    tables: ``[S, R, rot]``)."""
+    half = case.rotary_dim if case.full else case.rotary_dim // 2  # the tables' width
+    streams = 1 if case.mrope_section is None else 3
     rows = case.num_tokens if case.rows is None else case.rows
     lead = (streams,) if case.mrope_section is not None else ()
     dtype = case.table_dtype
@@ -172,8 +190,8 @@ def build(case: TablesCase, device="cpu", seed=0) -> Problem:
                             generator=g)
     poison(q[..., rot:])
     poison(k[..., rot:])
-    stream = _stream_of_column(case)[None, :]  # [1, half]
-    column = torch.arange(half)[None, :]
+    stream = _stream_of_column(case)[None, :]  # [1, half] ([1, rot]: full tables)
+    column = torch.arange(stream.shape[1])[None, :]
     if case.from_cache:
         cache, positions, pos = _cache_and_positions(case, g)
         rows = pos[stream, torch.arange(t)[:, None]]  # [T, half]: positions[stream(i), t]
@@ -184,6 +202,10 @@ def build(case: TablesCase, device="cpu", seed=0) -> Problem:
         reads, (cos64, sin64) = _tables(case, g)
         rows = torch.arange(t)[:, None] % max(reads[0].shape[-2], 1)
         cos_token, sin_token = cos64[stream, rows, column], sin64[stream, rows, column]
+        if case.full and t:  # deliberately unequal halves: pair tables could not express them
+            first, second = pair_indices(rot, case.is_neox)
+            assert not torch.equal(cos_token[:, first], cos_token[:, second])
+            assert not torch.equal(sin_token[:, first], sin_token[:, second])
     qkv = qkv.to(device)
     q = qkv.as_strided(q.shape, q.stride(), q.storage_offset())
     k = qkv.as_strided(k.shape, k.stride(), k.storage_offset())
@@ -200,8 +222,35 @@ def _to_device(x: torch.Tensor, device) -> torch.Tensor:
     return moved.as_strided(x.shape, x.stride(), x.storage_offset())
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF transformers' ``rotate_half`` (neox)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """HF transformers' ``rotate_every_two`` (GPT-J, Cohere, GLM)."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def hf_full_tables_f64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                       is_neox: bool) -> torch.Tensor:
+    """The float64 oracle of full tables: HF's ``x * cos + rotate_half(x) * sin``
+    (``rotate_every_two`` for GPT-J), cos/sin ``[T, rot]`` broadcast over heads."""
+    x64 = x.detach().cpu().to(torch.float64)
+    rot = x64[..., :rotary_dim]
+    turn = rotate_half if is_neox else rotate_every_two
+    out = rot * cos[:, None, :] + turn(rot) * sin[:, None, :]
+    return torch.cat((out, x64[..., rotary_dim:]), dim=-1)
+
+
 def expected(p: Problem, x: torch.Tensor) -> torch.Tensor:
-    """The float64 oracle: conftest's rope_f64 with a per-token table and arange positions."""
+    """The float64 oracle: conftest's rope_f64 with a per-token table and arange positions
+    (full tables: HF's formula, :func:`hf_full_tables_f64`)."""
+    if p.case.full:
+        return hf_full_tables_f64(x, p.cos_token, p.sin_token, p.case.rotary_dim,
+                                  p.case.is_neox)
     table = torch.cat((p.cos_token, p.sin_token), dim=-1)
     return rope_f64(x, torch.arange(x.shape[0]), table, p.case.rotary_dim, p.case.is_neox)
 
@@ -280,6 +329,26 @@ TABLES_CASES = [
     TablesCase(num_tokens=0),
     TablesCase(num_tokens=0, rows=0, mrope_section=SECTIONS),
 ]
+# Full tables [R, rot] (one cos/sin per feature, halves unequal): every table form, partial
+# rotary, R < T, sections.
+FULL_CASES = [
+    TablesCase(full=True, num_tokens=7),
+    TablesCase(full=True, is_neox=False, num_tokens=5, dtype=torch.float32),
+    TablesCase(full=True, is_neox=False, rotary_dim=64, dtype=torch.float16,
+               table_dtype=torch.bfloat16, rows=3),  # partial rotary, rows broadcast
+    TablesCase(full=True, table_form="half", rows=2, dtype=torch.float32, num_kv_heads=1),
+    TablesCase(full=True, table_form="pair", is_neox=False, dtype=torch.float32),
+    TablesCase(full=True, table_form="expanded", rotary_dim=96, table_dtype=torch.float16),
+    TablesCase(full=True, table_form="transposed", rows=6, dtype=torch.float16, is_neox=False),
+    TablesCase(full=True, num_q_heads=1, num_kv_heads=1, head_size=64, rotary_dim=32, rows=1),
+    TablesCase(full=True, mrope_section=SECTIONS, num_tokens=5, dtype=torch.float32),
+    TablesCase(full=True, mrope_section=(8, 12, 12), rotary_dim=64, is_neox=False,
+               table_form="half", rows=3, dtype=torch.float16),
+    TablesCase(full=True, mrope_section=(0, 32, 32), table_form="transposed", rows=2,
+               dtype=torch.float32),
+    TablesCase(full=True, num_tokens=0),
+]
+TABLES_CASES_ALL = TABLES_CASES + FULL_CASES
 MROPE_CASES = [
     TablesCase(positions="3xT", mrope_section=SECTIONS, num_tokens=7),
     TablesCase(positions="T", mrope_section=SECTIONS, pos_dtype=torch.int32),
@@ -292,7 +361,7 @@ MROPE_CASES = [
                head_size=256, dtype=torch.float32),
     TablesCase(positions="3xT", mrope_section=SECTIONS, num_tokens=0),
 ]
-ALL_CASES = TABLES_CASES + MROPE_CASES
+ALL_CASES = TABLES_CASES_ALL + MROPE_CASES
 
 
 def _params(cases):
@@ -352,12 +421,87 @@ def test_launch_description_matches_the_kernel_signature():
     assert names == [*rope_tables.RUNTIME_ARGS, *shape.constexprs]
     assert shape.constexprs["NUM_STREAMS"] == 3
     assert (shape.constexprs["SECTION_1_START"], shape.constexprs["SECTION_2_START"]) == (16, 40)
+    assert shape.constexprs["FULL_TABLES"] is False
+    full = rope_tables.launch_shape(7, 4, 2, 128, True, "cuda", 2, from_cache=False,
+                                    full_tables=True)
+    assert list(full.constexprs) == list(shape.constexprs) and full.constexprs["FULL_TABLES"]
+    with pytest.raises(ValueError, match="full_tables is a TABLES form"):
+        rope_tables.launch_shape(7, 4, 2, 128, True, "cuda", 2, from_cache=True,
+                                 full_tables=True)
+
+
+# --------------------------------------------------------------------------------------------
+# full tables [R, rot]: one cos/sin per feature
+
+
+def _equal_halves(pair: torch.Tensor, rotary_dim: int, is_neox: bool) -> torch.Tensor:
+    """The full table ``[..., rot]`` whose pair columns (a, b) both hold ``pair[..., i]``: HF's
+    ``cat(freqs, freqs)`` (neox) or ``repeat_interleave(freqs, 2)`` (GPT-J)."""
+    if is_neox:
+        return torch.cat((pair, pair), dim=-1)
+    return pair.repeat_interleave(2, dim=-1)
+
+
+FULL_EQUALS_PAIR_CASES = [
+    TablesCase(rows=3, dtype=torch.float32),
+    TablesCase(is_neox=False, rotary_dim=64, dtype=torch.bfloat16, table_dtype=torch.float16),
+    TablesCase(mrope_section=(8, 12, 12), rotary_dim=64, rows=2, dtype=torch.float16),
+    TablesCase(mrope_section=SECTIONS, is_neox=False, dtype=torch.float32),
+]
+
+
+@pytest.mark.parametrize("apply", [apply_op, *(
+    [apply_launcher] if TRITON_ON_CPU or GPU_DEVICE is not None else [])],
+    ids=lambda f: f.__name__.removeprefix("apply_"))
+@pytest.mark.parametrize("case", _params(FULL_EQUALS_PAIR_CASES))
+def test_full_tables_with_equal_halves_are_the_pair_tables(case, apply):
+    """Full tables whose pair columns are equal rotate bit for bit as their pair tables do."""
+    device = (GPU_DEVICE or "cpu") if apply is apply_launcher else "cpu"
+    pair, full = build(case, device), build(case, device)
+    cos, sin = (_equal_halves(t, case.rotary_dim, case.is_neox) for t in pair.reads)
+    full.reads = (cos, sin)
+    assert cos.shape[-1] == case.rotary_dim
+    apply(pair)
+    apply(full)
+    assert_same_bits(full.qkv, pair.qkv, "full tables with equal halves against pair tables")
+
+
+def test_full_tables_halves_matter():
+    """Not vacuous: with unequal halves, the pair tables of either half give another result."""
+    case = TablesCase(full=True, dtype=torch.float32, rows=2)
+    p = build(case)
+    exp = expected(p, p.q)
+    TABLES_OP(*p.args())
+    torch.testing.assert_close(p.q.double(), exp, **TOLERANCES[torch.float32])
+    for half in (slice(0, 64), slice(64, 128)):
+        other = build(case)
+        TABLES_OP(other.q, other.k, other.reads[0][:, half], other.reads[1][:, half], 128, True)
+        assert (other.q.double() - exp).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+def test_full_tables_hf_attention_layout(is_neox):
+    """HF's own call: q/k ``[B, H, S, D]`` transposed views of the projection, cos/sin
+    ``[B, S, D]`` graph-input tables (unsqueezed over heads in HF), rows shared by the batch."""
+    g = torch.Generator().manual_seed(5)
+    b, s, h, d = 2, 3, 4, 64
+    q_proj, k_proj = torch.randn(b, s, h * d, generator=g), torch.randn(b, s, 2 * d, generator=g)
+    cos, sin = torch.randn(1, s, d, generator=g), torch.randn(1, s, d, generator=g)
+    turn = rotate_half if is_neox else rotate_every_two
+    q4, k4 = q_proj.view(b, s, h, d).transpose(1, 2), k_proj.view(b, s, 2, d).transpose(1, 2)
+    exp_q = q4.double() * cos.double()[:, None] + turn(q4.double()) * sin.double()[:, None]
+    exp_k = k4.double() * cos.double()[:, None] + turn(k4.double()) * sin.double()[:, None]
+    rope_compile.fused_qk_rope_with_cos_sin_tables_inplace(
+        q_proj.view(b * s, h, d), k_proj.view(b * s, 2, d), cos[0], sin[0], d, is_neox)
+    torch.testing.assert_close(q4.double(), exp_q, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(k4.double(), exp_k, **TOLERANCES[torch.float32])
 
 
 # --------------------------------------------------------------------------------------------
 # opcheck
 
 OPCHECK_CASES = [TABLES_CASES[1], TABLES_CASES[3], TABLES_CASES[9], TABLES_CASES[11],
+                 FULL_CASES[2], FULL_CASES[4], FULL_CASES[9], FULL_CASES[11],
                  MROPE_CASES[1], MROPE_CASES[2], MROPE_CASES[6]]
 
 
@@ -455,8 +599,24 @@ def _tables_bad_inputs():
         ("cos-int", _bad_tables(b, cos=cos.to(torch.int32)), "cos must be a floating-point"),
         ("cos-3d", _bad_tables(b, cos=cos[None], sin=sin[None]), r"cos must be \[rows, "
          r"rotary_dim/2\]"),
-        ("cos-width", _bad_tables(b, cos=torch.rand(3, 64), sin=torch.rand(3, 64)),
-         r"rotary_dim/2 = 32"),
+        ("cos-width", _bad_tables(b, cos=torch.rand(3, 48), sin=torch.rand(3, 48)),
+         r"rotary_dim/2 = 32, rotary_dim = 64"),
+        ("cos-width-names-both-forms", _bad_tables(b, cos=torch.rand(3, 128),
+                                                   sin=torch.rand(3, 128)),
+         r"cos must be \[rows, rotary_dim/2\] \(pair tables\) or \[rows, rotary_dim\] "
+         r"\(full tables\)"),
+        ("full-cos-pair-sin", _bad_tables(b, cos=torch.rand(3, 64)),
+         "cos and sin must have the same shape"),
+        ("full-sin-width", _bad_tables(b, cos=torch.rand(3, 64), sin=torch.rand(3, 63)),
+         r"sin must be \[rows, rotary_dim/2\]"),
+        ("full-rows", _bad_tables(b, cos=torch.rand(4, 64), sin=torch.rand(4, 64)),
+         r"rows \(4\) must divide the number of tokens \(6\)"),
+        ("full-sections-2d", _bad_tables(b, cos=torch.rand(3, 64), sin=torch.rand(3, 64),
+                                         mrope_section=[8, 12, 12]),
+         r"cos must be \[3, rows, rotary_dim/2\] \(pair tables\) or \[3, rows, "
+         r"rotary_dim\]"),
+        ("full-sections-width", _bad_tables(m, cos=torch.rand(3, 3, 96), sin=torch.rand(3, 3, 96)),
+         r"\[3, rows, rotary_dim\] \(full tables\)"),
         ("sin-shape", _bad_tables(b, sin=torch.rand(6, 32)), "cos and sin must have the same "
          "shape"),
         ("rows", _bad_tables(b, cos=torch.rand(4, 32), sin=torch.rand(4, 32)),
@@ -542,10 +702,12 @@ def test_positions_out_of_range_cpu():
 
 
 # --------------------------------------------------------------------------------------------
-# gradients (backward: the op again, with sin negated)
+# gradients (backward: the op again, with sin negated; full tables: sin's pair columns swapped
+# and negated, the transpose of the forward's [[c_a, -s_a], [s_b, c_b]])
 
 
-def _grad_problem(from_cache: bool, sections, rows=2, rot=8, head=8, text_only=False, seed=0):
+def _grad_problem(from_cache: bool, sections, rows=2, rot=8, head=8, text_only=False, seed=0,
+                  full=False, is_neox=True):
     g = torch.Generator().manual_seed(seed)
     t = 4
     q = torch.randn(t, 2, head, generator=g, dtype=torch.float64)
@@ -556,13 +718,14 @@ def _grad_problem(from_cache: bool, sections, rows=2, rot=8, head=8, text_only=F
         pos = torch.randint(0, 10, (t,) if text_only else (*lead, t), generator=g)
         reads = (cache, pos)
     else:
-        reads = tuple(torch.rand((*lead, rows, rot // 2), generator=g, dtype=torch.float64)
+        width = rot if full else rot // 2
+        reads = tuple(torch.rand((*lead, rows, width), generator=g, dtype=torch.float64)
                       * 2 - 1 for _ in range(2))
     op = MROPE_OP if from_cache else TABLES_OP
 
     def fn(q, k):
         q, k = q * 1.0, k * 1.0  # non-leaves (a leaf that requires grad is refused)
-        op(q[..., :rot], k[..., :rot], *reads, rot, True,
+        op(q[..., :rot], k[..., :rot], *reads, rot, is_neox,
            None if sections is None else list(sections))
         return q, k
 
@@ -577,6 +740,51 @@ def test_gradcheck(from_cache, sections, rot):
     fn, inputs, _ = _grad_problem(from_cache, sections, rot=rot)
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize(("is_neox", "sections", "rot", "rows"),
+                         [(True, None, 8, 2), (False, None, 8, 4), (True, None, 6, 1),
+                          (True, (1, 1, 1), 6, 2), (False, (2, 0, 1), 6, 2)],
+                         ids=["neox", "gptj", "neox-partial-R1", "neox-mrope-partial",
+                              "gptj-mrope-partial"])
+def test_gradcheck_full_tables(is_neox, sections, rot, rows):
+    """Full tables with unequal halves: the forward is not a rotation, its backward the
+    transpose (gradcheck in float64), and the gradient is HF's formula's own."""
+    fn, inputs, (cos, sin) = _grad_problem(False, sections, rows=rows, rot=rot, full=True,
+                                           is_neox=is_neox)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    if sections is None:
+        turn = rotate_half if is_neox else rotate_every_two
+
+        def hf(q, k):
+            rows_of = torch.arange(q.shape[0]) % rows
+            c, s = cos[rows_of][:, None], sin[rows_of][:, None]
+            return tuple(torch.cat((x[..., :rot] * c + turn(x[..., :rot]) * s, x[..., rot:]),
+                                   -1) for x in (q, k))
+
+        weights = [torch.randn(x.shape, dtype=torch.float64) for x in inputs]
+        got = torch.autograd.grad(sum((w * y).sum() for w, y in zip(weights, fn(*inputs),
+                                                                   strict=True)), inputs)
+        exp = torch.autograd.grad(sum((w * y).sum() for w, y in zip(weights, hf(*inputs),
+                                                                   strict=True)), inputs)
+        for a, b in zip(got, exp, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_full_tables_compiled_with_backward(backend):
+    """Full tables that are graph inputs, under torch.compile, forward and backward."""
+    from rope_compile.inductor_lowering import register_inductor_lowering
+
+    register_inductor_lowering()
+    torch._dynamo.reset()
+    fn, inputs, _ = _grad_problem(False, None, rows=2, rot=8, full=True, is_neox=False)
+    eager = torch.autograd.grad(sum(y.sin().sum() for y in fn(*inputs)), inputs)
+    compiled_fn = torch.compile(fn, backend=backend, fullgraph=True)
+    compiled = torch.autograd.grad(sum(y.sin().sum() for y in compiled_fn(*inputs)), inputs)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("which", ["cos", "sin"])
@@ -678,6 +886,70 @@ def test_gpu_gradients_match_cpu(gpu_device, from_cache):
     q2, k2 = qg * 1.0, kg * 1.0
     op(q2, k2, *(m.float() if m.dtype.is_floating_point else m for m in moved), 8, True,
        [1, 2, 1])
+    grads_gpu = torch.autograd.grad(q2.sin().sum() + k2.sin().sum(), (qg, kg))
+    for got, exp in zip(grads_gpu, grads_cpu, strict=True):
+        torch.testing.assert_close(got.cpu().double(), exp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("num_tokens", [1, 4097])
+def test_gpu_full_tables_llama_shapes(gpu_device, num_tokens, is_neox):
+    """Full tables (halves unequal), 32 q heads, 8 kv heads, head 128, bf16, the [R, 128] of
+    an HF [R, 256] buffer's slice, rows broadcast over a batch of 17."""
+    case = TablesCase(num_tokens=num_tokens, num_q_heads=32, num_kv_heads=8, is_neox=is_neox,
+                      rows=1 if num_tokens == 1 else 241, table_form="half", full=True)
+    run_and_check(case, apply_op, gpu_device)
+
+
+@pytest.mark.gpu
+def test_gpu_full_tables_lowering(gpu_device):
+    """Under torch.compile (inductor) full tables that are graph inputs (their halves differ)
+    lower to the Triton kernel, launched from the generated code, and give HF's formula."""
+    from torch._inductor.utils import run_and_get_code
+
+    from rope_compile.inductor_lowering import register_inductor_lowering
+
+    register_inductor_lowering()
+    torch._dynamo.reset()
+
+    def f(qkv, cos, sin, wide):
+        q, k, _ = qkv.split([3 * 128, 2 * 128, 2 * 128], -1)
+        q, k = q.view(-1, 3, 128), k.view(-1, 2, 128)
+        rope_compile.fused_qk_rope_with_cos_sin_tables_inplace(q, k, cos, sin, 128, True)
+        rope_compile.fused_qk_rope_with_cos_sin_tables_inplace(  # strided views, GPT-J
+            q, k, wide[..., :128], wide[..., 128:], 128, False)
+        return qkv * 2
+
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(6, 7 * 128, generator=g).to(gpu_device)
+    cos, sin = (torch.randn(3, 128, generator=g).to(gpu_device) for _ in range(2))
+    wide = torch.randn(2, 256, generator=g).to(gpu_device)
+    rows3, rows2 = torch.arange(6) % 3, torch.arange(6) % 2
+    exp = qkv.double().cpu().clone()
+    for x in (exp[:, :384].view(6, 3, 128), exp[:, 384:640].view(6, 2, 128)):
+        x.copy_(hf_full_tables_f64(x, cos.double().cpu()[rows3], sin.double().cpu()[rows3],
+                                   128, True))
+        x.copy_(hf_full_tables_f64(x, wide.double().cpu()[rows2, :128],
+                                   wide.double().cpu()[rows2, 128:], 128, False))
+    out, code = run_and_get_code(torch.compile(f, fullgraph=True), qkv, cos, sin, wide)
+    source = "\n".join(code)
+    assert "fused_qk_rope_tables_kernel" in source
+    assert "torch.ops.rope_compile.fused_qk_rope_with_cos_sin_tables_inplace" not in source
+    torch.testing.assert_close(qkv.double().cpu(), exp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), exp * 2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("sections", [None, (1, 2, 1)], ids=["one-stream", "mrope"])
+def test_gpu_full_tables_gradients_match_cpu(gpu_device, is_neox, sections):
+    fn, (q, k), reads = _grad_problem(False, sections, rot=8, full=True, is_neox=is_neox)
+    grads_cpu = torch.autograd.grad(sum(x.sin().sum() for x in fn(q, k)), (q, k))
+    qg, kg = (x.detach().to(gpu_device).float().requires_grad_(True) for x in (q, k))
+    q2, k2 = qg * 1.0, kg * 1.0
+    TABLES_OP(q2, k2, *(r.to(gpu_device).float() for r in reads), 8, is_neox,
+              None if sections is None else list(sections))
     grads_gpu = torch.autograd.grad(q2.sin().sum() + k2.sin().sum(), (qg, kg))
     for got, exp in zip(grads_gpu, grads_cpu, strict=True):
         torch.testing.assert_close(got.cpu().double(), exp, rtol=1e-4, atol=1e-4)

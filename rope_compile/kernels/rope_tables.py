@@ -7,7 +7,10 @@ cos/sin of a token come from one of two sources, chosen by the constexpr ``FROM_
 * TABLES (``FROM_CACHE=False``): the model's own tables, e.g. HF transformers' ``cos``/``sin``
   halves or gpt-fast's ``freqs_cis[..., 0]``/``[..., 1]``; token ``t`` reads row ``t % R``
   (a table broadcast over the batch has ``R = seq_len`` rows while ``T = batch * seq_len``).
-  No ``[T, ROT]`` cache and no ``arange(T)`` positions are built.
+  No ``[T, ROT]`` cache and no ``arange(T)`` positions are built. Two table forms, by the
+  tables' last dim (the constexpr ``FULL_TABLES``): pair tables ``ROT/2`` wide (one cos and
+  one sin per pair) or full tables ``ROT`` wide (one per rotated feature: HF's whole
+  ``cos``/``sin``, exact even when their halves differ, as for tables that are graph inputs).
 * CACHE (``FROM_CACHE=True``): sglang's ``cos_sin_cache`` with one row of positions per stream
   (Qwen2-VL's multimodal RoPE: temporal, height and width positions).
 
@@ -16,8 +19,9 @@ Shapes and strides (elements; only the last stride of q and k must be 1)::
     q          [T, Hq, >= ROT]     strides (q_token_stride, q_head_stride, 1)
     k          [T, Hk, >= ROT]     strides (k_token_stride, k_head_stride, 1)
     TABLES:
-      cos      [S, R, ROT/2]       strides (cos_stream_stride, cos_row_stride, cos_col_stride)
-      sin      [S, R, ROT/2]       strides (sin_stream_stride, sin_row_stride, sin_col_stride)
+      cos      [S, R, W]           strides (cos_stream_stride, cos_row_stride, cos_col_stride)
+      sin      [S, R, W]           strides (sin_stream_stride, sin_row_stride, sin_col_stride)
+                                   W = ROT/2 (pair tables) or ROT (full tables, FULL_TABLES);
                                    any strides: a [:, :ROT/2] slice, a (cos, sin) pair pick of
                                    [R, ROT/2, 2] (column stride 2), an expanded row (stride 0)
       pos      unused (any pointer), R = num_rows divides T
@@ -31,18 +35,25 @@ S (``NUM_STREAMS``) is 1 or 3. The stream of pair column ``i`` is 0 with one str
 
 Math, per token t, head h and pair i < ROT/2, with st = stream(i)::
 
-    TABLES: c = cos[st, t % R, i]                 s = sin[st, t % R, i]
-    CACHE : c = cache[pos[st, t], i]              s = cache[pos[st, t], ROT/2 + i]
-    neox  : (x1, x2) = (x[i], x[i + ROT/2])       GPT-J : (x1, x2) = (x[2i], x[2i + 1])
-    x1' = x1 * c - x2 * s
-    x2' = x2 * c + x1 * s
+    neox  : (a, b) = (i, i + ROT/2)               GPT-J : (a, b) = (2i, 2i + 1)
+    (x1, x2) = (x[a], x[b])
+    pair TABLES: c1 = c2 = cos[st, t % R, i]      s1 = s2 = sin[st, t % R, i]
+    full TABLES: c1 = cos[st, t % R, a]           s1 = sin[st, t % R, a]
+                 c2 = cos[st, t % R, b]           s2 = sin[st, t % R, b]
+    CACHE      : c1 = c2 = cache[pos[st, t], i]   s1 = s2 = cache[pos[st, t], ROT/2 + i]
+    x1' = x1 * c1 - x2 * s1
+    x2' = x2 * c2 + x1 * s2
 
 computed in fp32 and rounded once to the tensor's dtype (the tables may have another dtype).
+Full tables are HF's ``x * cos + rotate_half(x) * sin`` (neox) and ``x * cos +
+rotate_every_two(x) * sin`` (GPT-J) for any cos/sin; with equal halves (equal pair columns)
+they are the pair-table math. The stream of both columns of pair i is stream(i).
 
 Grid: ``(T, HEAD_SPLITS)``, cut as :func:`rope_compile.triton_kernel.launch_shape` cuts the
-first kernel's: program ``(t, s)`` loads the token's ROT/2 cos and sin once, then rotates head
-blocks ``s, s + HEAD_SPLITS, ...`` of q (``Q_ITERS``) and of k (``K_ITERS``), each a
-``[BLOCK_H, ROT]`` tile (the first kernel's ``_rotate_head_block``).
+first kernel's: program ``(t, s)`` loads the token's ROT/2 cos and sin once (full tables: the
+ROT/2 of columns a and the ROT/2 of columns b of each), then rotates head blocks ``s, s +
+HEAD_SPLITS, ...`` of q (``Q_ITERS``) and of k (``K_ITERS``), each a ``[BLOCK_H, ROT]`` tile
+(the first kernel's ``_rotate_head_block``; full tables: :func:`_rotate_head_block_full`).
 """
 
 from __future__ import annotations
@@ -62,11 +73,56 @@ from ..triton_kernel import launch_shape as head_launch_shape
 
 
 @triton.jit
+def _rotate_head_block_full(
+    token_ptr,  # pointer to x[t, 0, 0]
+    head_stride,
+    first_head,
+    num_heads,
+    cos_a,  # [HALF_PAD] fp32: cos of each pair's first column a
+    sin_a,  # [HALF_PAD] fp32
+    cos_b,  # [HALF_PAD] fp32: cos of each pair's second column b
+    sin_b,  # [HALF_PAD] fp32
+    ROT: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
+    """``_rotate_head_block`` (rope_compile/triton_kernel.py) with one cos/sin per feature:
+    ``x1' = x1 * cos_a - x2 * sin_a``, ``x2' = x2 * cos_b + x1 * sin_b``."""
+    HALF: tl.constexpr = ROT // 2
+    heads = first_head + tl.arange(0, BLOCK_H)
+    # int64 so that huge head strides times head indices cannot overflow.
+    rows = token_ptr + heads[:, None].to(tl.int64) * head_stride  # [BLOCK_H, 1]
+    head_mask = heads[:, None] < num_heads
+    if IS_NEOX:
+        # Two contiguous half-rows: x1 = x[:HALF], x2 = x[HALF:ROT].
+        cols = tl.arange(0, HALF_PAD)[None, :]
+        mask = head_mask & (cols < HALF)
+        x1 = tl.load(rows + cols, mask=mask).to(tl.float32)
+        x2 = tl.load(rows + HALF + cols, mask=mask).to(tl.float32)
+        out1 = x1 * cos_a[None, :] - x2 * sin_a[None, :]
+        out2 = x2 * cos_b[None, :] + x1 * sin_b[None, :]
+        dtype = token_ptr.dtype.element_ty
+        tl.store(rows + cols, out1.to(dtype), mask=mask)
+        tl.store(rows + HALF + cols, out2.to(dtype), mask=mask)
+    else:
+        # One contiguous row of ROT elements, split into (even, odd) pairs in registers.
+        cols = tl.arange(0, 2 * HALF_PAD)[None, :]
+        mask = head_mask & (cols < ROT)
+        x = tl.load(rows + cols, mask=mask).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, HALF_PAD, 2)))
+        out1 = x1 * cos_a[None, :] - x2 * sin_a[None, :]
+        out2 = x2 * cos_b[None, :] + x1 * sin_b[None, :]
+        out = tl.reshape(tl.join(out1, out2), (BLOCK_H, 2 * HALF_PAD))
+        tl.store(rows + cols, out.to(token_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def fused_qk_rope_tables_kernel(
     q_ptr,
     k_ptr,
-    cos_ptr,  # TABLES: cos [S, R, ROT/2]; CACHE: the cache [P, ROT]
-    sin_ptr,  # TABLES: sin [S, R, ROT/2]; CACHE: the cache again
+    cos_ptr,  # TABLES: cos [S, R, ROT/2] (or [S, R, ROT]: FULL_TABLES); CACHE: the cache [P, ROT]
+    sin_ptr,  # TABLES: sin [S, R, ROT/2] (or [S, R, ROT]: FULL_TABLES); CACHE: the cache again
     pos_ptr,  # CACHE: positions [S, T]; TABLES: never read
     q_token_stride,
     q_head_stride,
@@ -90,6 +146,7 @@ def fused_qk_rope_tables_kernel(
     Q_ITERS: tl.constexpr,
     K_ITERS: tl.constexpr,
     FROM_CACHE: tl.constexpr,
+    FULL_TABLES: tl.constexpr,  # TABLES only: cos/sin [S, R, ROT], one value per feature
     NUM_STREAMS: tl.constexpr,
     SECTION_1_START: tl.constexpr,
     SECTION_2_START: tl.constexpr,
@@ -113,6 +170,24 @@ def fused_qk_rope_tables_kernel(
                       mask=cmask, other=0).to(tl.int64)
         cos_offsets = row * cos_row_stride + i * cos_col_stride
         sin_offsets = row * sin_row_stride + (HALF + i) * sin_col_stride
+    elif FULL_TABLES:
+        # Feature columns (a, b) of pair i: (i, i + ROT/2) neox, (2i, 2i + 1) GPT-J; both in
+        # stream(i). cos/sin below hold the columns a, cos_b/sin_b the columns b.
+        row = token % num_rows
+        if IS_NEOX:
+            col_a = i
+            col_b = i + HALF
+        else:
+            col_a = 2 * i
+            col_b = 2 * i + 1
+        cos_base = stream * cos_stream_stride + row * cos_row_stride
+        sin_base = stream * sin_stream_stride + row * sin_row_stride
+        cos_offsets = cos_base + col_a * cos_col_stride
+        sin_offsets = sin_base + col_a * sin_col_stride
+        cos_b = tl.load(cos_ptr + cos_base + col_b * cos_col_stride, mask=cmask,
+                        other=0.0).to(tl.float32)
+        sin_b = tl.load(sin_ptr + sin_base + col_b * sin_col_stride, mask=cmask,
+                        other=0.0).to(tl.float32)
     else:
         row = token % num_rows
         cos_offsets = stream * cos_stream_stride + row * cos_row_stride + i * cos_col_stride
@@ -123,12 +198,22 @@ def fused_qk_rope_tables_kernel(
 
     q_token = q_ptr + token * q_token_stride
     for j in tl.static_range(Q_ITERS):
-        _rotate_head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
-                           num_q_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+        if FULL_TABLES:
+            _rotate_head_block_full(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
+                                    num_q_heads, cos, sin, cos_b, sin_b, ROT, HALF_PAD,
+                                    BLOCK_H, IS_NEOX)
+        else:
+            _rotate_head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
+                               num_q_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
     k_token = k_ptr + token * k_token_stride
     for j in tl.static_range(K_ITERS):
-        _rotate_head_block(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
-                           num_k_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+        if FULL_TABLES:
+            _rotate_head_block_full(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
+                                    num_k_heads, cos, sin, cos_b, sin_b, ROT, HALF_PAD,
+                                    BLOCK_H, IS_NEOX)
+        else:
+            _rotate_head_block(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
+                               num_k_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +236,8 @@ def _with_stream_dim(size, stride) -> tuple:
 
 def tables_runtime_args(q, k, cos, sin, *, q_stride, k_stride, cos_size, cos_stride,
                         sin_stride, num_q_heads, num_k_heads) -> dict:
-    """``RUNTIME_ARGS`` -> value for the TABLES source: cos/sin ``[R, ROT/2]`` or
-    ``[3, R, ROT/2]`` (same sizes; ``sin_stride`` of sin's own layout)."""
+    """``RUNTIME_ARGS`` -> value for the TABLES source: cos/sin ``[R, W]`` or ``[3, R, W]``,
+    W = ROT/2 or ROT (same sizes; ``sin_stride`` of sin's own layout)."""
     cos_strides = _with_stream_dim(cos_size, cos_stride)
     sin_strides = _with_stream_dim(cos_size, sin_stride)
     values = (q, k, cos, sin, cos,  # pos_ptr: never read, any tensor of the launch
@@ -177,15 +262,19 @@ def cache_runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, ca
 
 def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim: int,
                  is_neox: bool, device_type: str, elem_bytes: int, *, from_cache: bool,
-                 mrope_section=None) -> LaunchShape:
+                 mrope_section=None, full_tables: bool = False) -> LaunchShape:
     """The first kernel's head tiling and warps (``num_tokens`` may be a hint), plus the cos/sin
-    source constexprs. ``mrope_section`` ``(s0, s1, s2)`` or None (one stream)."""
+    source constexprs. ``mrope_section`` ``(s0, s1, s2)`` or None (one stream);
+    ``full_tables``: TABLES ``ROT`` wide (one cos/sin per feature), not ``ROT/2``."""
+    if full_tables and from_cache:
+        raise ValueError("rope_tables: full_tables is a TABLES form; the CACHE has pair columns")
     shape = head_launch_shape(num_tokens, num_q_heads, num_k_heads, rotary_dim, is_neox,
                               device_type, elem_bytes)
     half = rotary_dim // 2
     s0, s1, _ = mrope_section if mrope_section is not None else (half, 0, 0)
     source = {
         "FROM_CACHE": bool(from_cache),
+        "FULL_TABLES": bool(full_tables),
         "NUM_STREAMS": 1 if mrope_section is None else 3,
         "SECTION_1_START": int(s0),
         "SECTION_2_START": int(s0) + int(s1),
@@ -211,8 +300,9 @@ def launch_qk_rope_tables(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, rotary_dim: int, is_neox: bool,
                           mrope_section=None) -> None:
     """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place, token t by row
-    ``t % R`` of cos/sin ``[R, rotary_dim/2]`` (``[3, R, rotary_dim/2]`` with
-    ``mrope_section``). Arguments are assumed valid (the op layer validates)."""
+    ``t % R`` of cos/sin ``[R, rotary_dim/2]`` (pair tables) or ``[R, rotary_dim]`` (full
+    tables), ``[3, R, ...]`` with ``mrope_section``. Arguments are assumed valid (the op layer
+    validates)."""
     if q.shape[0] == 0:
         return
     args = tables_runtime_args(q, k, cos, sin, q_stride=q.stride(), k_stride=k.stride(),
@@ -221,7 +311,7 @@ def launch_qk_rope_tables(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                                num_k_heads=k.shape[1])
     shape = launch_shape(q.shape[0], q.shape[1], k.shape[1], rotary_dim, is_neox,
                          q.device.type, q.element_size(), from_cache=False,
-                         mrope_section=mrope_section)
+                         mrope_section=mrope_section, full_tables=cos.shape[-1] == rotary_dim)
     _launch(q, k, args, shape)
 
 
