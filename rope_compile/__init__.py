@@ -54,11 +54,17 @@ from .kv_store import (  # noqa: E402
 )
 from .ops import (  # noqa: E402
     KV_STORE_OP_NAME,
+    KV_STORE_TABLES_OP_NAME,
     NORM_ROPE_KV_OP_NAME,
+    NORM_ROPE_KV_TABLES_OP_NAME,
     NORM_ROPE_OP_NAME,
+    NORM_ROPE_TABLES_OP_NAME,
     fused_qk_norm_rope_inplace,
     fused_qk_norm_rope_kv_store_inplace,
+    fused_qk_norm_rope_kv_store_tables_inplace,
+    fused_qk_norm_rope_tables_inplace,
     fused_qk_rope_kv_store_inplace,
+    fused_qk_rope_kv_store_tables_inplace,
 )
 
 __all__ += [
@@ -71,4 +77,11 @@ __all__ += [
     "fused_qk_norm_rope_inplace",
     "fused_qk_norm_rope_kv_store_inplace",
     "fused_qk_rope_kv_store_inplace",
+    # ... with a model's own cos/sin tables (row t % R), as the tables op reads them
+    "KV_STORE_TABLES_OP_NAME",
+    "NORM_ROPE_KV_TABLES_OP_NAME",
+    "NORM_ROPE_TABLES_OP_NAME",
+    "fused_qk_norm_rope_kv_store_tables_inplace",
+    "fused_qk_norm_rope_tables_inplace",
+    "fused_qk_rope_kv_store_tables_inplace",
 ]

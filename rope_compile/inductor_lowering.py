@@ -109,6 +109,7 @@ def register_inductor_lowering() -> None:
         return None
 
     _register_tables_lowerings()
+    _register_kv_lowerings()
     _registered = True
 
 
@@ -228,3 +229,133 @@ def _register_tables_lowerings() -> None:
             positions_stride=pos.get_stride(), num_q_heads=hq, num_k_heads=hk),
             from_cache=True)
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The six RoPE + KV-store / QK-norm + RoPE (+ store) ops (rope_compile/kernels/rope_kv_store.py):
+# one kernel, one lowering. The written tensors (q, k, k_buffer, v_buffer) are passed as the
+# views the op got (ReinterpretViews of their storage); UserDefinedTritonKernel finds what the
+# kernel stores to (its TTIR) and gives each a MutationOutput, as for q and k above. fp8
+# buffers keep the op call: the kernel writes their bits through a uint8 view, which a lowering
+# cannot take of an IR buffer without a copy.
+
+
+@functools.cache
+def _kv_kernel_with_warps(num_warps: int):
+    """The KV/norm kernel in a one-config autotuner (see :func:`_kernel_with_warps`)."""
+    import triton
+
+    from .kernels.rope_kv_store import fused_qk_norm_rope_kv_kernel
+
+    return triton.autotune(configs=[triton.Config({}, num_warps=num_warps)], key=[])(
+        fused_qk_norm_rope_kv_kernel)
+
+
+def _written_input(x):
+    """A tensor the kernel writes, as it must be passed: its own buffer (layout frozen) or a
+    ``ReinterpretView`` of one. None when it is neither (a copy would lose the write): the op
+    call is kept then."""
+    from torch._inductor import ir
+
+    if not isinstance(x, ir.TensorBox):
+        return None
+    if isinstance(x.data, ir.ReinterpretView):
+        return x
+    if isinstance(x.data, ir.BaseView):
+        if not ir.is_storage_and_layout(x.data.unwrap_view()):
+            return None
+        try:
+            return ir.TensorBox(ir.ExternKernel.convert_to_reinterpret_view(x.data))
+        except NotImplementedError:
+            return None
+    if ir.is_storage_and_layout(x):
+        x.freeze_layout()
+        return x
+    return None
+
+
+def _unit_last_stride(x):
+    """A read input whose last dim the kernel reads contiguously (v): as it is when its last
+    stride is 1 (or the dim has one element), else a contiguous copy."""
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    size, stride = x.get_size(), x.get_stride()
+    if V.graph.sizevars.statically_known_leq(size[-1], 1) or (
+            V.graph.sizevars.statically_known_equals(stride[-1], 1)):
+        return x
+    return ir.ExternKernel.require_contiguous(x)
+
+
+def _register_kv_lowerings() -> None:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._inductor import ir
+    from torch._inductor.lowering import fallback_handler, register_lowering
+
+    from . import ops  # noqa: F401  (defines the ops)
+
+    def register(op, *, tables: bool):
+        fallback = fallback_handler(op, add_to_fallback_set=False)
+        schema = op._schema.arguments
+        names = [a.name for a in schema]
+        defaults = {a.name: a.default_value for a in schema if a.has_default_value()}
+
+        @register_lowering(op, type_promotion_kind=None)
+        def _lower(*args, **kwargs):
+            a = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+            lowered = _lower_kv(a, tables)
+            return fallback(*args, **kwargs) if lowered is False else None
+
+    def _lower_kv(a, tables: bool):
+        """Launch the kernel for the op's arguments ``a`` (by name); False: keep the op call."""
+        from .kernels.rope_kv_store import FromCache, FromTables, Operand, is_fp8, plan_launch
+
+        q = a["q"]
+        device = q.get_device()
+        if device is None or device.type not in GPU_DEVICE_TYPES:
+            return False
+        store = "k_buffer" in a
+        if store and (is_fp8(a["k_buffer"].get_dtype()) or is_fp8(a["v_buffer"].get_dtype())):
+            return False
+        written = {n: _written_input(a[n]) for n in ("q", "k", "k_buffer", "v_buffer")
+                   if n in a}
+        if any(x is None for x in written.values()):
+            return False
+
+        def operand(x):
+            return Operand(x, tuple(x.get_size()), tuple(x.get_stride()))
+
+        q, k = operand(written["q"]), operand(written["k"])
+        if tables:
+            rope = FromTables(operand(_shared_read_input(a["cos"])),
+                              operand(_shared_read_input(a["sin"])))
+        else:
+            rope = FromCache(operand(_shared_read_input(a["cos_sin_cache"])),
+                             operand(_shared_read_input(a["positions"])))
+        norm = kv = None
+        if "q_weight" in a:
+            norm = (operand(_shared_read_input(a["q_weight"])),
+                    operand(_shared_read_input(a["k_weight"])), a["eps"], a["weight_offset"])
+        if store:
+            v = _unit_last_stride(_shared_read_input(a["v"]))
+            kv = (operand(v), operand(written["k_buffer"]), operand(written["v_buffer"]),
+                  operand(_shared_read_input(a["cache_loc"])), a["k_scale"], a["v_scale"])
+        plan = plan_launch(q, k, rope, a["rotary_dim"], a["is_neox"], norm=norm, kv=kv,
+                           device_type=device.type, elem_bytes=q.ptr.get_dtype().itemsize,
+                           num_tokens_hint=_token_count_hint(q.size[0]))
+        ir.UserDefinedTritonKernel(
+            kernel_idx=kernel_side_table.add_kernel(
+                _kv_kernel_with_warps(plan.options["num_warps"])),
+            grid=[(*plan.grid, 1)],
+            tma_descriptor_metadata={},
+            kernel_args={**plan.args, **plan.constexprs},
+        )
+        return True
+
+    rc = torch.ops.rope_compile
+    for op in (rc.fused_qk_rope_kv_store_inplace, rc.fused_qk_norm_rope_inplace,
+               rc.fused_qk_norm_rope_kv_store_inplace):
+        register(op.default, tables=False)
+    for op in (rc.fused_qk_rope_kv_store_tables_inplace, rc.fused_qk_norm_rope_tables_inplace,
+               rc.fused_qk_norm_rope_kv_store_tables_inplace):
+        register(op.default, tables=True)

@@ -167,28 +167,34 @@ def _norm_rope_kv_args(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weigh
 
 
 def _check_indices(op, cos_sin_cache, positions, kv) -> None:
-    check_positions_in_range(op, positions, cos_sin_cache.shape[0])
+    if positions is not None:
+        check_positions_in_range(op, positions, cos_sin_cache.shape[0])
     if kv is not None:
-        check_cache_loc_in_range(op, kv[3], kv[1].shape[0])
+        check_cache_loc_in_range(op, kv[3], kv[1].shape[-3])
 
 
-def _register_kv_op(name: str, args, mutated: tuple[int, ...]) -> None:
+def _register_kv_op(name: str, args, mutated: tuple[int, ...], tables: bool = False) -> None:
     """CPU, Triton (cuda/xpu), fake and Autograd kernels of ``name``; ``args`` validates the
     op's arguments and returns ``(q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm,
-    kv)``; ``mutated``: the positions of the arguments the op writes."""
+    kv)`` (``tables``: ``(q, k, cos, sin, ...)``); ``mutated``: the positions of the arguments
+    the op writes."""
 
     def cpu(*op_args) -> None:
-        q, k, cache, positions, rot, neox, norm, kv = args(*op_args)
-        _check_indices(name, cache, positions, kv)
-        qk_norm_rope_kv_reference_(q, k, cache, positions, rot, neox, norm=norm, kv=kv)
+        q, k, a, b, rot, neox, norm, kv = args(*op_args)
+        if tables:
+            _check_indices(name, None, None, kv)
+            qk_norm_rope_kv_tables_reference_(q, k, a, b, rot, neox, norm=norm, kv=kv)
+            return
+        _check_indices(name, a, b, kv)
+        qk_norm_rope_kv_reference_(q, k, a, b, rot, neox, norm=norm, kv=kv)
 
     def triton(*op_args) -> None:
-        q, k, cache, positions, rot, neox, norm, kv = args(*op_args)
+        q, k, a, b, rot, neox, norm, kv = args(*op_args)
         if check_positions_on_device_enabled():
-            _check_indices(name, cache, positions, kv)
-        from .kernels.rope_kv_store import launch
+            _check_indices(name, None if tables else a, None if tables else b, kv)
+        from .kernels.rope_kv_store import launch, launch_tables
 
-        launch(q, k, cache, positions, rot, neox, norm=norm, kv=kv)
+        (launch_tables if tables else launch)(q, k, a, b, rot, neox, norm=norm, kv=kv)
 
     def fake(*op_args) -> None:
         args(*op_args)
@@ -219,6 +225,65 @@ kv_store_op = torch.ops.rope_compile.fused_qk_rope_kv_store_inplace.default
 norm_rope_op = torch.ops.rope_compile.fused_qk_norm_rope_inplace.default
 norm_rope_kv_op = torch.ops.rope_compile.fused_qk_norm_rope_kv_store_inplace.default
 
+# The same three ops with cos/sin from a model's own tables (token t reads row t % R of cos/sin
+# [R, rotary_dim/2], any strides and float dtype: the tables op's source) in place of
+# cos_sin_cache and positions. All six KV-store ops take 3-D buffers [S, Hk, D] (rows
+# cache_loc[t], cache_loc [T]) or 4-D ones [Bc, S, Hk, D] (HF StaticCache's [B, Hk, L, D] as
+# .permute(0, 2, 1, 3)): token t writes batch t // R_loc, row cache_loc[t % R_loc], cache_loc
+# [R_loc] with R_loc dividing T (HF: cache_loc = cache_position, tokens in (batch, seq) order).
+
+from .reference import qk_norm_rope_kv_tables_reference_  # noqa: E402
+from .validation import (  # noqa: E402, F401  (names re-exported for callers)
+    _KV_STORE_TABLES,
+    _NORM_ROPE_KV_TABLES,
+    _NORM_ROPE_TABLES,
+    KV_STORE_TABLES_OP_NAME,
+    NORM_ROPE_KV_TABLES_OP_NAME,
+    NORM_ROPE_TABLES_OP_NAME,
+    validate_kv_store_tables,
+    validate_norm_rope_tables,
+)
+
+_TABLE_ARGS = "Tensor cos, Tensor sin, int rotary_dim, bool is_neox"
+_LIB.define(f"{_KV_STORE_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_TABLE_ARGS}, "
+            f"{_SCALES}) -> ()")
+_LIB.define(f"{_NORM_ROPE_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_TABLE_ARGS}) "
+            f"-> ()")
+_LIB.define(f"{_NORM_ROPE_KV_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_NORM_ARGS}, "
+            f"{_TABLE_ARGS}, {_SCALES}) -> ()")
+
+
+def _kv_store_tables_args(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim,
+                          is_neox, k_scale=None, v_scale=None):
+    validate_kv_store_tables(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim,
+                             k_scale, v_scale)
+    kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
+    return q, k, cos, sin, rotary_dim, is_neox, None, kv
+
+
+def _norm_rope_tables_args(q, k, q_weight, k_weight, eps, weight_offset, cos, sin, rotary_dim,
+                           is_neox):
+    validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
+                              rotary_dim)
+    return q, k, cos, sin, rotary_dim, is_neox, (q_weight, k_weight, eps, weight_offset), None
+
+
+def _norm_rope_kv_tables_args(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
+                              weight_offset, cos, sin, rotary_dim, is_neox, k_scale=None,
+                              v_scale=None):
+    kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
+    validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
+                              rotary_dim, kv)
+    return q, k, cos, sin, rotary_dim, is_neox, (q_weight, k_weight, eps, weight_offset), kv
+
+
+_register_kv_op(_KV_STORE_TABLES, _kv_store_tables_args, (0, 1, 3, 4), tables=True)
+_register_kv_op(_NORM_ROPE_TABLES, _norm_rope_tables_args, (0, 1), tables=True)
+_register_kv_op(_NORM_ROPE_KV_TABLES, _norm_rope_kv_tables_args, (0, 1, 3, 4), tables=True)
+kv_store_tables_op = torch.ops.rope_compile.fused_qk_rope_kv_store_tables_inplace.default
+norm_rope_tables_op = torch.ops.rope_compile.fused_qk_norm_rope_tables_inplace.default
+norm_rope_kv_tables_op = torch.ops.rope_compile.fused_qk_norm_rope_kv_store_tables_inplace.default
+
 
 def fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache,
                                    positions, rotary_dim, is_neox, k_scale=None,
@@ -248,6 +313,33 @@ def fused_qk_norm_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, 
     norm_rope_kv_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                     weight_offset, cos_sin_cache, positions, rotary_dim, is_neox, k_scale,
                     v_scale)
+
+
+def fused_qk_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin,
+                                          rotary_dim, is_neox, k_scale=None,
+                                          v_scale=None) -> None:
+    """:func:`fused_qk_rope_kv_store_inplace` with token t rotated by row ``t % R`` of
+    ``cos``/``sin`` ``[R, rotary_dim/2]`` (any strides); k_buffer/v_buffer ``[S, Hk, D]``
+    (cache_loc ``[T]``) or ``[Bc, S, Hk, D]`` (token t -> batch ``t // R_loc``, row
+    ``cache_loc[t % R_loc]``)."""
+    kv_store_tables_op(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim, is_neox,
+                       k_scale, v_scale)
+
+
+def fused_qk_norm_rope_tables_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
+                                      rotary_dim, is_neox) -> None:
+    """:func:`fused_qk_norm_rope_inplace` with cos/sin tables ``[R, rotary_dim/2]``."""
+    norm_rope_tables_op(q, k, q_weight, k_weight, eps, weight_offset, cos, sin, rotary_dim,
+                        is_neox)
+
+
+def fused_qk_norm_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc,
+                                               q_weight, k_weight, eps, weight_offset, cos,
+                                               sin, rotary_dim, is_neox, k_scale=None,
+                                               v_scale=None) -> None:
+    """:func:`fused_qk_norm_rope_kv_store_inplace` with cos/sin tables ``[R, rotary_dim/2]``."""
+    norm_rope_kv_tables_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
+                           weight_offset, cos, sin, rotary_dim, is_neox, k_scale, v_scale)
 
 
 def fused_qk_rope_with_cos_sin_cache_inplace(

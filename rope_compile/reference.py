@@ -76,17 +76,45 @@ def qk_norm_rope_kv_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_ne
     weight_offset)``), rotate their first ``rotary_dim`` features, then (``kv = (v, k_buffer,
     v_buffer, cache_loc, k_scale, v_scale)``) write the rotated k and v into the cache rows
     ``cache_loc`` (duplicate locations: one of the writers wins, as with ``index_put_``)."""
+    _norm_qk_(q, k, norm)
+    rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+    _store_kv_(k, kv)
+
+
+def qk_norm_rope_kv_tables_reference_(q, k, cos, sin, rotary_dim, is_neox, *, norm=None,
+                                      kv=None) -> None:
+    """:func:`qk_norm_rope_kv_reference_` with token t rotated by row ``t % R`` of cos/sin
+    ``[R, rotary_dim/2]``."""
+    _norm_qk_(q, k, norm)
+    rope_tables_reference_(q, k, cos, sin, rotary_dim, is_neox)
+    _store_kv_(k, kv)
+
+
+def _norm_qk_(q, k, norm) -> None:
     if norm is not None:
         q_weight, k_weight, eps, weight_offset = norm
         for x, w in ((q, q_weight), (k, k_weight)):
             if x.numel():
                 x.copy_(rms_norm_heads(x, w, eps, weight_offset))
-    rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+
+
+def store_kv_rows_(buffer: torch.Tensor, cache_loc: torch.Tensor, x: torch.Tensor) -> None:
+    """``buffer[t // R, cache_loc[t % R]] = x[t]`` for x ``[T, H, D]``, buffer ``[Bc, S, H, D]``
+    and cache_loc ``[R]`` (HF ``StaticCache.update``'s ``index_copy_``); a 3-D buffer
+    ``[S, H, D]`` is one batch (R = T): ``buffer[cache_loc] = x``."""
+    loc = cache_loc.long()
+    if buffer.dim() == 3:
+        buffer.index_put_((loc,), x)
+    elif x.shape[0]:
+        token = torch.arange(x.shape[0], device=x.device)
+        buffer.index_put_((token // loc.shape[0], loc[token % loc.shape[0]]), x)
+
+
+def _store_kv_(k, kv) -> None:
     if kv is not None:
         v, k_buffer, v_buffer, cache_loc, k_scale, v_scale = kv
-        loc = cache_loc.long()
-        k_buffer.index_put_((loc,), to_kv_cache(k, k_scale, k_buffer.dtype))
-        v_buffer.index_put_((loc,), to_kv_cache(v, v_scale, v_buffer.dtype))
+        store_kv_rows_(k_buffer, cache_loc, to_kv_cache(k, k_scale, k_buffer.dtype))
+        store_kv_rows_(v_buffer, cache_loc, to_kv_cache(v, v_scale, v_buffer.dtype))
 
 
 def rope_reference(

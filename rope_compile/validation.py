@@ -134,6 +134,13 @@ NORM_ROPE_KV_OP_NAME = "rope_compile::fused_qk_norm_rope_kv_store_inplace"
 _KV_STORE = "fused_qk_rope_kv_store_inplace"
 _NORM_ROPE = "fused_qk_norm_rope_inplace"
 _NORM_ROPE_KV = "fused_qk_norm_rope_kv_store_inplace"
+# The same three with cos/sin from a model's own tables [R, rotary_dim/2] (row t % R).
+KV_STORE_TABLES_OP_NAME = "rope_compile::fused_qk_rope_kv_store_tables_inplace"
+NORM_ROPE_TABLES_OP_NAME = "rope_compile::fused_qk_norm_rope_tables_inplace"
+NORM_ROPE_KV_TABLES_OP_NAME = "rope_compile::fused_qk_norm_rope_kv_store_tables_inplace"
+_KV_STORE_TABLES = "fused_qk_rope_kv_store_tables_inplace"
+_NORM_ROPE_TABLES = "fused_qk_norm_rope_tables_inplace"
+_NORM_ROPE_KV_TABLES = "fused_qk_norm_rope_kv_store_tables_inplace"
 
 
 def kv_cache_dtypes() -> tuple[torch.dtype, ...]:
@@ -157,18 +164,47 @@ def _check_whole_heads(op, q, k, cos_sin_cache, positions, rotary_dim) -> None:
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
         _fail(op, f"positions must be 1-D [num_tokens], got "
                   f"{tuple(getattr(positions, 'shape', ()))}")
-    for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            _fail(op, f"{name} must be [num_tokens, num_heads, head_size], got shape "
-                      f"{tuple(getattr(x, 'shape', ()))}")
-    if q.shape[2] != k.shape[2]:
-        _fail(op, f"q and k must have the same head size, got {q.shape[2]} and {k.shape[2]}")
+    _check_head_shapes(op, q, k)
     check_rope_operands(op, (("q", q), ("k", k)), cos_sin_cache, positions, rotary_dim,
                         q.shape[2])
     if may_share_memory(q, k, unknown=True):
         _fail(op, "q and k overlap in memory; the op writes both in place")
     _check_kv_reads(op, (("cos_sin_cache", cos_sin_cache), ("positions", positions)),
                  (("q", q), ("k", k)))
+
+
+def _check_head_shapes(op, q, k) -> None:
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            _fail(op, f"{name} must be [num_tokens, num_heads, head_size], got shape "
+                      f"{tuple(getattr(x, 'shape', ()))}")
+    if q.shape[2] != k.shape[2]:
+        _fail(op, f"q and k must have the same head size, got {q.shape[2]} and {k.shape[2]}")
+
+
+def _check_whole_heads_tables(op, q, k, cos, sin, rotary_dim) -> None:
+    """:func:`_check_whole_heads` with cos/sin tables ``[R, rotary_dim/2]`` (any strides and
+    float dtype, R dividing T: token t reads row t % R) in place of the cache and positions."""
+    _check_head_shapes(op, q, k)
+    _check_rotated_qk(op, q, k, rotary_dim)
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point:
+            _fail(op, f"{name} must be a floating-point tensor, got "
+                      f"{getattr(table, 'dtype', type(table).__name__)}")
+        if table.dim() != 2 or table.shape[1] != rotary_dim // 2:
+            _fail(op, f"{name} must be [rows, rotary_dim/2 = {rotary_dim // 2}], got shape "
+                      f"{tuple(table.shape)}")
+    if cos.shape != sin.shape:
+        _fail(op, f"cos and sin must have the same shape, got {tuple(cos.shape)} and "
+                  f"{tuple(sin.shape)}")
+    num_tokens, rows = q.shape[0], cos.shape[0]
+    if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
+        _fail(op, f"the number of cos/sin rows ({rows}) must divide the number of tokens "
+                  f"({num_tokens}): token t is rotated by row t % rows")
+    _check_reads(op, q, k, rotary_dim, (("cos", cos), ("sin", sin)))
+    if may_share_memory(q, k, unknown=True):
+        _fail(op, "q and k overlap in memory; the op writes both in place")
+    _check_kv_reads(op, (("cos", cos), ("sin", sin)), (("q", q), ("k", k)))
 
 
 def _check_kv_reads(op, reads, writes) -> None:
@@ -200,7 +236,9 @@ def _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset) -> None:
 
 def _check_kv_store(op, q, k, v, k_buffer, v_buffer, cache_loc, k_scale, v_scale,
                     reads) -> None:
-    """v ``[T, Hk, Dv]``, k_buffer ``[S, Hk, D]``, v_buffer ``[S, Hk, Dv]``, cache_loc ``[T]``,
+    """v ``[T, Hk, Dv]``, k_buffer ``[S, Hk, D]`` or ``[Bc, S, Hk, D]``, v_buffer likewise
+    (``Dv``), cache_loc ``[R_loc]``: token t writes batch ``t // R_loc``, row
+    ``cache_loc[t % R_loc]`` (R_loc divides T, T / R_loc <= Bc; 3-D buffers: R_loc = T),
     scales; ``reads``: the other tensors the op reads, ``(name, tensor)``."""
     num_tokens, num_kv_heads, head_size = k.shape
     if not isinstance(v, torch.Tensor) or v.dim() != 3:
@@ -213,17 +251,25 @@ def _check_kv_store(op, q, k, v, k_buffer, v_buffer, cache_loc, k_scale, v_scale
         _fail(op, f"v must be a floating-point tensor, got dtype {v.dtype}")
     for name, buf, size in (("k_buffer", k_buffer, head_size),
                             ("v_buffer", v_buffer, v.shape[2])):
-        if not isinstance(buf, torch.Tensor) or buf.dim() != 3 or buf.shape[1:] != (
+        if not isinstance(buf, torch.Tensor) or buf.dim() not in (3, 4) or buf.shape[-2:] != (
                 num_kv_heads, size):
-            _fail(op, f"{name} must be [num_slots, {num_kv_heads}, {size}], got shape "
+            _fail(op, f"{name} must be [num_slots, {num_kv_heads}, {size}] or [batch, "
+                      f"num_slots, {num_kv_heads}, {size}], got shape "
                       f"{tuple(getattr(buf, 'shape', ()))}")
         if buf.dtype not in kv_cache_dtypes():
             _fail(op, f"{name} must have a dtype in {kv_cache_dtypes()}, got {buf.dtype}")
         if any(n > 1 and s == 0 for n, s in zip(buf.shape, buf.stride(), strict=True)):
             _fail(op, f"{name} must not be expanded (a stride-0 dim writes one element "
                       f"several times), got strides {tuple(buf.stride())}")
-    if k_buffer.shape[0] != v_buffer.shape[0]:
+    if k_buffer.dim() != v_buffer.dim():
+        _fail(op, f"k_buffer and v_buffer must both be 3-D [num_slots, heads, head_size] or "
+                  f"both 4-D [batch, num_slots, heads, head_size], got shapes "
+                  f"{tuple(k_buffer.shape)} and {tuple(v_buffer.shape)}")
+    if k_buffer.shape[-3] != v_buffer.shape[-3]:
         _fail(op, f"k_buffer and v_buffer must have the same number of slots, got "
+                  f"{k_buffer.shape[-3]} and {v_buffer.shape[-3]}")
+    if k_buffer.dim() == 4 and k_buffer.shape[0] != v_buffer.shape[0]:
+        _fail(op, f"k_buffer and v_buffer must have the same batch size, got "
                   f"{k_buffer.shape[0]} and {v_buffer.shape[0]}")
     for name, x in (("v", v), ("k_buffer", k_buffer), ("v_buffer", v_buffer)):
         if x.shape[-1] > 1 and x.stride(-1) != 1:
@@ -232,9 +278,20 @@ def _check_kv_store(op, q, k, v, k_buffer, v_buffer, cache_loc, k_scale, v_scale
                                                                           torch.int64):
         _fail(op, f"cache_loc must be an int32 or int64 tensor, got "
                   f"{getattr(cache_loc, 'dtype', type(cache_loc).__name__)}")
-    if cache_loc.dim() != 1 or cache_loc.shape[0] != num_tokens:
-        _fail(op, f"cache_loc must be [num_tokens={num_tokens}], got shape "
+    if cache_loc.dim() != 1 or (k_buffer.dim() == 3 and cache_loc.shape[0] != num_tokens):
+        _fail(op, f"cache_loc must be [num_tokens={num_tokens}] (with 3-D k_buffer/v_buffer; "
+                  f"4-D ones take [rows] with rows dividing num_tokens), got shape "
                   f"{tuple(cache_loc.shape)}")
+    rows = cache_loc.shape[0]
+    if k_buffer.dim() == 4:
+        if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
+            _fail(op, f"cache_loc's length ({rows}) must divide the number of tokens "
+                      f"({num_tokens}): token t writes buffer batch t // {rows}, row "
+                      f"cache_loc[t % {rows}]")
+        if rows != 0 and num_tokens // rows > k_buffer.shape[0]:
+            _fail(op, f"k_buffer/v_buffer batch size ({k_buffer.shape[0]}) is smaller than "
+                      f"num_tokens / len(cache_loc) = {num_tokens} / {rows} = "
+                      f"{num_tokens // rows} (token t writes buffer batch t // {rows})")
     for name, x in (("v", v), ("k_buffer", k_buffer), ("v_buffer", v_buffer),
                     ("cache_loc", cache_loc)):
         if x.device != k.device:
@@ -269,6 +326,27 @@ def validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cac
     if kv is not None:
         _check_kv_store(op, q, k, *kv, (("cos_sin_cache", cos_sin_cache),
                                         ("positions", positions), ("q_weight", q_weight),
+                                        ("k_weight", k_weight)))
+
+
+def validate_kv_store_tables(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim,
+                             k_scale, v_scale) -> None:
+    """The checks of ``fused_qk_rope_kv_store_tables_inplace`` (metadata only)."""
+    op = _KV_STORE_TABLES
+    _check_whole_heads_tables(op, q, k, cos, sin, rotary_dim)
+    _check_kv_store(op, q, k, v, k_buffer, v_buffer, cache_loc, k_scale, v_scale,
+                    (("cos", cos), ("sin", sin)))
+
+
+def validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
+                              rotary_dim, kv=None) -> None:
+    """The checks of ``fused_qk_norm_rope_tables_inplace`` and, with ``kv``, of
+    ``fused_qk_norm_rope_kv_store_tables_inplace``."""
+    op = _NORM_ROPE_TABLES if kv is None else _NORM_ROPE_KV_TABLES
+    _check_whole_heads_tables(op, q, k, cos, sin, rotary_dim)
+    _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset)
+    if kv is not None:
+        _check_kv_store(op, q, k, *kv, (("cos", cos), ("sin", sin), ("q_weight", q_weight),
                                         ("k_weight", k_weight)))
 
 

@@ -299,11 +299,14 @@ def test_runtime_args_match_kernel_signature():
     """The plan's runtime arguments then its constexprs are the kernel's parameters, in order
     (one launch description)."""
     p = _small({"norm": "gemma"})
-    plan = rope_kv_store.plan_launch(p.q, p.k, p.cos_sin_cache, p.positions, 32, True,
-                                     norm=p.norm, kv=p.kv)
     names = rope_kv_store.fused_qk_norm_rope_kv_kernel.arg_names
-    assert names == [*rope_kv_store.RUNTIME_ARGS, *plan.constexprs]
-    assert list(plan.args) == list(rope_kv_store.RUNTIME_ARGS)
+    for rope in (rope_kv_store.FromCache(p.cos_sin_cache, p.positions),
+                 rope_kv_store.FromTables(p.cos_sin_cache[:1, :16], p.cos_sin_cache[:1, 16:])):
+        plan = rope_kv_store.plan_tensor_launch(p.q, p.k, rope, 32, True, norm=p.norm, kv=p.kv)
+        assert names == [*rope_kv_store.RUNTIME_ARGS, *plan.constexprs]
+        assert list(plan.args) == list(rope_kv_store.RUNTIME_ARGS)
+        tensors = [n for n, x in plan.args.items() if isinstance(x, torch.Tensor)]
+        assert tensors == list(rope_kv_store.RUNTIME_ARGS[:rope_kv_store.NUM_TENSOR_ARGS])
 
 
 def _small(case_changes=None, device="cpu"):
@@ -581,7 +584,7 @@ GPU_CASES = [pytest.param(c, id=c.id) for c in kv_cases()] + [
         KVCase(num_tokens=1, num_q_heads=32, num_kv_heads=8, head_size=128, rotary_dim=64,
                dtype=torch.bfloat16, norm="qwen", is_neox=False, num_slots=64),
         KVCase(num_tokens=33, num_q_heads=8, num_kv_heads=1, head_size=256, rotary_dim=256,
-               dtype=torch.float16, norm="gemma", cache_dtype=torch.float16),
+               dtype=torch.float16, norm="gemma", cache_dtype=torch.float16, num_slots=64),
     )]
 
 

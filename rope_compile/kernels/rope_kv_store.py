@@ -1,20 +1,31 @@
 """QK-norm + RoPE + KV-cache store: one Triton kernel (constexpr switches) and its launcher.
 
-One launch serves three ops (``rope_compile/ops.py``): RoPE + KV store, QK-norm + RoPE, and
-QK-norm + RoPE + KV store. The same source runs on CUDA, XPU and, with ``TRITON_INTERPRET=1``,
-on CPU tensors through Triton's interpreter.
+One launch serves six ops (``rope_compile/ops.py``): RoPE + KV store, QK-norm + RoPE, and
+QK-norm + RoPE + KV store, each with cos/sin from sglang's cache (``FROM_CACHE=True``) or from
+a model's own per-token tables (``FROM_CACHE=False``, the source of
+``rope_compile/kernels/rope_tables.py``). The same source runs on CUDA, XPU and, with
+``TRITON_INTERPRET=1``, on CPU tensors through Triton's interpreter.
 
-Shapes and strides (elements; the last stride of every tensor but the cache must be 1)::
+Shapes and strides (elements; the last stride of q, k, v and the buffers must be 1)::
 
     q         [T, Hq, D]         strides (q_token_stride, q_head_stride, 1)      rotated in place
     k         [T, Hk, D]         strides (k_token_stride, k_head_stride, 1)      rotated in place
     v         [T, Hk, DV]        strides (v_token_stride, v_head_stride, 1)      read (STORE_KV)
-    k_buffer  [S, Hk, D]         strides (k_buf_row_stride, k_buf_head_stride, 1)   written rows
-    v_buffer  [S, Hk, DV]        strides (v_buf_row_stride, v_buf_head_stride, 1)   written rows
-    cache_loc [T]                stride loc_stride, int32/int64, values in [0, S)
+    k_buffer  [Bc, S, Hk, D]     strides (k_buf_batch_stride, k_buf_row_stride,
+                                          k_buf_head_stride, 1)                   written rows
+    v_buffer  [Bc, S, Hk, DV]    strides (v_buf_batch_stride, ...)                 written rows
+              a 3-D [S, Hk, D] buffer is Bc = 1 with batch stride 0; HF's StaticCache key
+              cache [B, Hk, L, D] is passed as .permute(0, 2, 1, 3): strides (Hk*L*D, D, L*D, 1)
+    cache_loc [R_loc]            stride loc_stride, int32/int64, values in [0, S); R_loc
+                                 (loc_rows) divides T, T / R_loc <= Bc (3-D buffers: R_loc = T)
     q_weight  [D], k_weight [D]  strides q_w_stride, k_w_stride (NORM)
-    cache     [P, ROT]           strides (cache_row_stride, cache_col_stride) = cat(cos, sin)
-    pos       [T]                stride pos_stride, int32/int64, values in [0, P)
+    FROM_CACHE:
+      cos, sin  the same [P, ROT] cache = cat(cos, sin), strides (cache_row, cache_col) for both
+      pos       [T]              stride pos_stride, int32/int64, values in [0, P)
+    TABLES (FROM_CACHE=False):
+      cos, sin  [R, ROT/2]       strides (cos_row_stride, cos_col_stride), (sin_...): any strides
+                                 and float dtype (HF halves, freqs_cis pair picks, expanded rows);
+                                 R (num_rows) divides T; pos never read
 
 fp8 buffers are passed as their ``uint8`` view (K_FP8 / V_FP8): the kernel writes the bits.
 
@@ -22,9 +33,13 @@ Math, per token t and head h of q and of k (fp32 throughout; ``round`` = to x's 
 
     NORM, Qwen3 form (GEMMA=False): x = round(w * round(x * rsqrt(mean(x^2) + eps)))
     NORM, Gemma form (GEMMA=True):  x = round(x * rsqrt(mean(x^2) + eps) * (1 + w))
-    RoPE on x[:ROT], pair i (neox: (i, i + ROT/2), GPT-J: (2i, 2i + 1)), c, s = cache[pos[t]]:
+    RoPE on x[:ROT], pair i (neox: (i, i + ROT/2), GPT-J: (2i, 2i + 1)), with
+        FROM_CACHE: c, s = cache[pos[t], i], cache[pos[t], ROT/2 + i]
+        TABLES:     c, s = cos[t % R, i], sin[t % R, i]
         x1' = x1 * c - x2 * s,  x2' = x2 * c + x1 * s      -> rounded once to x's dtype
-    STORE_KV: k_buffer[loc[t], h] = cast(k'[t, h] / k_scale),  v_buffer[loc[t], h] =
+    STORE_KV, b = t // R_loc, slot = cache_loc[t % R_loc] (HF StaticCache.update: k [B, Hk, S, D]
+    in (b, s) token order, cache_loc = cache_position, R_loc = S):
+        k_buffer[b, slot, h] = cast(k'[t, h] / k_scale),  v_buffer[b, slot, h] =
         cast(v[t, h] / v_scale)  (k' = the rounded k just written; no division without a scale;
         cast = round to nearest even, fp8 e4m3fn saturating to +-448 as torch 2.13's ``.to``)
 
@@ -38,6 +53,10 @@ of squares may be added in another order than torch's.
 Grid: ``(T, HEAD_SPLITS)``. Program ``(t, s)`` loads the token's cos/sin row (and cache slot)
 once, then does head blocks ``s, s + HEAD_SPLITS, ...`` of q (``Q_ITERS`` of them) and then of
 k and v (``K_ITERS``), each block ``BLOCK_H`` whole heads.
+
+The launch is described once (:func:`plan_launch`, over :class:`Operand` sizes and strides):
+the eager launcher passes tensors, the Inductor lowering (``rope_compile/inductor_lowering.py``)
+IR nodes.
 """
 
 from __future__ import annotations
@@ -195,11 +214,19 @@ def _copy_v_block(v_token, v_head_stride, first_head, num_heads, buf_row, buf_he
 
 @triton.jit
 def fused_qk_norm_rope_kv_kernel(
-    q_ptr, k_ptr, v_ptr, k_buf_ptr, v_buf_ptr, loc_ptr, q_w_ptr, k_w_ptr, cache_ptr, pos_ptr,
+    q_ptr, k_ptr, v_ptr, k_buf_ptr, v_buf_ptr, loc_ptr, q_w_ptr, k_w_ptr,
+    cos_ptr,  # FROM_CACHE: the cache [P, ROT]; TABLES: cos [R, ROT/2]
+    sin_ptr,  # FROM_CACHE: the cache again; TABLES: sin [R, ROT/2]
+    pos_ptr,  # FROM_CACHE: positions [T]; TABLES: never read
     q_token_stride, q_head_stride, k_token_stride, k_head_stride,
     v_token_stride, v_head_stride,
-    k_buf_row_stride, k_buf_head_stride, v_buf_row_stride, v_buf_head_stride, loc_stride,
-    q_w_stride, k_w_stride, cache_row_stride, cache_col_stride, pos_stride,
+    k_buf_batch_stride, k_buf_row_stride, k_buf_head_stride,
+    v_buf_batch_stride, v_buf_row_stride, v_buf_head_stride,
+    loc_stride,
+    loc_rows,  # R_loc: token t writes buffer batch t // R_loc, row cache_loc[t % R_loc]
+    q_w_stride, k_w_stride,
+    cos_row_stride, cos_col_stride, sin_row_stride, sin_col_stride, pos_stride,
+    num_rows,  # TABLES: R, token t reads row t % R; FROM_CACHE: unused
     num_q_heads, num_k_heads, eps, k_scale, v_scale,
     D: tl.constexpr,  # q/k head size
     DV: tl.constexpr,  # v head size
@@ -209,6 +236,7 @@ def fused_qk_norm_rope_kv_kernel(
     DV_PAD: tl.constexpr,  # next_pow2(DV)
     BLOCK_H: tl.constexpr,  # heads per block
     IS_NEOX: tl.constexpr,
+    FROM_CACHE: tl.constexpr,  # cos/sin from cache rows pos[t] (else table rows t % R)
     NORM: tl.constexpr,  # RMSNorm q and k per head first
     GEMMA: tl.constexpr,  # (1 + w) weights, one rounding
     STORE_KV: tl.constexpr,  # write k and v into the cache rows
@@ -224,16 +252,24 @@ def fused_qk_norm_rope_kv_kernel(
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
 
-    # cos/sin of this token, once for every head of q and k.
-    pos = tl.load(pos_ptr + token * pos_stride).to(tl.int64)
+    # cos/sin of this token, once for every head of q and k: [1, HALF_PAD] each.
     i = tl.arange(0, HALF_PAD)[None, :]
-    row = cache_ptr + pos * cache_row_stride
-    cos = tl.load(row + i * cache_col_stride, mask=i < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(row + (HALF + i) * cache_col_stride, mask=i < HALF, other=0.0).to(tl.float32)
+    if FROM_CACHE:
+        pos = tl.load(pos_ptr + token * pos_stride).to(tl.int64)
+        cos_row = cos_ptr + pos * cos_row_stride
+        sin_row = sin_ptr + pos * sin_row_stride + HALF * sin_col_stride
+    else:
+        row = token % num_rows
+        cos_row = cos_ptr + row * cos_row_stride
+        sin_row = sin_ptr + row * sin_row_stride
+    cos = tl.load(cos_row + i * cos_col_stride, mask=i < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(sin_row + i * sin_col_stride, mask=i < HALF, other=0.0).to(tl.float32)
     if STORE_KV:
-        slot = tl.load(loc_ptr + token * loc_stride).to(tl.int64)
-        k_row = k_buf_ptr + slot * k_buf_row_stride
-        v_row = v_buf_ptr + slot * v_buf_row_stride
+        # Buffer batch t // R_loc, row cache_loc[t % R_loc] (a 3-D buffer: batch stride 0).
+        batch = token // loc_rows
+        slot = tl.load(loc_ptr + (token % loc_rows) * loc_stride).to(tl.int64)
+        k_row = k_buf_ptr + batch * k_buf_batch_stride + slot * k_buf_row_stride
+        v_row = v_buf_ptr + batch * v_buf_batch_stride + slot * v_buf_row_stride
     else:
         k_row = k_buf_ptr
         v_row = v_buf_ptr
@@ -255,18 +291,23 @@ def fused_qk_norm_rope_kv_kernel(
                           v_scale, DV, DV_PAD, BLOCK_H, HAS_V_SCALE, V_FP8)
 
 
-# The kernel's runtime arguments, in its signature's order (a test checks it): the ten
-# tensors, then the integers and floats. Everything else is a constexpr.
+# ---------------------------------------------------------------------------------------------
+# The one description of a launch: runtime arguments (in the signature's order, a test checks
+# it: the eleven tensors, then the integers and floats; everything else is a constexpr), the
+# constexprs and the grid. The eager launcher passes tensors, the Inductor lowering IR nodes.
+
 RUNTIME_ARGS = (
     "q_ptr", "k_ptr", "v_ptr", "k_buf_ptr", "v_buf_ptr", "loc_ptr", "q_w_ptr", "k_w_ptr",
-    "cache_ptr", "pos_ptr",
+    "cos_ptr", "sin_ptr", "pos_ptr",
     "q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
     "v_token_stride", "v_head_stride",
-    "k_buf_row_stride", "k_buf_head_stride", "v_buf_row_stride", "v_buf_head_stride",
-    "loc_stride", "q_w_stride", "k_w_stride", "cache_row_stride", "cache_col_stride",
-    "pos_stride", "num_q_heads", "num_k_heads", "eps", "k_scale", "v_scale",
+    "k_buf_batch_stride", "k_buf_row_stride", "k_buf_head_stride",
+    "v_buf_batch_stride", "v_buf_row_stride", "v_buf_head_stride",
+    "loc_stride", "loc_rows", "q_w_stride", "k_w_stride",
+    "cos_row_stride", "cos_col_stride", "sin_row_stride", "sin_col_stride", "pos_stride",
+    "num_rows", "num_q_heads", "num_k_heads", "eps", "k_scale", "v_scale",
 )
-NUM_TENSOR_ARGS = 10
+NUM_TENSOR_ARGS = 11
 
 # Launch heuristics: as triton_kernel's (a tile of at most _MAX_TILE_ELEMS elements, fewer for
 # few tokens; head splits until about _TARGET_PROGRAMS programs are in flight).
@@ -276,67 +317,104 @@ _SMALL_TOKENS = 256
 _TARGET_PROGRAMS = 2048
 
 
-class KVLaunchPlan(NamedTuple):
-    """The one description of a launch: ``fused_qk_norm_rope_kv_kernel[grid](**args,
-    **constexprs, **options)``."""
+class Operand(NamedTuple):
+    """A kernel tensor argument: what is passed (a tensor, or an Inductor IR node), its sizes
+    and its strides (elements)."""
 
-    grid: tuple[int, int]
+    ptr: object
+    size: tuple
+    stride: tuple
+
+
+def tensor_operand(x: torch.Tensor) -> Operand:
+    return Operand(x, tuple(x.shape), tuple(x.stride()))
+
+
+class FromCache(NamedTuple):
+    """cos/sin from sglang's cache ``[P, ROT]`` = cat(cos, sin), row ``positions[t]``."""
+
+    cache: Operand
+    positions: Operand
+
+
+class FromTables(NamedTuple):
+    """cos/sin from a model's own tables ``[R, ROT/2]``, row ``t % R``."""
+
+    cos: Operand
+    sin: Operand
+
+
+class KVLaunchPlan(NamedTuple):
+    """``fused_qk_norm_rope_kv_kernel[grid](**args, **constexprs, **options)``."""
+
+    grid: tuple  # (T, head_splits); T may be symbolic (the lowering)
     args: dict  # RUNTIME_ARGS -> value, in order
     constexprs: dict
     options: dict  # num_warps
 
 
-def _cache_view(buf: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The buffer as the kernel writes it (fp8 as its uint8 bits), and whether it is fp8."""
-    fp8 = getattr(torch, "float8_e4m3fn", None)
-    if fp8 is not None and buf.dtype == fp8:
-        return buf.view(torch.uint8), True
-    return buf, False
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == getattr(torch, "float8_e4m3fn", None)
 
 
-def plan_launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *, norm=None, kv=None,
+def _buffer_strides(buf: Operand) -> tuple:
+    """(batch, row, head) strides of a ``[S, H, D]`` (batch stride 0) or ``[Bc, S, H, D]``
+    buffer."""
+    return (0, *buf.stride[:2]) if len(buf.size) == 3 else tuple(buf.stride[:3])
+
+
+def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None, kv=None,
+                fp8=(False, False), device_type, elem_bytes, num_tokens_hint=None,
                 block_h=None, head_splits=None, num_warps=None) -> KVLaunchPlan:
     """Plan one launch for q ``[T, Hq, D]``, k ``[T, Hk, D]`` (arguments already validated).
 
-    ``norm``: ``(q_weight, k_weight, eps, weight_offset)`` or None; ``kv``: ``(v, k_buffer,
-    v_buffer, cache_loc, k_scale, v_scale)`` or None. ``block_h``, ``head_splits`` and
-    ``num_warps`` override the heuristics (for benchmarks)."""
-    num_tokens, num_q_heads, head_size = q.shape
-    num_k_heads = k.shape[1]
+    ``rope``: :class:`FromCache` or :class:`FromTables`; ``norm``: ``(q_weight, k_weight, eps,
+    weight_offset)`` or None; ``kv``: ``(v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)``
+    or None (tensors as :class:`Operand`; fp8 buffers as their uint8 views, ``fp8`` saying
+    which). ``num_tokens_hint``: a concrete T for the heuristics when ``q.size[0]`` is symbolic.
+    ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (benchmarks)."""
+    num_tokens = q.size[0]
+    num_q_heads, head_size, num_k_heads = int(q.size[1]), int(q.size[2]), int(k.size[1])
+    tokens = num_tokens if num_tokens_hint is None else num_tokens_hint
     max_heads = max(num_q_heads, num_k_heads, 1)
     if kv is not None:
         v, k_buffer, v_buffer, cache_loc, k_scale, v_scale = kv
-        k_buffer, k_fp8 = _cache_view(k_buffer)
-        v_buffer, v_fp8 = _cache_view(v_buffer)
-        v_dim = v.shape[2]
+        v_dim, loc_rows = int(v.size[2]), cache_loc.size[0]
     else:  # placeholders, never read (STORE_KV is off)
-        v = k_buffer = v_buffer = cache_loc = q
+        v = k_buffer = v_buffer = cache_loc = Operand(q.ptr, (0, 0, 0), (0, 0, 0))
         k_scale = v_scale = None
-        k_fp8 = v_fp8 = False
-        v_dim = 1
+        v_dim, loc_rows = 1, 1
+        fp8 = (False, False)
+    if isinstance(rope, FromCache):
+        cos = sin = rope.cache
+        positions, num_rows = rope.positions, 1
+    else:
+        cos, sin = rope
+        positions, num_rows = Operand(cos.ptr, (0,), (0,)), cos.size[0]  # never read
     if norm is not None:
         q_weight, k_weight, eps, weight_offset = norm
     else:
-        q_weight = k_weight = cos_sin_cache
+        q_weight = k_weight = Operand(cos.ptr, (0,), (0,))  # never read
         eps, weight_offset = 0.0, 0.0
 
     width = triton.next_power_of_2(max(head_size, v_dim))
-    tile = _SMALL_TILE_ELEMS if num_tokens <= _SMALL_TOKENS else _MAX_TILE_ELEMS
+    tile = _SMALL_TILE_ELEMS if tokens <= _SMALL_TOKENS else _MAX_TILE_ELEMS
     block_h = block_h or min(triton.next_power_of_2(max_heads), max(1, tile // width))
     head_blocks = triton.cdiv(max_heads, block_h)
     head_splits = head_splits or max(
-        1, min(head_blocks, triton.cdiv(_TARGET_PROGRAMS, max(num_tokens, 1))))
-    options = device_launch_options(q.device.type, block_h * width, q.element_size())
+        1, min(head_blocks, triton.cdiv(_TARGET_PROGRAMS, max(tokens, 1))))
+    options = device_launch_options(device_type, block_h * width, elem_bytes)
     if num_warps is not None:
         options["num_warps"] = num_warps
 
     values = (
-        q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, cos_sin_cache, positions,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        cache_loc.stride(0), q_weight.stride(0), k_weight.stride(0),
-        cos_sin_cache.stride(0), cos_sin_cache.stride(1), positions.stride(0),
-        num_q_heads, num_k_heads, float(eps),
+        q.ptr, k.ptr, v.ptr, k_buffer.ptr, v_buffer.ptr, cache_loc.ptr, q_weight.ptr,
+        k_weight.ptr, cos.ptr, sin.ptr, positions.ptr,
+        q.stride[0], q.stride[1], k.stride[0], k.stride[1], v.stride[0], v.stride[1],
+        *_buffer_strides(k_buffer), *_buffer_strides(v_buffer),
+        cache_loc.stride[0], loc_rows, q_weight.stride[0], k_weight.stride[0],
+        cos.stride[0], cos.stride[1], sin.stride[0], sin.stride[1], positions.stride[0],
+        num_rows, num_q_heads, num_k_heads, float(eps),
         1.0 if k_scale is None else float(k_scale), 1.0 if v_scale is None else float(v_scale),
     )
     constexprs = {
@@ -348,32 +426,54 @@ def plan_launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *, norm=Non
         "DV_PAD": triton.next_power_of_2(v_dim),
         "BLOCK_H": block_h,
         "IS_NEOX": bool(is_neox),
+        "FROM_CACHE": isinstance(rope, FromCache),
         "NORM": norm is not None,
         "GEMMA": float(weight_offset) == 1.0,
         "STORE_KV": kv is not None,
         "HAS_K_SCALE": k_scale is not None,
         "HAS_V_SCALE": v_scale is not None,
-        "K_FP8": k_fp8,
-        "V_FP8": v_fp8,
+        "K_FP8": bool(fp8[0]),
+        "V_FP8": bool(fp8[1]),
         "Q_ITERS": triton.cdiv(triton.cdiv(num_q_heads, block_h), head_splits),
         "K_ITERS": triton.cdiv(triton.cdiv(num_k_heads, block_h), head_splits),
     }
-    return KVLaunchPlan((num_tokens, head_splits), dict(zip(RUNTIME_ARGS, values, strict=True)),
-                        constexprs, options)
+    return KVLaunchPlan((num_tokens, head_splits),
+                        dict(zip(RUNTIME_ARGS, values, strict=True)), constexprs, options)
 
 
-def launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *, norm=None, kv=None,
-           **overrides) -> None:
-    """Norm (``norm``), rotate q and k in place and store k, v (``kv``) with one launch; see
-    :func:`plan_launch`. Runs on CPU tensors only under the Triton interpreter."""
+def _cache_view(buf: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The buffer as the kernel writes it (fp8 as its uint8 bits), and whether it is fp8."""
+    if is_fp8(buf.dtype):
+        return buf.view(torch.uint8), True
+    return buf, False
+
+
+def plan_tensor_launch(q, k, rope, rotary_dim, is_neox, *, norm=None, kv=None,
+                       **overrides) -> KVLaunchPlan:
+    """:func:`plan_launch` for torch tensors: ``rope`` is ``FromCache(cache, positions)`` or
+    ``FromTables(cos, sin)`` of tensors; ``norm`` / ``kv`` as there, of tensors."""
+    fp8 = (False, False)
+    if kv is not None:
+        v, k_buffer, v_buffer, cache_loc, k_scale, v_scale = kv
+        (k_buffer, k_fp8), (v_buffer, v_fp8) = _cache_view(k_buffer), _cache_view(v_buffer)
+        fp8 = (k_fp8, v_fp8)
+        kv = (*(tensor_operand(x) for x in (v, k_buffer, v_buffer, cache_loc)), k_scale, v_scale)
+    if norm is not None:
+        norm = (tensor_operand(norm[0]), tensor_operand(norm[1]), *norm[2:])
+    rope = type(rope)(*(tensor_operand(x) for x in rope))
+    return plan_launch(tensor_operand(q), tensor_operand(k), rope, rotary_dim, is_neox,
+                       norm=norm, kv=kv, fp8=fp8, device_type=q.device.type,
+                       elem_bytes=q.element_size(), **overrides)
+
+
+def _launch(q, k, rope, rotary_dim, is_neox, norm, kv, overrides) -> None:
     if q.shape[0] == 0:
         return
     if q.device.type == "cpu" and not is_interpreter():
         raise RuntimeError(
             "rope_kv_store.launch: q is a CPU tensor; the Triton kernel runs on CPU tensors "
             "only under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
-    plan = plan_launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm=norm, kv=kv,
-                       **overrides)
+    plan = plan_tensor_launch(q, k, rope, rotary_dim, is_neox, norm=norm, kv=kv, **overrides)
     guard = contextlib.nullcontext()
     if q.device.type != "cpu":
         device_module = torch.get_device_module(q.device)
@@ -381,3 +481,17 @@ def launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *, norm=None, kv
             guard = device_module.device(q.device.index)  # Triton launches on the current one
     with guard:
         fused_qk_norm_rope_kv_kernel[plan.grid](**plan.args, **plan.constexprs, **plan.options)
+
+
+def launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *, norm=None, kv=None,
+           **overrides) -> None:
+    """Norm (``norm``), rotate q and k in place by cache rows ``positions`` and store k, v
+    (``kv``) with one launch; see :func:`plan_launch`. Runs on CPU tensors only under the
+    Triton interpreter."""
+    _launch(q, k, FromCache(cos_sin_cache, positions), rotary_dim, is_neox, norm, kv, overrides)
+
+
+def launch_tables(q, k, cos, sin, rotary_dim, is_neox, *, norm=None, kv=None,
+                  **overrides) -> None:
+    """:func:`launch` with token t rotated by row ``t % R`` of cos/sin ``[R, rotary_dim/2]``."""
+    _launch(q, k, FromTables(cos, sin), rotary_dim, is_neox, norm, kv, overrides)
