@@ -248,6 +248,11 @@ def fused_qk_norm_rope_kv_kernel(
     K_ITERS: tl.constexpr,  # head blocks of k (and v) per program
 ):
     HALF: tl.constexpr = ROT // 2
+    # Float arguments may arrive as fp64 scalars (Inductor's launcher types Python floats so):
+    # the math, and div_rn/sqrt_rn, are fp32.
+    eps = tl.cast(eps, tl.float32)
+    k_scale = tl.cast(k_scale, tl.float32)
+    v_scale = tl.cast(v_scale, tl.float32)
     token = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
