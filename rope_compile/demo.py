@@ -1,11 +1,16 @@
-"""Demo: compile a small Llama-style decoder with ``backend="rope_compile"``.
+"""Demo: a decode loop with a static KV cache, compiled with ``backend="rope_compile"``.
 
-    python -m rope_compile.demo [--layers 4] [--tokens 256] [--device cuda|xpu|cpu]
+    python -m rope_compile.demo [--layers 4] [--tokens 8] [--steps 16] [--device cuda|xpu|cpu]
 
-Prints the RoPE pairs found and rewritten, the fused-op calls in the generated code, the max
-abs error against eager, and the median step time of eager, plain Inductor and rope_compile.
-On a CPU-only machine the rewrite is forced on (it is off for CPU graphs by default, because
-Inductor's own C++ RoPE is faster there than the reference CPU kernel) and says so.
+A small Qwen3-style decoder written as serving code writes it (sglang's ``RotaryEmbedding``:
+per-head q/k RMSNorm, ``forward_native`` RoPE that stores the rotated k and v into a paged KV
+cache through ``FusedSetKVBufferArg``, attention over the cache) decodes ``--tokens`` sequences
+one token per step. It prints what the passes fused (RoPE pairs, KV-cache stores, QK-norms),
+the kernels per step and per layer of plain Inductor and of rope_compile, the error of the
+logits and of the KV cache against eager after the loop, and the step time of both (median and
+min-max over interleaved rounds). On a CPU-only machine the rewrite is forced on (it is off for
+CPU graphs by default, because Inductor's own C++ is faster there than the reference CPU
+kernels) and the step times then only show that it runs.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
+from rope_compile.kv_store import FusedSetKVBufferArg
 from rope_compile.module import RotaryEmbedding
 
 FUSED_CALL = "fused_qk_rope_with_cos_sin_cache_inplace.default("
-# The pass emits the cache op, or the tables op where it reads a model's own cos/sin tables.
-FUSED_OP_CALL = re.compile(r"fused_qk_rope_with_cos_sin_(?:cache|tables)_inplace\.default\(")
+# Any fused op the passes emit (RoPE from a cache or tables, + QK-norm, + KV-cache store).
+FUSED_OP_CALL = re.compile(r"fused_qk_\w+_inplace\.default\(")
 # On GPUs Inductor launches the fused Triton kernel itself (rope_compile.inductor_lowering).
-FUSED_LAUNCH = re.compile(r"fused_qk_rope(?:_tables)?_kernel\w*\.run\(")
+FUSED_LAUNCH = re.compile(r"fused_qk_\w+_kernel\w*\.run\(")
 
 
 def count_fused_calls(source: str) -> int:
@@ -117,16 +123,123 @@ def median_ms(fn, args, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+class DecodeLayer(nn.Module):
+    """qkv projection -> per-head q/k RMSNorm -> RoPE + KV-cache store (sglang's
+    ``forward_native`` with a ``FusedSetKVBufferArg``) -> attention over the cache -> o
+    projection -> MLP. Token t of the step is sequence t, at position ``positions[t]``; its k
+    and v go to cache row ``cache_loc[t]`` (sequence t owns rows ``[t * L, (t + 1) * L)``)."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
+        self.gate_up = nn.Linear(hidden, 4 * hidden, bias=False)
+        self.down = nn.Linear(2 * hidden, hidden, bias=False)
+        self.norm1, self.norm2 = RMSNorm(hidden), RMSNorm(hidden)
+        self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.rope = rope
+
+    def forward(self, positions, cache_loc, visible, x, k_cache, v_cache):
+        tokens, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(self.norm1(x))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.view(tokens, hq, d)).view(tokens, self.q_size)
+        k = self.k_norm(k.view(tokens, hk, d)).view(tokens, self.kv_size)
+        store = FusedSetKVBufferArg(value=v.view(tokens, hk, d), k_buffer=k_cache,
+                                    v_buffer=v_cache, k_scale=None, v_scale=None,
+                                    cache_loc=cache_loc)
+        q, _ = self.rope.forward_native(positions, q, k, fused_set_kv_buffer_arg=store)
+        length = k_cache.shape[0] // tokens
+        keys = k_cache.view(tokens, length, hk, d).transpose(1, 2)
+        values = v_cache.view(tokens, length, hk, d).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q.view(tokens, 1, hq, d).transpose(1, 2), keys,
+                                              values, attn_mask=visible, enable_gqa=True)
+        x = x + self.o_proj(attn.reshape(tokens, self.q_size))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class TinyDecoder(nn.Module):
+    """Embedding, ``layers`` decode layers with their KV caches (passed in), lm head."""
+
+    def __init__(self, layers: int = 4, hidden: int = 512, num_heads: int = 4,
+                 num_kv_heads: int = 2, head_dim: int = 128, vocab: int = 1024,
+                 max_position: int = 4096, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        rope = RotaryEmbedding(head_dim, head_dim, max_position, 10000.0, True, dtype)
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(
+            DecodeLayer(hidden, num_heads, num_kv_heads, head_dim, rope) for _ in range(layers))
+        self.norm = RMSNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids, positions, cache_loc, visible, k_caches, v_caches):
+        x = self.embed(ids)
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
+            x = layer(positions, cache_loc, visible, x, k_cache, v_cache)
+        return self.lm_head(self.norm(x))
+
+
+def decode_inputs(step: int, tokens: int, length: int, vocab: int, device: str):
+    """The inputs of decode step ``step``: one token per sequence at position ``step``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    positions = torch.full((tokens,), step, dtype=torch.int64, device=device)
+    cache_loc = torch.arange(tokens, device=device) * length + step
+    visible = (torch.arange(length, device=device) <= step).view(1, 1, 1, length)
+    return ids, positions, cache_loc, visible.expand(tokens, 1, 1, length)
+
+
+# One kernel launch in Inductor's generated wrapper: a Triton kernel, a C++ kernel, an extern
+# kernel (mm, attention) or an op call.
+_KERNEL_CALL = re.compile(
+    r"^\s+(?:\w+\s*=\s*)?(?:\w+\.run\(|cpp_fused_\w+\(|extern_kernels\.\w+\(|"
+    r"torch\.ops\.\w+\.\w+\.\w+\()", re.M)
+
+
+def count_kernels(code: list[str]) -> int:
+    """Kernel launches per call of the compiled step (the wrappers' ``call`` bodies)."""
+    total = 0
+    for source in code:
+        if "def call(" in source:
+            total += len(_KERNEL_CALL.findall(source[source.index("def call("):]))
+    return total
+
+
+def _step_times(fns: dict, make_inputs, caches: dict, steps: int, rounds: int, device: str):
+    """Per-step ms of each compiled step, in interleaved rounds: {name: [round medians]}."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_step = []
+            for step in range(steps):
+                inputs = make_inputs(step)
+                _sync(device)
+                start = time.perf_counter()
+                fn(*inputs, *caches[name])
+                _sync(device)
+                per_step.append((time.perf_counter() - start) * 1e3)
+            times[name].append(statistics.median(per_step))
+    return times
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=best_device())
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="alias of --rounds")
+    parser.add_argument("--cache-len", type=int, default=64)
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
     parser.add_argument("--show-code", action="store_true",
-                        help="print the generated-code lines that run the fused op")
+                        help="print the generated-code lines that run the fused kernels")
     args = parser.parse_args(argv)
+    rounds = args.repeats or args.rounds
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float32 if device == "cpu" else torch.bfloat16)
@@ -134,42 +247,88 @@ def main(argv: list[str] | None = None) -> dict:
     if device == "cpu":
         options = {"devices": ("cpu",)}
         print("CPU-only run: forcing the rewrite on for CPU graphs (options={'devices': "
-              "('cpu',)}); by default rope_compile leaves CPU graphs to Inductor's C++.")
+              "('cpu',)}); by default rope_compile leaves CPU graphs to Inductor's C++. On the "
+              "CPU the fused ops run a float32 reference, so the step times only show that it "
+              "runs; the speed claims are for GPUs.")
     torch.manual_seed(0)
-    model = TinyLlama(layers=args.layers, dtype=dtype).to(device=device, dtype=dtype).eval()
-    positions = torch.randint(0, 4096, (args.tokens,), device=device)
-    x = torch.randn(args.tokens, 512, device=device, dtype=dtype)
+    tokens, length, vocab = args.tokens, args.cache_len, 1024
+    model = TinyDecoder(layers=args.layers, vocab=vocab, dtype=dtype).to(device=device,
+                                                                         dtype=dtype).eval()
+    steps = min(args.steps, length)
 
+    def fresh_caches():
+        g = torch.Generator().manual_seed(7)
+        shape = (tokens * length, 2, 128)
+        return tuple(
+            [torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+             for _ in range(args.layers)] for _ in range(2))
+
+    def make_inputs(step):
+        return decode_inputs(step, tokens, length, vocab, device)
+
+    caches = {name: fresh_caches() for name in ("eager", "inductor", "rope_compile")}
     with torch.no_grad():
-        eager = model(positions, x)
         inductor = torch.compile(model)
-        inductor_out = inductor(positions, x)
         counters.clear()
         fused = torch.compile(model, backend="rope_compile", options=options or None)
-        fused_out, code = run_and_get_code(fused, positions, x)
+        first = make_inputs(0)
+        _, plain_code = run_and_get_code(inductor, *first, *caches["inductor"])
+        _, code = run_and_get_code(fused, *first, *caches["rope_compile"])
         stats = dict(counters["rope_compile"])
-        calls = sum(count_fused_calls(src) for src in code)
+        eager_out = model(*first, *caches["eager"])
+        # The rest of the loop, the same inputs for all three; then compare.
+        for step in range(1, steps):
+            inputs = make_inputs(step)
+            eager_out = model(*inputs, *caches["eager"])
+            inductor_out = inductor(*inputs, *caches["inductor"])
+            fused_out = fused(*inputs, *caches["rope_compile"])
+        if steps == 1:
+            inductor_out = inductor(*first, *caches["inductor"])
+            fused_out = fused(*first, *caches["rope_compile"])
         if args.show_code:
             for src in code:
-                print("\n".join(line for line in src.splitlines() if "fused_qk_rope" in line))
-        tol_ref = eager.float()
+                print("\n".join(line for line in src.splitlines() if "fused_qk" in line))
+
+        def cache_err(name):
+            return max((a.float() - b.float()).abs().max().item()
+                       for mine, ref in zip(caches[name], caches["eager"], strict=True)
+                       for a, b in zip(mine, ref, strict=True))
+
+        fused_kinds = {key.replace(" rewritten", ""): value for key, value in stats.items()
+                       if key.endswith("rewritten") and key != "rewritten"}
+        times = _step_times({"inductor": inductor, "rope_compile": fused}, make_inputs, caches,
+                            steps, rounds, device)
+        kernels = {"inductor": count_kernels(plain_code), "rope_compile": count_kernels(code)}
         results = {
             "device": device,
             "dtype": str(dtype).replace("torch.", ""),
             "layers": args.layers,
-            "tokens": args.tokens,
+            "tokens": tokens,
             "pairs_found": stats.get("pairs_found", 0),
             "pairs_rewritten": stats.get("rewritten", 0),
-            "fused_calls_in_code": calls,
+            "fused_calls_in_code": sum(count_fused_calls(src) for src in code),
+            "also_fused": ", ".join(f"{k} {v}" for k, v in sorted(fused_kinds.items()))
+                          or "nothing else",
             # Graphs Inductor's cache served (the pass did not run; its recorded decisions are
             # what pairs_found / pairs_rewritten report for them).
             "graphs_from_cache": stats.get("graphs_from_cache", 0),
-            "max_abs_err_rope_compile_vs_eager": (fused_out.float() - tol_ref).abs().max().item(),
-            "max_abs_err_inductor_vs_eager": (inductor_out.float() - tol_ref).abs().max().item(),
-            "eager_ms": median_ms(model, (positions, x), device, args.repeats),
-            "inductor_ms": median_ms(inductor, (positions, x), device, args.repeats),
-            "rope_compile_ms": median_ms(fused, (positions, x), device, args.repeats),
+            "kernels_per_step_inductor": kernels["inductor"],
+            "kernels_per_step_rope_compile": kernels["rope_compile"],
+            "kernels_per_layer_inductor": round(kernels["inductor"] / args.layers, 2),
+            "kernels_per_layer_rope_compile": round(kernels["rope_compile"] / args.layers, 2),
+            "max_abs_err_logits_rope_compile_vs_eager":
+                (fused_out.float() - eager_out.float()).abs().max().item(),
+            "max_abs_err_logits_inductor_vs_eager":
+                (inductor_out.float() - eager_out.float()).abs().max().item(),
+            "max_abs_err_kv_cache_rope_compile_vs_eager": cache_err("rope_compile"),
+            "max_abs_err_kv_cache_inductor_vs_eager": cache_err("inductor"),
         }
+        for name in ("inductor", "rope_compile"):
+            rounds_ms = times[name]
+            results[f"step_ms_{name}"] = (f"{statistics.median(rounds_ms):.4g} "
+                                          f"({min(rounds_ms):.4g}-{max(rounds_ms):.4g})")
+        results["speedup"] = round(statistics.median(times["inductor"])
+                                   / statistics.median(times["rope_compile"]), 3)
     width = max(map(len, results))
     for key, value in results.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value

@@ -31,7 +31,7 @@ FUSED_CALL = "fused_qk_rope_with_cos_sin_cache_inplace.default("
 FUSED_TARGET = "rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default"
 # The op the pass emits where it reads a model's own cos/sin tables (HF, gpt-fast, torchtune).
 TABLES_TARGET = "rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default"
-FUSED_OP_CALL = re.compile(r"fused_qk_rope_with_cos_sin_(?:cache|tables)_inplace\.default\(")
+FUSED_OP_CALL = re.compile(r"fused_qk_\w+_inplace\.default\(")
 # Pass options that force the pass on for CPU graphs and make pass errors raise.
 CPU_OPTIONS = {"devices": ("cpu",), "strict": True}
 
