@@ -24,6 +24,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from rope_compile.decision_cache import decision_key, record_or_replay, snapshot
 from rope_compile.options import PASS_OPTIONS, split_and_validate_backend_options
+from rope_compile.passes.fuse_kv_store import FuseKVStorePass
+from rope_compile.passes.fuse_qk_norm import FuseQKNormPass
 from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
 
 __all__ = ["PASS_OPTIONS", "rope_compile_backend", "split_options"]
@@ -70,13 +72,19 @@ def _flatten(configured) -> list:
 _UNSET = object()
 
 
-def chained_post_grad_passes(rope_pass: FuseQKRopePass, configured=_UNSET) -> CustomGraphPass:
+_OUR_PASSES = (FuseQKRopePass, FuseQKNormPass, FuseKVStorePass)
+
+
+def chained_post_grad_passes(rope_pass: FuseQKRopePass, configured=_UNSET,
+                             extensions=()) -> CustomGraphPass:
     """The user's post-grad custom passes (``configured``, by default Inductor's config; minus
-    any older copy of ours), then ours."""
+    any older copy of ours), then ours: the RoPE pair fusion, then the ``extensions`` of its
+    calls (QK-norm, KV store)."""
     if configured is _UNSET:
         configured = torch._inductor.config.post_grad_custom_post_pass
-    existing = [p for p in _flatten(configured) if not isinstance(p, FuseQKRopePass)]
-    return ChainedGraphPass([*existing, rope_pass]) if existing else rope_pass
+    existing = [p for p in _flatten(configured) if not isinstance(p, _OUR_PASSES)]
+    chain = [*existing, rope_pass, *extensions]
+    return ChainedGraphPass(chain) if len(chain) > 1 else rope_pass
 
 
 def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
@@ -93,8 +101,10 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
     rope_pass = FuseQKRopePass(**pass_options)
     patches = {**list_mode_options(mode or "default"), **config_patches}
     # A pass given in ``options`` is the user's too: chained before ours, never dropped.
+    # Then the fusions that extend its calls: QK-norm before, the KV-cache store after.
+    extensions = (FuseQKNormPass(**pass_options), FuseKVStorePass(**pass_options))
     patches["post_grad_custom_post_pass"] = chained_post_grad_passes(
-        rope_pass, patches.get("post_grad_custom_post_pass", _UNSET))
+        rope_pass, patches.get("post_grad_custom_post_pass", _UNSET), extensions)
     if hasattr(torch._inductor.config, STATIC_LAUNCH_USER_KERNELS):
         # Inductor launches its own kernels with its static launcher, but user-defined Triton
         # kernels (ours, once lowered) with Triton's Python launcher unless this is set; it

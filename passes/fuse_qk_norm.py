@@ -1,0 +1,391 @@
+"""Inductor post-grad pass: extend a fused RoPE call backwards over a per-head RMSNorm of q and
+of k (QK-norm), into one call of the QK-norm + RoPE op.
+
+Before (HF Qwen3 / Qwen3-MoE ``q_norm`` / ``k_norm``, ``Qwen3RMSNorm``; the same for k, after
+``FuseQKRopePass``)::
+
+    xq  = reshape(split(qkv)[0], [T, Hq, D])              # the norm's input (a view)
+    xf  = convert(xq, f32)                                 # absent for float32
+    r   = rsqrt(add(mean(pow(xf, 2), [-1], keepdim), eps))
+    nq  = mul(w_q, convert(mul(xf, r), xq.dtype))          # Gemma3: convert(mul(mul(xf, r),
+                                                           #          add(convert(w, f32), 1)))
+    af  = auto_functionalized_v2(rope_compile.fused_qk_rope_with_cos_sin_cache_inplace,
+                                 ..., _q_*=nq[..., :rot], _k_*=nk[..., :rot], _all_bases=[nq, nk])
+    q'  = af[1];  k' = af[2]
+
+After::
+
+    af  = auto_functionalized_v2(rope_compile.fused_qk_norm_rope_inplace,
+                                 q_weight=w_q, k_weight=w_k, eps, weight_offset=0.0 (Gemma: 1.0),
+                                 ..., _q_*=whole heads of qkv, _k_*=whole heads of qkv,
+                                 _all_bases=[qkv])
+    q'  = reshape(split(af[1])[0], [T, Hq, D]);  k' = ...   (the norm input's views, replayed)
+
+Each op of the family (``passes/fused_call.py``) is extended the same way: RoPE + KV store
+becomes QK-norm + RoPE + KV store, a table form its ``*_tables_inplace`` norm op.
+
+What is proven before a rewrite (else no rewrite, the reason logged and counted as
+``qk_norm skipped: <reason>``):
+
+- the call's q (and k) storage root is the norm output, ``x`` normalised over its last dim with
+  HF's rounding order, the kernel's (``kernels/rope_kv_store.py``): Qwen3/Llama
+  ``round(w * round(xf * r))`` or Gemma3 ``round(xf * r * (1 + float(w)))``, ``xf`` the exact
+  float32 value of ``x``, ``r = rsqrt(mean(xf^2) + eps)`` in float32, the weight ``[D]``;
+  the output has x's dtype;
+- the normalised dim is the head (``[.., H, D]``, D the head size; OLMo2's norm of the whole
+  ``[.., H * D]`` projection is refused), and the call rotates ``norm_out[.., :rot]`` of exactly
+  those heads, tokens in the same order; x is viewed as ``[T, H, D]`` without a copy (last
+  stride 1, token dims merge) from a storage root Inductor lays out as the fake strides say;
+- q and k use the same eps and the same form (weight offset); the norm outputs have no reader
+  but the call (their pre-RoPE value would be gone);
+- the op's own checks pass on the exact views the new call gets (its fake implementation runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .fuse_qk_rope import PlanError as RopePlanError
+from .fuse_qk_rope import _as_graph_ints, _check_root, _redirect_disjoint_views
+from .fused_call import (
+    ExtensionPass,
+    FusedCall,
+    NotACandidate,
+    PlanError,
+    as_strided_view,
+    check_accepted,
+    emit_call,
+    family_op,
+    graph_nodes_in,
+    latest,
+    rebase_views,
+)
+from .fx_surgery import GraphTransaction, fake_value, view_chain
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+__all__ = ["FuseQKNormPass", "NormMatch", "match_rms_norm"]
+
+
+def _eq(a, b) -> bool:
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class NormMatch:
+    """``output = rms_norm(x, weight, eps)`` over x's last dim; ``weight_offset`` 0.0 (Qwen3 /
+    Llama: ``w * x``) or 1.0 (Gemma3: ``(1 + w) * x``)."""
+
+    output: Node
+    x: Node
+    weight: Node
+    eps: float
+    weight_offset: float
+    nodes: tuple[Node, ...]
+
+
+def _call(node, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _cast_to(node, dtype=None) -> Node | None:
+    """The input of ``convert_element_type(input, dtype)`` (any float dtype if None)."""
+    if _call(node, prims.convert_element_type.default) and (
+            dtype is None or node.args[1] == dtype):
+        return node.args[0]
+    return None
+
+
+def _operands(node: Node) -> tuple:
+    return tuple(node.args[:2])
+
+
+def _match_rsqrt(node, xf: Node) -> tuple[float, list[Node]]:
+    """``node = rsqrt(mean(xf^2, -1, keepdim) + eps)`` in float32: (eps, nodes)."""
+    if not _call(node, aten.rsqrt.default):
+        raise PlanError("the norm's scale is not rsqrt(mean(x^2) + eps)")
+    add = node.args[0]
+    if not _call(add, aten.add.Tensor):
+        raise PlanError("the norm's scale is not rsqrt(mean(x^2) + eps)")
+    mean, eps = add.args[:2]
+    if isinstance(eps, Node):
+        mean, eps = eps, mean
+    if isinstance(eps, Node) or not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise PlanError("the norm's eps is not a number")
+    if not _call(mean, aten.mean.dim) or mean.kwargs.get("dtype") is not None:
+        raise PlanError("the norm's variance is not mean(x^2) over the last dim")
+    dims, keep = mean.args[1], (mean.args[2] if len(mean.args) > 2
+                                else mean.kwargs.get("keepdim", False))
+    last = fake_value(xf).dim() - 1
+    if list(dims) not in ([-1], [last]) or not keep:
+        raise PlanError("the norm's variance is not mean(x^2) over the last dim")
+    square = mean.args[0]
+    if _call(square, aten.pow.Tensor_Scalar):
+        ok = square.args[0] is xf and square.args[1] == 2
+    elif _call(square, aten.mul.Tensor):
+        ok = square.args[0] is xf and square.args[1] is xf
+    else:
+        ok = False
+    if not ok:
+        raise PlanError("the norm's variance is not mean(x^2) of the normalised x")
+    for n in (node, add, mean, square):
+        if fake_value(n).dtype != torch.float32:
+            raise PlanError("the norm is not computed in float32")
+    return float(eps), [node, add, mean, square]
+
+
+def _split_product(node: Node, is_left) -> tuple[Node, Node] | None:
+    """(a, b) of ``mul(a, b)`` or ``mul(b, a)`` where ``is_left(a)``."""
+    if not _call(node, aten.mul.Tensor):
+        return None
+    a, b = _operands(node)
+    if isinstance(a, Node) and is_left(a):
+        return a, b
+    if isinstance(b, Node) and is_left(b):
+        return b, a
+    return None
+
+
+def _normalised(node: Node) -> tuple[Node, Node, float, list[Node]]:
+    """``node = xf * rsqrt(...)`` (either order): (x, xf, eps, nodes)."""
+    if not _call(node, aten.mul.Tensor):
+        raise PlanError("the norm does not multiply x by rsqrt(mean(x^2) + eps)")
+    for xf, r in (_operands(node), _operands(node)[::-1]):
+        if isinstance(xf, Node) and _call(r, aten.rsqrt.default):
+            eps, nodes = _match_rsqrt(r, xf)
+            x = _cast_to(xf, torch.float32)
+            if x is None:
+                x = xf
+            val, x_val = fake_value(xf), fake_value(x)
+            if val.dtype != torch.float32 or x_val.dtype not in (
+                    torch.float16, torch.bfloat16, torch.float32):
+                raise PlanError("the normalised value is not the exact float32 value of x")
+            return x, xf, eps, [node, *nodes]
+    raise PlanError("the norm does not multiply x by rsqrt(mean(x^2) + eps)")
+
+
+def match_rms_norm(output: Node) -> NormMatch:
+    """Prove ``output`` is an RMSNorm of some x over its last dim, rounded as the kernel does
+    (see the module docstring), or raise ``PlanError``."""
+    out_val = fake_value(output)
+    if out_val is None:
+        raise PlanError("the norm output has no tensor value")
+    # Gemma3: [convert(] mul(mul(xf, r), add(float(w), 1.0)) [, x.dtype)]
+    inner = _cast_to(output) or output
+    gemma = _split_product(inner, lambda n: _call(n, aten.mul.Tensor) and any(
+        _call(a, aten.rsqrt.default) for a in _operands(n)))
+    if gemma is not None and _call(gemma[1], aten.add.Tensor):
+        xn, plus = gemma
+        w, one = plus.args[:2]
+        if not isinstance(w, Node):
+            w, one = one, w
+        if one != 1 or isinstance(one, Node) or fake_value(plus).dtype != torch.float32:
+            raise PlanError("the Gemma norm's factor is not 1 + float(weight) in float32")
+        weight = _cast_to(w, torch.float32) or w
+        x, xf, eps, nodes = _normalised(xn)
+        if fake_value(inner).dtype != torch.float32:
+            raise PlanError("the Gemma norm's product is not in float32")
+        if out_val.dtype != fake_value(x).dtype:
+            raise PlanError(f"the norm output dtype {out_val.dtype} differs from its input's "
+                            f"{fake_value(x).dtype}")
+        return _checked(NormMatch(output, x, weight, eps, 1.0,
+                                  (output, inner, plus, *nodes)))
+    # Qwen3 / Llama: mul(w, [convert(] mul(xf, r) [, x.dtype)])
+    qwen = _split_product(output, lambda n: (_cast_to(n) is not None
+                                             and _call(_cast_to(n), aten.mul.Tensor))
+                          or (_call(n, aten.mul.Tensor) and any(
+                              _call(a, aten.rsqrt.default) for a in _operands(n))))
+    if qwen is None:
+        raise PlanError("the norm output is not weight * normalised x")
+    rounded, weight = qwen
+    xn = _cast_to(rounded) or rounded
+    x, xf, eps, nodes = _normalised(xn)
+    x_dtype = fake_value(x).dtype
+    if fake_value(rounded).dtype != x_dtype:
+        raise PlanError("the normalised x is not rounded to x's dtype before the weight")
+    if out_val.dtype != x_dtype:
+        raise PlanError(f"the norm output dtype {out_val.dtype} differs from its input's "
+                        f"{x_dtype}")
+    return _checked(NormMatch(output, x, weight, eps, 0.0, (output, rounded, *nodes)))
+
+
+def _checked(match: NormMatch) -> NormMatch:
+    x_val, w_val, out_val = (fake_value(match.x), fake_value(match.weight),
+                             fake_value(match.output))
+    if w_val is None or w_val.dim() != 1 or not _eq(w_val.shape[0], x_val.shape[-1]):
+        raise PlanError("the norm weight is not [D] over the normalised dim")
+    if not w_val.dtype.is_floating_point:
+        raise PlanError("the norm weight is not floating point")
+    if list(out_val.shape) != list(x_val.shape):
+        raise PlanError("the norm output's shape differs from its input's")
+    return match
+
+
+_ELEMENTWISE = (aten.mul.Tensor, aten.add.Tensor, prims.convert_element_type.default)
+
+
+def _looks_like_norm(node: Node, depth: int = 4) -> bool:
+    """Whether an rsqrt feeds ``node`` through a few elementwise ops (mul, add, casts): an
+    RMSNorm output; otherwise the call is not a candidate (nothing counted)."""
+    stack, seen = [(node, 0)], set()
+    while stack:
+        current, d = stack.pop()
+        if _call(current, aten.rsqrt.default):
+            return True
+        if d >= depth or current in seen or not _call(current, *_ELEMENTWISE):
+            continue
+        seen.add(current)
+        stack.extend((n, d + 1) for n in current.all_input_nodes)
+    return False
+
+
+def _heads_view(val: torch.Tensor):
+    """``val`` (``[..tokens.., H, D]``) as ``[T, H, D]``: (size, stride, offset), or None when the
+    token dims do not merge as a view or the last stride is not 1."""
+    if val.dim() < 3 or not _eq(val.stride(-1), 1):
+        return None
+    tokens = [d for d in range(val.dim() - 2) if not _eq(val.shape[d], 1)] or [val.dim() - 3]
+    size, stride = val.shape[tokens[-1]], val.stride(tokens[-1])
+    for outer in reversed(tokens[:-1]):
+        if not _eq(val.stride(outer), size * stride):
+            return None
+        size = size * val.shape[outer]
+    return [size, val.shape[-2], val.shape[-1]], [stride, val.stride(-2), 1], val.storage_offset()
+
+
+@dataclass
+class NormPlan:
+    call: FusedCall
+    norms: dict[str, NormMatch]  # "q", "k"
+    bases: list[Node]  # the new call's bases
+    views: dict[str, dict]
+    chains: dict[str, tuple[Node, list[Node]]]  # q/k: (x's root, its view chain to x)
+    op: object
+
+
+class FuseQKNormPass(ExtensionPass):
+    """Extends each fused RoPE call (cache or tables, with or without the KV store) backwards
+    over a proven per-head RMSNorm of q and of k; same options as ``FuseQKRopePass``."""
+
+    prefix = "qk_norm"
+
+    def describe(self, plan: NormPlan) -> str:
+        return (f"fused the QK-norm of {plan.norms['q'].output.name} and "
+                f"{plan.norms['k'].output.name} into {plan.call.node.name} ({plan.op})")
+
+    def plan(self, call: FusedCall, graph: Graph, symbols: dict) -> NormPlan:
+        if call.norm:
+            raise NotACandidate
+        q_base = call.bases[call.views["q"]["base_index"]]
+        k_base = call.bases[call.views["k"]["base_index"]]
+        if not (_looks_like_norm(q_base) or _looks_like_norm(k_base)):
+            raise NotACandidate
+        if call.device_type() not in self.devices:
+            raise PlanError(f"device {call.device_type()} not in {self.devices}")
+        if q_base is k_base:
+            raise PlanError("q and k are rotated in one norm output")
+        norms = {}
+        for name, base in (("q", q_base), ("k", k_base)):
+            try:
+                norms[name] = match_rms_norm(base)
+            except PlanError as why:
+                raise PlanError(f"{name}: {why}") from None
+        q, k = norms["q"], norms["k"]
+        if q.eps != k.eps:
+            raise PlanError(f"q and k norms use different eps ({q.eps} vs {k.eps})")
+        if q.weight_offset != k.weight_offset:
+            raise PlanError("q and k norms differ in form (x * w vs x * (1 + w))")
+        others = [b for b in call.bases if b not in (q_base, k_base)]
+        new_bases: list[Node] = []
+        views: dict[str, dict] = {}
+        chains = {}
+        for name, norm in norms.items():
+            out_val = fake_value(norm.output)
+            if len(norm.output.users) != 1:
+                raise PlanError(f"the {name} norm output has another reader")
+            view = call.fake_view(name)
+            canon = _heads_view(out_val)
+            head = out_val.shape[-1]
+            if canon is None or not _eq(view.shape[1], canon[0][1]):
+                raise PlanError(f"the {name} norm normalises [.., {head}], not each head (the "
+                                "rotated heads are not its last-but-one dim)")
+            size, stride, offset = canon
+            if not (_eq(view.shape[0], size[0]) and all(
+                    _eq(n, 1) or _eq(a, b) for n, a, b in zip(view.shape[:2], view.stride()[:2],
+                                                              stride[:2], strict=True))
+                    and _eq(view.storage_offset(), offset) and _eq(view.stride(2), 1)):
+                raise PlanError(f"the call does not rotate the {name} norm output's heads in "
+                                "token order")
+            if isinstance(head, int) and head not in self.head_sizes:
+                raise PlanError(f"head_size {head} not in {self.head_sizes}")
+            x_val = fake_value(norm.x)
+            x_view = _heads_view(x_val)
+            if x_view is None:
+                raise PlanError(f"the {name} norm's input is not [T, H, D] as a view (last "
+                                "stride 1, token dims merged)")
+            root, chain = view_chain(norm.x)
+            try:
+                _check_root(name, root)
+            except RopePlanError as why:
+                raise PlanError(str(why)) from None
+            if root in others:
+                raise PlanError(f"{name}'s norm input shares its root with a KV buffer")
+            if root not in new_bases:
+                new_bases.append(root)
+            chains[name] = (root, chain)
+            views[name] = as_strided_view(new_bases.index(root),
+                                          *(_as_graph_ints(x, symbols) for x in x_view[:2]),
+                                          _as_graph_ints([x_view[2]], symbols)[0])
+        bases = [*new_bases, *others]
+        for name, spec in call.views.items():
+            if name not in ("q", "k"):
+                spec = dict(spec)
+                spec["base_index"] = bases.index(call.bases[spec["base_index"]])
+                views[name] = spec
+        op = family_op(True, call.store, call.tables)
+        plan = NormPlan(call, norms, bases, views, chains, op)
+        self._check_op(plan)
+        return plan
+
+    def _check_op(self, plan: NormPlan) -> None:
+        call = plan.call
+        probe = FusedCall(call.node, True, call.store, call.tables, {}, plan.views, plan.bases)
+        views = {name: probe.fake_view(name) for name in plan.views}
+        q, k = plan.norms["q"], plan.norms["k"]
+        args = {**call.fake_args(), "q_weight": fake_value(q.weight),
+                "k_weight": fake_value(k.weight), "eps": q.eps,
+                "weight_offset": q.weight_offset}
+        check_accepted(plan.op, views, args)
+
+    def rewrite(self, tx: GraphTransaction, plan: NormPlan) -> list[Node]:
+        call = plan.call
+        graph = tx.graph
+        q, k = plan.norms["q"], plan.norms["k"]
+        args = {**call.args, "q_weight": q.weight, "k_weight": k.weight, "eps": q.eps,
+                "weight_offset": q.weight_offset}
+        anchor = latest([*plan.bases, q.weight, k.weight, *graph_nodes_in(call.args)], graph)
+        new, outs = emit_call(tx, anchor, plan.op, args, plan.views, plan.bases)
+        for index, old in call.outputs.items():
+            base = call.bases[index]
+            for name, norm in plan.norms.items():
+                if base is norm.output:
+                    root, chain = plan.chains[name]
+                    value = tx.replay_views(chain, root, outs[plan.bases.index(root)])
+                    break
+            else:
+                value = outs[plan.bases.index(base)]
+            rebase_views(tx, old, value)
+        whole = [probe_view for probe_view in (
+            FusedCall(call.node, True, call.store, call.tables, {}, plan.views,
+                      plan.bases).fake_view(n) for n in ("q", "k"))]
+        for root in {r for r, _ in plan.chains.values()}:
+            _redirect_disjoint_views(tx, root, outs[plan.bases.index(root)], new, whole)
+        return [call.node, *call.outputs.values(), q.output, k.output]

@@ -1,0 +1,204 @@
+"""The QK-norm extension (``passes/fuse_qk_norm.py``): a fused RoPE call grows backwards over
+a proven per-head RMSNorm of q and of k into ``fused_qk_norm_rope_inplace`` (and, with the
+KV-store extension, ``fused_qk_norm_rope_kv_store_inplace``).
+
+Compiled with ``backend="rope_compile"`` and the CPU test options: a Qwen3-style hand-written
+layer (``q_norm`` / ``k_norm`` as HF's ``Qwen3RMSNorm``, or Gemma3's ``(1 + w)`` form; RoPE by
+``forward_native``), with and without sglang's KV store, and HF Qwen3 with a StaticCache (decode
+step) once the table-form ops are registered. Refusals: a norm output with another reader,
+different eps for q and k, a norm of the whole projection (OLMo2), each counted with its reason
+and results as eager.
+
+Refresh the inline graph after an intended change with::
+
+    EXPECTTEST_ACCEPT=1 python -m pytest tests/test_pass_qk_norm.py
+"""
+
+from __future__ import annotations
+
+import expecttest
+import pytest
+import torch
+from pass_helpers import CPU_OPTIONS, CaptureGraph, cpu_pass, fresh_compile, render_node
+from rope_compile.passes.fuse_kv_store import FuseKVStorePass
+from rope_compile.passes.fuse_qk_norm import FuseQKNormPass
+from test_pass_kv_store import _clone, _has_op, _inputs, _linear, compile_and_run, hf_decode
+from torch import nn
+
+from rope_compile import FusedSetKVBufferArg, RotaryEmbedding
+
+T, HQ, HK, D = 3, 4, 2, 128
+NORM_CALL = "rope_compile.fused_qk_norm_rope_inplace.default("
+NORM_KV_CALL = "rope_compile.fused_qk_norm_rope_kv_store_inplace.default("
+
+
+class RMSNorm(nn.Module):
+    """HF ``Qwen3RMSNorm`` (``gemma=False``) or ``Gemma3RMSNorm`` (``gemma=True``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, gemma: bool = False, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(dim, generator=g) * 0.1 + (0.0 if gemma else 1.0))
+        self.eps, self.gemma = eps, gemma
+
+    def forward(self, hidden):
+        if self.gemma:
+            x = hidden.float()
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (x * (1.0 + self.weight.float())).type_as(hidden)
+        dtype = hidden.dtype
+        hidden = hidden.to(torch.float32)
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        hidden = hidden * torch.rsqrt(variance + self.eps)
+        return self.weight * hidden.to(dtype)
+
+
+class Qwen3StyleLayer(nn.Module):
+    """qkv -> split -> per-head q_norm / k_norm -> forward_native (optionally with sglang's
+    KV store). ``variant``: "other_reader" also returns the normalised q; "eps" gives k_norm
+    another eps; "whole" normalises the whole q and k projections (OLMo2)."""
+
+    def __init__(self, dtype=torch.float32, gemma=False, store=False, variant="") -> None:
+        super().__init__()
+        self.qkv = _linear((HQ + 2 * HK) * D, 2)
+        self.rope = RotaryEmbedding(D, D, 64, 10000.0, True, torch.float32)
+        whole = variant == "whole"
+        self.q_norm = RMSNorm(HQ * D if whole else D, gemma=gemma, seed=1)
+        self.k_norm = RMSNorm(HK * D if whole else D, 1e-5 if variant == "eps" else 1e-6,
+                              gemma=gemma, seed=2)
+        self.qkv.to(dtype)
+        self.q_norm.to(dtype)
+        self.k_norm.to(dtype)
+        self.store, self.variant = store, variant
+
+    def forward(self, positions, x, k_buffer, v_buffer, loc):
+        q, k, v = self.qkv(x).split([HQ * D, HK * D, HK * D], dim=-1)
+        if self.variant == "whole":
+            q, k = self.q_norm(q), self.k_norm(k)
+        else:
+            q = self.q_norm(q.view(T, HQ, D)).view(T, HQ * D)
+            k = self.k_norm(k.view(T, HK, D)).view(T, HK * D)
+        arg = FusedSetKVBufferArg(value=v, k_buffer=k_buffer, v_buffer=v_buffer, k_scale=None,
+                                  v_scale=None, cache_loc=loc) if self.store else None
+        q2, k2 = self.rope.forward_native(positions, q, k, fused_set_kv_buffer_arg=arg)
+        if self.variant == "other_reader":
+            return q2, k2, q
+        return q2, k2
+
+
+def _run(model, dtype=torch.float32):
+    inputs = _inputs(dtype)
+    eager_inputs = _clone(inputs)
+    with torch.no_grad():
+        expected = model(*eager_inputs)
+    out, code, counts = compile_and_run(model, inputs)
+    return out, expected, inputs, eager_inputs, code, counts
+
+
+def _close(got, want, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    else:  # bf16: about one ulp (the fused kernel's sum of squares runs in another order)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gemma", [False, True], ids=["qwen3", "gemma3"])
+def test_qwen3_style_norm_rope(dtype, gemma):
+    out, expected, *_, code, counts = _run(Qwen3StyleLayer(dtype, gemma), dtype)
+    assert counts == {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1}
+    assert code.count(NORM_CALL) == 1
+    assert "rsqrt" not in code  # no norm left to Inductor
+    for got, want in zip(out, expected, strict=True):
+        _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_qwen3_style_norm_rope_kv_store(dtype):
+    out, expected, inputs, eager_inputs, code, counts = _run(
+        Qwen3StyleLayer(dtype, store=True), dtype)
+    assert counts == {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1,
+                      "kv_store rewritten": 1}
+    assert code.count(NORM_KV_CALL) == 1
+    assert "index_put" not in code
+    for got, want in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
+        _close(got, want, dtype)
+    # The k rows hold exactly the compiled (normalised, rotated) k.
+    rows = inputs[4]
+    assert torch.equal(inputs[2][rows], out[1].view(T, HK, D))
+
+
+@pytest.mark.parametrize("variant, reason", [
+    ("other_reader", "the q norm output has another reader"),
+    ("eps", "q and k norms use different eps (1e-06 vs 1e-05)"),
+    ("whole", "the q norm normalises [.., 512], not each head (the rotated heads are not its "
+              "last-but-one dim)"),
+])
+def test_refused(variant, reason):
+    out, expected, *_, code, counts = _run(Qwen3StyleLayer(variant=variant))
+    assert counts == {"pairs_found": 1, "rewritten": 1, f"qk_norm skipped: {reason}": 1}
+    assert NORM_CALL not in code
+    for got, want in zip(out, expected, strict=True):
+        _close(got, want, torch.float32)
+
+
+class TestRewrittenGraph(expecttest.TestCase):
+    def test_qwen3_style_fp32_graph(self):
+        after = CaptureGraph()
+        passes = (cpu_pass(), FuseQKNormPass(**CPU_OPTIONS), FuseKVStorePass(**CPU_OPTIONS),
+                  after)
+        with fresh_compile(), torch._inductor.config.patch(post_grad_custom_post_pass=passes):
+            torch.compile(Qwen3StyleLayer())(*_inputs())
+        region = [render_node(n) for n in after.graphs[0].nodes
+                  if n.op == "call_function" and "permute" not in n.name
+                  and not n.name.startswith("mm")]
+        self.assertExpectedInline("\n".join(region) + "\n", """\
+auto_functionalized_v2_1 = auto_functionalized_v2(
+    rope_compile.fused_qk_norm_rope_inplace.default,
+    cos_sin_cache=arg5_1,
+    positions=arg4_1,
+    rotary_dim=128,
+    is_neox=True,
+    q_weight=arg2_1,
+    k_weight=arg3_1,
+    eps=1e-06,
+    weight_offset=0.0,
+    _q_base_index=0,
+    _q_size=(3, 4, 128),
+    _q_stride=(1024, 128, 1),
+    _q_storage_offset=0,
+    _k_base_index=0,
+    _k_size=(3, 2, 128),
+    _k_stride=(1024, 128, 1),
+    _k_storage_offset=512,
+    _all_bases=[mm])
+getitem_11: f32[3, 1024] = auto_functionalized_v2_1[1]
+split_with_sizes_2 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
+getitem_13: f32[3, 256] = split_with_sizes_2[1]
+view_9: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, 2, 128])
+split_with_sizes_1 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
+getitem_12: f32[3, 512] = split_with_sizes_1[0]
+view_8: f32[3, 4, 128] = aten.reshape.default(getitem_12, [3, 4, 128])
+clone_default: f32[3, 4, 128] = aten.clone.default(
+    view_8,
+    memory_format=torch.contiguous_format)
+clone_default_1: f32[3, 2, 128] = aten.clone.default(
+    view_9,
+    memory_format=torch.contiguous_format)
+view_5: f32[3, 512] = aten.reshape.default(clone_default, [3, 512])
+view_7: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
+""")
+
+
+@pytest.mark.skipif(not _has_op("fused_qk_norm_rope_kv_store_tables_inplace"),
+                    reason="the table-form QK-norm + KV-store op is not registered")
+def test_hf_qwen3_static_cache_decode():
+    expected, got, eager_cache, cache, code, counts = hf_decode("qwen3")
+    assert counts == {"pairs_found": 2, "rewritten": 2, "qk_norm rewritten": 2,
+                      "kv_store rewritten": 2}
+    assert code.count("fused_qk_norm_rope_kv_store_tables_inplace.default(") == 2
+    assert "index_copy" not in code and "index_put" not in code
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for mine, theirs in zip(cache.layers, eager_cache.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
