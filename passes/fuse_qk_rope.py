@@ -395,8 +395,8 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
     with torch._guards.detect_fake_mode(root_vals) or contextlib.nullcontext():
         if rows is not None:
             try:
-                validate_qk_rope_tables(views[0], views[1], rows[0].fake(rot // 2),
-                                        rows[1].fake(rot // 2), rot)
+                validate_qk_rope_tables(views[0], views[1], rows[0].fake(), rows[1].fake(),
+                                        rot, q.trig.sections)
             except ValueError as err:
                 raise PlanError(f"the op would reject the call: {err}") from None
             outputs = [layout for layout in map(_graph_output_layout, (q, k)) if layout]
@@ -423,33 +423,45 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
 
 
 def _plan_table_rows(q: RopeMatch, views) -> tuple[TableRows, TableRows] | None:
-    """The model's cos and sin tables read in place as ``[R, rot/2]`` rows by the tables op,
-    or None (the pass then builds a ``[T, rot]`` cache, as before) with the reason logged."""
+    """The model's cos and sin tables read in place by the tables op: ``[R, rot/2]`` rows (one
+    cos/sin per pair), ``[R, rot]`` (full tables, halves not proven equal) or ``[3, R, n]``
+    (mRoPE streams). None where there is no such reading: the pass then builds a ``[T, rot]``
+    cache, as before, with the reason logged; forms no cache can hold (full tables, mRoPE
+    streams) raise ``PlanError`` instead."""
     trig = q.trig
-    half = q.rotary_dim // 2
+    width = trig.table_width(q.rotary_dim)
     val = q.base.meta["val"]
     token_shape = [n for d, n in enumerate(val.shape[:-1]) if d != q.heads_dim]
     # gpt-fast / torchtune pair picks keep x's heads dim (size 1); HF tables may have one.
     heads_dim = q.heads_dim if isinstance(trig, PairTables) else trig.table_heads_dim
+    streams = trig.sections is not None
+    no_cache = trig.full_width or streams
+
+    def give_up(why: str) -> None:
+        if no_cache:
+            raise PlanError(f"{why} (no cos_sin_cache can hold "
+                            f"{'mRoPE streams' if streams else 'full cos/sin tables'})")
+        log.debug("rope_compile: building a cos/sin cache for %s: %s", q.output.name, why)
+        count("tables built")
+
     found = []
-    for view in (trig.cos_half_view, trig.sin_half_view):
-        rows, why = table_rows(view, heads_dim, token_shape, half)
+    for view in (trig.cos_view, trig.sin_view):
+        rows, why = table_rows(view, heads_dim, token_shape, width, streams)
         if rows is None:
-            log.debug("rope_compile: building a cos/sin cache for %s: %s", q.output.name, why)
-            count("tables built")
-            return None
+            return give_up(why)
         found.append(rows)
     try:
         with torch._guards.detect_fake_mode([val]) or contextlib.nullcontext():
             tokens = views[0].shape[0]
             for rows in found:
-                num_rows = rows.fake(half).shape[0]
+                num_rows = rows.fake().shape[-2]
                 if not statically_known_true(tokens % num_rows == 0):
                     raise ValueError(f"{num_rows} rows for {tokens} tokens")
     except Exception as err:
-        log.debug("rope_compile: building a cos/sin cache for %s: %r", q.output.name, err)
-        count("tables built")
-        return None
+        return give_up(repr(err))
+    if trig.full_width:
+        log.debug("rope_compile: %s reads full cos/sin tables ([R, %d] rows): %s",
+                  q.output.name, width, getattr(trig, "why", "") or "mRoPE streams")
     return found[0], found[1]
 
 
@@ -480,20 +492,22 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
     anchor = max(inputs, key=position.__getitem__)
     built = {}
     if plan.table_rows is not None:
-        # The model's own tables, read in place: [R, rot/2] views, made once per table.
-        half = q.rotary_dim // 2
+        # The model's own tables, read in place: [R, n] (or [3, R, n]) views, made once per
+        # table.
         memo_key = ("rows", plan.table_rows)
         if memo_key in tables:
             cos_rows, sin_rows = tables[memo_key]
             anchor = max([anchor, sin_rows], key=position.__getitem__)
         else:
             where = position[anchor]
-            cos_rows = plan.table_rows[0].build(tx, anchor, half)
-            sin_rows = plan.table_rows[1].build(tx, cos_rows, half)
+            cos_rows = plan.table_rows[0].build(tx, anchor)
+            sin_rows = plan.table_rows[1].build(tx, cos_rows)
             anchor = sin_rows
-            position.update({cos_rows: where, sin_rows: where})
+            position.update({n: where for n in tx.new_nodes if n not in position})
             built[memo_key] = (cos_rows, sin_rows)
         kwargs = {"cos": cos_rows, "sin": sin_rows, **plan.kwargs}
+        if q.trig.sections is not None:
+            kwargs["mrope_section"] = list(q.trig.sections)
         call_op = _tables_op()
     else:
         call_op = _fused_op()

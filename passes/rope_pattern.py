@@ -21,10 +21,12 @@ from torch.fx import Node
 
 from .trig_sources import (
     ComplexTables,
+    FullTables,
     GatheredCache,
     HalfTables,
     PairTables,
     PairwiseTables,
+    SectionedTables,
     TrigSource,
 )
 
@@ -166,13 +168,16 @@ class Operand:
 
 
 def trace_features(node: Node) -> Operand:
-    """Follow last-dim slices/splits and float casts from ``node`` outwards."""
+    """Follow last-dim slices/splits and float casts from ``node`` outwards. A cast is a level
+    of its own (the same elements in another dtype): the head may be the cast itself, as when
+    Gemma3's fp32 q_norm is cast to bf16 and RoPE'd in bf16."""
     count = _val(node).shape[-1]
     start, step, cast = 0, 1, False
     levels = []
     while True:
         if _float_cast(node):
             cast = True
+            levels.append((node, start, step))
             node = node.args[0]
             continue
         levels.append((node, start, step))
@@ -393,11 +398,13 @@ def _split_factor(node: Node) -> tuple[Node, Node, int]:
         table = factor
         while _float_cast(table):
             table = table.args[0]
-        x_val = _val(x)
-        if table.target is not aten.unsqueeze.default or x_val is None or x_val.dim() < 3:
+        x_val, t_val = _val(x), _val(table)
+        if table.target is not aten.unsqueeze.default or x_val is None or x_val.dim() < 3 or (
+                t_val is None or t_val.dim() > x_val.dim()):
             continue
-        heads_dim = table.args[1] % x_val.dim()
-        if 0 < heads_dim < x_val.dim() - 1:
+        # A table of lower rank (litgpt's [T, n].unsqueeze(-3)) broadcasts from the right.
+        heads_dim = table.args[1] % t_val.dim() + x_val.dim() - t_val.dim()
+        if 0 < heads_dim < x_val.dim() - 1 and table.args[1] % t_val.dim() != t_val.dim() - 1:
             return x, table.args[0], heads_dim
     raise NoMatch("product is not x times a cos/sin table unsqueezed on the heads dim")
 
@@ -432,21 +439,25 @@ def _keeps_rows(node: Node) -> bool:
 
 def _duplicated_halves(table: Node) -> Node:
     """Prove ``table[..., :n/2] == table[..., n/2:]``: an elementwise function (cos/sin, scalar
-    scale, casts) of ``cat((f, f), -1)`` or of its expand-and-reshape spelling. Returns f."""
-    node, trig = table, 0
+    scale, casts) of ``cat((f, f), -1)`` or of its expand-and-reshape spelling (before or
+    after cos/sin: any elementwise function keeps equal halves equal). Returns f."""
+    node = table
     while True:
-        if _float_cast(node):
-            node = node.args[0]
-        elif node.target in (aten.cos.default, aten.sin.default) and not trig:
-            trig, node = 1, node.args[0]
-        elif node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node) and (
-                _is_scalar(node.args[1])) or _keeps_rows(node):
-            node = node.args[0]
-        else:
+        elementwise = _float_cast(node) or node.target in (
+            aten.cos.default, aten.sin.default, aten.clone.default) or (
+                node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node)
+                and _is_scalar(node.args[1]))
+        if not (elementwise or _keeps_rows(node)):
             break
+        node = node.args[0]
     _require(node.op == "call_function", "cos/sin table is a graph input (a buffer computed "
              "outside the graph, as litgpt's cos/sin): its equal halves cannot be proven")
-    _require(trig == 1, "cos/sin table is not cos() or sin() of an angle table")
+    return _duplication_of(node)
+
+
+def _duplication_of(node: Node) -> Node:
+    """``node`` is ``cat((f, f), -1)`` or ``f`` expanded as ``(.., 2, n/2)`` and merged into
+    the last dim only: returns f, or raises NoMatch."""
     if node.target is aten.cat.default:
         parts = node.args[0]
         _require(len(parts) == 2 and parts[0] is parts[1] and _last_dim(
@@ -709,13 +720,15 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
     return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes)
 
 
-def match_head_base(block: RotatedBlock) -> Node:
+def match_head_base(block: RotatedBlock, dtype: torch.dtype | None = None) -> Node:
     """Step 2: the head ``x``, the level of slicing where x1, x2 (and the pass-through tail)
-    tile ``[0, head_size)``."""
+    tile ``[0, head_size)``; of such levels (a cast and its source), the first of ``dtype``
+    (the output's: eager rotates the cast values), else the first."""
     half = block.x1.count
     rot = 2 * half
     _require(block.x2.count == half, "x1 and x2 have different sizes")
     why = "x1 and x2 come from different tensors"
+    other_dtype = None
     for node, _, _ in block.x1.levels:
         starts = (block.x1.at(node), block.x2.at(node))
         val = _val(node)
@@ -737,7 +750,12 @@ def match_head_base(block: RotatedBlock) -> Node:
             continue
         if rot > width:
             continue
+        if dtype is not None and val.dtype != dtype:
+            other_dtype = other_dtype or node
+            continue
         return node
+    if other_dtype is not None:
+        return other_dtype
     raise NoMatch(why)
 
 
@@ -765,29 +783,126 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
         source = PairTables(cos.factor, sin.factor, cos.rows)
     elif not block.is_neox:
         # rotate_every_two multiplies x[..., 2i+1] by sin[..., 2i] and x[..., 2i] by
-        # sin[..., 2i+1]: RoPE only when each pair of columns is equal.
-        _pairwise_duplicated(cos)
-        _pairwise_duplicated(sin)
-        source = PairwiseTables(cos, sin, block.heads_dim)
+        # sin[..., 2i+1]: one cos/sin per pair when each pair of columns is equal, else the
+        # op reads every column (full tables: exactly the same formula).
+        try:
+            _pairwise_duplicated(cos)
+            _pairwise_duplicated(sin)
+            source = PairwiseTables(cos, sin, block.heads_dim)
+        except NoMatch as why:
+            source = FullTables(cos, sin, block.heads_dim, str(why))
     else:
         # rotate_half multiplies x[..., rot/2:] by sin[..., :rot/2] and x[..., :rot/2] by
-        # sin[..., rot/2:]: that is RoPE only when the halves are equal.
-        _duplicated_halves(cos)
-        _duplicated_halves(sin)
-        source = HalfTables(cos, sin)
-    has_heads = isinstance(source, (PairTables, PairwiseTables, ComplexTables))
+        # sin[..., rot/2:]: one cos/sin per pair when the halves are equal, else full tables.
+        source = _mrope_source(cos, sin, rot)
+        if source is None:
+            try:
+                _duplicated_halves(cos)
+                _duplicated_halves(sin)
+                source = HalfTables(cos, sin)
+            except NoMatch as why:
+                source = FullTables(cos, sin, None, str(why))
+    heads = block.heads_dim if isinstance(source, PairTables) else source.table_heads_dim
     token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != block.heads_dim]
-    width = half if isinstance(source, (PairTables, ComplexTables)) else rot
     for table in (source.cos, source.sin):
         shape = list(_val(table).shape)
-        if has_heads:
-            del shape[block.heads_dim]
-        # Each token dim of the table matches x's or broadcasts (1, e.g. over the batch).
-        _require(len(shape) == len(token_shape) + 1 and shape[-1] == width and all(
+        width = half if isinstance(source, (PairTables, ComplexTables)) else rot
+        if isinstance(source, SectionedTables):
+            width = shape[-1]  # rot/2 or rot, proven by _mrope_table
+            del shape[0]  # the 3 streams
+        if heads is not None:
+            del shape[heads]
+        # A lower-rank table broadcasts from the right; each token dim of the table matches
+        # x's or broadcasts (1, e.g. over the batch).
+        _require(0 < len(shape) <= len(token_shape) + 1,
+                 "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
+        shape = [1] * (len(token_shape) + 1 - len(shape)) + shape
+        _require(shape[-1] == width and all(
             _statically_equal(a, b) or _statically_equal(a, 1)
             for a, b in zip(shape[:-1], token_shape, strict=True)),
             "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
     return source
+
+
+def _stream_chunk(node: Node) -> tuple[Node, int, int, int] | None:
+    """``node`` = ``select(t[..., start:start + width], 0, stream)`` (or the select first):
+    returns (t, stream, start, width)."""
+    if node.target is aten.select.int and node.args[1] == 0 and isinstance(node.args[0], Node):
+        sliced = _last_dim_range(node.args[0])
+        if sliced is None or sliced[2] != 1:
+            return None
+        src, stream, start = sliced[0], node.args[2], sliced[1]
+    else:
+        sliced = _last_dim_range(node)
+        if sliced is None or sliced[2] != 1:
+            return None
+        picked = sliced[0]
+        if picked.target is not aten.select.int or picked.args[1] != 0:
+            return None
+        src, stream, start = picked.args[0], picked.args[2], sliced[1]
+    val, src_val = _val(node), _val(src)
+    if val is None or src_val is None or src_val.dim() != val.dim() + 1 or not isinstance(
+            val.shape[-1], int) or not _statically_equal(src_val.shape[0], 3):
+        return None
+    return src, stream, start, val.shape[-1]
+
+
+def _assembled_streams(node: Node) -> tuple[Node, tuple[int, ...]] | None:
+    """``node`` = ``cat([m[i % 3] for i, m in enumerate(t.split(sizes, -1))], -1)`` with t
+    ``[3, .., n]``, every column of t taken once, in order: (t, sizes), else None."""
+    if node.target is not aten.cat.default or not _last_dim(
+            node, node.args[1] if len(node.args) > 1 else 0):
+        return None
+    chunks = [_stream_chunk(part) if isinstance(part, Node) else None for part in node.args[0]]
+    if not chunks or None in chunks or len({id(c[0]) for c in chunks}) != 1:
+        return None
+    streams, offset = chunks[0][0], 0
+    for i, (_, stream, start, width) in enumerate(chunks):
+        if stream != i % 3 or start != offset:
+            return None
+        offset += width
+    if not _statically_equal(_val(streams).shape[-1], offset):
+        return None
+    return streams, tuple(c[3] for c in chunks)
+
+
+def _mrope_table(table: Node, rot: int) -> tuple[Node, tuple[int, int, int], bool] | None:
+    """mRoPE (HF Qwen2-VL): ``table`` (through casts) is assembled from 3 position streams
+    ``t`` by sections. Either ``cat((g, g), -1)`` with g assembled by ``sections`` from t
+    ``[3, .., rot/2]`` (transformers 5) or assembled by ``sections * 2`` from t
+    ``[3, .., rot]`` (``apply_multimodal_rotary_pos_emb``). Returns (t, sections, whether the
+    op must read all rot columns of t), or None."""
+    node = table
+    while _float_cast(node) or node.target is aten.clone.default:
+        node = node.args[0]
+    try:
+        half = _duplication_of(node)
+    except NoMatch:
+        half = None
+    if half is not None:
+        found = _assembled_streams(half)
+        if found is None or len(found[1]) != 3 or sum(found[1]) * 2 != rot:
+            return None
+        return found[0], found[1], False
+    found = _assembled_streams(node)
+    if found is None:
+        return None
+    streams, sizes = found
+    if len(sizes) != 6 or sizes[:3] != sizes[3:] or sum(sizes) != rot:
+        return None
+    try:  # equal halves of every stream: the op reads rot/2 columns of t
+        _duplicated_halves(streams)
+        return streams, sizes[:3], False
+    except NoMatch:
+        return streams, sizes[:3], True
+
+
+def _mrope_source(cos: Node, sin: Node, rot: int) -> SectionedTables | None:
+    found = _mrope_table(cos, rot), _mrope_table(sin, rot)
+    if None in found or found[0][1:] != found[1][1:]:
+        return None
+    (cos_streams, sections, full), (sin_streams, _, _) = found
+    return SectionedTables(cos_streams, sin_streams, sections, full)
 
 
 def match_rope(candidate: Node) -> RopeMatch:
@@ -795,7 +910,7 @@ def match_rope(candidate: Node) -> RopeMatch:
     the head it rotates, and where its cos/sin come from."""
     block = match_rotated_block(candidate)
     try:
-        base = match_head_base(block)
+        base = match_head_base(block, _val(candidate).dtype)
         trig = match_trig_source(block, base)
     except NearMiss:
         raise

@@ -24,18 +24,32 @@ ComplexTables      Meta Llama / torchtitan complex         ``cat(real, imag)`` o
                                                            ``arange(T)``
 =================  ======================================  ===================================
 
-Every per-token form also says where the model's own tables hold the ``rot/2`` distinct values
-of each token (for an op that reads the tables directly): ``cos_half_view`` and
-``sin_half_view`` are ``(node, column start, column step)``, the values being
-``node[..., start::step][..., :rot/2]``; ``table_heads_dim`` is the size-1 dim of those nodes
-that broadcasts over heads, or None when they are ``[..tokens.., n]`` (``PairTables``' picks
-keep the heads dim of their match: ``RopeMatch.heads_dim``).
+FullTables         HF ``rotate_half`` / ``rotate_every_two``  nothing: no ``[T, rot]`` cache can
+                   with cos/sin NOT proven to have equal   hold them (the tables op reads all
+                   halves / pairs (graph inputs: litgpt,   ``rot`` columns, ``[R, rot]`` rows)
+                   dynamic NTK; any table)
+SectionedTables    mRoPE (Qwen2-VL): the table assembled   nothing (the tables op reads the
+                   from ``[3, ..tokens.., n]`` streams by  ``[3, R, n]`` streams with
+                   sections (``m[i % 3]`` per chunk)       ``mrope_section``)
+=================  ======================================  ===================================
+
+Every per-token form also says where the model's own tables hold the values the tables op
+reads for each token: ``table_width(rot)`` columns, ``rot/2`` (one cos/sin per pair, when equal
+halves or pairs are proven, or the pair forms) or ``rot`` (``FullTables``: the op then computes
+``x_a*cos[a] - x_b*sin[a]``, ``x_b*cos[b] + x_a*sin[b]`` for each pair's columns (a, b), HF's
+formula for any cos/sin). ``cos_view`` and ``sin_view`` are ``TableView(node, start, step,
+part)``, the values being ``node[..., start::step][..., :width]`` (of ``view_as_real(node)[...,
+part]`` for a complex ``node``); ``table_heads_dim`` is the size-1 dim of those nodes that
+broadcasts over heads, or None when they are ``[..tokens.., n]`` (``PairTables``' picks keep the
+heads dim of their match: ``RopeMatch.heads_dim``); ``sections`` is the mRoPE section list
+(the view's node then has a leading dim of 3 streams), else None.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.fx import Node
@@ -43,6 +57,16 @@ from torch.fx import Node
 from .fx_surgery import GraphTransaction
 
 aten = torch.ops.aten
+
+
+class TableView(NamedTuple):
+    """Where a table holds what the tables op reads: ``node[..., start::step]`` (of
+    ``view_as_real(node)[..., part]`` when ``part`` is not None: a complex table)."""
+
+    node: Node | None
+    start: int = 0
+    step: int = 1
+    part: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,19 +105,24 @@ class _PerTokenTables:
     sin: Node
 
     table_form = True
+    # The op reads rot/2 columns (one cos/sin per pair) unless the form says otherwise.
+    full_width, sections = False, None
 
     def reads(self) -> tuple[Node, ...]:
         return (self.cos, self.sin)
 
     column_start, column_step, table_heads_dim = 0, 1, None
 
-    @property
-    def cos_half_view(self) -> tuple[Node, int, int]:
-        return self.cos, self.column_start, self.column_step
+    def table_width(self, rotary_dim: int) -> int:
+        return rotary_dim if self.full_width else rotary_dim // 2
 
     @property
-    def sin_half_view(self) -> tuple[Node, int, int]:
-        return self.sin, self.column_start, self.column_step
+    def cos_view(self) -> TableView:
+        return TableView(self.cos, self.column_start, self.column_step)
+
+    @property
+    def sin_view(self) -> TableView:
+        return TableView(self.sin, self.column_start, self.column_step)
 
     def _halves(self, tx, after, rotary_dim, heads_dim) -> tuple[Node, Node]:
         raise NotImplementedError
@@ -229,9 +258,15 @@ class ComplexTables(_PerTokenTables):
     def table_heads_dim(self) -> int:
         return self.heads_dim
 
-    # No real-valued node of the graph holds cos or sin (they are view_as_real(freqs_cis)[...,
-    # 0] and [..., 1], built by materialise): no in-place view, so the pass builds the cache.
-    cos_half_view = sin_half_view = (None, 0, 1)
+    # cos and sin are view_as_real(freqs_cis)[..., 0] and [..., 1]: read in place (column
+    # stride 2 of the complex storage).
+    @property
+    def cos_view(self) -> TableView:
+        return TableView(self.cos, 0, 1, 0)
+
+    @property
+    def sin_view(self) -> TableView:
+        return TableView(self.cos, 0, 1, 1)
 
     def reads(self) -> tuple[Node, ...]:
         return (self.cos,)
@@ -254,4 +289,70 @@ class ComplexTables(_PerTokenTables):
         return tuple(halves)
 
 
-TrigSource = GatheredCache | HalfTables | PairTables | PairwiseTables | ComplexTables
+@dataclass(frozen=True)
+class FullTables(_PerTokenTables):
+    """HF ``rotate_half`` / ``rotate_every_two`` whose cos/sin are not proven to have equal
+    halves (or pairs): graph inputs (litgpt's buffers, HF dynamic NTK after its graph break) or
+    any table the proof cannot follow. ``x * cos + rotate_half(x) * sin`` is still exactly what
+    the tables op computes from ``[R, rot]`` rows (``x_a*cos[a] - x_b*sin[a]``,
+    ``x_b*cos[b] + x_a*sin[b]``), so the op reads all ``rot`` columns. ``cos``/``sin`` are
+    ``[..tokens.., rot]`` (x-ranked with a size-1 heads dim at ``heads_dim`` when not None).
+    No ``[T, rot]`` cos_sin_cache can hold such tables: there is no materialised form."""
+
+    heads_dim: int | None = None
+    why: str = field(default="", compare=False)  # why equal halves were not proven (logs)
+
+    full_width = True
+
+    @property
+    def table_heads_dim(self) -> int | None:
+        return self.heads_dim
+
+    def pairing_key(self):
+        return ("full tables", value_key(self.cos), value_key(self.sin), self.heads_dim)
+
+    def describe_difference(self, other) -> str:
+        if not isinstance(other, FullTables):
+            return "q and k take cos/sin in different forms"
+        if value_key(self.sin) != value_key(other.sin):
+            return "q and k use different sin tables"
+        return "q and k use different cos tables"
+
+    def materialise(self, tx, after, rotary_dim, heads_dim, table_shape):
+        raise NotImplementedError("full cos/sin tables have no [T, rot] cos_sin_cache form")
+
+
+@dataclass(frozen=True)
+class SectionedTables(_PerTokenTables):
+    """mRoPE (HF Qwen2-VL / Qwen2.5-VL): the model's cos/sin table is assembled from three
+    position streams, ``cat([m[i % 3] for i, m in enumerate(t.split(sizes, -1))], -1)`` with
+    ``t`` = ``cos``/``sin`` ``[3, ..tokens.., n]``. The matcher proved the split sizes are
+    ``sections`` (n = rot/2, the assembled half then duplicated: ``cat((g, g), -1)``) or
+    ``sections * 2`` (n = rot, ``full_width``; equal per-stream halves proven make it rot/2
+    of the same node), that chunk i is stream ``i % 3`` and that the chunks are concatenated
+    in order: exactly what the tables op reads from ``[3, R, n]`` with ``mrope_section``."""
+
+    mrope_section: tuple[int, int, int] = (0, 0, 0)
+    full_width: bool = False
+
+    @property
+    def sections(self) -> tuple[int, int, int]:
+        return self.mrope_section
+
+    def pairing_key(self):
+        return ("sectioned tables", value_key(self.cos), value_key(self.sin),
+                self.mrope_section, self.full_width)
+
+    def describe_difference(self, other) -> str:
+        if not isinstance(other, SectionedTables):
+            return "q and k take cos/sin in different forms"
+        if self.mrope_section != other.mrope_section:
+            return "q and k use different mrope sections"
+        return "q and k use different cos/sin streams"
+
+    def materialise(self, tx, after, rotary_dim, heads_dim, table_shape):
+        raise NotImplementedError("mRoPE streams have no [T, rot] cos_sin_cache form")
+
+
+TrigSource = (GatheredCache | HalfTables | PairTables | PairwiseTables | ComplexTables
+              | FullTables | SectionedTables)

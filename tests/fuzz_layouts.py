@@ -111,7 +111,7 @@ SGLANG_KINDS = (
 HF_KINDS = (
     "hf_inputs",                 # q, k [B, H, S, D] graph inputs
     "hf_projection",             # split of [B, S, W], view(B, S, H, D).transpose(1, 2)
-    "hf_unequal_halves",         # angles cat((f, 1.5 f), -1): not RoPE with one table
+    "hf_unequal_halves",         # angles cat((f, 1.5 f), -1): full tables, still rewritten
     "hf_expand_k",               # k = k1.expand(B, H, S, D): stride-0 heads
     "hf_transposed",             # q = a.transpose(2, 3) of [B, H, D, S]: last stride S
     "hf_seq_first",              # q = a.permute(1, 2, 0, 3) of [S, B, H, D]: the token dims
@@ -132,7 +132,6 @@ NEVER_REWRITTEN = {
     "transposed_input": "x's last stride is H, not 1",
     "unbind_interleave": "x's last stride is 2, not 1",
     "expand_k": "k has stride-0 heads (expanded)",
-    "hf_unequal_halves": "cos/sin halves differ (not one RoPE table)",
     "hf_expand_k": "k has stride-0 heads (expanded)",
     "hf_transposed": "x's last stride is S, not 1",
 }
@@ -147,8 +146,9 @@ ORACLE_RULES = (
     "tensors, as_strided / select / permute views with last stride 1 included)",
     "as_strided_input/overlap (q and k share elements) -> 0",
     "hf_seq_first with B > 1 and S > 1 (token dims do not merge) -> 0, else 1",
-    "hf_inputs (contiguous [B, H, S, D]) with B > 1, S > 1 and H > 1 for q or k: the heads "
-    "dim sits between the token dims, which do not merge -> 0",
+    "hf_inputs and hf_unequal_halves (contiguous [B, H, S, D]; unequal halves are read as "
+    "full tables) with B > 1, S > 1 and H > 1 for q or k: the heads dim sits between the "
+    "token dims, which do not merge -> 0",
     "odd ops, dtype, style, partial rotary and output mode (pre-RoPE q/k returned too "
     "included) never change the count",
 )
@@ -186,7 +186,8 @@ class LayoutProgram:
             return 0
         if self.batch > 1 and self.num_tokens > 1 and (
                 self.kind == "hf_seq_first"
-                or (self.kind == "hf_inputs" and max(self.num_q_heads, self.num_kv_heads) > 1)):
+                or (self.kind in ("hf_inputs", "hf_unequal_halves")
+                    and max(self.num_q_heads, self.num_kv_heads) > 1)):
             return 0  # x's token dims (B, S) do not merge into one without a copy
         return 2 if self.kind in ("two_pairs", "axial") else 1
 

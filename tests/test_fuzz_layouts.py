@@ -87,7 +87,7 @@ def test_generator_covers_every_layout_kind():
     for kind in fl.KINDS:
         expected = {p.expected_rewrites for p in programs if p.kind == kind
                     and p.head_size == 128}
-        if kind in ("as_strided_input", "hf_seq_first", "hf_inputs"):
+        if kind in ("as_strided_input", "hf_seq_first", "hf_inputs", "hf_unequal_halves"):
             continue  # by variant / shape, below
         want = 0 if kind in fl.NEVER_REWRITTEN else (2 if kind in ("two_pairs", "axial") else 1)
         assert expected == {want}, (kind, expected)
@@ -125,8 +125,12 @@ def test_oracle_rules():
     assert expected(**hf, num_q_heads=2, num_kv_heads=1) == 0
     assert expected(**hf, num_q_heads=1, num_kv_heads=1) == 1
     assert expected(**{**hf, "batch": 1}, num_q_heads=4, num_kv_heads=2) == 1
-    for kind in ("transposed_input", "unbind_interleave", "expand_k", "hf_unequal_halves",
-                 "hf_expand_k", "hf_transposed"):
+    # Unequal halves are read as full tables: rewritten wherever hf_inputs is.
+    unequal = {**hf, "kind": "hf_unequal_halves"}
+    assert expected(**unequal, num_q_heads=2, num_kv_heads=1) == 0
+    assert expected(**unequal, num_q_heads=1, num_kv_heads=1) == 1
+    for kind in ("transposed_input", "unbind_interleave", "expand_k", "hf_expand_k",
+                 "hf_transposed"):
         assert expected(kind=kind, head_size=128) == 0, kind
 
 

@@ -11,10 +11,18 @@ reason. Checked for every family: fused calls in the generated code, the counter
 * torchtune ``RotaryPositionalEmbeddings`` (``cache[:seq_len]`` or ``cache[input_pos]``, pairs
   of (cos, sin)), and the complex ``freqs_cis`` form of Meta Llama / torchtitan
   (``view_as_real(view_as_complex(x pairs) * freqs_cis)``): GPT-J pairs, mirrored here.
-* litgpt (mirrored): cos/sin are buffers computed outside the graph, so their equal halves
-  cannot be proven: left alone with that reason.
-* Near-misses refused with a reason: an interleaved rotation with ``cat(f, f)`` tables (pairs
-  not equal).
+* Tables whose equal halves (or pairs) are not proven are read whole (``[R, rot]`` rows, the
+  tables op computes HF's formula for any cos/sin): litgpt (mirrored; cos/sin are buffers,
+  graph inputs), a hand-written HF layer with deliberately unequal halves, HF Llama with
+  dynamic NTK scaling (cos/sin are graph inputs after its graph break), an interleaved
+  rotation with ``cat(f, f)`` tables (pairs not equal).
+* HF Gemma3 in bf16 (q_norm's fp32 -> bf16 cast feeds RoPE: the cast is the RoPE input) and
+  fp32.
+* mRoPE: HF Qwen2-VL / Qwen2.5-VL text decoders (the table assembled from 3 position streams
+  by sections is read from the streams, ``mrope_section``), a mirror of the older
+  ``apply_multimodal_rotary_pos_emb`` (``mrope_section * 2`` on ``[3, B, S, D]``), and
+  near-misses of it (asymmetric sections, streams out of order) read as plain full tables.
+* The complex ``freqs_cis`` form reads ``view_as_real(freqs_cis)`` in place: no table built.
 """
 
 from __future__ import annotations
@@ -36,10 +44,15 @@ from pass_helpers import (  # noqa: E402
     count_fused_calls,
     cpu_pass,
     fresh_compile,
-    fused_nodes,
     rope_counters,
 )
-from rope_compile.passes.rope_pattern import NearMiss, NoMatch, match_rope  # noqa: E402
+from rope_compile.passes.fuse_qk_rope import find_rope_matches  # noqa: E402
+from rope_compile.passes.trig_sources import (  # noqa: E402
+    ComplexTables,
+    FullTables,
+    HalfTables,
+    SectionedTables,
+)
 from torch import nn  # noqa: E402
 from torch._inductor.graph import GraphLowering  # noqa: E402
 
@@ -75,37 +88,22 @@ def _compile_run(fn, *args, **options):
     return out, codes, rope_counters()
 
 
-def _check_rewritten(fn, *args, layers: int = LAYERS, **options):
+def _check_rewritten(fn, *args, layers: int = LAYERS, tol=None, **options):
     with fresh_compile():
         expected = fn(*args)
         out, codes, counts = _compile_run(fn, *args, **options)
     assert sum(count_fused_calls(c) for c in codes) == layers, counts
     assert counts.get("rewritten") == layers, counts
     assert not {k for k in counts if "error" in k}, counts
-    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(out, expected, **(tol or TOL))
     return counts
 
 
-def _check_left_alone(fn, args, reason: str, near_misses: int) -> None:
-    """No rewrite, no error, eager's values, and ``near_misses`` candidates whose matcher
-    verdict (``NearMiss``: RoPE's arithmetic, a proof step failed) names ``reason``."""
+def _sources(fn, *args) -> list:
+    """The trig source of every RoPE the matcher proves in the (first) post-grad graph."""
     with fresh_compile():
-        expected = fn(*args)
-    out, before, after, counts = capture_compile(fn, *args, rope_pass=cpu_pass())
-    torch.testing.assert_close(out, expected, **TOL)
-    assert not fused_nodes(after.graphs[0]), counts
-    assert not {k for k in counts if k == "rewritten" or "error" in k}, counts
-    assert all(reason in k for k in counts if k.startswith("missed")), counts
-    verdicts = []
-    for node in before.graphs[0].nodes:
-        if node.op == "call_function":
-            try:
-                match_rope(node)
-            except NearMiss as why:
-                verdicts.append(str(why))
-            except NoMatch:
-                pass
-    assert sum(reason in v for v in verdicts) == near_misses, verdicts
+        _, before, _, _ = capture_compile(fn, *args, rope_pass=cpu_pass())
+    return [m.trig for m in find_rope_matches(before.graphs[0])]
 
 
 def _logits(model):
@@ -261,7 +259,12 @@ def test_torchtune(input_pos):
 
 
 def test_complex_freqs_cis():
-    _check_rewritten(_Mirror("complex").eval(), _hidden(), None, 3)
+    """cos/sin = real/imag of ``view_as_real(freqs_cis)``, read in place (column stride 2):
+    no ``[T, rot]`` table is built."""
+    counts = _check_rewritten(_Mirror("complex").eval(), _hidden(), None, 3)
+    assert "tables built" not in counts, counts
+    assert all(isinstance(t, ComplexTables) for t in _sources(_Mirror("complex").eval(),
+                                                               _hidden(), None, 3))
 
 
 # litgpt: cos/sin from build_rope_cache, kept as buffers and sliced [:T] in forward.
@@ -323,13 +326,193 @@ class _Litgpt(nn.Module):
         return x
 
 
-def test_litgpt_left_alone_buffers_unprovable():
-    # Each layer: q and k, each as the partial-rotary cat and as its inner rotated block.
-    _check_left_alone(_Litgpt().eval(), (_hidden(),), "graph input", 4 * LAYERS)
+def test_litgpt_buffers_read_as_full_tables(caplog):
+    """litgpt's cos/sin are buffers (graph inputs): their equal halves cannot be proven, so
+    the op reads all rot columns of them in place (``[T, rot]`` rows of ``cos[:T]``)."""
+    with caplog.at_level(logging.DEBUG, logger="rope_compile"):
+        counts = _check_rewritten(_Litgpt().eval(), _hidden())
+    assert "tables built" not in counts, counts
+    full = [r.getMessage() for r in caplog.records if "reads full cos/sin tables" in
+            r.getMessage()]
+    assert len(full) == LAYERS and all("graph input" in m for m in full), full
+    sources = _sources(_Litgpt().eval(), _hidden())
+    assert len(sources) == 2 * LAYERS and all(isinstance(t, FullTables) for t in sources)
 
 
 # --------------------------------------------------------------------------------------------
-# 3. near-misses: the rotation's arithmetic without a provable RoPE
+# unequal halves: HF's formula for any cos/sin, read as full tables
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _UnequalHalvesLayer(nn.Module):
+    """An HF-style attention layer whose cos/sin halves differ on purpose (angles
+    ``cat(f, 1.5 f)``): ``q * cos + rotate_half(q) * sin`` is then not one-table RoPE, but the
+    tables op computes exactly that from full ``[R, rot]`` rows."""
+
+    def __init__(self, hidden: int = 256, heads: int = 2, head_dim: int = 128) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.h, self.d = heads, head_dim
+        self.qkv = nn.Linear(hidden, 3 * heads * head_dim, bias=False)
+        self.o = nn.Linear(heads * head_dim, hidden, bias=False)
+        inv_freq = 1.0 / (10_000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        freqs = torch.arange(s).float()[:, None] * self.inv_freq
+        angles = torch.cat((freqs, 1.5 * freqs), dim=-1)[None]  # [1, S, D], unequal halves
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        q, k, v = (t.view(b, s, self.h, self.d).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_hf_layer_with_unequal_halves_rewritten_exactly():
+    layer = _UnequalHalvesLayer().eval()
+    _check_rewritten(layer, _hidden(), layers=1)
+    sources = _sources(layer, _hidden())
+    assert len(sources) == 2 and all(isinstance(t, FullTables) for t in sources), sources
+    assert "cat((f, f), -1)" in sources[0].why, sources[0].why
+
+
+def test_hf_llama_dynamic_ntk_rewritten():
+    """HF's dynamic NTK update branches on the positions' maximum: the graph breaks there,
+    and the layers' graph takes cos/sin as inputs, read as full tables."""
+    model = _build(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        **COMMON, num_key_value_heads=1, head_dim=128, attn_implementation="sdpa",
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    _check_rewritten(_logits(model), _ids())
+
+
+# --------------------------------------------------------------------------------------------
+# HF Gemma3: q_norm's fp32 -> bf16 cast feeds RoPE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gemma3(dtype):
+    """In bf16, Gemma3's RMSNorm computes in fp32 and casts back: the cast (bf16, what eager
+    rotates) is the RoPE input. Rewritten in both dtypes; bf16 within bf16 rounding of eager
+    (what plain Inductor shows too)."""
+    model = _build(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        **COMMON, num_key_value_heads=1, head_dim=128, sliding_window=4)).to(dtype)
+    tol = TOL if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    _check_rewritten(_logits(model), _ids(), tol=tol)
+    if dtype == torch.bfloat16:  # the rewrite is as close to eager as plain Inductor
+        with fresh_compile():
+            expected = _logits(model)(_ids())
+            plain = torch.compile(_logits(model))(_ids())
+            ours, _, _ = _compile_run(_logits(model), _ids())
+        plain_err = (plain.float() - expected.float()).abs().max()
+        ours_err = (ours.float() - expected.float()).abs().max()
+        assert ours_err <= 2 * plain_err + 1e-2, (ours_err, plain_err)
+
+
+# --------------------------------------------------------------------------------------------
+# mRoPE
+
+
+def _mrope_positions(batch: int = 2, seq: int = 7) -> torch.Tensor:
+    """``[3, B, S]`` position streams that differ (temporal, height, width of a grid)."""
+    t = torch.arange(seq)
+    return torch.stack([t, t // 2, t % 3])[:, None].expand(3, batch, seq).contiguous()
+
+
+@pytest.mark.parametrize("name", ["Qwen2VL", "Qwen2_5_VL"])
+def test_hf_qwen_vl_text_mrope(name):
+    """The text decoder of HF Qwen2-VL / Qwen2.5-VL: cos/sin assembled from 3 position streams
+    by ``mrope_section`` (then duplicated): read from the ``[3, B, S, rot/2]`` streams with
+    ``mrope_section`` (pair tables), equal to eager."""
+    config = getattr(transformers, f"{name}TextConfig")(
+        **COMMON, num_key_value_heads=1, rope_scaling={
+            "rope_type": "default", "mrope_section": [16, 24, 24]})
+    model = _build(getattr(transformers, f"{name}TextModel"), config)
+
+    def fn(ids, positions):
+        return model(input_ids=ids, position_ids=positions).last_hidden_state
+
+    _check_rewritten(fn, _ids(), _mrope_positions())
+    sources = _sources(fn, _ids(), _mrope_positions())
+    assert len(sources) == 2 * LAYERS and all(
+        isinstance(t, SectionedTables) and t.sections == (16, 24, 24) and not t.full_width
+        for t in sources), sources
+
+
+def _assembled(t, sizes, order=lambda i: i % 3):
+    """``apply_multimodal_rotary_pos_emb``'s table: chunk i of the split picks stream
+    ``order(i)``."""
+    return torch.cat([m[order(i)] for i, m in enumerate(t.split(sizes, dim=-1))], dim=-1)
+
+
+class _MropeLayer(nn.Module):
+    """The older HF ``apply_multimodal_rotary_pos_emb``: cos/sin ``[3, B, S, D]`` split by
+    ``mrope_section * 2`` on the last dim, chunk i from stream i % 3, concatenated.
+    ``angles``: ``"duplicated"`` (``cat(f, f)``: per-stream halves equal) or ``"unequal"``;
+    ``sizes`` / ``order``: the split and the stream picks (near-misses)."""
+
+    def __init__(self, sizes=(16, 24, 24, 16, 24, 24), order=lambda i: i % 3,
+                 angles: str = "duplicated", hidden: int = 256, heads: int = 2,
+                 head_dim: int = 128) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.sizes, self.order, self.angles = list(sizes), order, angles
+        self.h, self.d = heads, head_dim
+        self.qkv = nn.Linear(hidden, 3 * heads * head_dim, bias=False)
+        inv_freq = 1.0 / (10_000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, positions):
+        b, s, _ = x.shape
+        freqs = positions[..., None].float() * self.inv_freq  # [3, B, S, D/2]
+        second = freqs if self.angles == "duplicated" else 1.5 * freqs
+        emb = torch.cat((freqs, second), dim=-1)  # [3, B, S, D]
+        cos = _assembled(emb.cos(), self.sizes, self.order).unsqueeze(1)
+        sin = _assembled(emb.sin(), self.sizes, self.order).unsqueeze(1)
+        q, k, v = (t.view(b, s, self.h, self.d).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("angles,full", [("duplicated", False), ("unequal", True)])
+def test_mrope_sections_times_two(angles, full):
+    """Sections proven (split sizes ``sections * 2``, stream i % 3, in order): the op reads
+    the ``[3, B, S, D]`` streams with ``mrope_section``, rot/2 columns when every stream's
+    halves are proven equal, all rot columns otherwise. Equal to eager either way."""
+    layer = _MropeLayer(angles=angles).eval()
+    _check_rewritten(layer, _hidden(), _mrope_positions(), layers=1)
+    sources = _sources(layer, _hidden(), _mrope_positions())
+    assert len(sources) == 2 and all(
+        isinstance(t, SectionedTables) and t.sections == (16, 24, 24) and t.full_width == full
+        for t in sources), sources
+
+
+@pytest.mark.parametrize("sizes,order", [
+    pytest.param((16, 24, 24, 24, 16, 24), lambda i: i % 3, id="asymmetric-sections"),
+    pytest.param((16, 24, 24, 16, 24, 24), lambda i: (i + 1) % 3, id="streams-rotated"),
+    pytest.param((16, 24, 24, 16, 24, 24), lambda i: 0 if i < 3 else i % 3,
+                 id="streams-mixed"),
+])
+def test_mrope_near_misses_read_as_plain_full_tables(sizes, order):
+    """Sections that do not repeat symmetrically, or chunks that do not pick stream i % 3:
+    never read as mRoPE streams (a wrong section would be read); the assembled table itself
+    is read as a plain full table, exactly."""
+    layer = _MropeLayer(sizes, order).eval()
+    _check_rewritten(layer, _hidden(), _mrope_positions(), layers=1)
+    sources = _sources(layer, _hidden(), _mrope_positions())
+    assert len(sources) == 2 and all(isinstance(t, FullTables) for t in sources), sources
+
+
+# --------------------------------------------------------------------------------------------
+# 3. interleaved tables
 
 
 def _every_two(x):
@@ -359,7 +542,19 @@ def test_interleaved_rewritten_with_repeat_interleave():
     _check_rewritten(fn, *_qk_inputs(), layers=1)
 
 
-def test_interleaved_with_cat_tables_refused():
-    """``cat(f, f)`` tables have equal halves, not equal pairs: not GPT-J RoPE."""
+def test_interleaved_with_cat_tables_read_as_full_tables():
+    """``cat(f, f)`` tables have equal halves, not equal pairs: not one-table GPT-J RoPE, but
+    exactly what the tables op computes from full ``[R, rot]`` rows (GPT-J columns)."""
     fn = _interleaved_with(lambda f: torch.cat((f, f), dim=-1))
-    _check_left_alone(fn, _qk_inputs(), "columns 2i and 2i+1 are not proven equal", 2)
+    _check_rewritten(fn, *_qk_inputs(), layers=1)
+    sources = _sources(fn, *_qk_inputs())
+    assert len(sources) == 2 and all(isinstance(t, FullTables) for t in sources), sources
+    assert "columns 2i and 2i+1 are not proven equal" in sources[0].why
+
+
+def test_equal_halves_keep_pair_tables():
+    """Proven equal halves keep reading rot/2 columns (half the table reads)."""
+    model = _build(transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        **COMMON, num_key_value_heads=1, head_dim=128, attn_implementation="sdpa"))
+    sources = _sources(_logits(model), _ids())
+    assert len(sources) == 2 * LAYERS and all(isinstance(t, HalfTables) for t in sources)

@@ -114,11 +114,13 @@ def _unequal_halves_program(device, duplicate):
         angles = duplicate(angles)  # [1, 2T, D]: duplicated along the sequence
         return _hf_rope(q, k, angles.cos(), angles.sin())
 
-    return fn, (q, k, inv_freq), 0
+    return fn, (q, k, inv_freq), 1
 
 
 def unequal_halves_repeat_interleave(device):
-    """Class 3: the table is duplicated along the sequence, not along its last dim."""
+    """Class 3: the table is duplicated along the sequence, not along its last dim: its halves
+    differ. Once a wrong rewrite, then refused; now read as full ``[R, rot]`` tables (HF's
+    formula for any cos/sin), which must give eager's values."""
     return _unequal_halves_program(device, lambda a: a.repeat_interleave(2, dim=1))
 
 
@@ -363,12 +365,26 @@ def test_pass_output_lints_and_rewrites_both_pairs_of_one_root():
 
 
 def test_near_misses_are_logged(caplog):
-    """A candidate with RoPE's arithmetic that a later proof step rejects says why at DEBUG."""
+    """A candidate with RoPE's arithmetic that a later proof step rejects says why at DEBUG:
+    cos from one gather, sin from a gather at other positions."""
     import logging
 
-    fn, args, _ = unequal_halves_repeat_interleave("cpu")
+    g, cache, positions = _inputs("cpu")
+    other = (positions + 1) % MAX_POS
+    q, k = _randn(g, T, H, D, device="cpu"), _randn(g, T, H, D, device="cpu")
+
+    def rope(x, positions, other):
+        cos = cache.index_select(0, positions).chunk(2, -1)[0].unsqueeze(-2)
+        sin = cache.index_select(0, other).chunk(2, -1)[1].unsqueeze(-2)
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+    def fn(q, k, positions, other):
+        return rope(q, positions, other), rope(k, positions, other)
+
     with fresh_compile(), caplog.at_level(logging.DEBUG, logger="rope_compile"):
-        torch.compile(fn, backend="rope_compile", options={"devices": ("cpu",)})(*args)
+        torch.compile(fn, backend="rope_compile", options={"devices": ("cpu",)})(
+            q, k, positions, other)
     messages = [r.getMessage() for r in caplog.records if r.name == "rope_compile"]
-    assert any("not rewriting RoPE-like" in m and "another dim is merged" in m
+    assert any("not rewriting RoPE-like" in m and "different positions" in m
                for m in messages), messages
