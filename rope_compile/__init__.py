@@ -85,3 +85,9 @@ __all__ += [
     "fused_qk_norm_rope_tables_inplace",
     "fused_qk_rope_kv_store_tables_inplace",
 ]
+
+# Q+K RoPE from the angles of a model's cos/sin tables (HF's fp32 freqs): cos/sin computed in
+# the kernel as the model's chain computes its table, which is then never built.
+from .ops import ANGLES_OP_NAME, fused_qk_rope_with_angles_inplace  # noqa: E402
+
+__all__ += ["ANGLES_OP_NAME", "fused_qk_rope_with_angles_inplace"]

@@ -217,3 +217,31 @@ def register_tables(lib: torch.library.Library) -> None:
         _mrope_inverse, lambda q, k, cache, pos, rot, neox, sections: (rot, neox, sections))
     for op, kernel in ((tables, tables_autograd), (mrope, mrope_autograd)):
         lib.impl(op._schema.name.split("::")[1], kernel, "Autograd", with_keyset=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The angles op: its tables are pair tables, so its inverse is the op again with sin negated,
+# i.e. with sin_scale negated (rounding to the table dtype is odd: round(-x) = -round(x)).
+
+
+def _angles_inverse(grad, angles, _angles, cos_scale, sin_scale, table_dtype, rotary_dim,
+                    is_neox, mrope_section, fresh):
+    g = _writable_grad(grad, fresh)  # [T, H, D]
+    no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))  # see _fused_inverse
+    torch.ops.rope_compile.fused_qk_rope_with_angles_inplace.default(
+        g, no_heads, angles, cos_scale, -sin_scale, table_dtype, rotary_dim, is_neox,
+        mrope_section)
+    return g
+
+
+def register_angles(lib: torch.library.Library) -> None:
+    """Register the Autograd kernel of the angles op on ``lib``. Its one read tensor, angles,
+    stands for both of the kernel's (cos_sin_cache, positions)."""
+    op = torch.ops.rope_compile.fused_qk_rope_with_angles_inplace.default
+    kernel = _autograd_kernel(
+        op, ("q", "k", "angles", "angles"),
+        lambda q, k, angles, cs, ss, dt, rot, neox, sections=None: (q, k, angles, angles),
+        _angles_inverse,
+        lambda q, k, angles, cs, ss, dt, rot, neox, sections=None: (cs, ss, dt, rot, neox,
+                                                                    sections))
+    lib.impl(op._schema.name.split("::")[1], kernel, "Autograd", with_keyset=True)

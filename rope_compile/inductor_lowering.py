@@ -183,6 +183,12 @@ def _shared_read_input(x):
     return fixed
 
 
+def _as_float(x):
+    """A float argument as a Python float (an int 1 would be specialized to a constexpr); a
+    symbolic one as it is."""
+    return float(x) if isinstance(x, int | float) else x
+
+
 def _register_tables_lowerings() -> None:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._inductor import ir
@@ -194,9 +200,10 @@ def _register_tables_lowerings() -> None:
     # rope_compile.kernels.rope_tables is imported when a graph uses the ops, not here.
 
     def launch(q, k, rotary_dim, is_neox, mrope_section, runtime_args, from_cache,
-               full_tables=False):
+               full_tables=False, angles_table_dtype=None):
         """``runtime_args(hq, hk)``: the kernel's runtime arguments for q/k's head counts;
-        ``full_tables``: TABLES ``rotary_dim`` wide (one cos/sin per feature)."""
+        ``full_tables``: TABLES ``rotary_dim`` wide (one cos/sin per feature);
+        ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype."""
         from .kernels.rope_tables import launch_shape
 
         num_tokens, num_q_heads, _ = q.get_size()
@@ -204,7 +211,8 @@ def _register_tables_lowerings() -> None:
         tokens_hint = _token_count_hint(num_tokens)
         shape = launch_shape(tokens_hint, hq, hk, rotary_dim, is_neox, q.get_device().type,
                              q.get_dtype().itemsize, from_cache=from_cache,
-                             mrope_section=mrope_section, full_tables=full_tables)
+                             mrope_section=mrope_section, full_tables=full_tables,
+                             angles_table_dtype=angles_table_dtype)
         kernel = _tables_kernel_with_warps(shape.options["num_warps"])
         ir.UserDefinedTritonKernel(
             kernel_idx=kernel_side_table.add_kernel(kernel),
@@ -233,6 +241,27 @@ def _register_tables_lowerings() -> None:
             q, k, cos, sin, q_stride=q.get_stride(), k_stride=k.get_stride(),
             cos_size=cos.get_size(), cos_stride=cos.get_stride(), sin_stride=sin.get_stride(),
             num_q_heads=hq, num_k_heads=hk), from_cache=False, full_tables=full)
+        return None
+
+    angles_op = torch.ops.rope_compile.fused_qk_rope_with_angles_inplace.default
+    angles_fallback = fallback_handler(angles_op, add_to_fallback_set=False)
+
+    @register_lowering(angles_op, type_promotion_kind=None)
+    def _lower_angles(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                      mrope_section=None):
+        if not on_gpu(q):
+            return angles_fallback(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim,
+                                   is_neox, mrope_section)
+        from .kernels.rope_tables import angles_runtime_args
+
+        # HF's freqs, a transposed view of an mm output, is passed as that view (any strides).
+        angles = _shared_read_input(angles)
+        launch(q, k, rotary_dim, is_neox, mrope_section, lambda hq, hk: angles_runtime_args(
+            q, k, angles, q_stride=q.get_stride(), k_stride=k.get_stride(),
+            angles_size=angles.get_size(), angles_stride=angles.get_stride(), num_q_heads=hq,
+            num_k_heads=hk, cos_scale=_as_float(cos_scale),
+            sin_scale=_as_float(sin_scale)), from_cache=False,
+            angles_table_dtype=table_dtype)
         return None
 
     mrope_op = torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default

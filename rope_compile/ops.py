@@ -494,3 +494,80 @@ def fused_qk_mrope_with_cos_sin_cache_inplace(
     (summing to ``rotary_dim/2``) that i lies in. ``positions`` ``[3, T]``, or ``[T]`` (text
     only: every stream the same)."""
     qk_mrope_cache_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox, list(mrope_section))
+
+
+# ---------------------------------------------------------------------------------------------
+# Q+K RoPE from the ANGLES of a model's cos/sin tables (HF's ``freqs = inv_freq (x) positions``,
+# fp32 ``[R, rotary_dim/2]``, any strides): the kernel computes each cos/sin as the model's
+# chain does, ``(cos(freqs) * cos_scale).to(table_dtype)``, so the table is never built (one
+# kernel less per forward than reading it). Same kernel as the tables op (its ANGLES source);
+# CPU: the tables reference on the table computed as eager computes it.
+
+from .reference import rope_angles_reference_  # noqa: E402
+from .validation import (  # noqa: E402, F401  (names re-exported for callers)
+    _ANGLES,
+    ANGLES_OP_NAME,
+    ANGLES_TABLE_DTYPES,
+    validate_qk_rope_angles,
+)
+
+_LIB.define(
+    f"{_ANGLES}(Tensor(a0!) q, Tensor(a1!) k, Tensor angles, float cos_scale, float sin_scale, "
+    "ScalarType table_dtype, int rotary_dim, bool is_neox, int[]? mrope_section=None) -> ()"
+)
+
+
+def _qk_rope_angles_cpu(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                        mrope_section=None) -> None:
+    validate_qk_rope_angles(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim,
+                            mrope_section)
+    rope_angles_reference_(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                           mrope_section)
+
+
+def _qk_rope_angles_triton(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                           mrope_section=None) -> None:
+    validate_qk_rope_angles(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim,
+                            mrope_section)
+    from .kernels.rope_tables import launch_qk_rope_angles
+
+    launch_qk_rope_angles(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                          mrope_section)
+
+
+def _qk_rope_angles_fake(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                         mrope_section=None) -> None:
+    validate_qk_rope_angles(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim,
+                            mrope_section)
+
+
+_register(_ANGLES, cpu=_qk_rope_angles_cpu, gpu=_qk_rope_angles_triton,
+          fake=_qk_rope_angles_fake)
+qk_rope_angles_op = torch.ops.rope_compile.fused_qk_rope_with_angles_inplace.default
+autograd.register_angles(_LIB)
+
+
+def fused_qk_rope_with_angles_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    angles: torch.Tensor,
+    cos_scale: float,
+    sin_scale: float,
+    table_dtype: torch.dtype,
+    rotary_dim: int,
+    is_neox: bool,
+    mrope_section: list[int] | None = None,
+) -> None:
+    """Rotate ``q`` ``[T, Hq, >= rotary_dim]`` and ``k`` ``[T, Hk, >= rotary_dim]`` in place in
+    one kernel launch, token t by the angles in row ``t % R`` of ``angles`` (float32
+    ``[R, rotary_dim/2]``, R divides T, any strides; ``[3, R, rotary_dim/2]`` streams split by
+    ``mrope_section``): exactly :func:`fused_qk_rope_with_cos_sin_tables_inplace` with the pair
+    tables ``cos = (torch.cos(angles) * cos_scale).to(table_dtype)`` and ``sin = (torch.sin(
+    angles) * sin_scale).to(table_dtype)`` (fp32 math; ``table_dtype`` float32, float16 or
+    bfloat16), which are computed in the kernel and never stored. HF's rotary modules give
+    ``angles = freqs``, ``cos_scale = sin_scale = attention_scaling``, ``table_dtype = x.dtype``.
+    GPU kernels take cos/sin from Triton's ``tl.cos``/``tl.sin``, as Inductor's own code for the
+    chain does; the CPU kernel from ``torch.cos``/``torch.sin``."""
+    sections = None if mrope_section is None else list(mrope_section)
+    qk_rope_angles_op(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                      sections)

@@ -241,3 +241,23 @@ def mrope_cache_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
     table = torch.cat([select_mrope_sections(rows[..., :half], mrope_section),
                        select_mrope_sections(rows[..., half:rotary_dim], mrope_section)], -1)
     _rotate_by_token_table_(q, k, table, rotary_dim, is_neox)
+
+
+def angles_tables(angles, cos_scale, sin_scale, table_dtype):
+    """The model's own cos/sin tables from its angles, as its elementwise chain computes them:
+    ``(cos(angles) * cos_scale).to(table_dtype)`` (likewise sin), cos/sin and the product in
+    float32 (HF's ``emb.cos() * attention_scaling`` then ``.to(x.dtype)``)."""
+    a = angles.to(torch.float32)
+    return ((torch.cos(a) * cos_scale).to(table_dtype),
+            (torch.sin(a) * sin_scale).to(table_dtype))
+
+
+def rope_angles_reference_(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim, is_neox,
+                           mrope_section=None) -> None:
+    """In-place RoPE of q/k by the pair tables :func:`angles_tables` computes from angles
+    ``[R, rotary_dim/2]`` (``[3, R, ...]`` with ``mrope_section``): the tables op's reference
+    applied to them."""
+    if q.shape[0] == 0:
+        return
+    cos, sin = angles_tables(angles, cos_scale, sin_scale, table_dtype)
+    rope_tables_reference_(q, k, cos, sin, rotary_dim, is_neox, mrope_section)

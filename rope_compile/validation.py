@@ -528,3 +528,44 @@ def validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_se
     _check_mrope_section(op, mrope_section, rotary_dim)
     _check_reads(op, q, k, rotary_dim,
                  (("cos_sin_cache", cos_sin_cache), ("positions", positions)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The angles op: the tables op's pair tables computed from HF's angles (kernels/rope_tables.py)
+
+ANGLES_OP_NAME = "rope_compile::fused_qk_rope_with_angles_inplace"
+_ANGLES = "fused_qk_rope_with_angles_inplace"
+# The dtypes a model's cos/sin table may be cast to (float32: no rounding).
+ANGLES_TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def validate_qk_rope_angles(q, k, angles, cos_scale, sin_scale, table_dtype, rotary_dim,
+                            mrope_section=None) -> None:
+    """Checks of ``fused_qk_rope_with_angles_inplace``: angles float32 ``[R, rotary_dim/2]``
+    (``[3, R, rotary_dim/2]`` with ``mrope_section``), R dividing the token count, any strides;
+    finite scales; a table dtype of ``ANGLES_TABLE_DTYPES``."""
+    op = _ANGLES
+    _check_rotated_qk(op, q, k, rotary_dim)
+    streams = mrope_section is not None
+    lead = "3, rows" if streams else "rows"
+    if not isinstance(angles, torch.Tensor) or angles.dtype != torch.float32:
+        _fail(op, f"angles must be a float32 tensor (the model's fp32 freqs), got "
+                  f"{getattr(angles, 'dtype', type(angles).__name__)}")
+    if (angles.dim() != (3 if streams else 2) or angles.shape[-1] != rotary_dim // 2
+            or (streams and angles.shape[0] != 3)):
+        _fail(op, f"angles must be [{lead}, rotary_dim/2 = {rotary_dim // 2}]"
+                  f"{' (mrope_section given)' if streams else ''}, got shape "
+                  f"{tuple(angles.shape)}")
+    for name, scale in (("cos_scale", cos_scale), ("sin_scale", sin_scale)):
+        if not _is_number(scale) or not _finite(scale):
+            _fail(op, f"{name} must be a finite number, got {scale!r}")
+    if table_dtype not in ANGLES_TABLE_DTYPES:
+        _fail(op, f"table_dtype must be one of {ANGLES_TABLE_DTYPES} (the dtype the model casts "
+                  f"its cos/sin table to), got {table_dtype!r}")
+    if streams:
+        _check_mrope_section(op, mrope_section, rotary_dim)
+    num_tokens, rows = q.shape[0], angles.shape[-2]
+    if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
+        _fail(op, f"the number of angle rows ({rows}) must divide the number of tokens "
+                  f"({num_tokens}): token t is rotated by row t % rows")
+    _check_reads(op, q, k, rotary_dim, (("angles", angles),))

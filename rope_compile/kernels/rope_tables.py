@@ -1,8 +1,9 @@
-"""Fused Q+K RoPE reading per-token cos/sin tables, or a cache through multi-row positions
-(mRoPE), and its launcher (no op registration here).
+"""Fused Q+K RoPE reading per-token cos/sin tables, the angles they are computed from, or a
+cache through multi-row positions (mRoPE), and its launcher (no op registration here).
 
 One launch rotates both q and k in place, as :mod:`rope_compile.triton_kernel` does, but the
-cos/sin of a token come from one of two sources, chosen by the constexpr ``FROM_CACHE``:
+cos/sin of a token come from one of three sources, chosen by the constexprs ``FROM_CACHE`` and
+``FROM_ANGLES``:
 
 * TABLES (``FROM_CACHE=False``): the model's own tables, e.g. HF transformers' ``cos``/``sin``
   halves or gpt-fast's ``freqs_cis[..., 0]``/``[..., 1]``; token ``t`` reads row ``t % R``
@@ -11,6 +12,11 @@ cos/sin of a token come from one of two sources, chosen by the constexpr ``FROM_
   tables' last dim (the constexpr ``FULL_TABLES``): pair tables ``ROT/2`` wide (one cos and
   one sin per pair) or full tables ``ROT`` wide (one per rotated feature: HF's whole
   ``cos``/``sin``, exact even when their halves differ, as for tables that are graph inputs).
+* ANGLES (``FROM_ANGLES=True``): the angles HF's rotary module takes cos/sin of (``freqs =
+  inv_freq (x) positions``, fp32, ``[R, ROT/2]``), row ``t % R`` as for TABLES; cos/sin are
+  computed here exactly as the model's elementwise chain ``(cos(freqs) * attention_scaling)
+  .to(dtype)`` computes its table (which Inductor would otherwise materialise in a kernel of
+  its own), so that no table is built.
 * CACHE (``FROM_CACHE=True``): sglang's ``cos_sin_cache`` with one row of positions per stream
   (Qwen2-VL's multimodal RoPE: temporal, height and width positions).
 
@@ -24,6 +30,10 @@ Shapes and strides (elements; only the last stride of q and k must be 1)::
                                    W = ROT/2 (pair tables) or ROT (full tables, FULL_TABLES);
                                    any strides: a [:, :ROT/2] slice, a (cos, sin) pair pick of
                                    [R, ROT/2, 2] (column stride 2), an expanded row (stride 0)
+      pos      unused (any pointer), R = num_rows divides T
+    ANGLES:
+      cos, sin the same angles [S, R, ROT/2], fp32, strides (cos_stream_stride, cos_row_stride,
+               cos_col_stride) for both (any strides: HF's freqs is a transposed mm output)
       pos      unused (any pointer), R = num_rows divides T
     CACHE:
       cos, sin the same [P, ROT] cache = cat(cos, sin), strides (0, row, col) for both
@@ -40,6 +50,10 @@ Math, per token t, head h and pair i < ROT/2, with st = stream(i)::
     pair TABLES: c1 = c2 = cos[st, t % R, i]      s1 = s2 = sin[st, t % R, i]
     full TABLES: c1 = cos[st, t % R, a]           s1 = sin[st, t % R, a]
                  c2 = cos[st, t % R, b]           s2 = sin[st, t % R, b]
+    ANGLES     : c1 = c2 = round(cos(A) * cos_scale)  s1 = s2 = round(sin(A) * sin_scale)
+                 with A = angles[st, t % R, i], cos/sin and * in fp32 (tl.cos / tl.sin: what
+                 Inductor's code for that chain uses), round = to TABLE_DTYPE and back (the
+                 dtype the model casts its table to; fp32: no rounding)
     CACHE      : c1 = c2 = cache[pos[st, t], i]   s1 = s2 = cache[pos[st, t], ROT/2 + i]
     x1' = x1 * c1 - x2 * s1
     x2' = x2 * c2 + x1 * s2
@@ -123,7 +137,8 @@ def fused_qk_rope_tables_kernel(
     k_ptr,
     cos_ptr,  # TABLES: cos [S, R, ROT/2] (or [S, R, ROT]: FULL_TABLES); CACHE: the cache [P, ROT]
     sin_ptr,  # TABLES: sin [S, R, ROT/2] (or [S, R, ROT]: FULL_TABLES); CACHE: the cache again
-    pos_ptr,  # CACHE: positions [S, T]; TABLES: never read
+    #           ANGLES: cos_ptr = sin_ptr = the angles [S, R, ROT/2] (read through cos_ptr)
+    pos_ptr,  # CACHE: positions [S, T]; TABLES, ANGLES: never read
     q_token_stride,
     q_head_stride,
     k_token_stride,
@@ -136,9 +151,11 @@ def fused_qk_rope_tables_kernel(
     sin_col_stride,
     pos_stream_stride,
     pos_token_stride,
-    num_rows,  # TABLES: R, token t reads row t % R; CACHE: unused
+    num_rows,  # TABLES, ANGLES: R, token t reads row t % R; CACHE: unused
     num_q_heads,
     num_k_heads,
+    cos_scale,  # ANGLES: the factor of cos(angle) (HF's attention_scaling); else unused
+    sin_scale,  # ANGLES: the factor of sin(angle); else unused
     ROT: tl.constexpr,
     HALF_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -147,6 +164,8 @@ def fused_qk_rope_tables_kernel(
     K_ITERS: tl.constexpr,
     FROM_CACHE: tl.constexpr,
     FULL_TABLES: tl.constexpr,  # TABLES only: cos/sin [S, R, ROT], one value per feature
+    FROM_ANGLES: tl.constexpr,  # cos/sin computed from angles [S, R, ROT/2]
+    TABLE_DTYPE: tl.constexpr,  # ANGLES: the dtype cos/sin are rounded to (tl.float32: none)
     NUM_STREAMS: tl.constexpr,
     SECTION_1_START: tl.constexpr,
     SECTION_2_START: tl.constexpr,
@@ -164,37 +183,48 @@ def fused_qk_rope_tables_kernel(
     else:
         stream = tl.zeros([HALF_PAD], dtype=tl.int64)
 
-    if FROM_CACHE:
-        # Row of column i: positions[stream(i), t] (three distinct addresses at most).
-        row = tl.load(pos_ptr + stream * pos_stream_stride + token * pos_token_stride,
-                      mask=cmask, other=0).to(tl.int64)
-        cos_offsets = row * cos_row_stride + i * cos_col_stride
-        sin_offsets = row * sin_row_stride + (HALF + i) * sin_col_stride
-    elif FULL_TABLES:
-        # Feature columns (a, b) of pair i: (i, i + ROT/2) neox, (2i, 2i + 1) GPT-J; both in
-        # stream(i). cos/sin below hold the columns a, cos_b/sin_b the columns b.
+    if FROM_ANGLES:
+        # The model's table entry, computed: round(cos(A) * scale) in fp32, A = angles[st, t % R,
+        # i]. Inductor's launcher may pass the scales as fp64: cast first.
+        cos_scale = tl.cast(cos_scale, tl.float32)
+        sin_scale = tl.cast(sin_scale, tl.float32)
         row = token % num_rows
-        if IS_NEOX:
-            col_a = i
-            col_b = i + HALF
-        else:
-            col_a = 2 * i
-            col_b = 2 * i + 1
-        cos_base = stream * cos_stream_stride + row * cos_row_stride
-        sin_base = stream * sin_stream_stride + row * sin_row_stride
-        cos_offsets = cos_base + col_a * cos_col_stride
-        sin_offsets = sin_base + col_a * sin_col_stride
-        cos_b = tl.load(cos_ptr + cos_base + col_b * cos_col_stride, mask=cmask,
-                        other=0.0).to(tl.float32)
-        sin_b = tl.load(sin_ptr + sin_base + col_b * sin_col_stride, mask=cmask,
-                        other=0.0).to(tl.float32)
+        angle_offsets = stream * cos_stream_stride + row * cos_row_stride + i * cos_col_stride
+        angle = tl.load(cos_ptr + angle_offsets, mask=cmask, other=0.0).to(tl.float32)
+        cos = (tl.cos(angle) * cos_scale).to(TABLE_DTYPE).to(tl.float32)
+        sin = (tl.sin(angle) * sin_scale).to(TABLE_DTYPE).to(tl.float32)
     else:
-        row = token % num_rows
-        cos_offsets = stream * cos_stream_stride + row * cos_row_stride + i * cos_col_stride
-        sin_offsets = stream * sin_stream_stride + row * sin_row_stride + i * sin_col_stride
-    # cos/sin of this token: loaded once, reused for every head of q and k.
-    cos = tl.load(cos_ptr + cos_offsets, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + sin_offsets, mask=cmask, other=0.0).to(tl.float32)
+        if FROM_CACHE:
+            # Row of column i: positions[stream(i), t] (three distinct addresses at most).
+            row = tl.load(pos_ptr + stream * pos_stream_stride + token * pos_token_stride,
+                          mask=cmask, other=0).to(tl.int64)
+            cos_offsets = row * cos_row_stride + i * cos_col_stride
+            sin_offsets = row * sin_row_stride + (HALF + i) * sin_col_stride
+        elif FULL_TABLES:
+            # Feature columns (a, b) of pair i: (i, i + ROT/2) neox, (2i, 2i + 1) GPT-J; both in
+            # stream(i). cos/sin below hold the columns a, cos_b/sin_b the columns b.
+            row = token % num_rows
+            if IS_NEOX:
+                col_a = i
+                col_b = i + HALF
+            else:
+                col_a = 2 * i
+                col_b = 2 * i + 1
+            cos_base = stream * cos_stream_stride + row * cos_row_stride
+            sin_base = stream * sin_stream_stride + row * sin_row_stride
+            cos_offsets = cos_base + col_a * cos_col_stride
+            sin_offsets = sin_base + col_a * sin_col_stride
+            cos_b = tl.load(cos_ptr + cos_base + col_b * cos_col_stride, mask=cmask,
+                            other=0.0).to(tl.float32)
+            sin_b = tl.load(sin_ptr + sin_base + col_b * sin_col_stride, mask=cmask,
+                            other=0.0).to(tl.float32)
+        else:
+            row = token % num_rows
+            cos_offsets = stream * cos_stream_stride + row * cos_row_stride + i * cos_col_stride
+            sin_offsets = stream * sin_stream_stride + row * sin_row_stride + i * sin_col_stride
+        # cos/sin of this token: loaded once, reused for every head of q and k.
+        cos = tl.load(cos_ptr + cos_offsets, mask=cmask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + sin_offsets, mask=cmask, other=0.0).to(tl.float32)
 
     q_token = q_ptr + token * q_token_stride
     for j in tl.static_range(Q_ITERS):
@@ -226,7 +256,11 @@ RUNTIME_ARGS = ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "pos_ptr",
                 "cos_stream_stride", "cos_row_stride", "cos_col_stride",
                 "sin_stream_stride", "sin_row_stride", "sin_col_stride",
                 "pos_stream_stride", "pos_token_stride",
-                "num_rows", "num_q_heads", "num_k_heads")
+                "num_rows", "num_q_heads", "num_k_heads", "cos_scale", "sin_scale")
+
+# ANGLES: the dtypes a model's table may be cast to (TABLE_DTYPE; float32 rounds nothing).
+TABLE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+                torch.bfloat16: tl.bfloat16}
 
 
 def _with_stream_dim(size, stride) -> tuple:
@@ -235,16 +269,29 @@ def _with_stream_dim(size, stride) -> tuple:
 
 
 def tables_runtime_args(q, k, cos, sin, *, q_stride, k_stride, cos_size, cos_stride,
-                        sin_stride, num_q_heads, num_k_heads) -> dict:
+                        sin_stride, num_q_heads, num_k_heads, cos_scale=1.0,
+                        sin_scale=1.0) -> dict:
     """``RUNTIME_ARGS`` -> value for the TABLES source: cos/sin ``[R, W]`` or ``[3, R, W]``,
-    W = ROT/2 or ROT (same sizes; ``sin_stride`` of sin's own layout)."""
+    W = ROT/2 or ROT (same sizes; ``sin_stride`` of sin's own layout). The ANGLES source
+    passes the angles as cos and sin, and its scales."""
     cos_strides = _with_stream_dim(cos_size, cos_stride)
     sin_strides = _with_stream_dim(cos_size, sin_stride)
     values = (q, k, cos, sin, cos,  # pos_ptr: never read, any tensor of the launch
               q_stride[0], q_stride[1], k_stride[0], k_stride[1],
               *cos_strides, *sin_strides, 0, 0,
-              cos_size[-2], num_q_heads, num_k_heads)
+              cos_size[-2], num_q_heads, num_k_heads, cos_scale, sin_scale)
     return dict(zip(RUNTIME_ARGS, values, strict=True))
+
+
+def angles_runtime_args(q, k, angles, *, q_stride, k_stride, angles_size, angles_stride,
+                        num_q_heads, num_k_heads, cos_scale, sin_scale) -> dict:
+    """``RUNTIME_ARGS`` -> value for the ANGLES source: angles ``[R, ROT/2]`` or
+    ``[3, R, ROT/2]``, read through cos_ptr (sin_ptr: the same tensor)."""
+    return tables_runtime_args(q, k, angles, angles, q_stride=q_stride, k_stride=k_stride,
+                               cos_size=angles_size, cos_stride=angles_stride,
+                               sin_stride=angles_stride, num_q_heads=num_q_heads,
+                               num_k_heads=num_k_heads, cos_scale=cos_scale,
+                               sin_scale=sin_scale)
 
 
 def cache_runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, cache_stride,
@@ -256,18 +303,23 @@ def cache_runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, ca
     values = (q, k, cos_sin_cache, cos_sin_cache, positions,
               q_stride[0], q_stride[1], k_stride[0], k_stride[1],
               *cache_strides, *cache_strides, *pos_strides,
-              1, num_q_heads, num_k_heads)
+              1, num_q_heads, num_k_heads, 1.0, 1.0)
     return dict(zip(RUNTIME_ARGS, values, strict=True))
 
 
 def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim: int,
                  is_neox: bool, device_type: str, elem_bytes: int, *, from_cache: bool,
-                 mrope_section=None, full_tables: bool = False) -> LaunchShape:
+                 mrope_section=None, full_tables: bool = False,
+                 angles_table_dtype: torch.dtype | None = None) -> LaunchShape:
     """The first kernel's head tiling and warps (``num_tokens`` may be a hint), plus the cos/sin
     source constexprs. ``mrope_section`` ``(s0, s1, s2)`` or None (one stream);
-    ``full_tables``: TABLES ``ROT`` wide (one cos/sin per feature), not ``ROT/2``."""
+    ``full_tables``: TABLES ``ROT`` wide (one cos/sin per feature), not ``ROT/2``;
+    ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype."""
     if full_tables and from_cache:
         raise ValueError("rope_tables: full_tables is a TABLES form; the CACHE has pair columns")
+    from_angles = angles_table_dtype is not None
+    if from_angles and (from_cache or full_tables):
+        raise ValueError("rope_tables: the ANGLES source has pair columns and no cache")
     shape = head_launch_shape(num_tokens, num_q_heads, num_k_heads, rotary_dim, is_neox,
                               device_type, elem_bytes)
     half = rotary_dim // 2
@@ -275,6 +327,8 @@ def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim
     source = {
         "FROM_CACHE": bool(from_cache),
         "FULL_TABLES": bool(full_tables),
+        "FROM_ANGLES": from_angles,
+        "TABLE_DTYPE": TABLE_DTYPES[angles_table_dtype] if from_angles else tl.float32,
         "NUM_STREAMS": 1 if mrope_section is None else 3,
         "SECTION_1_START": int(s0),
         "SECTION_2_START": int(s0) + int(s1),
@@ -312,6 +366,25 @@ def launch_qk_rope_tables(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     shape = launch_shape(q.shape[0], q.shape[1], k.shape[1], rotary_dim, is_neox,
                          q.device.type, q.element_size(), from_cache=False,
                          mrope_section=mrope_section, full_tables=cos.shape[-1] == rotary_dim)
+    _launch(q, k, args, shape)
+
+
+def launch_qk_rope_angles(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor,
+                          cos_scale: float, sin_scale: float, table_dtype: torch.dtype,
+                          rotary_dim: int, is_neox: bool, mrope_section=None) -> None:
+    """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place, token t by
+    ``round(cos(A) * cos_scale)``, ``round(sin(A) * sin_scale)`` of the angles ``A`` in row
+    ``t % R`` of ``angles`` ``[R, rotary_dim/2]`` (``[3, R, ...]`` with ``mrope_section``),
+    rounded to ``table_dtype``. Arguments are assumed valid (the op layer validates)."""
+    if q.shape[0] == 0:
+        return
+    args = angles_runtime_args(q, k, angles, q_stride=q.stride(), k_stride=k.stride(),
+                               angles_size=angles.shape, angles_stride=angles.stride(),
+                               num_q_heads=q.shape[1], num_k_heads=k.shape[1],
+                               cos_scale=float(cos_scale), sin_scale=float(sin_scale))
+    shape = launch_shape(q.shape[0], q.shape[1], k.shape[1], rotary_dim, is_neox,
+                         q.device.type, q.element_size(), from_cache=False,
+                         mrope_section=mrope_section, angles_table_dtype=table_dtype)
     _launch(q, k, args, shape)
 
 
