@@ -1,22 +1,47 @@
-"""Decode-step benchmark (issue 13's skeleton, RoPE alone for now): HF Qwen3-style (q/k norm)
-and Llama-style models with a transformers ``StaticCache``, one token per sequence per step.
+"""Decode-step benchmark (issue 13): the attention prologue (QK-norm, RoPE, KV-cache write)
+of one decode step, plain Inductor against ``backend="rope_compile"``, whose passes fuse RoPE
+(``FuseQKRopePass``), then extend the fused call over the per-head q/k RMSNorm
+(``passes/fuse_qk_norm.py``) and the KV-cache store (``passes/fuse_kv_store.py``). Three
+models, one token per sequence per step:
 
-    python benchmarks/bench_decode.py --out DIR [--models qwen3,llama] [--batches 1,8,64] \
-        [--modes default,reduce-overhead] [--layers 4] [--rounds 5]
+* ``qwen3``: HF Qwen3 (per-head q/k norm) with a transformers ``StaticCache``;
+* ``llama``: HF Llama (no q/k norm) with a ``StaticCache``;
+* ``sglang``: the sglang-style module path, ``rope_compile.demo.TinyDecoder`` (fused qkv
+  projection, per-head q/k RMSNorm, ``RotaryEmbedding.forward_native(...,
+  fused_set_kv_buffer_arg=FusedSetKVBufferArg(...))`` writing a paged ``[B * L, Hk, D]`` cache,
+  SDPA over the cache with a visibility mask; its MLP is ``2 * hidden`` wide).
+
+    python benchmarks/bench_decode.py --out DIR [--models sglang,qwen3,llama] \
+        [--batches 1,8,64] [--modes default,reduce-overhead] [--layers 4] [--rounds 5] \
+        [--budget-s 285]
     python benchmarks/bench_decode.py --device cpu --tiny --out DIR   # CPU smoke
 
-Per model, batch and mode (``default``; ``reduce-overhead``: CUDA graphs): a short eager
-prefill fills the cache, then ``model(ids[B, 1], <cache>, position_ids=[B, 1], cache_position)``
-decodes one token per sequence, the positions advancing step by step (the cache is rewound to
-the prefill before each timed run; a StaticCache step costs the same at every position).
-Plain Inductor (``torch.compile(model, mode=..., dynamic=False)``) against
+Per model, batch and mode (``default``; ``reduce-overhead``: CUDA graphs): the cache holds a
+``Size.prefill``-token prefix (16; HF: an eager prefill fills the StaticCache; sglang: random
+cache rows, the same for every run), then each step decodes one token per sequence (HF:
+``model(ids[B, 1], <cache>, position_ids=[B, 1], cache_position)``; sglang:
+``model(ids[B], positions[B], cache_loc[B], visible[B, 1, 1, L], k_caches, v_caches)`` from
+``rope_compile.demo.decode_inputs``), the positions advancing step by step (the cache is
+rewound to the prefill before each timed run; later rows stay, masked; a step costs the same at
+every position). Plain Inductor (``torch.compile(model, mode=..., dynamic=False)``) against
 ``backend="rope_compile"``, timed in ``--rounds`` interleaved rounds (order alternating); each
 round is the median of ``--iters`` synchronised steps. Reported: step ms (median of the round
 medians, min-max spread), speedup, max abs error of the first step's logits against eager,
-fused RoPE calls in the generated code and pairs rewritten, CUDA kernels per step and per layer
-and their GPU ms (torch.profiler), and the attention-prologue kernels per layer: in the
-profiled step's kernel sequence, the non-GEMM kernels from the layer's q/k/v projection GEMMs
-to its attention kernel (norms, RoPE, cache writes, casts: what issue 13 wants fused).
+fused calls in the generated code and which fusions the passes made (the ``rewritten``,
+``qk_norm rewritten`` and ``kv_store rewritten`` counters of
+``torch._dynamo.utils.counters["rope_compile"]``, read right after rope_compile's compile),
+CUDA kernels per step and per layer and their GPU ms (torch.profiler), and the
+attention-prologue kernels per layer: in the profiled step's kernel sequence, the non-GEMM
+kernels from the layer's q/k/v projection GEMM(s) to its attention kernel (norms, RoPE, cache
+writes, casts: what issue 13 wants fused). When the step has no attention kernel (SDPA's math
+fallback, e.g. GQA with a mask on CUDA without cuDNN attention, runs attention as two batched
+GEMMs), the layers are cut by their GEMM count instead and the prologue ends at the QK^T GEMM
+(it then also holds the math path's K/V casts and copies).
+
+``--budget-s`` (285 by default) keeps the default run (3 models x 3 batches x 2 modes) within
+about 5 minutes: once the mean case time so far says that the next case would end past it, the
+remaining cases are reported as skipped (run them with ``--models`` / ``--batches``); sglang
+runs first.
 
 Writes ``decode.md`` and ``decode.json`` to ``--out``.
 """
@@ -52,6 +77,9 @@ ALTS = ("inductor", "rope_compile")
 _GEMM = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas", re.I)
 _GEMM_AUX = re.compile(r"splitK|reduce_kernel", re.I)
 _ATTENTION = re.compile(r"fmha|flash|attention|sdpa|attn", re.I)
+# The rope_compile counters of the fusions the passes made (read right after the compile).
+FUSIONS = {"rewritten": "rewritten", "qk_norm_rewritten": "qk_norm rewritten",
+           "kv_store_rewritten": "kv_store rewritten"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +100,14 @@ TINY = Size(layers=1, hidden=256, heads=2, kv_heads=1, head_dim=128, intermediat
 
 
 def build(name: str, s: Size, device, dtype) -> nn.Module:
+    if name == "sglang":
+        from rope_compile.demo import TinyDecoder
+
+        torch.manual_seed(0)
+        model = TinyDecoder(layers=s.layers, hidden=s.hidden, num_heads=s.heads,
+                            num_kv_heads=s.kv_heads, head_dim=s.head_dim, vocab=s.vocab,
+                            dtype=dtype)
+        return model.to(device=device, dtype=dtype).eval()
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     config_cls, model_cls = {"qwen3": (Qwen3Config, Qwen3ForCausalLM),
@@ -84,7 +120,11 @@ def build(name: str, s: Size, device, dtype) -> nn.Module:
     return model_cls(config).to(device=device, dtype=dtype).eval()
 
 
-LABELS = {"qwen3": "HF Qwen3 (q/k norm)", "llama": "HF Llama"}
+LABELS = {"qwen3": "HF Qwen3 (q/k norm)", "llama": "HF Llama",
+          "sglang": "sglang-style (q/k norm, paged KV store)"}
+# Per model: (q/k/v projection GEMMs, GEMMs per layer with SDPA's math fallback: the
+# projections, QK^T and PV, o, the MLP's).
+GEMM_LAYOUT = {"qwen3": (3, 9), "llama": (3, 9), "sglang": (1, 6)}
 
 
 def _call_kwargs(model: nn.Module, cache, cache_position, position_ids) -> dict:
@@ -99,7 +139,7 @@ def _call_kwargs(model: nn.Module, cache, cache_position, position_ids) -> dict:
 
 
 class Decoder:
-    """One model's decode steps on its own StaticCache, filled by an eager prefill.
+    """One HF model's decode steps on its own StaticCache, filled by an eager prefill.
 
     ``step()`` decodes the next position (``fn`` is the model, compiled or not); ``rewind()``
     goes back to the first position after the prefill (the later cache rows stay, masked)."""
@@ -115,6 +155,7 @@ class Decoder:
         positions = torch.arange(s.cache_len, device=device)
         self.positions = [(positions[p:p + 1].clone(), positions[p:p + 1].expand(batch, 1)
                            .clone()) for p in range(s.prefill, s.cache_len)]
+        self.steps = len(self.positions)
         with torch.no_grad():
             model(prompt, **_call_kwargs(model, self.cache, positions[:s.prefill],
                                          positions[:s.prefill].expand(batch, -1)))
@@ -138,6 +179,49 @@ class Decoder:
                                            position_ids)).logits
 
 
+class PagedDecoder:
+    """The sglang-style model's decode steps (``rope_compile.demo.TinyDecoder``) on its own
+    paged caches: per layer ``k_cache`` / ``v_cache`` of ``[batch * cache_len, kv_heads,
+    head_dim]`` (sequence b owns rows ``[b * cache_len, (b + 1) * cache_len)``), random rows
+    standing for the prefill (the same for every decoder of a batch). Step n decodes position
+    ``prefill + n`` with ``decode_inputs``' ids, positions, cache rows and visibility mask (built
+    up front). The caches are static addresses (as a StaticCache's), so CUDA graphs can keep
+    their in-place writes; ``rewind()`` goes back to the first position after the prefill."""
+
+    def __init__(self, model: nn.Module, s: Size, batch: int, device, graphs: bool) -> None:
+        from rope_compile.demo import decode_inputs
+
+        layer = model.layers[0]
+        dtype = model.lm_head.weight.dtype
+        g = torch.Generator(device=device).manual_seed(batch)
+        shape = (batch * s.cache_len, layer.num_kv_heads, layer.head_dim)
+        self.k_caches, self.v_caches = (
+            [torch.randn(shape, generator=g, device=device).to(dtype) for _ in model.layers]
+            for _ in range(2))
+        for cache in (*self.k_caches, *self.v_caches):
+            torch._dynamo.mark_static_address(cache)
+        self.inputs = [decode_inputs(p, batch, s.cache_len, s.vocab, device)
+                       for p in range(s.prefill, s.cache_len)]
+        self.steps, self.graphs, self.next = len(self.inputs), graphs, 0
+
+    def rewind(self) -> None:
+        self.next = 0
+
+    def step(self, fn: Callable) -> torch.Tensor:
+        if self.next >= self.steps:
+            raise RuntimeError("decode steps beyond --cache-len; rewind() first")
+        inputs = self.inputs[self.next]
+        self.next += 1
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*inputs, self.k_caches, self.v_caches)
+
+
+def make_decoder(name: str, model: nn.Module, s: Size, batch: int, device, graphs: bool):
+    cls = PagedDecoder if name == "sglang" else Decoder
+    return cls(model, s, batch, device, graphs)
+
+
 def kernel_role(name: str) -> str:
     """``gemm``, ``gemm-aux`` (split-K reductions), ``attention`` or ``other``."""
     if name.startswith("triton"):
@@ -149,11 +233,24 @@ def kernel_role(name: str) -> str:
     return "gemm" if _GEMM.search(name) else "other"
 
 
-def prologue_kernels(names: Sequence[str], qkv_gemms: int = 3) -> list[int]:
+def prologue_kernels(names: Sequence[str], qkv_gemms: int = 3, layer_gemms: int = 0,
+                     layers: int = 0) -> list[int]:
     """Per attention kernel in ``names`` (one step's CUDA kernels in launch order): the
     non-GEMM kernels between the layer's q/k/v projections (the last ``qkv_gemms`` GEMMs
-    before it) and it. Empty when no attention kernel is recognised."""
+    before it) and it.
+
+    Without an attention kernel (SDPA's math fallback: QK^T and PV are batched GEMMs), given
+    ``layers`` layers of ``layer_gemms`` GEMMs each and one more GEMM (the lm head) after them:
+    per layer, the non-GEMM kernels between its first projection GEMM and the GEMM after its
+    ``qkv_gemms`` projections (QK^T). Empty when neither applies (no attention kernel, and not
+    exactly ``layers * layer_gemms + 1`` GEMMs)."""
     roles = [kernel_role(n) for n in names]
+    if "attention" not in roles:
+        gemms = [i for i, role in enumerate(roles) if role == "gemm"]
+        if not (layers and layer_gemms) or len(gemms) != layers * layer_gemms + 1:
+            return []
+        return [roles[gemms[first] + 1:gemms[first + qkv_gemms]].count("other")
+                for first in range(0, layers * layer_gemms, layer_gemms)]
     counts = []
     for i, role in enumerate(roles):
         if role != "attention":
@@ -203,23 +300,29 @@ def run_case(name: str, s: Size, batch: int, mode: str, device: str, dtype: torc
 
     on_cuda = torch.device(device).type == "cuda"
     row = {"model": LABELS[name], "key": name, "batch": batch, "mode": mode, "error": None}
+    qkv_gemms, layer_gemms = GEMM_LAYOUT[name]
     t0 = time.perf_counter()
     torch._dynamo.reset()
     counters["rope_compile"].clear()
     graphs = mode == "reduce-overhead"
     with torch.no_grad():
-        ref = Decoder(model, s, batch, device, graphs=False)
+        ref = make_decoder(name, model, s, batch, device, graphs=False)
         eager = ref.step(model).float()
+        del ref
         decoders, fns = {}, {}
         for alt in ALTS:
-            decoders[alt] = dec = Decoder(model, s, batch, device, graphs)
+            decoders[alt] = dec = make_decoder(name, model, s, batch, device, graphs)
             fns[alt] = fn = _compile(model, alt, mode, device)
             _, code = run_and_get_code(lambda dec=dec, fn=fn: dec.step(fn))
             row[f"fused_calls_{alt}"] = count_fused_calls("\n".join(code))
+            if alt == "rope_compile":  # the fusions of this compile, before any recompile
+                for key, counter in FUSIONS.items():
+                    row[key] = int(counters["rope_compile"].get(counter, 0))
+                row["graphs_from_cache"] = int(
+                    counters["rope_compile"].get("graphs_from_cache", 0))
             dec.step(fn)  # CUDA graphs: warm-up, then recording
             dec.rewind()
             row[f"max_err_{alt}"] = (dec.step(fn).float() - eager).abs().max().item()
-        row["rewritten"] = int(counters["rope_compile"].get("rewritten", 0))
         row["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
         row["compile_s"] = time.perf_counter() - t0
         if on_cuda:
@@ -230,12 +333,13 @@ def run_case(name: str, s: Size, batch: int, mode: str, device: str, dtype: torc
                 seq = kernel_sequence(lambda dec=dec, fn=fn: dec.step(fn))
                 row[f"kernels_{alt}"] = len(seq)
                 row[f"gpu_ms_{alt}"] = sum(us for _, us in seq) / 1e3
-                per_layer = prologue_kernels([n for n, _ in seq])
+                per_layer = prologue_kernels([n for n, _ in seq], qkv_gemms, layer_gemms,
+                                             s.layers)
                 row[f"prologue_{alt}"] = per_layer
                 row[f"kernel_names_{alt}"] = [n[:80] for n, _ in seq]
         for alt in ALTS:
             row[f"ms_rounds_{alt}"] = []
-        if iters + 2 > len(decoders[ALTS[0]].positions):  # 2 warm-up steps per round
+        if iters + 2 > decoders[ALTS[0]].steps:  # 2 warm-up steps per round
             raise ValueError(f"--iters {iters} needs --cache-len >= {s.prefill + iters + 2}")
         for r in range(rounds):
             for alt in ALTS if r % 2 == 0 else ALTS[::-1]:
@@ -268,22 +372,30 @@ def _per_layer(row: dict, alt: str, layers: int) -> str:
     return text
 
 
+def fusions(row: dict) -> str:
+    """The fused calls in the generated code and the fusions the passes made."""
+    return (f"{row['fused_calls_rope_compile']} (rope {row['rewritten']}, qk-norm "
+            f"{row.get('qk_norm_rewritten', 0)}, kv-store {row.get('kv_store_rewritten', 0)})")
+
+
 def results_table(rows: Sequence[dict], layers: int) -> str:
-    headers = ["model", "batch", "mode", "fused calls", "max abs err, Inductor / ours",
+    headers = ["model", "batch", "mode", "fused calls (rewritten: rope, qk-norm, kv-store)",
+               "max abs err, Inductor / ours",
                "kernels/step Inductor", "kernels/step ours", "GPU ms, Inductor / ours",
                "step ms Inductor (spread)", "step ms ours (spread)", "speedup"]
     body = []
     for r in rows:
         head = [r["model"], r["batch"], r["mode"]]
         if r["error"]:
-            body.append([*head, "error: " + r["error"][:120], *["-"] * 7])
+            prefix = "" if r["error"].startswith("skipped") else "error: "
+            body.append([*head, prefix + r["error"][:120], *["-"] * 7])
             continue
         gpu = (f"{r['gpu_ms_inductor']:.3f} / {r['gpu_ms_rope_compile']:.3f}"
                if r.get("gpu_ms_inductor") is not None else "-")
         skips = " (cudagraphs skipped!)" if r.get("cudagraph_skips") else ""
         body.append([
             *head[:2], r["mode"] + skips,
-            f"{r['fused_calls_rope_compile']} ({r['rewritten']} pairs)",
+            fusions(r),
             f"{r['max_err_inductor']:.3g} / {r['max_err_rope_compile']:.3g}",
             _per_layer(r, "inductor", layers), _per_layer(r, "rope_compile", layers), gpu,
             f"{r['ms_inductor']:.3f} ({r['ms_spread_inductor'][0]:.3f}-"
@@ -296,10 +408,14 @@ def results_table(rows: Sequence[dict], layers: int) -> str:
 
 
 LEGEND = (
-    "fused calls: fused RoPE calls in rope_compile's generated code (pairs rewritten). max abs "
-    "err: the first decode step's logits against eager. kernels/step: torch.profiler's CUDA "
-    "kernels in one step (per layer: / layers); prologue: the median over layers of the "
-    "non-GEMM kernels between a layer's q/k/v projection GEMMs and its attention kernel. GPU "
+    "fused calls: fused-op calls and kernel launches in rope_compile's generated code; "
+    "rewritten: the passes' counters right after the compile: RoPE pairs fused (rope), and of "
+    "those calls, extended over the q/k RMSNorm (qk-norm) and over the KV-cache write "
+    "(kv-store). max abs err: the first decode step's logits against eager. kernels/step: "
+    "torch.profiler's CUDA kernels in one step (per layer: / layers); prologue: the median over "
+    "layers of the non-GEMM kernels between a layer's q/k/v projection GEMM(s) and its "
+    "attention kernel (with SDPA's math fallback: its QK^T GEMM). sglang-style: "
+    "rope_compile.demo.TinyDecoder (fused qkv GEMM, paged cache, MLP 2 x hidden). GPU "
     "ms: the step's summed kernel durations. step ms: one synchronised step, the median over "
     "interleaved rounds (each the median of its steps) and the min-max of the round medians. "
     "speedup: Inductor / ours."
@@ -314,18 +430,24 @@ def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="write decode.md and decode.json here")
-    p.add_argument("--models", default="qwen3,llama", help="subset of qwen3,llama")
+    p.add_argument("--models", default="sglang,qwen3,llama",
+                   help="subset of qwen3,llama,sglang")
     p.add_argument("--batches", default=None, help="batch sizes (default 1,8,64; tiny 1,2)")
     p.add_argument("--modes", default="default,reduce-overhead",
                    help="default,reduce-overhead (reduce-overhead needs CUDA)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--iters", type=int, default=20, help="steps per round")
-    p.add_argument("--cache-len", type=int, default=None, help="StaticCache length (256)")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="KV-cache rows per sequence (256; tiny 64)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--tiny", action="store_true", help="1 layer, hidden 256 (CPU smoke runs)")
     p.add_argument("--dtype", default=None, choices=sorted(common.DTYPES),
                    help="bf16 (default), fp32 with --tiny")
+    p.add_argument("--budget-s", type=float, default=285,
+                   help="start no further case once the run would pass this many seconds "
+                        "(predicted from the mean case time so far; later cases are reported "
+                        "as skipped); 0: no limit")
     return p.parse_args(argv)
 
 
@@ -353,15 +475,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     header = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, "
               f"{str(dtype).removeprefix('torch.')}; {size.layers} layers, hidden "
               f"{size.hidden}, {size.heads}/{size.kv_heads} heads of {size.head_dim}, "
-              f"StaticCache {size.cache_len} after a {size.prefill}-token prefill; "
+              f"KV cache {size.cache_len} rows per sequence after a {size.prefill}-token "
+              f"prefill; "
               f"{args.rounds} rounds x {args.iters} steps")
     print(header, flush=True)
     t0 = time.perf_counter()
     rows = []
+    ran = 0
     for name in models:
         model = build(name, size, device, dtype)
         for batch in batches:
             for mode in modes:
+                elapsed = time.perf_counter() - t0
+                if args.budget_s and ran and elapsed * (ran + 1) / ran > args.budget_s:
+                    rows.append({"model": LABELS[name], "key": name, "batch": batch,
+                                 "mode": mode, "error": f"skipped: --budget-s {args.budget_s:g} "
+                                 f"(after {elapsed:.0f} s)"})
+                    print(f"{LABELS[name]} B={batch} [{mode}]: {rows[-1]['error']}", flush=True)
+                    continue
+                ran += 1
                 try:
                     row = run_case(name, size, batch, mode, device, dtype, model, args.rounds,
                                    args.iters)
@@ -373,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 rows.append(row)
                 print(f"{row['model']} B={batch} [{mode}]: " + (
                     f"ERROR {row['error']}" if row["error"] else
-                    f"fused {row['fused_calls_rope_compile']}, rewritten {row['rewritten']}, "
+                    f"fused {fusions(row)}, "
                     f"ms {row['ms_inductor']:.3f} / {row['ms_rope_compile']:.3f}, "
                     f"prologue {row.get('prologue_inductor')} / "
                     f"{row.get('prologue_rope_compile')}, {row['total_s']:.1f} s"), flush=True)

@@ -174,3 +174,46 @@ def test_decode_qwen3_tiny_cpu(tmp_path):
     assert len(row["ms_rounds_rope_compile"]) == 2 and row["speedup"] > 0
     assert "HF Qwen3" in (tmp_path / "decode.md").read_text()
     assert (tmp_path / "decode.json").exists()
+
+
+def test_decode_prologue_kernel_count_sglang():
+    """The sglang-style model (one fused qkv GEMM): with an attention kernel, and with SDPA's
+    math fallback (QK^T and PV as batched GEMMs), the layers cut by their GEMM count."""
+    bench = _bench("bench_decode")
+    qkv_gemms, layer_gemms = bench.GEMM_LAYOUT["sglang"]
+    layer_tail = ["nvjet_tst_o", "triton_red_fused_add_rms_norm_5", "nvjet_tst_gate_up",
+                  "triton_poi_fused_mul_silu_6", "nvjet_tst_down", "triton_red_fused_add_7"]
+    fused = ["triton_red_fused_rms_norm_0", "nvjet_tst_qkv", "fused_qk_norm_rope_kv_kernel",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", *layer_tail]
+    assert bench.kernel_role("fused_qk_norm_rope_kv_kernel") == "other"
+    assert bench.prologue_kernels(fused * 2 + ["nvjet_lm_head"], qkv_gemms) == [1, 1]
+    math = ["triton_red_fused_rms_norm_0", "nvjet_tst_qkv", "triton_red_fused_q_norm_1",
+            "triton_poi_fused_index_put_2", "triton_poi_fused_repeat_interleave_3",
+            "gemv2T_kernel_val", "triton_red_fused_softmax_4", "splitKreduce_kernel",
+            "sm90_xmma_gemm_f32f32", *layer_tail]
+    step = math * 2 + ["nvjet_lm_head"]
+    assert bench.prologue_kernels(step, qkv_gemms, layer_gemms, layers=2) == [3, 3]
+    assert bench.prologue_kernels(step, qkv_gemms, layer_gemms, layers=3) == []
+    assert bench.prologue_kernels(step, qkv_gemms) == []
+
+
+def test_decode_sglang_tiny_cpu(tmp_path):
+    """bench_decode end to end on CPU: the sglang-style TinyDecoder (q/k norm, forward_native
+    RoPE with a FusedSetKVBufferArg store into a paged cache), batch 2, two rounds."""
+    bench = _bench("bench_decode")
+    model = bench.build("sglang", bench.TINY, "cpu", torch.float32)
+    dec = bench.make_decoder("sglang", model, bench.TINY, 2, "cpu", graphs=False)
+    assert [tuple(c.shape) for c in dec.k_caches] == [(2 * bench.TINY.cache_len, 1, 128)]
+    with torch.no_grad():
+        assert dec.step(model).shape == (2, bench.TINY.vocab)
+    rows = bench.main(["--device", "cpu", "--tiny", "--models", "sglang", "--batches", "2,1",
+                       "--rounds", "2", "--iters", "2", "--budget-s", "1e-3",
+                       "--out", str(tmp_path)])
+    row, skipped = rows  # the first case ran; the second would pass --budget-s
+    assert skipped["batch"] == 1 and skipped["error"].startswith("skipped: --budget-s")
+    assert row["error"] is None and (row["key"], row["batch"]) == ("sglang", 2)
+    assert row["fused_calls_rope_compile"] == 1 and row["fused_calls_inductor"] == 0
+    assert (row["rewritten"], row["qk_norm_rewritten"], row["kv_store_rewritten"]) == (1, 1, 1)
+    assert row["max_err_rope_compile"] < 1e-4 and row["max_err_inductor"] < 1e-4
+    assert len(row["ms_rounds_rope_compile"]) == 2 and row["speedup"] > 0
+    assert "qk-norm 1, kv-store 1" in (tmp_path / "decode.md").read_text()
