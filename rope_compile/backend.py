@@ -27,6 +27,7 @@ from rope_compile.options import PASS_OPTIONS, split_and_validate_backend_option
 from rope_compile.passes.fuse_kv_store import FuseKVStorePass
 from rope_compile.passes.fuse_qk_norm import FuseQKNormPass
 from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
+from rope_compile.passes.fuse_trig_in_kernel import ComputeTrigInKernelPass
 
 __all__ = ["PASS_OPTIONS", "rope_compile_backend", "split_options"]
 
@@ -72,7 +73,7 @@ def _flatten(configured) -> list:
 _UNSET = object()
 
 
-_OUR_PASSES = (FuseQKRopePass, FuseQKNormPass, FuseKVStorePass)
+_OUR_PASSES = (FuseQKRopePass, FuseQKNormPass, FuseKVStorePass, ComputeTrigInKernelPass)
 
 
 def chained_post_grad_passes(rope_pass: FuseQKRopePass, configured=_UNSET,
@@ -102,7 +103,10 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
     patches = {**list_mode_options(mode or "default"), **config_patches}
     # A pass given in ``options`` is the user's too: chained before ours, never dropped.
     # Then the fusions that extend its calls: QK-norm before, the KV-cache store after.
-    extensions = (FuseQKNormPass(**pass_options), FuseKVStorePass(**pass_options))
+    # Last, a RoPE call that still reads the model's cos/sin tables computes them in the kernel
+    # from the angles where that is proven (no table kernel).
+    extensions = (FuseQKNormPass(**pass_options), FuseKVStorePass(**pass_options),
+                  ComputeTrigInKernelPass(**pass_options))
     patches["post_grad_custom_post_pass"] = chained_post_grad_passes(
         rope_pass, patches.get("post_grad_custom_post_pass", _UNSET), extensions)
     if hasattr(torch._inductor.config, STATIC_LAUNCH_USER_KERNELS):
