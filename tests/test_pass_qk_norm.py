@@ -202,3 +202,56 @@ def test_hf_qwen3_static_cache_decode():
     for mine, theirs in zip(cache.layers, eager_cache.layers, strict=True):
         torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# fault injection: an error inside the QK-norm pass
+
+
+def _raise(*args, **kwargs):
+    raise RuntimeError("injected qk_norm failure")
+
+
+@pytest.mark.parametrize("where", ["match_rms_norm", "rebase_views"],
+                         ids=["planning", "rewriting"])
+def test_injected_error_strict_reraises(monkeypatch, where):
+    from rope_compile.passes import fuse_qk_norm
+
+    monkeypatch.setattr(fuse_qk_norm, where, _raise)
+    with fresh_compile(), pytest.raises(Exception, match="injected qk_norm failure"):
+        torch.compile(Qwen3StyleLayer(), backend="rope_compile", options=CPU_OPTIONS)(*_inputs())
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["rope", "rope-kv-store"])
+@pytest.mark.parametrize("where", ["match_rms_norm", "rebase_views"],
+                         ids=["planning", "rewriting"])
+def test_injected_error_not_strict_costs_the_candidate_only(monkeypatch, where, store):
+    """strict=False: the error is counted (candidate_errors), the norm left to Inductor, the
+    RoPE rewrite (and the KV-store extension of it) kept, results as eager."""
+    from pass_helpers import rope_counters
+    from rope_compile.passes import fuse_qk_norm
+    from test_pass_kv_store import KV_CALL
+    from torch._inductor.utils import run_and_get_code
+
+    model = Qwen3StyleLayer(store=store)
+    inputs = _inputs()
+    eager_inputs = _clone(inputs)
+    with torch.no_grad():
+        expected = model(*eager_inputs)
+    monkeypatch.setattr(fuse_qk_norm, where, _raise)
+    with fresh_compile():
+        out, codes = run_and_get_code(
+            torch.compile(model, backend="rope_compile",
+                          options={**CPU_OPTIONS, "strict": False}), *inputs)
+        counts = rope_counters()
+    code = "\n".join(codes)
+    want = {"pairs_found": 1, "rewritten": 1, "candidate_errors": 1}
+    if store:
+        want["kv_store rewritten"] = 1
+    assert counts == want
+    assert NORM_CALL not in code and NORM_KV_CALL not in code
+    assert "rsqrt" in code  # the norm computed by Inductor
+    assert code.count(KV_CALL if store else
+                      "fused_qk_rope_with_cos_sin_cache_inplace.default(") == 1
+    for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
+        _close(got, want_, torch.float32)

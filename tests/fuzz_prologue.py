@@ -1,0 +1,786 @@
+"""Soundness fuzzer for the attention prologue: random programs of projection -> optional per-head
+RMSNorm of q and k -> RoPE -> optional KV-cache write of k and v -> an attention-like reader,
+compiled with ``backend="rope_compile"`` (``FuseQKRopePass``, then ``FuseQKNormPass`` and
+``FuseKVStorePass``) and checked against eager.
+
+A program (:class:`PrologueProgram`, drawn from ``random.Random(seed)``) is:
+
+* ``form``: ``sglang`` (``forward_native`` of ``[T, H, D]`` from a ``[max_pos, rot]``
+  cos_sin_cache, neox or GPT-J; paged ``[S, Hk, D]`` caches written at ``loc``, distinct random
+  rows) or ``hf`` (``q * cos + rotate_half(q) * sin`` over ``[B, H, S, D]``, tables computed in
+  the graph; a StaticCache-like ``[B, Hk, L, D]`` cache written at ``cache_position``);
+* ``source`` of q/k/v (:data:`SOURCES`): a qkv input split, a matmul (``x @ w``, exact), separate
+  q/k/v inputs, a qkv input whose rows are padded (a strided view);
+* head 128 (rewritten) or 64 (not in the default head sizes), full or partial rotary, GQA,
+  fp32/bf16/fp16, 1..17 tokens (odd counts included);
+* ``norm`` (:data:`NORMS`): none, Qwen3 ``w * (xf * rsqrt(var + eps)).to(dtype)``, Gemma3
+  ``(xf * rsqrt(var + eps) * (1 + w.float())).to(dtype)``, or a near-miss: another eps for k, a
+  norm output with another reader (the normalised q is returned), a norm of the whole ``[.., H *
+  D]`` projection;
+* ``store`` (:data:`STORES`): none, a write (sglang: ``k_cache[loc] = k`` / ``index_put_``,
+  optionally ``(k.float() / scale)``; the cache fp32/bf16/fp16, sometimes another dtype than q;
+  hf: ``index_copy_(2, cache_position, k)`` / ``cache[:, :, cache_position] = k``), or a
+  near-miss: an accumulating write (sglang ``accumulate=True``; hf ``cache[.., cp] += k``, a
+  read-modify-write), k and v written at different ``loc``, a k cache that is a view of the
+  projection's k region (sglang), a cache computed in the graph (``input * 0.5``: a clone
+  would vanish in functionalization, the write becoming a functional write of the input);
+* the reader: attention of q over the whole cache (or over k/v when nothing is stored); the
+  rotated q and k are outputs too.
+
+The oracle (:meth:`PrologueProgram.expected`) is computed from the drawn parameters alone (see
+:data:`ORACLE_RULES`): the counters ``rewritten``, ``qk_norm rewritten`` and ``kv_store
+rewritten``, and for a near-miss the ``... skipped: <reason>`` counter it must leave.
+
+Property, for each program (:func:`check_program`), compiled in a fresh dynamo state with the
+FX graph / AOTAutograd caches off:
+
+1. every output, and every input after the step (the caches: mutated in place), equals eager's
+   and is close to a float64 evaluation of the same program (tolerance by dtype); integer
+   inputs are unchanged;
+2. cache rows the step does not write are bit-identical to before the step; where the KV store
+   is fused, the written rows are bit for bit torch's cast of the compiled k (and ``/ scale``),
+   as ``tests/test_pass_kv_store.py`` checks;
+3. every output's strides equal eager's (size-1 dims: notes, as in ``fuzz_layouts.py``);
+4. no compile failure (CPU: ``strict=True``), no ``pass_errors`` / ``candidate_errors``;
+5. the counters equal the oracle's.
+
+A values / strides failure is re-run with plain Inductor (no passes): if the same failures show
+there, it is Inductor's own (``inductor_only``; printed, counted, not a failure of the passes).
+
+CLI (from the repo root; program i uses seed S+i)::
+
+    python tests/fuzz_prologue.py --device cpu --programs 300 --seed 0 --out stats.json
+    python tests/fuzz_prologue.py --device cuda --programs 200 --seed 100000 --time-limit 500
+
+``--device cpu`` compiles with ``options={"devices": ("cpu",), "strict": True}``; ``cuda`` with
+the default options, so the GPU lowering is in the loop. Exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+for _path in (str(_HERE), str(_HERE.parent)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import torch  # noqa: E402
+from fuzz_layouts import (  # noqa: E402  (registers the backend, sets TRITON_INTERPRET)
+    ALIGNED_HEADS,
+    MAX_POS,
+    TOLERANCES,
+    _Inputs,
+    _selection,
+    _to64,
+    _uniform,
+    _value_and_layout_failures,
+    compile_options,
+    rope_hf,
+    rope_native,
+)
+from pass_helpers import fresh_compile, rope_counters  # noqa: E402
+
+HIDDEN = 32
+FORMS = ("sglang", "hf")
+SOURCES = (
+    "qkv_input",   # q, k, v split from a qkv graph input
+    "qkv_mm",      # split from x @ w (a selection matrix: exact in every dtype)
+    "separate",    # q, k, v separate graph inputs
+    "strided",     # split from qkv[..., :W] of a row-padded input (row stride W + 8)
+)
+NORMS = ("none", "qwen3", "gemma", "eps", "other_reader", "whole")
+NEAR_NORMS = ("eps", "other_reader", "whole")
+STORES = ("none", "write", "accumulate", "other_loc", "overlap_view", "computed_cache")
+NEAR_STORES = ("accumulate", "other_loc", "overlap_view", "computed_cache")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EPS = 1e-6
+
+# The reason (a prefix of the counter's text after "<pass> skipped: ") each near-miss leaves.
+NORM_REASONS = {
+    "eps": "q and k norms use different eps",
+    "other_reader": "the q norm output has another reader",
+    "whole": "the q norm normalises [..",
+}
+STORE_REASONS = {
+    ("sglang", "accumulate"): "the k write accumulates",
+    ("sglang", "other_loc"): "k and v are written at different cache_loc",
+    ("hf", "other_loc"): "k and v are written at different cache_loc",
+    ("sglang", "overlap_view"): "k_buffer shares memory with",
+    ("sglang", "computed_cache"): "k_buffer is computed in the graph",
+    ("hf", "computed_cache"): "k_buffer is computed in the graph",
+}
+ORACLE_RULES = (
+    "rewritten: 1 if the head size is in the pass's head sizes (128), else 0 (64); q/k are "
+    "views of a projection, inputs or row-padded views, all provable layouts",
+    "qk_norm rewritten: 1 where the RoPE is rewritten and the norm is Qwen3's or Gemma3's "
+    "per-head form with one eps; near-misses (eps, other_reader, whole) -> 0 and their "
+    "'qk_norm skipped: <reason>' counted",
+    "kv_store rewritten: 1 where the RoPE is rewritten and k and v are written (overwritten) at "
+    "one loc into graph-input caches, any cache dtype, optional scale; near-misses -> 0 and "
+    "their 'kv_store skipped: <reason>' counted, except hf 'accumulate' (cache[.., cp] += k: "
+    "the stored value is not the rotated k, not a candidate: nothing counted)",
+    "source, dtype, cache dtype, scale, neox/GPT-J, partial rotary, token counts never change a "
+    "count",
+)
+
+
+@dataclass
+class PrologueProgram:
+    form: str
+    source: str
+    is_neox: bool
+    head_size: int
+    rotary_dim: int
+    dtype: torch.dtype
+    num_tokens: int  # T (sglang) or S (hf)
+    batch: int  # B (hf)
+    num_q_heads: int
+    num_kv_heads: int
+    norm: str
+    gemma: bool  # the norm's form (near-misses too)
+    store: str
+    store_how: str  # sglang: setitem / index_put_; hf: index_copy_ / setitem
+    cache_dtype: torch.dtype
+    scale: float | None
+    extra_rows: int  # cache rows beyond the ones written
+    seed: int
+    expected_override: dict | None = field(default=None, repr=False)  # self-tests only
+
+    @property
+    def kind(self) -> str:
+        return f"{self.form}/{self.norm}/{self.store}"
+
+    def expected(self) -> dict[str, int]:
+        """The oracle: counter -> value (``rewritten``, ``qk_norm rewritten``, ``kv_store
+        rewritten`` and the near-miss's skip reason, as ``"<pass> skipped: <prefix>"``)."""
+        if self.expected_override is not None:
+            return dict(self.expected_override)
+        rope = int(self.head_size in ALIGNED_HEADS)
+        want = {"rewritten": rope, "qk_norm rewritten": 0, "kv_store rewritten": 0}
+        if self.norm in ("qwen3", "gemma"):
+            want["qk_norm rewritten"] = rope
+        elif self.norm in NEAR_NORMS and rope:
+            want[f"qk_norm skipped: {NORM_REASONS[self.norm]}"] = 1
+        if self.store == "write":
+            want["kv_store rewritten"] = rope
+        elif (self.form, self.store) in STORE_REASONS and rope:
+            want[f"kv_store skipped: {STORE_REASONS[(self.form, self.store)]}"] = 1
+        return want
+
+    def describe(self) -> str:
+        dt = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+        shape = (f"T{self.num_tokens}" if self.form == "sglang"
+                 else f"B{self.batch}S{self.num_tokens}")
+        rot = "full" if self.rotary_dim == self.head_size else f"rot{self.rotary_dim}"
+        parts = [self.form, self.source, "neox" if self.is_neox else "gptj", f"D{self.head_size}",
+                 rot, dt[self.dtype], shape, f"H{self.num_q_heads}/{self.num_kv_heads}",
+                 f"norm:{self.norm}" + ("(gemma)" if self.gemma and self.norm != "none" else "")]
+        store = f"store:{self.store}"
+        if self.store != "none":
+            store += f"({self.store_how},{dt[self.cache_dtype]}"
+            store += f",scale{self.scale})" if self.scale is not None else ")"
+        parts += [store, f"seed{self.seed}"]
+        return "-".join(parts)
+
+
+def draw_program(seed: int) -> PrologueProgram:
+    """The program of ``seed`` (deterministic)."""
+    rng = random.Random(seed)
+    form = rng.choice(FORMS)
+    source = rng.choice(SOURCES)
+    head = rng.choice((128, 128, 128, 64))
+    is_neox = True if form == "hf" else rng.random() < 0.6
+    rot = head if rng.random() < 0.7 else rng.choice((head // 2, head // 4))
+    dtype = rng.choice((torch.float32,) * 3 + (torch.bfloat16, torch.bfloat16, torch.float16))
+    hq = rng.choice((1, 2, 4))
+    hk = rng.choice([h for h in (1, 2, 4) if hq % h == 0])
+    norm = rng.choice(("none",) * 3 + ("qwen3",) * 2 + ("gemma",) * 2 + NEAR_NORMS)
+    gemma = norm == "gemma" or (norm in NEAR_NORMS and rng.random() < 0.5)
+    stores = ("none", "write", "write", "write") + tuple(
+        s for s in NEAR_STORES if (form, s) in STORE_REASONS or s == "accumulate")
+    store = rng.choice(stores)
+    if store == "overlap_view":
+        source = "qkv_input"  # the cache is a view of the projection input's k region
+        if norm in NEAR_NORMS:
+            norm = "none"  # (which memory the cache shares is then v's; see STORE_REASONS)
+    how = rng.choice(("setitem", "index_put_") if form == "sglang" else ("index_copy_",
+                                                                        "setitem"))
+    cache_dtype = dtype if rng.random() < 0.6 else rng.choice(DTYPES)
+    scale = (rng.choice((0.5, 0.37, 2.0)) if form == "sglang" and store != "none"
+             and rng.random() < 0.3 else None)
+    if form == "sglang":
+        tokens, batch = rng.randint(1, 17), 1
+    else:
+        tokens, batch = rng.randint(1, 9), rng.choice((1, 2))
+    return PrologueProgram(form=form, source=source, is_neox=is_neox, head_size=head,
+                           rotary_dim=rot, dtype=dtype, num_tokens=tokens, batch=batch,
+                           num_q_heads=hq, num_kv_heads=hk, norm=norm, gemma=gemma, store=store,
+                           store_how=how, cache_dtype=cache_dtype, scale=scale,
+                           extra_rows=rng.randint(0, 6), seed=seed)
+
+
+# --------------------------------------------------------------------------------------------
+# the program's pieces
+
+
+def rms_norm(x, weight, eps: float, gemma: bool):
+    """HF ``Qwen3RMSNorm`` (``gemma=False``) or ``Gemma3RMSNorm`` over x's last dim."""
+    dtype = x.dtype
+    xf = x.to(torch.float32)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (normed * (1.0 + weight.float())).to(dtype)
+    return weight * normed.to(dtype)
+
+
+def _up(x):
+    """x in float32 (float64 stays float64: the float64 twin)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _attend(q, keys, values):
+    """Softmax attention of ``q [.., Hq, Sq, D]`` over ``keys/values [.., Hk, Sk, D]`` (GQA by
+    repeat), in float32; the result in q's dtype."""
+    rep = q.shape[-3] // keys.shape[-3]
+    keys = _up(keys).repeat_interleave(rep, -3)
+    values = _up(values).repeat_interleave(rep, -3)
+    scores = _up(q) @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return (scores.softmax(-1) @ values).to(q.dtype)
+
+
+def _stored(x, buf_dtype, scale):
+    """The value a cache of ``buf_dtype`` stores for ``x`` (sglang's set_kv_buffer_native)."""
+    if scale is not None:
+        x = x.to(torch.float32) / scale
+    return x.to(buf_dtype)
+
+
+def _loc(p: PrologueProgram, g: torch.Generator) -> torch.Tensor:
+    """Distinct, unsorted cache rows (sglang) or the cache positions (hf)."""
+    t = p.num_tokens
+    if p.form == "hf":
+        start = int(torch.randint(0, p.extra_rows + 1, (1,), generator=g))
+        return torch.arange(start, start + t)
+    rows = t if p.store == "overlap_view" else t + p.extra_rows
+    return torch.randperm(rows, generator=g)[:t]
+
+
+def build_program(p: PrologueProgram, device: str = "cpu"):
+    """(fn, args): ``fn(*args)`` mutates the cache args (as eager) and returns a tuple."""
+    inp = _Inputs(p.seed)
+    g = inp.g
+    hq, hk, d, dt = p.num_q_heads, p.num_kv_heads, p.head_size, p.dtype
+    lead = (p.num_tokens,) if p.form == "sglang" else (p.batch, p.num_tokens)
+    widths = [hq * d, hk * d, hk * d]
+    # projection
+    if p.source == "qkv_input":
+        inp.add("qkv", _uniform(g, (*lead, sum(widths)), dt))
+        project = lambda e: e["qkv"].split(widths, -1)
+    elif p.source == "strided":
+        inp.add("qkv", _uniform(g, (*lead, sum(widths) + 8), dt))
+        project = lambda e: e["qkv"][..., :sum(widths)].split(widths, -1)
+    elif p.source == "qkv_mm":
+        inp.add("x", _uniform(g, (*lead, HIDDEN), dt))
+        inp.add("w", _selection(g, HIDDEN, sum(widths), dt))
+        project = lambda e: (e["x"] @ e["w"]).split(widths, -1)
+    else:
+        for name, width in zip("qkv", widths, strict=True):
+            inp.add(f"{name}_in", _uniform(g, (*lead, width), dt))
+        project = lambda e: (e["q_in"], e["k_in"], e["v_in"])
+    # norm weights (Gemma: around 0, used as 1 + w; Qwen3: around 1)
+    if p.norm != "none":
+        for name, heads in (("q", hq), ("k", hk)):
+            width = heads * d if p.norm == "whole" else d
+            w = torch.randn(width, generator=g, dtype=torch.float64) * 0.1
+            inp.add(f"{name}_weight", (w + (0.0 if p.gemma else 1.0)).to(dt))
+    k_eps = 1e-5 if p.norm == "eps" else EPS
+    # rope tables
+    if p.form == "sglang":
+        inp.add("positions", torch.randint(0, MAX_POS, (p.num_tokens,), generator=g))
+        inp.add("cos_sin_cache", _uniform(g, (MAX_POS, p.rotary_dim)))
+    else:
+        inp.add("inv_freq", 1.0 / (10000.0 ** (torch.arange(0, p.rotary_dim, 2,
+                                                            dtype=torch.float32)
+                                               / p.rotary_dim)))
+    # caches
+    loc = _loc(p, g)
+    if p.store != "none":
+        inp.add("loc", loc)
+        if p.form == "hf":
+            inp.add("position_ids", loc[None].expand(p.batch, -1).clone())
+            shape = (p.batch, hk, p.num_tokens + p.extra_rows, d)
+        else:  # overlap_view: the k cache is the projection's T rows, v's as many
+            shape = (p.num_tokens + (0 if p.store == "overlap_view" else p.extra_rows), hk, d)
+        if p.store != "overlap_view":
+            inp.add("k_cache", _uniform(g, shape, p.cache_dtype))
+        inp.add("v_cache", _uniform(g, shape, p.cache_dtype))
+    elif p.form == "hf":
+        inp.add("position_ids", loc[None].expand(p.batch, -1).clone())
+    names = list(inp.named)
+    body = _sglang_body(p, project, k_eps) if p.form == "sglang" else _hf_body(p, project, k_eps)
+
+    def fn(*tensors):
+        return tuple(body(dict(zip(names, tensors, strict=True))))
+
+    fn.arg_names = names
+    args = tuple(t.to(device) for t in inp.named.values())
+    return fn, args
+
+
+def _normed(p: PrologueProgram, e: dict, x, heads: int, name: str, eps: float, outs: list):
+    """x (``[*lead, heads * D]``) -> ``[*lead, heads, D]``, normalised as ``p.norm`` says."""
+    lead = x.shape[:-1]
+    if p.norm == "none":
+        return x.view(*lead, heads, p.head_size)
+    if p.norm == "whole":
+        return rms_norm(x, e[f"{name}_weight"], eps, p.gemma).view(*lead, heads, p.head_size)
+    out = rms_norm(x.view(*lead, heads, p.head_size), e[f"{name}_weight"], eps, p.gemma)
+    if p.norm == "other_reader" and name == "q":
+        outs.append(out)  # the normalised q, read besides the RoPE
+    return out
+
+
+def _sglang_body(p: PrologueProgram, project, k_eps: float):
+    t, hq, hk, d, rot = p.num_tokens, p.num_q_heads, p.num_kv_heads, p.head_size, p.rotary_dim
+
+    def body(e):
+        outs: list = []
+        q, k, v = project(e)
+        qn = _normed(p, e, q, hq, "q", EPS, outs)
+        kn = _normed(p, e, k, hk, "k", k_eps, outs)
+        rq = rope_native(qn, e["cos_sin_cache"], e["positions"], rot, p.is_neox)
+        rk = rope_native(kn, e["cos_sin_cache"], e["positions"], rot, p.is_neox)
+        outs += [rq.reshape(t, hq * d), rk.reshape(t, hk * d)]  # as forward_native returns
+        v3 = v.view(t, hk, d)
+        if p.store == "none":
+            outs.append(_attend(rq.transpose(0, 1), rk.transpose(0, 1), v3.transpose(0, 1)))
+            return outs
+        loc = e["loc"]
+        if p.store == "overlap_view":
+            k_cache = k.view(t, hk, d)  # the projection's own k region
+        elif p.store == "computed_cache":
+            k_cache = e["k_cache"] * 0.5  # exact (a clone would not survive functionalization)
+        else:
+            k_cache = e["k_cache"]
+        v_cache = e["v_cache"] * 0.5 if p.store == "computed_cache" else e["v_cache"]
+        k_val = _stored(rk, k_cache.dtype, p.scale)
+        v_val = _stored(v3, v_cache.dtype, p.scale)
+        v_loc = loc.flip(0) if p.store == "other_loc" else loc
+        if p.store == "accumulate":
+            k_cache.index_put_((loc,), k_val, accumulate=True)
+            v_cache.index_put_((loc,), v_val, accumulate=True)
+        elif p.store_how == "index_put_":
+            k_cache.index_put_((loc,), k_val)
+            v_cache.index_put_((v_loc,), v_val)
+        else:
+            k_cache[loc] = k_val
+            v_cache[v_loc] = v_val
+        outs.append(_attend(rq.transpose(0, 1), k_cache.transpose(0, 1),
+                            v_cache.transpose(0, 1)))
+        if p.store == "computed_cache":
+            outs += [k_cache, v_cache]
+        return outs
+
+    return body
+
+
+def _hf_body(p: PrologueProgram, project, k_eps: float):
+    b, s, hq, hk, d, rot = (p.batch, p.num_tokens, p.num_q_heads, p.num_kv_heads, p.head_size,
+                            p.rotary_dim)
+
+    def body(e):
+        outs: list = []
+        q, k, v = project(e)
+        qn = _normed(p, e, q, hq, "q", EPS, outs).transpose(1, 2)  # [B, Hq, S, D]
+        kn = _normed(p, e, k, hk, "k", k_eps, outs).transpose(1, 2)
+        inv_freq = e["inv_freq"]
+        freqs = e["position_ids"][:, :, None].to(inv_freq.dtype) * inv_freq[None, None, :]
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos().to(qn.dtype), emb.sin().to(qn.dtype)
+        rq, rk = rope_hf(qn, cos, sin, rot), rope_hf(kn, cos, sin, rot)
+        outs += [rq, rk]
+        v4 = v.view(b, s, hk, d).transpose(1, 2)
+        if p.store == "none":
+            outs.append(_attend(rq, rk, v4))
+            return outs
+        cp = e["loc"]
+        k_cache, v_cache = e["k_cache"], e["v_cache"]
+        if p.store == "computed_cache":
+            k_cache, v_cache = k_cache * 0.5, v_cache * 0.5
+        k_val, v_val = rk.to(k_cache.dtype), v4.to(v_cache.dtype)
+        v_cp = cp.flip(0) if p.store == "other_loc" else cp
+        if p.store == "accumulate":
+            k_cache[:, :, cp] += k_val
+            v_cache[:, :, cp] += v_val
+        elif p.store_how == "index_copy_":
+            k_cache.index_copy_(2, cp, k_val)
+            v_cache.index_copy_(2, v_cp, v_val)
+        else:
+            k_cache[:, :, cp] = k_val
+            v_cache[:, :, v_cp] = v_val
+        outs.append(_attend(rq, k_cache, v_cache).transpose(1, 2).reshape(b, s, hq * d))
+        if p.store == "computed_cache":
+            outs += [k_cache, v_cache]
+        return outs
+
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# known pass bugs (misses): labelled in the report while open
+
+KNOWN_BUGS = {
+    "setitem_leading_ones": (
+        "kv_store: `cache[loc] = k` (sglang, T == 1) / `cache[:, :, cp] = k` (hf, B == 1) is "
+        "not fused: torch's setitem strips the values' leading size-1 dims, so index_put gets "
+        "[Hk, D] / [D] (sglang) or [Hk, S, D] / [S, D] (hf), under a cast when the cache dtype "
+        "differs; no write is recognised (no counter). set_kv_buffer_native writes this way "
+        "(sglang decode of one token). xfail tests in tests/test_pass_kv_store.py"),
+    "gemma_half_scaled_store": (
+        "FuseQKRopePass: a Gemma-form norm ((xf * r * (1 + w.float())).to(dtype)) of bf16/fp16 "
+        "q/k, RoPE, then a scaled KV store (k.to(float32) / scale): no pair rewritten, counted "
+        "'skipped: q and k have different dtypes (bf16 vs float32)' both ways (the matcher pairs "
+        "q's RoPE with a float32 k); the Qwen3 form, fp32, or no scale are rewritten. xfail "
+        "test in tests/test_fuzz_prologue.py"),
+}
+
+
+def known_bug(p: PrologueProgram) -> str | None:
+    """The known open pass bug ``p`` hits (its oracle failures are then labelled), or None."""
+    ones = p.num_tokens == 1 if p.form == "sglang" else p.batch == 1
+    if (p.store not in ("none", "accumulate") and p.store_how == "setitem" and ones
+            and p.head_size in ALIGNED_HEADS):
+        return "setitem_leading_ones"
+    if (p.gemma and p.norm != "none" and p.dtype != torch.float32 and p.scale is not None
+            and p.store != "none" and p.head_size in ALIGNED_HEADS):
+        return "gemma_half_scaled_store"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the checker
+
+SIZE1_STRIDES_FAIL = False
+COUNTERS = ("rewritten", "qk_norm rewritten", "kv_store rewritten")
+
+
+@dataclass
+class Result:
+    program: PrologueProgram
+    expected: dict
+    counters: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # "category: message"
+    seconds: float = 0.0
+    inductor_only: bool = False  # the failures reproduce without the passes
+    known_bug: str | None = None
+
+    @property
+    def categories(self) -> set[str]:
+        return {f.split(":", 1)[0] for f in self.failures}
+
+    @property
+    def failed(self) -> bool:
+        if self.inductor_only:
+            return False
+        notes = set() if SIZE1_STRIDES_FAIL else {"size1_strides"}
+        if self.known_bug:  # a known miss: its counters may differ, nothing else may
+            notes |= {"oracle_missed", "oracle_unexpected"}
+        return bool(self.categories - notes)
+
+    @property
+    def hit_known_bug(self) -> bool:
+        return bool(self.known_bug and self.categories & {"oracle_missed",
+                                                          "oracle_unexpected"})
+
+
+def tolerance(p: PrologueProgram) -> tuple[float, float]:
+    """(atol, rtol) for every float comparison of ``p``: the loosest of the model and the cache
+    dtype (a bf16 k stored in an fp32 cache carries bf16 rounding; an fp16 cache rounds what
+    the float64 twin keeps)."""
+    tols = [TOLERANCES[p.dtype]] + ([TOLERANCES[p.cache_dtype]] if p.store != "none" else [])
+    return max(t[0] for t in tols), max(t[1] for t in tols)
+
+
+def _output_failures(p: PrologueProgram, outs, eager, ref64) -> list[str]:
+    """``fuzz_layouts``' values and strides checks, with :func:`tolerance` for every output."""
+    found = _value_and_layout_failures(outs, eager, eager) if isinstance(outs, tuple) else [
+        "values: the compiled function did not return a tuple"]
+    found = [f for f in found if not f.startswith("values: output")
+             or "differs from" not in f]  # values: below, with the program's tolerance
+    if not isinstance(outs, tuple) or len(outs) != len(eager):
+        return found
+    atol, rtol = tolerance(p)
+    for i, (out, e, r) in enumerate(zip(outs, eager, ref64, strict=True)):
+        if not e.is_floating_point() or out.shape != e.shape or out.dtype != e.dtype:
+            continue
+        got = out.detach().cpu().double()
+        for what, want in (("eager", e.cpu()), ("float64", r.cpu().to(e.dtype))):
+            if not torch.allclose(got, want.double(), atol=atol, rtol=rtol):
+                err = (got - want.double()).abs().max().item()
+                found.append(f"values: output {i} differs from {what} (max abs error "
+                             f"{err:.3g})")
+                break
+    return found
+
+
+def _arg_failures(p: PrologueProgram, names, after, eager_after, ref64_after) -> list[str]:
+    """The args after the compiled step against eager's (and float64's) after the step."""
+    found = []
+    for name, got, want, r in zip(names, after, eager_after, ref64_after, strict=True):
+        if not got.is_floating_point():
+            if not torch.equal(got.cpu(), want.cpu()):
+                found.append(f"values: integer input {name} differs from eager after the step")
+            continue
+        atol, rtol = tolerance(p)
+        for what, ref in (("eager", want), ("float64", r.to(want.dtype))):
+            if not torch.allclose(got.cpu().double(), ref.cpu().double(), atol=atol, rtol=rtol):
+                err = (got.cpu().double() - ref.cpu().double()).abs().max().item()
+                found.append(f"values: input {name} after the step differs from {what} (max "
+                             f"abs error {err:.3g})")
+                break
+    return found
+
+
+def _row_mask(loc: torch.Tensor, rows: int) -> torch.Tensor:
+    written = torch.zeros(rows, dtype=torch.bool)
+    written[loc.cpu()] = True
+    return written
+
+
+def _cache_row_failures(p: PrologueProgram, env_before: dict, env_after: dict,
+                        outs, kv_fused: bool) -> list[str]:
+    """Untouched rows bit-identical; written rows = torch's cast of the compiled k (fused)."""
+    found = []
+    if p.store in ("none", "computed_cache", "overlap_view"):
+        return found
+    loc = env_before["loc"].cpu()
+    dim = 0 if p.form == "sglang" else 2
+    for name in ("k_cache", "v_cache"):
+        before, after = env_before[name].cpu(), env_after[name].cpu()
+        written = _row_mask(loc, before.shape[dim])
+        keep = before.movedim(dim, 0)[~written]
+        if not torch.equal(after.movedim(dim, 0)[~written], keep):
+            found.append(f"values: {name} rows the step does not write changed")
+    if kv_fused and isinstance(outs, tuple) and len(outs) >= 2:
+        k_out = outs[1].detach().cpu()
+        after = env_after["k_cache"].cpu()
+        if p.form == "sglang":
+            want = _stored(k_out.view(p.num_tokens, p.num_kv_heads, p.head_size), after.dtype,
+                           p.scale)
+            got = after[loc]
+        else:
+            want, got = k_out.to(after.dtype), after[:, :, loc]
+        if not torch.equal(got, want):
+            err = (got.double() - want.double()).abs().max().item()
+            found.append(f"values: k_cache written rows are not torch's cast of the compiled k "
+                         f"(max abs difference {err:.3g})")
+    return found
+
+
+def _run_compiled(fn, args, backend: str, options: dict | None):
+    """(outputs, args after the step, counters, error message)."""
+    with fresh_compile():
+        run_args = [a.clone() for a in args]
+        try:
+            kwargs = {"options": options} if options is not None else {}
+            outs = torch.compile(fn, backend=backend, **kwargs)(*run_args)
+            return outs, run_args, rope_counters(), None
+        except Exception as err:  # noqa: BLE001  (any compile error is a finding)
+            message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            return None, run_args, rope_counters(), message
+
+
+def _counter_failures(expected: dict, seen: dict) -> list[str]:
+    found = []
+    for key, want in expected.items():
+        if " skipped: " in key:
+            got = sum(v for k, v in seen.items() if k.startswith(key))
+        else:
+            got = seen.get(key, 0)
+        if got != want:
+            kind = "oracle_missed" if got < want else "oracle_unexpected"
+            found.append(f"{kind}: counter {key!r} is {got}, expected {want}; counters "
+                         f"{ {k: v for k, v in seen.items() if 'skipped' in k or k in COUNTERS} }")
+    return found
+
+
+def check_program(p: PrologueProgram, device: str = "cpu", control: bool = True) -> Result:
+    """Compile ``p`` with the passes and check the property (module docstring); ``control``:
+    re-run a values/strides failure with plain Inductor."""
+    start = time.perf_counter()
+    result = Result(p, p.expected(), known_bug=known_bug(p))
+    fn, args = build_program(p, device)
+    inp_names = fn.arg_names
+    env_before = dict(zip(inp_names, [a.clone() for a in args], strict=True))
+    eager_args = [a.clone() for a in args]
+    eager = fn(*eager_args)
+    ref_args = list(_to64(tuple(a.clone() for a in args)))
+    ref64 = fn(*ref_args)
+    outs, after, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device))
+    result.counters = seen
+    if error is not None:
+        result.failures.append(f"compile: {error}")
+    for key in ("pass_errors", "candidate_errors"):
+        if seen.get(key):
+            result.failures.append(f"pass_errors: counters[{key!r}] = {seen[key]}")
+    if outs is not None:
+        result.failures += _output_failures(p, outs, eager, ref64)
+        result.failures += _arg_failures(p, inp_names, after, eager_args, ref_args)
+        kv_fused = seen.get("kv_store rewritten", 0) > 0
+        result.failures += _cache_row_failures(p, env_before, dict(zip(inp_names, after,
+                                                                       strict=True)),
+                                               outs, kv_fused)
+        result.failures += _counter_failures(result.expected, seen)
+    pass_caused = {"compile", "pass_errors", "oracle_missed", "oracle_unexpected"}
+    if control and result.failures and not (result.categories & pass_caused):
+        base_outs, base_after, _, base_error = _run_compiled(fn, args, "inductor", None)
+        if base_error is None:
+            base = _output_failures(p, base_outs, eager, ref64)
+            base += _arg_failures(p, inp_names, base_after, eager_args, ref_args)
+            base += _cache_row_failures(p, env_before, dict(zip(inp_names, base_after,
+                                                                strict=True)), base_outs,
+                                        kv_fused=True)
+            key = lambda message: message.split(" (max abs")[0]
+            if {key(f) for f in result.failures} <= {key(f) for f in base}:
+                result.inductor_only = True
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def new_stats(device: str) -> dict:
+    return {
+        "device": device, "torch": torch.__version__, "programs": 0, "failed_programs": 0,
+        "inductor_only_programs": 0, "known_bug_programs": {},
+        "expected": dict.fromkeys(COUNTERS, 0),
+        "done": dict.fromkeys(COUNTERS, 0), "near_miss_skips_expected": 0,
+        "wrong_values": 0, "stride_mismatches": 0, "size1_stride_notes": 0,
+        "compile_failures": 0, "pass_errors": 0, "oracle_missed": 0, "oracle_unexpected": 0,
+        "seconds": 0.0, "by_form": {}, "by_norm": {}, "by_store": {}, "by_dtype": {},
+        "by_source": {}, "failures": [],
+    }
+
+
+def record(stats: dict, r: Result) -> None:
+    p = r.program
+    stats["programs"] += 1
+    stats["seconds"] += r.seconds
+    for key in COUNTERS:
+        stats["expected"][key] += r.expected.get(key, 0)
+        stats["done"][key] += r.counters.get(key, 0)
+    stats["near_miss_skips_expected"] += sum(1 for k in r.expected if "skipped" in k)
+    cats = r.categories
+    if r.hit_known_bug:
+        stats["known_bug_programs"][r.known_bug] = (
+            stats["known_bug_programs"].get(r.known_bug, 0) + 1)
+    if r.inductor_only:
+        stats["inductor_only_programs"] += 1
+    elif r.failures:
+        stats["failed_programs"] += int(r.failed)
+        stats["size1_stride_notes"] += int("size1_strides" in cats)
+        for cat, key in (("values", "wrong_values"), ("strides", "stride_mismatches"),
+                         ("compile", "compile_failures"), ("pass_errors", "pass_errors"),
+                         ("oracle_missed", "oracle_missed"),
+                         ("oracle_unexpected", "oracle_unexpected")):
+            stats[key] += int(cat in cats)
+    if r.failures:
+        stats["failures"].append({"seed": p.seed, "program": p.describe(), "failed": r.failed,
+                                  "inductor_only": r.inductor_only,
+                                  "known_bug": r.known_bug if r.hit_known_bug else None,
+                                  "failures": r.failures})
+    for table, key in (("by_form", p.form), ("by_norm", p.norm), ("by_store", p.store),
+                       ("by_dtype", str(p.dtype).replace("torch.", "")),
+                       ("by_source", p.source)):
+        row = stats[table].setdefault(key, {"programs": 0, "failed": 0})
+        row["programs"] += 1
+        row["failed"] += int(r.failed)
+
+
+def summary(stats: dict) -> str:
+    n = max(stats["programs"], 1)
+    exp, done = stats["expected"], stats["done"]
+
+    def table(name):
+        return ", ".join(f"{k} {v['programs']}" + (f" ({v['failed']} FAILED)" if v["failed"]
+                                                   else "")
+                         for k, v in sorted(stats[name].items()))
+
+    return "\n".join([
+        f"prologue fuzz ({stats['device']}, torch {stats['torch']}): {stats['programs']} "
+        f"programs, {stats['failed_programs']} failed, {stats['inductor_only_programs']} "
+        f"inductor-only, known pass bugs hit: {stats['known_bug_programs'] or 'none'}; "
+        f"{stats['seconds']:.0f} s ({stats['seconds'] / n:.2f} s/program)",
+        "  rewrites expected/done: " + ", ".join(f"{k} {exp[k]}/{done[k]}" for k in COUNTERS)
+        + f"; near-miss skips expected {stats['near_miss_skips_expected']}; oracle missed "
+        f"{stats['oracle_missed']}, unexpected {stats['oracle_unexpected']}",
+        f"  wrong values {stats['wrong_values']}, stride mismatches "
+        f"{stats['stride_mismatches']} (+ {stats['size1_stride_notes']} on size-1 dims only), "
+        f"compile failures {stats['compile_failures']}, pass errors {stats['pass_errors']}",
+        f"  forms: {table('by_form')}; sources: {table('by_source')}; dtypes: "
+        f"{table('by_dtype')}",
+        f"  norms: {table('by_norm')}; stores: {table('by_store')}",
+    ])
+
+
+def run(device: str, programs: int, seed: int, fail_fast: bool = False, log=print,
+        time_limit: float | None = None, seeds=None) -> dict:
+    """Check programs ``seed .. seed + programs - 1`` (or ``seeds``); with ``time_limit``
+    (seconds), stop drawing new programs once it has passed."""
+    stats = new_stats(device)
+    start = time.perf_counter()
+    for s in (seeds if seeds is not None else range(seed, seed + programs)):
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            break
+        p = draw_program(s)
+        r = check_program(p, device)
+        record(stats, r)
+        if r.failures:
+            tag = "INDUCTOR-ONLY" if r.inductor_only else ("FAIL" if r.failed else "NOTE")
+            if r.hit_known_bug:
+                tag += f"(known bug: {r.known_bug})"
+            log(f"{tag} seed={p.seed} {p.describe()}: " + " | ".join(r.failures))
+            if fail_fast and r.failed:
+                break
+    return stats
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--programs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the statistics as JSON here")
+    parser.add_argument("--fail-fast", action="store_true")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop drawing new programs after this many seconds")
+    parser.add_argument("--strict-size1-strides", action="store_true",
+                        help="strides differing from eager's on size-1 dims only fail too")
+    args = parser.parse_args(argv)
+    global SIZE1_STRIDES_FAIL
+    SIZE1_STRIDES_FAIL = args.strict_size1_strides
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available", file=sys.stderr)
+        return 2
+    stats = run(args.device, args.programs, args.seed, args.fail_fast,
+                log=lambda line: print(line, flush=True), time_limit=args.time_limit)
+    stats["seed"], stats["requested_programs"] = args.seed, args.programs
+    stats["oracle_rules"], stats["known_bugs"] = list(ORACLE_RULES), KNOWN_BUGS
+    print(summary(stats))
+    if args.out:
+        Path(args.out).write_text(json.dumps(stats, indent=1, default=str))
+    return 1 if stats["failed_programs"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
