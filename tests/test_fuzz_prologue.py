@@ -122,6 +122,12 @@ def test_oracle_rules():
     assert replace(base, form="hf", store="computed_cache").expected() == {
         **want, "kv_store skipped: k_buffer is computed in the graph": 1}
     assert replace(base, head_size=64, store="other_loc").expected()["rewritten"] == 0
+    hf_whole = replace(base, form="hf", norm="whole", num_q_heads=1, num_kv_heads=1)
+    assert hf_whole.expected()["qk_norm rewritten"] == 1  # [B, S, 1 * D]: per head
+    assert replace(hf_whole, num_kv_heads=1, num_q_heads=2).expected() == {
+        **want, "qk_norm skipped: the q norm normalises [..": 1}
+    assert replace(base, norm="whole", num_q_heads=1, num_kv_heads=1).expected() == {
+        **want, "qk_norm skipped: the q norm normalises [..": 1}  # sglang: [T, D], 2-D
     # The known miss: setitem with leading size-1 dims (sglang T == 1, hf B == 1).
     assert fp.known_bug(replace(base, store="write", store_how="setitem", num_tokens=1))
     assert not fp.known_bug(replace(base, store="write", store_how="index_put_", num_tokens=1))
@@ -162,8 +168,9 @@ def test_checker_reports_a_wrong_counter():
     assert bad.failed and bad.categories == {"oracle_unexpected"}, bad.failures
 
 
-def test_checker_reports_cache_rows():
-    p = replace(fp.draw_program(0), **_PLAIN)
+@pytest.mark.parametrize("norm", ["qwen3", "other_reader"])
+def test_checker_reports_cache_rows(norm):
+    p = replace(fp.draw_program(0), **{**_PLAIN, "norm": norm})
     fn, args = fp.build_program(p)
     env = dict(zip(fn.arg_names, args, strict=True))
     after = {k: v.clone() for k, v in env.items()}
