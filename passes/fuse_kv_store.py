@@ -63,6 +63,7 @@ row, and so does the kernel; for distinct ``loc`` (every deterministic case) the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -232,6 +233,16 @@ def _merged_token_view(val: torch.Tensor, dim: int):
             val.storage_offset())
 
 
+def _with_leading_ones(val: torch.Tensor | None, rank: int) -> torch.Tensor | None:
+    """``val`` with the leading size-1 dims torch's setitem strips put back: ``cache[loc] = k``
+    with one token gives ``index_put`` values ``[Hk, D]`` (``[Hk, S, D]`` for HF's
+    ``keys[:, :, cp] = k`` at batch 1), which broadcast to ``[1, Hk, D]``: the same write."""
+    if val is None or val.dim() >= rank:
+        return val
+    with torch._guards.detect_fake_mode([val]) or contextlib.nullcontext():
+        return val.view([1] * (rank - val.dim()) + list(val.shape))
+
+
 def _swapped(call: FusedCall) -> FusedCall:
     """The same call with q and k exchanged (and their norm weights): the same computation."""
     views = dict(call.views)
@@ -345,10 +356,11 @@ class FuseKVStorePass(ExtensionPass):
         rot = call.args["rotary_dim"]
         kview = call.fake_view("k")
         qview = call.fake_view("q")
-        merged = _merged_token_view(fake_value(k_source), kw.dim)
-        values_val = fake_value(kw.values)
         want = list(kbuf_val.shape)
         want[kw.dim] = fake_value(kw.loc).shape[0] if fake_value(kw.loc) is not None else -1
+        merged = _merged_token_view(_with_leading_ones(fake_value(k_source), len(want)),
+                                    kw.dim)
+        values_val = _with_leading_ones(fake_value(kw.values), len(want))
         if list(values_val.shape) != want:
             raise PlanError(f"the k write's values {list(values_val.shape)} are broadcast or "
                             f"do not fill the written rows {want}")
@@ -457,9 +469,10 @@ class FuseKVStorePass(ExtensionPass):
         if write.accumulate:
             raise PlanError("the v write accumulates (index_put accumulate=True), the op "
                             "overwrites")
-        val, buf = fake_value(write.values), fake_value(write.buffer)
+        buf = fake_value(write.buffer)
         want = list(buf.shape)
         want[write.dim] = fake_value(write.loc).shape[0]
+        val = _with_leading_ones(fake_value(write.values), len(want))
         if list(val.shape) != want:
             raise PlanError(f"the v write's values {list(val.shape)} are broadcast or do not "
                             f"fill the written rows {want}")
@@ -487,7 +500,8 @@ class FuseKVStorePass(ExtensionPass):
         fake_bases = [b.meta["val"] for b in bases]
         probe = FusedCall(call.node, call.norm, True, call.tables, {}, plan.views, bases)
         views = {name: probe.fake_view(name) for name in plan.views}
-        v_val = fake_value(plan.v_source)
+        v_val = _with_leading_ones(fake_value(plan.v_source),
+                                   fake_value(plan.v_write.buffer).dim())
         if plan.v_replay is not None:
             index, chain = plan.v_replay
             # The same view of the pre-call base: same strides and offset, other storage.
@@ -513,6 +527,8 @@ class FuseKVStorePass(ExtensionPass):
         if plan.v_replay is not None:
             index, chain = plan.v_replay
             v_node = tx.replay_views(chain, call.outputs[index], call.bases[index])
+        while v_node.meta["val"].dim() < fake_value(plan.v_write.buffer).dim():
+            v_node = tx.add(v_node, aten.unsqueeze.default, (v_node, 0))  # see _with_leading_ones
         if plan.v_write.dim != 0:  # HF [B, Hk, S, Dv] -> [T, Hk, Dv] (a view where it can be)
             v_node = tx.add(v_node, aten.permute.default, (v_node, [0, 2, 1, 3]))
             val = v_node.meta["val"]

@@ -64,6 +64,7 @@ from .fx_surgery import (
     aliases_an_input,
     fake_value,
     is_view_of_input,
+    rebase_views,
     shares_storage,
     view_chain,
 )
@@ -563,7 +564,10 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
                                 (copied, list(eager.shape), exact, 0))
             for user in users:
                 tx.replace_input(user, match.output, copied)
-        tx.replace_uses(match.output, new_value)
+        # Views of the rotated output are re-created on the new value with fresh fake values
+        # (a re-pointed view would keep a fake of the old storage, and the extension passes
+        # prove layouts from them).
+        rebase_views(tx, match.output, new_value)
     for root in plan.roots:
         _redirect_disjoint_views(tx, root, new_roots[root], call,
                                  [q.base.meta["val"][..., :q.rotary_dim],

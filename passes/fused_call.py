@@ -30,6 +30,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 
 from .fx_surgery import GraphTransaction, fake_value
+from .fx_surgery import rebase_views as rebase_views  # re-exported for the extension passes
 
 # (norm, store, tables) -> op name in the rope_compile namespace
 OPS = {
@@ -320,31 +321,3 @@ class ExtensionPass(CustomGraphPass):
             count(f"{self.prefix} rewritten")
             logging.getLogger("rope_compile").info("rope_compile: %s", self.describe(plan))
         return done
-
-
-def rebase_views(tx: GraphTransaction, old: Node, new: Node) -> None:
-    """Move every use of ``old`` to ``new`` (a tensor of the same shape), re-creating the view
-    ops that read ``old`` (and views of them) on ``new`` as new nodes with fresh fake values,
-    so that view chains stay provable (a re-pointed view would keep a fake value of ``old``'s
-    storage). Undone by ``tx.rollback()``."""
-    from .fx_surgery import is_view_of_input, propagate_fake
-
-    env = {old: new}
-    order = {n: i for i, n in enumerate(tx.graph.nodes)}
-    stack = [old]
-    views: list[Node] = []
-    while stack:
-        node = stack.pop()
-        for user in node.users:
-            if user not in env and user not in views and is_view_of_input(user):
-                views.append(user)
-                stack.append(user)
-    for view in sorted(views, key=order.__getitem__):
-        source = env[view.args[0]]
-        with tx.graph.inserting_after(source):
-            copy = tx.record_new(tx.graph.node_copy(view, lambda n: env.get(n, n)))
-        env[view] = propagate_fake(copy)
-    for node, replacement in env.items():
-        for user in list(node.users):
-            if user not in env and user not in tx.new_nodes:
-                tx.replace_input(user, node, replacement)

@@ -443,12 +443,6 @@ def _hf_body(p: PrologueProgram, project, k_eps: float):
 # known pass bugs (misses): labelled in the report while open
 
 KNOWN_BUGS = {
-    "setitem_leading_ones": (
-        "kv_store: `cache[loc] = k` (sglang, T == 1) / `cache[:, :, cp] = k` (hf, B == 1) is "
-        "not fused: torch's setitem strips the values' leading size-1 dims, so index_put gets "
-        "[Hk, D] / [D] (sglang) or [Hk, S, D] / [S, D] (hf), under a cast when the cache dtype "
-        "differs; no write is recognised (no counter). set_kv_buffer_native writes this way "
-        "(sglang decode of one token). xfail tests in tests/test_pass_kv_store.py"),
     "gemma_half_scaled_store": (
         "FuseQKRopePass: a Gemma-form norm ((xf * r * (1 + w.float())).to(dtype)) of bf16/fp16 "
         "q/k, RoPE, then a KV store that casts the rotated k to float32 (a scale: "
@@ -461,10 +455,6 @@ KNOWN_BUGS = {
 
 def known_bug(p: PrologueProgram) -> str | None:
     """The known open pass bug ``p`` hits (its oracle failures are then labelled), or None."""
-    ones = p.num_tokens == 1 if p.form == "sglang" else p.batch == 1
-    if (p.store not in ("none", "accumulate") and p.store_how == "setitem" and ones
-            and p.head_size in ALIGNED_HEADS):
-        return "setitem_leading_ones"
     if (p.gemma and p.norm != "none" and p.dtype != torch.float32 and p.store != "none"
             and (p.scale is not None or p.cache_dtype == torch.float32)
             and p.head_size in ALIGNED_HEADS):

@@ -486,13 +486,9 @@ def test_decode_cache_write_is_fused(how, tokens):
     assert _decode(how, tokens) == FUSED_KV
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FuseKVStorePass misses `k_buffer[loc] = k` when k's leading dims are 1 (T == 1, sglang's "
-    "one-token decode through set_kv_buffer_native): torch's setitem strips the values' "
-    "leading size-1 dims, so the graph has index_put(k_buffer, [loc], view(k, [Hk, D])) "
-    "(under a cast when the dtypes differ) and _k_writes / the [T, Hk, D] values check do "
-    "not recognise it (no counter). Found by tests/fuzz_prologue.py"))
 def test_one_token_decode_setitem_is_fused():
+    """``k_buffer[loc] = k`` with one token (sglang's one-token decode): torch's setitem strips
+    the values' leading size-1 dims (index_put gets [Hk, D]); found by the prologue fuzzer."""
     assert _decode("setitem", 1) == FUSED_KV
 
 
@@ -506,12 +502,9 @@ def test_written_k_also_returned_is_fused():
     assert _decode("index_put_returned", 3) == FUSED_KV
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FuseKVStorePass misses HF's `keys[:, :, cache_position] = k` with batch 1: torch's "
-    "setitem strips the leading size-1 dims of k [1, Hk, S, D], so index_put gets "
-    "[Hk, S, D] (or [S, D]) values; not recognised, no counter (index_copy_ is fused). Found "
-    "by tests/fuzz_prologue.py"))
 def test_hf_setitem_batch_one_is_fused():
+    """HF's `keys[:, :, cache_position] = k` at batch 1: setitem strips k's leading size-1 dim
+    (index_put gets [Hk, S, D]); found by the prologue fuzzer, fixed."""
     import fuzz_prologue as fp
 
     p = fp.PrologueProgram(form="hf", source="qkv_input", is_neox=True, head_size=D,
