@@ -122,9 +122,9 @@ ORACLE_RULES = (
     "views of a projection, inputs or row-padded views, all provable layouts",
     "qk_norm rewritten: 1 where the RoPE is rewritten and the norm is Qwen3's or Gemma3's "
     "per-head form with one eps; near-misses (eps, other_reader, whole) -> 0 and their "
-    "'qk_norm skipped: <reason>' counted; except hf 'whole' with one q and one kv head: "
-    "the norm of [B, S, 1 * D] is per head (rewritten), and with one q head only k's is "
-    "refused",
+    "'qk_norm skipped: <reason>' counted; except hf 'whole' with S == 1 and one q and one "
+    "kv head: the norm of [B, 1, 1 * D] is per head (read as [T, H=1, D]; rewritten), and "
+    "with one q head only k's is refused",
     "kv_store rewritten: 1 where the RoPE is rewritten and k and v are written (overwritten) at "
     "one loc into graph-input caches, any cache dtype, optional scale; near-misses -> 0 and "
     "their 'kv_store skipped: <reason>' counted, except hf 'accumulate' (cache[.., cp] += k: "
@@ -167,10 +167,13 @@ class PrologueProgram:
             return dict(self.expected_override)
         rope = int(self.head_size in ALIGNED_HEADS)
         want = {"rewritten": rope, "qk_norm rewritten": 0, "kv_store rewritten": 0}
-        whole_is_per_head = self.form == "hf" and self.num_q_heads == self.num_kv_heads == 1
-        if self.norm in ("qwen3", "gemma") or (self.norm == "whole" and whole_is_per_head):
+        # hf, one token per batch row: the whole norm's [B, 1, H * D] reads as [T, 1, D] heads
+        # when H == 1 (a per-head norm; rewritten, right values)
+        one = self.form == "hf" and self.num_tokens == 1
+        if self.norm in ("qwen3", "gemma") or (self.norm == "whole" and one
+                                               and self.num_q_heads == self.num_kv_heads == 1):
             want["qk_norm rewritten"] = rope
-        elif self.norm == "whole" and rope and self.form == "hf" and self.num_q_heads == 1:
+        elif self.norm == "whole" and rope and one and self.num_q_heads == 1:
             want["qk_norm skipped: the k norm normalises [.."] = 1  # q's is per head
         elif self.norm in NEAR_NORMS and rope:
             want[f"qk_norm skipped: {NORM_REASONS[self.norm]}"] = 1

@@ -122,8 +122,11 @@ def test_oracle_rules():
     assert replace(base, form="hf", store="computed_cache").expected() == {
         **want, "kv_store skipped: k_buffer is computed in the graph": 1}
     assert replace(base, head_size=64, store="other_loc").expected()["rewritten"] == 0
-    hf_whole = replace(base, form="hf", norm="whole", num_q_heads=1, num_kv_heads=1)
-    assert hf_whole.expected()["qk_norm rewritten"] == 1  # [B, S, 1 * D]: per head
+    hf_whole = replace(base, form="hf", norm="whole", num_q_heads=1, num_kv_heads=1,
+                       num_tokens=1)
+    assert hf_whole.expected()["qk_norm rewritten"] == 1  # [B, 1, 1 * D]: per head
+    assert replace(hf_whole, num_tokens=3).expected() == {
+        **want, "qk_norm skipped: the q norm normalises [..": 1}
     assert replace(hf_whole, num_kv_heads=1, num_q_heads=2).expected() == {
         **want, "qk_norm skipped: the q norm normalises [..": 1}
     assert replace(base, norm="whole", num_q_heads=1, num_kv_heads=1).expected() == {
