@@ -765,7 +765,9 @@ def test_gpu_lowering_launches_the_kernel(gpu_device, scaling):
     """Under torch.compile (inductor) the op lowers to the tables kernel, launched from the
     generated code (no call through torch.ops.rope_compile) with HF's freqs (a transposed mm
     output) passed as its view; the result is the eager op's and, within one bf16 ulp of the
-    output, plain Inductor's code for HF's chain (same tl.cos, same rounding of the table)."""
+    output scale, plain Inductor's code for HF's chain (same tl.cos, the table rounded to
+    bf16 in both; Inductor's fused kernel may order the products differently, which near
+    cancellation shows as a few 1e-4 on values of ~1e-3: measured on the H200, at most 5e-4)."""
     from torch._inductor.utils import run_and_get_code
 
     from rope_compile.inductor_lowering import register_inductor_lowering
@@ -792,9 +794,10 @@ def test_gpu_lowering_launches_the_kernel(gpu_device, scaling):
         qkv, inv_freq, position_ids, scaling)
     for got, ref in ((q, plain_q), (k, plain_k)):
         got, ref = got.float().cpu(), ref.float().cpu()
-        # One bf16 ulp (FMA contraction may differ), and 1e-6 where the result nearly cancels.
-        bound = _ulp_bf16(torch.maximum(got.abs(), ref.abs())) + 1e-6
-        assert ((got - ref).abs() <= bound).all()
+        # One bf16 ulp of the inputs' scale (|x| ~ 1 here; x1*c - x2*s may nearly cancel, so an
+        # ulp of the output itself is too tight a bound), plus one of the output.
+        bound = _ulp_bf16(torch.maximum(got.abs(), ref.abs())) + 2.0 ** -8
+        assert ((got - ref).abs() <= bound).all(), (got - ref).abs().max()
 
 
 @pytest.mark.gpu
