@@ -65,6 +65,7 @@ from .fused_call import (
     rebase_views,
 )
 from .fx_surgery import GraphTransaction, fake_value, view_chain
+from .trig_sources import value_key
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -128,10 +129,13 @@ def _match_rsqrt(node, xf: Node) -> tuple[float, list[Node]]:
     if list(dims) not in ([-1], [last]) or not keep:
         raise PlanError("the norm's variance is not mean(x^2) over the last dim")
     square = mean.args[0]
+    # x.float() may be spelled twice (``x.float().pow(2)`` and ``x.float() * r``): the same
+    # value, not the same node.
+    same = value_key(xf)
     if _call(square, aten.pow.Tensor_Scalar):
-        ok = square.args[0] is xf and square.args[1] == 2
+        ok = value_key(square.args[0]) == same and square.args[1] == 2
     elif _call(square, aten.mul.Tensor):
-        ok = square.args[0] is xf and square.args[1] is xf
+        ok = value_key(square.args[0]) == same and value_key(square.args[1]) == same
     else:
         ok = False
     if not ok:

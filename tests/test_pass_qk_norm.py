@@ -255,3 +255,30 @@ def test_injected_error_not_strict_costs_the_candidate_only(monkeypatch, where, 
                       "fused_qk_rope_with_cos_sin_cache_inplace.default(") == 1
     for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
         _close(got, want_, torch.float32)
+
+
+def test_norm_spelling_float_twice_bf16():
+    """``x.float()`` spelled twice (``x.float().pow(2).mean(...)`` and ``x.float() * r``, as
+    the demo's RMSNorm writes it): two cast nodes of one value, still the norm (bf16 model,
+    the whole prologue in one call)."""
+    from pass_helpers import rope_counters
+
+    from rope_compile import demo
+
+    torch.manual_seed(0)
+    model = demo.TinyDecoder(layers=1).to(torch.bfloat16).eval()
+    length, tokens = 16, 2
+    g = torch.Generator().manual_seed(3)
+    caches = ([torch.randn(tokens * length, 2, 128, generator=g).bfloat16()],
+              [torch.randn(tokens * length, 2, 128, generator=g).bfloat16()])
+    eager_caches = ([caches[0][0].clone()], [caches[1][0].clone()])
+    inputs = demo.decode_inputs(0, tokens, length, 1024, "cpu")
+    with fresh_compile():
+        expected = model(*inputs, *eager_caches)
+        got = torch.compile(model, backend="rope_compile", options=CPU_OPTIONS)(*inputs, *caches)
+        counts = rope_counters()
+    assert counts == {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1,
+                      "kv_store rewritten": 1}, counts
+    torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+    for mine, ref in ((caches[0][0], eager_caches[0][0]), (caches[1][0], eager_caches[1][0])):
+        torch.testing.assert_close(mine, ref, atol=3e-2, rtol=3e-2)
