@@ -157,11 +157,36 @@ def _is_cast(node: Node) -> torch.dtype | None:
     return None
 
 
+_SIZE1_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default)
+
+
+def _size1_view_of_cast(node: Node) -> bool:
+    """``node`` only drops or adds size-1 dims of a dtype cast (setitem converts the values to
+    the cache dtype, then strips their leading size-1 dims): a cast commutes with it."""
+    if not (isinstance(node, Node) and node.op == "call_function"
+            and node.target in _SIZE1_VIEWS and isinstance(node.args[0], Node)
+            and _is_cast(node.args[0]) is not None):
+        return False
+    val, src = fake_value(node), fake_value(node.args[0])
+    if val is None or src is None:
+        return False
+    kept, src_kept = [n for n in val.shape if not _eq(n, 1)], [n for n in src.shape
+                                                                if not _eq(n, 1)]
+    return len(kept) == len(src_kept) and all(_eq(a, b) for a, b in zip(kept, src_kept,
+                                                                        strict=True))
+
+
 def _peel_casts(node: Node) -> tuple[Node, list[torch.dtype]]:
-    """(the tensor under a chain of dtype casts, the cast dtypes from inner to outer)."""
+    """(the tensor under a chain of dtype casts, the cast dtypes from inner to outer); views
+    over a cast that only drop or add size-1 dims are passed through (the shape checks
+    restore those dims, ``_with_leading_ones``)."""
     dtypes = []
-    while isinstance(node, Node) and _is_cast(node) is not None:
-        dtypes.append(_is_cast(node))
+    while isinstance(node, Node):
+        if _is_cast(node) is not None:
+            dtypes.append(_is_cast(node))
+        elif not _size1_view_of_cast(node):
+            break
         node = node.args[0]
     return node, dtypes[::-1]
 

@@ -229,3 +229,12 @@ def test_gemma_norm_half_precision_scaled_store_is_rewritten():
     r = fp.check_program(p, control=False)
     assert not (r.categories - {"oracle_missed"}), r.failures  # values, caches, strides right
     assert not r.failures, r.failures
+
+
+@pytest.mark.parametrize("seed", [810026, 830011])
+def test_fuzzer_found_hf_setitem_cast_batch_one(seed):
+    """Found by the CUDA run: HF ``cache[:, :, cp] = k`` at batch 1 into a cache of another
+    dtype (setitem casts, then strips the leading size-1 dim: a view over the cast) was not
+    recognised as the k write. Fixed; the programs must pass."""
+    r = fp.check_program(fp.draw_program(seed), control=False)
+    assert not r.failures, r.failures
