@@ -107,7 +107,10 @@ EPS = 1e-6
 NORM_REASONS = {
     "eps": "q and k norms use different eps",
     "other_reader": "the q norm output has another reader",
-    "whole": "the q norm normalises [..",
+    # the whole-projection norm is refused by whichever proof step meets it first ("the q norm
+    # normalises [.., H * D] ..." or, HF at B > 1, "the call does not rotate the q norm
+    # output's heads in token order"): any qk_norm reason, counted once
+    "whole": "",
 }
 STORE_REASONS = {
     ("sglang", "accumulate"): "the k write accumulates",

@@ -126,11 +126,11 @@ def test_oracle_rules():
                        num_tokens=1)
     assert hf_whole.expected()["qk_norm rewritten"] == 1  # [B, 1, 1 * D]: per head
     assert replace(hf_whole, num_tokens=3).expected() == {
-        **want, "qk_norm skipped: the q norm normalises [..": 1}
+        **want, "qk_norm skipped: ": 1}
     assert replace(hf_whole, num_kv_heads=1, num_q_heads=2).expected() == {
-        **want, "qk_norm skipped: the q norm normalises [..": 1}
+        **want, "qk_norm skipped: ": 1}
     assert replace(base, norm="whole", num_q_heads=1, num_kv_heads=1).expected() == {
-        **want, "qk_norm skipped: the q norm normalises [..": 1}  # sglang: [T, D], 2-D
+        **want, "qk_norm skipped: ": 1}  # sglang: [T, D], 2-D
     # setitem with leading size-1 dims (sglang T == 1, hf B == 1) was a miss, fixed: no
     # known bug for it any more.
     assert not fp.known_bug(replace(base, store="write", store_how="setitem", num_tokens=1))
