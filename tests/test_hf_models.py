@@ -129,7 +129,12 @@ def _check_rewritten(model, ids: torch.Tensor, rope_log: str, caplog) -> None:
         with caplog.at_level(logging.INFO, logger="rope_compile"):
             rope = _run(model, ids, "rope_compile")
         assert rope.fused_calls == LAYERS, rope.rope
-        assert rope.rope == {"pairs_found": LAYERS, "rewritten": LAYERS}
+        # HF's rotary chain is then computed in the kernel from the angles (the last pass), or,
+        # where the scale is a traced tensor (dynamic=True), left as tables with its reason.
+        trig = {k: v for k, v in rope.rope.items() if k.startswith("trig_in_kernel")}
+        assert list(trig.values()) == [LAYERS], rope.rope
+        assert {k: v for k, v in rope.rope.items() if k not in trig} == {
+            "pairs_found": LAYERS, "rewritten": LAYERS}, rope.rope
         fused = [r.getMessage() for r in caplog.records if r.name == "rope_compile"
                  and "fused the RoPE" in r.getMessage()]
         assert len(fused) == LAYERS and all(rope_log in m for m in fused), fused
@@ -229,4 +234,10 @@ def test_llama_dynamic_seq(dynamic, specialize_float, graphs):
                 assert [count_fused_calls(code) for code in codes] == [LAYERS] * len(codes), (
                     seq, rope_counters())
         assert counters["stats"]["unique_graphs"] == len(codes) == graphs
-        assert rope_counters() == {"pairs_found": LAYERS * graphs, "rewritten": LAYERS * graphs}
+        counts = rope_counters()
+        # The cos/sin chain is computed in the kernel where its scale is a number; under
+        # dynamic=True without specialize_float the scale is a traced tensor (a counted skip).
+        trig = {k: v for k, v in counts.items() if k.startswith("trig_in_kernel")}
+        assert sum(trig.values()) == LAYERS * graphs, counts
+        assert {k: v for k, v in counts.items() if k not in trig} == {
+            "pairs_found": LAYERS * graphs, "rewritten": LAYERS * graphs}, counts
