@@ -45,13 +45,18 @@ def _rotate_head_block(
     head_stride,
     first_head,
     num_heads,
-    cos,  # [HALF_PAD] fp32
-    sin,  # [HALF_PAD] fp32
+    cos_a,  # [HALF_PAD] fp32: cos of each pair's first column a
+    sin_a,  # [HALF_PAD] fp32
+    cos_b,  # [HALF_PAD] fp32: cos of its second column b (cos_a again for one cos per pair)
+    sin_b,  # [HALF_PAD] fp32
     ROT: tl.constexpr,
     HALF_PAD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     IS_NEOX: tl.constexpr,
 ):
+    """Rotate heads ``[first_head, first_head + BLOCK_H)`` of one token in place:
+    ``x1' = x1 * cos_a - x2 * sin_a``, ``x2' = x2 * cos_b + x1 * sin_b`` (one cos/sin per pair:
+    the callers pass ``cos_a`` as ``cos_b`` and ``sin_a`` as ``sin_b``, the same values)."""
     HALF: tl.constexpr = ROT // 2
     heads = first_head + tl.arange(0, BLOCK_H)
     # int64 so that huge head strides times head indices cannot overflow.
@@ -63,8 +68,8 @@ def _rotate_head_block(
         mask = head_mask & (cols < HALF)
         x1 = tl.load(rows + cols, mask=mask).to(tl.float32)
         x2 = tl.load(rows + HALF + cols, mask=mask).to(tl.float32)
-        out1 = x1 * cos[None, :] - x2 * sin[None, :]
-        out2 = x2 * cos[None, :] + x1 * sin[None, :]
+        out1 = x1 * cos_a[None, :] - x2 * sin_a[None, :]
+        out2 = x2 * cos_b[None, :] + x1 * sin_b[None, :]
         dtype = token_ptr.dtype.element_ty
         tl.store(rows + cols, out1.to(dtype), mask=mask)
         tl.store(rows + HALF + cols, out2.to(dtype), mask=mask)
@@ -75,8 +80,8 @@ def _rotate_head_block(
         mask = head_mask & (cols < ROT)
         x = tl.load(rows + cols, mask=mask).to(tl.float32)
         x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, HALF_PAD, 2)))
-        out1 = x1 * cos[None, :] - x2 * sin[None, :]
-        out2 = x2 * cos[None, :] + x1 * sin[None, :]
+        out1 = x1 * cos_a[None, :] - x2 * sin_a[None, :]
+        out2 = x2 * cos_b[None, :] + x1 * sin_b[None, :]
         out = tl.reshape(tl.join(out1, out2), (BLOCK_H, 2 * HALF_PAD))
         tl.store(rows + cols, out.to(token_ptr.dtype.element_ty), mask=mask)
 
@@ -121,11 +126,13 @@ def fused_qk_rope_kernel(
     q_token = q_ptr + token * q_token_stride
     for j in tl.static_range(Q_ITERS):
         _rotate_head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
-                           num_q_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+                           num_q_heads, cos, sin, cos, sin, ROT, HALF_PAD, BLOCK_H,
+                           IS_NEOX)
     k_token = k_ptr + token * k_token_stride
     for j in tl.static_range(K_ITERS):
         _rotate_head_block(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
-                           num_k_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+                           num_k_heads, cos, sin, cos, sin, ROT, HALF_PAD, BLOCK_H,
+                           IS_NEOX)
 
 
 def is_interpreter() -> bool:

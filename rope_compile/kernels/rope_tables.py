@@ -67,7 +67,7 @@ Grid: ``(T, HEAD_SPLITS)``, cut as :func:`rope_compile.triton_kernel.launch_shap
 first kernel's: program ``(t, s)`` loads the token's ROT/2 cos and sin once (full tables: the
 ROT/2 of columns a and the ROT/2 of columns b of each), then rotates head blocks ``s, s +
 HEAD_SPLITS, ...`` of q (``Q_ITERS``) and of k (``K_ITERS``), each a ``[BLOCK_H, ROT]`` tile
-(the first kernel's ``_rotate_head_block``; full tables: :func:`_rotate_head_block_full`).
+(the first kernel's ``_rotate_head_block``, one cos/sin per feature column).
 """
 
 from __future__ import annotations
@@ -84,51 +84,6 @@ from ..triton_kernel import (
     is_interpreter,
 )
 from ..triton_kernel import launch_shape as head_launch_shape
-
-
-@triton.jit
-def _rotate_head_block_full(
-    token_ptr,  # pointer to x[t, 0, 0]
-    head_stride,
-    first_head,
-    num_heads,
-    cos_a,  # [HALF_PAD] fp32: cos of each pair's first column a
-    sin_a,  # [HALF_PAD] fp32
-    cos_b,  # [HALF_PAD] fp32: cos of each pair's second column b
-    sin_b,  # [HALF_PAD] fp32
-    ROT: tl.constexpr,
-    HALF_PAD: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    IS_NEOX: tl.constexpr,
-):
-    """``_rotate_head_block`` (rope_compile/triton_kernel.py) with one cos/sin per feature:
-    ``x1' = x1 * cos_a - x2 * sin_a``, ``x2' = x2 * cos_b + x1 * sin_b``."""
-    HALF: tl.constexpr = ROT // 2
-    heads = first_head + tl.arange(0, BLOCK_H)
-    # int64 so that huge head strides times head indices cannot overflow.
-    rows = token_ptr + heads[:, None].to(tl.int64) * head_stride  # [BLOCK_H, 1]
-    head_mask = heads[:, None] < num_heads
-    if IS_NEOX:
-        # Two contiguous half-rows: x1 = x[:HALF], x2 = x[HALF:ROT].
-        cols = tl.arange(0, HALF_PAD)[None, :]
-        mask = head_mask & (cols < HALF)
-        x1 = tl.load(rows + cols, mask=mask).to(tl.float32)
-        x2 = tl.load(rows + HALF + cols, mask=mask).to(tl.float32)
-        out1 = x1 * cos_a[None, :] - x2 * sin_a[None, :]
-        out2 = x2 * cos_b[None, :] + x1 * sin_b[None, :]
-        dtype = token_ptr.dtype.element_ty
-        tl.store(rows + cols, out1.to(dtype), mask=mask)
-        tl.store(rows + HALF + cols, out2.to(dtype), mask=mask)
-    else:
-        # One contiguous row of ROT elements, split into (even, odd) pairs in registers.
-        cols = tl.arange(0, 2 * HALF_PAD)[None, :]
-        mask = head_mask & (cols < ROT)
-        x = tl.load(rows + cols, mask=mask).to(tl.float32)
-        x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, HALF_PAD, 2)))
-        out1 = x1 * cos_a[None, :] - x2 * sin_a[None, :]
-        out2 = x2 * cos_b[None, :] + x1 * sin_b[None, :]
-        out = tl.reshape(tl.join(out1, out2), (BLOCK_H, 2 * HALF_PAD))
-        tl.store(rows + cols, out.to(token_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -225,25 +180,18 @@ def fused_qk_rope_tables_kernel(
         # cos/sin of this token: loaded once, reused for every head of q and k.
         cos = tl.load(cos_ptr + cos_offsets, mask=cmask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + sin_offsets, mask=cmask, other=0.0).to(tl.float32)
+    if not FULL_TABLES:  # one cos/sin per pair: both columns of a pair use it
+        cos_b = cos
+        sin_b = sin
 
     q_token = q_ptr + token * q_token_stride
     for j in tl.static_range(Q_ITERS):
-        if FULL_TABLES:
-            _rotate_head_block_full(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
-                                    num_q_heads, cos, sin, cos_b, sin_b, ROT, HALF_PAD,
-                                    BLOCK_H, IS_NEOX)
-        else:
-            _rotate_head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
-                               num_q_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+        _rotate_head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H,
+                           num_q_heads, cos, sin, cos_b, sin_b, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
     k_token = k_ptr + token * k_token_stride
     for j in tl.static_range(K_ITERS):
-        if FULL_TABLES:
-            _rotate_head_block_full(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
-                                    num_k_heads, cos, sin, cos_b, sin_b, ROT, HALF_PAD,
-                                    BLOCK_H, IS_NEOX)
-        else:
-            _rotate_head_block(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
-                               num_k_heads, cos, sin, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
+        _rotate_head_block(k_token, k_head_stride, (split + j * num_splits) * BLOCK_H,
+                           num_k_heads, cos, sin, cos_b, sin_b, ROT, HALF_PAD, BLOCK_H, IS_NEOX)
 
 
 # ---------------------------------------------------------------------------------------------
