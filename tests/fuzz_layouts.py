@@ -821,8 +821,10 @@ def run(device: str, programs: int, seed: int, fail_fast: bool = False, log=prin
     return stats
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def fuzz_main(fuzzer, argv, extra_stats: dict) -> int:
+    """The command line of a fuzzer module (this one, ``fuzz_prologue``): its ``run``,
+    ``summary``, docstring and ``SIZE1_STRIDES_FAIL`` switch; ``extra_stats`` go into the JSON."""
+    parser = argparse.ArgumentParser(description=fuzzer.__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--programs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -833,19 +835,23 @@ def main(argv=None) -> int:
     parser.add_argument("--strict-size1-strides", action="store_true",
                         help="strides differing from eager's on size-1 dims only fail too")
     args = parser.parse_args(argv)
-    global SIZE1_STRIDES_FAIL
-    SIZE1_STRIDES_FAIL = args.strict_size1_strides
+    fuzzer.SIZE1_STRIDES_FAIL = args.strict_size1_strides
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: CUDA is not available", file=sys.stderr)
         return 2
-    stats = run(args.device, args.programs, args.seed, args.fail_fast,
-                log=lambda line: print(line, flush=True), time_limit=args.time_limit)
+    stats = fuzzer.run(args.device, args.programs, args.seed, args.fail_fast,
+                       log=lambda line: print(line, flush=True), time_limit=args.time_limit)
     stats["seed"], stats["requested_programs"] = args.seed, args.programs
-    stats["oracle_rules"], stats["never_rewritten"] = list(ORACLE_RULES), NEVER_REWRITTEN
-    print(summary(stats))
+    stats.update(extra_stats)
+    print(fuzzer.summary(stats))
     if args.out:
         Path(args.out).write_text(json.dumps(stats, indent=1, default=str))
     return 1 if stats["failed_programs"] else 0
+
+
+def main(argv=None) -> int:
+    return fuzz_main(sys.modules[__name__], argv, {
+        "oracle_rules": list(ORACLE_RULES), "never_rewritten": NEVER_REWRITTEN})
 
 
 if __name__ == "__main__":

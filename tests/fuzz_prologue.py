@@ -58,8 +58,6 @@ the default options, so the GPU lowering is in the loop. Exit status 1 on any fa
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import sys
@@ -83,6 +81,7 @@ from fuzz_layouts import (  # noqa: E402  (registers the backend, sets TRITON_IN
     _uniform,
     _value_and_layout_failures,
     compile_options,
+    fuzz_main,
     rope_hf,
     rope_native,
 )
@@ -760,30 +759,8 @@ def run(device: str, programs: int, seed: int, fail_fast: bool = False, log=prin
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--programs", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the statistics as JSON here")
-    parser.add_argument("--fail-fast", action="store_true")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="stop drawing new programs after this many seconds")
-    parser.add_argument("--strict-size1-strides", action="store_true",
-                        help="strides differing from eager's on size-1 dims only fail too")
-    args = parser.parse_args(argv)
-    global SIZE1_STRIDES_FAIL
-    SIZE1_STRIDES_FAIL = args.strict_size1_strides
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available", file=sys.stderr)
-        return 2
-    stats = run(args.device, args.programs, args.seed, args.fail_fast,
-                log=lambda line: print(line, flush=True), time_limit=args.time_limit)
-    stats["seed"], stats["requested_programs"] = args.seed, args.programs
-    stats["oracle_rules"], stats["known_bugs"] = list(ORACLE_RULES), KNOWN_BUGS
-    print(summary(stats))
-    if args.out:
-        Path(args.out).write_text(json.dumps(stats, indent=1, default=str))
-    return 1 if stats["failed_programs"] else 0
+    return fuzz_main(sys.modules[__name__], argv, {
+        "oracle_rules": list(ORACLE_RULES), "known_bugs": KNOWN_BUGS})
 
 
 if __name__ == "__main__":
