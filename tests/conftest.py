@@ -118,6 +118,20 @@ def poison(x: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
     return x.fill_(value)
 
 
+def assert_grads_match(fn, reference, inputs) -> None:
+    """The gradients of ``fn`` and of ``reference`` (float64 functions of ``inputs`` returning
+    tensors) for the same random output weights agree to 1e-12."""
+    weights = [torch.randn(x.shape, dtype=torch.float64) for x in inputs]
+
+    def grads(f):
+        outputs = f(*inputs)
+        return torch.autograd.grad(sum((w * y).sum() for w, y in zip(weights, outputs,
+                                                                    strict=True)), inputs)
+
+    for a, b in zip(grads(fn), grads(reference), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN-safe: compares the raw bits)."""
     if a.shape != b.shape or a.dtype != b.dtype:

@@ -30,7 +30,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import GPU_DEVICE, TOLERANCES, assert_same_bits, make_qkv, pair_indices, poison
+from conftest import (
+    GPU_DEVICE,
+    TOLERANCES,
+    assert_grads_match,
+    assert_same_bits,
+    make_qkv,
+    pair_indices,
+    poison,
+)
 
 import rope_compile
 from rope_compile import ops
@@ -664,13 +672,7 @@ def test_gradcheck(sections, table_dtype, is_neox, rot):
         return tuple(torch.cat((x[..., :rot] * c[:, None] + turn(x[..., :rot]) * s[:, None],
                                 x[..., rot:]), -1) for x in (q, k))
 
-    weights = [torch.randn(x.shape, dtype=torch.float64) for x in inputs]
-    got = torch.autograd.grad(sum((w * y).sum() for w, y in zip(weights, fn(*inputs),
-                                                               strict=True)), inputs)
-    exp = torch.autograd.grad(sum((w * y).sum() for w, y in zip(weights, hf(*inputs),
-                                                               strict=True)), inputs)
-    for a, b in zip(got, exp, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_grads_match(fn, hf, inputs)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

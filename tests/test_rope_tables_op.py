@@ -27,6 +27,7 @@ import torch
 from conftest import (
     GPU_DEVICE,
     TOLERANCES,
+    assert_grads_match,
     assert_same_bits,
     make_qkv,
     pair_indices,
@@ -763,13 +764,7 @@ def test_gradcheck_full_tables(is_neox, sections, rot, rows):
             return tuple(torch.cat((x[..., :rot] * c + turn(x[..., :rot]) * s, x[..., rot:]),
                                    -1) for x in (q, k))
 
-        weights = [torch.randn(x.shape, dtype=torch.float64) for x in inputs]
-        got = torch.autograd.grad(sum((w * y).sum() for w, y in zip(weights, fn(*inputs),
-                                                                   strict=True)), inputs)
-        exp = torch.autograd.grad(sum((w * y).sum() for w, y in zip(weights, hf(*inputs),
-                                                                   strict=True)), inputs)
-        for a, b in zip(got, exp, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert_grads_match(fn, hf, inputs)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
