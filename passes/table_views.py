@@ -114,7 +114,7 @@ def table_rows(table, heads_dim: int | None, token_shape, width: int,
         return None, "the cos/sin table's token dims differ from x's"
     shape = [1] * (len(token_shape) + 1 - len(shape)) + shape
     last = start + step * (width - 1) + 1
-    if not _equal(shape[-1], last) and not statically_known_true(shape[-1] >= last):
+    if not statically_known_true(shape[-1] >= last):
         return None, "the cos/sin table is narrower than rotary_dim"
     # Leading dims of size 1 broadcast; from the first that is not 1 (for x), sizes agree.
     dims = list(zip(shape[:-1], token_shape, strict=True))
