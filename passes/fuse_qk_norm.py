@@ -43,6 +43,7 @@ What is proven before a rewrite (else no rewrite, the reason logged and counted 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -265,6 +266,29 @@ def _heads_view(val: torch.Tensor):
     return [size, val.shape[-2], val.shape[-1]], [stride, val.stride(-2), 1], val.storage_offset()
 
 
+def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor) -> list[int] | None:
+    """A dim order of the norm output (its last dim, the normalised one, kept last) in which
+    its ``[T, H, D]`` view (:func:`_heads_view`) is exactly the call's rotated ``view``: same
+    sizes, the same strides where a size is not 1, the same offset. None when there is none.
+
+    HF Gemma3 normalises after ``transpose(1, 2)`` (``[B, H, S, D]``), Qwen3 before it
+    (``[B, S, H, D]``); either way the call rotates the same rows. The norm's input is then
+    viewed in the same order, so token t and head h of the new call are the same logical
+    index of x as of the norm output (the norm is per row of the last dim)."""
+    lead = out_val.dim() - 1
+    for order in itertools.permutations(range(lead)):
+        canon = _heads_view(out_val.permute(*order, lead))
+        if canon is None:
+            continue
+        size, stride, offset = canon
+        if (all(_eq(a, b) for a, b in zip(view.shape, size, strict=True))
+                and all(_eq(n, 1) or _eq(a, b)
+                        for n, a, b in zip(view.shape, view.stride(), stride, strict=True))
+                and _eq(view.storage_offset(), offset)):
+            return [*order, lead]
+    return None
+
+
 @dataclass
 class NormPlan:
     call: FusedCall
@@ -316,22 +340,17 @@ class FuseQKNormPass(ExtensionPass):
             if len(norm.output.users) != 1:
                 raise PlanError(f"the {name} norm output has another reader")
             view = call.fake_view(name)
-            canon = _heads_view(out_val)
             head = out_val.shape[-1]
-            if canon is None or not _eq(view.shape[1], canon[0][1]):
-                raise PlanError(f"the {name} norm normalises [.., {head}], not each head (the "
-                                "rotated heads are not its last-but-one dim)")
-            size, stride, offset = canon
-            if not (_eq(view.shape[0], size[0]) and all(
-                    _eq(n, 1) or _eq(a, b) for n, a, b in zip(view.shape[:2], view.stride()[:2],
-                                                              stride[:2], strict=True))
-                    and _eq(view.storage_offset(), offset) and _eq(view.stride(2), 1)):
-                raise PlanError(f"the call does not rotate the {name} norm output's heads in "
-                                "token order")
+            if not _eq(head, view.shape[-1]):
+                raise PlanError(f"the {name} norm normalises [.., {head}], not each head of "
+                                f"{view.shape[-1]}")
+            order = _rotated_heads_order(out_val, view)
+            if order is None:
+                raise PlanError(f"the call does not rotate whole rows of the {name} norm output "
+                                f"([.., {head}]) as [T, H, D] heads in token order")
             if isinstance(head, int) and head not in self.head_sizes:
                 raise PlanError(f"head_size {head} not in {self.head_sizes}")
-            x_val = fake_value(norm.x)
-            x_view = _heads_view(x_val)
+            x_view = _heads_view(fake_value(norm.x).permute(order))
             if x_view is None:
                 raise PlanError(f"the {name} norm's input is not [T, H, D] as a view (last "
                                 "stride 1, token dims merged)")

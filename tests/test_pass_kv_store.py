@@ -392,7 +392,11 @@ def hf_decode(name: str, batch: int = 2, prefill: int = 5, cache_len: int = 16):
 
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "qwen3": (transformers.Qwen3Config,
-                                       transformers.Qwen3ForCausalLM)}[name]
+                                       transformers.Qwen3ForCausalLM),
+                             "gemma3": (transformers.Gemma3TextConfig,
+                                        transformers.Gemma3ForCausalLM),
+                             "olmo2": (transformers.Olmo2Config,
+                                       transformers.Olmo2ForCausalLM)}[name]
     torch.manual_seed(0)
     config = config_cls(vocab_size=96, hidden_size=256, intermediate_size=512,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

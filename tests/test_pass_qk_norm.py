@@ -131,8 +131,7 @@ def test_qwen3_style_norm_rope_kv_store(dtype):
 @pytest.mark.parametrize("variant, reason", [
     ("other_reader", "the q norm output has another reader"),
     ("eps", "q and k norms use different eps (1e-06 vs 1e-05)"),
-    ("whole", "the q norm normalises [.., 512], not each head (the rotated heads are not its "
-              "last-but-one dim)"),
+    ("whole", "the q norm normalises [.., 512], not each head of 128"),
 ])
 def test_refused(variant, reason):
     out, expected, *_, code, counts = _run(Qwen3StyleLayer(variant=variant))
@@ -192,8 +191,11 @@ view_7: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
 
 @pytest.mark.skipif(not _has_op("fused_qk_norm_rope_kv_store_tables_inplace"),
                     reason="the table-form QK-norm + KV-store op is not registered")
-def test_hf_qwen3_static_cache_decode():
-    expected, got, eager_cache, cache, code, counts = hf_decode("qwen3")
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+def test_hf_static_cache_decode(name):
+    """HF Qwen3 normalises q/k as [B, S, H, D] before the transpose, Gemma3 as [B, H, S, D]
+    after it: either way one call norms, rotates and stores each layer's q/k/v."""
+    expected, got, eager_cache, cache, code, counts = hf_decode(name)
     assert counts == {"pairs_found": 2, "rewritten": 2, "qk_norm rewritten": 2,
                       "kv_store rewritten": 2}
     assert code.count("fused_qk_norm_rope_kv_store_tables_inplace.default(") == 2
