@@ -217,3 +217,20 @@ def test_decode_sglang_tiny_cpu(tmp_path):
     assert row["max_err_rope_compile"] < 1e-4 and row["max_err_inductor"] < 1e-4
     assert len(row["ms_rounds_rope_compile"]) == 2 and row["speedup"] > 0
     assert "qk-norm 1, kv-store 1" in (tmp_path / "decode.md").read_text()
+
+
+def test_prologue_op_tiny_cpu(tmp_path):
+    """bench_prologue_op on CPU: each kind's fused op checked against eager (q, k and the
+    written cache rows) and timed; the floor counts what the op must move."""
+    bench = _bench("bench_prologue_op")
+    rows = bench.main(["--device", "cpu", "--tiny", "--dtype", "fp32", "--rounds", "1",
+                       "--out", str(tmp_path)])
+    assert [r["kind"] for r in rows] == list(bench.KINDS)
+    for row in rows:
+        assert set(row["errors"]) == {"op"} and row["errors"]["op"] < 1e-5
+        assert len(row["spread_us"]["op"]) == 2
+    s = bench.Shape(3, 2, 1, 128, slots=16)
+    # q and k in place (2 * 3 * 3 * 128 * 4), cos/sin rows, positions; + v, k/v rows, loc.
+    assert bench.floor_bytes("norm_rope", s, 4, 4) == 9216 + 1536 + 24 + 1024
+    assert bench.floor_bytes("rope_kv", s, 4, 4) == 9216 + 1536 + 24 + 1536 + 3072 + 24
+    assert "| norm_rope_kv | 3 |" in (tmp_path / "prologue_op.md").read_text()
