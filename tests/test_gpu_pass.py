@@ -134,3 +134,23 @@ def test_hf_tables_are_read_in_place_on_cuda():
     plain_launches = len(re.findall(r"\.run\(", "\n".join(plain_code)))
     assert len(re.findall(r"\.run\(", source)) <= plain_launches
     torch.testing.assert_close(fused.logits, eager, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3", "olmo2"])
+def test_hf_static_cache_decode_prologue_on_cuda(name):
+    """HF StaticCache decode on CUDA with the default options: each layer's RoPE, its KV-cache
+    write and (Qwen3, Gemma3: per head; OLMo2: whole projection) its q/k norm in one call,
+    logits and caches equal to eager."""
+    from test_pass_kv_store import hf_decode
+
+    expected, got, eager_cache, cache, code, counts = hf_decode(name, device="cuda")
+    fused = {"rewritten": 2, "kv_store rewritten": 2}
+    if name != "llama":
+        fused["qk_norm rewritten"] = 2
+    assert {k: counts.get(k) for k in fused} == fused, counts
+    assert not {k for k in counts if "error" in k or "skipped" in k or "missed" in k}, counts
+    assert "index_copy" not in code and "index_put" not in code
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for mine, theirs in zip(cache.layers, eager_cache.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)

@@ -382,9 +382,11 @@ needs_tables_store = pytest.mark.skipif(
     reason="the table-form KV-store op is not registered in this install")
 
 
-def hf_decode(name: str, batch: int = 2, prefill: int = 5, cache_len: int = 16):
+def hf_decode(name: str, batch: int = 2, prefill: int = 5, cache_len: int = 16,
+              device: str = "cpu"):
     """HF ``name`` (tiny) decode step on a StaticCache after an eager prefill, eager and
-    compiled: (eager logits, compiled logits, eager cache, compiled cache, code, counters)."""
+    compiled (on the CPU forced on, elsewhere with the default options): (eager logits,
+    compiled logits, eager cache, compiled cache, code, counters)."""
     import inspect
 
     transformers = pytest.importorskip("transformers")
@@ -401,12 +403,12 @@ def hf_decode(name: str, batch: int = 2, prefill: int = 5, cache_len: int = 16):
     config = config_cls(vocab_size=96, hidden_size=256, intermediate_size=512,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                         head_dim=128, max_position_embeddings=256, attn_implementation="sdpa")
-    model = model_cls(config).eval()
+    model = model_cls(config).eval().to(device)
     params = inspect.signature(model.model.forward).parameters
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 96, (batch, prefill), generator=g)
-    ids = torch.randint(0, 96, (batch, 1), generator=g)
-    positions = torch.arange(cache_len)
+    prompt = torch.randint(0, 96, (batch, prefill), generator=g).to(device)
+    ids = torch.randint(0, 96, (batch, 1), generator=g).to(device)
+    positions = torch.arange(cache_len, device=device)
 
     def kwargs(cache, cache_position):
         found = {"cache" if "cache" in params else "past_key_values": cache,
@@ -428,7 +430,8 @@ def hf_decode(name: str, batch: int = 2, prefill: int = 5, cache_len: int = 16):
     cache = prefilled()
     with fresh_compile():
         out, codes = run_and_get_code(
-            torch.compile(model, backend="rope_compile", options=CPU_OPTIONS),
+            torch.compile(model, backend="rope_compile",
+                          options=CPU_OPTIONS if device == "cpu" else {}),
             ids, **kwargs(cache, step))
         counts = rope_counters()
     return expected, out.logits, eager_cache, cache, "\n".join(codes), counts
