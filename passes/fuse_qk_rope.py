@@ -35,7 +35,10 @@ per-token tables (once per table source) and ``positions = arange(T)``.
 Only pairs that share positions, cache, style, rotary_dim and head size, whose head size is
 in ``head_sizes`` and whose device type is in ``devices`` are rewritten; every other candidate
 is left untouched, with the reason logged at DEBUG and counted in
-``torch._dynamo.utils.counters["rope_compile"]``.
+``torch._dynamo.utils.counters["rope_compile"]``. So is a pair whose rotated q and k are read
+only by layout copies (``.contiguous()``, ``cat``, a cast), which Inductor computes the RoPE
+inside: the rewrite would add a pass over q and k (``passes/layout_copy_rule.py``; the option
+``skip_pairs_only_read_by_copies=False`` forces it).
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from rope_compile.constants import DEFAULT_DEVICES, DEFAULT_HEAD_SIZES
 from rope_compile.layout import may_overlap
-from rope_compile.options import validate_pass_options
+from rope_compile.options import (
+    validate_pass_options,
+    validate_skip_pairs_only_read_by_copies,
+)
 from rope_compile.validation import validate_fused, validate_qk_rope_tables
 
 from .fx_surgery import (
@@ -68,6 +74,7 @@ from .fx_surgery import (
     shares_storage,
     view_chain,
 )
+from .layout_copy_rule import COPY_ONLY_REASON, read_only_by_layout_copies
 from .miss_report import find_misses
 from .rope_pattern import NoMatch, RopeMatch, enclosing_head_size, match_rope
 from .table_views import TableRows, table_rows
@@ -635,18 +642,25 @@ class FuseQKRopePass(CustomGraphPass):
 
     Options: ``head_sizes`` rewritten (default 128, 256, 512), ``devices`` whose graphs are
     rewritten (default xpu, cuda; add "cpu" to force it on CPU), ``strict`` re-raises errors
-    raised inside the pass instead of skipping the candidate that raised them.
+    raised inside the pass instead of skipping the candidate that raised them,
+    ``skip_pairs_only_read_by_copies`` (default True) leaves a pair whose rotated q and k are
+    read only by layout copies to Inductor (``passes/layout_copy_rule.py``); False forces the
+    rewrite.
     """
 
     def __init__(self, head_sizes: Iterable[int] = DEFAULT_HEAD_SIZES,
-                 devices: Iterable[str] = DEFAULT_DEVICES, strict: bool = False) -> None:
+                 devices: Iterable[str] = DEFAULT_DEVICES, strict: bool = False,
+                 skip_pairs_only_read_by_copies: bool = True) -> None:
         self.head_sizes, self.devices, self.strict = validate_pass_options(
             head_sizes, devices, strict)
+        self.skip_pairs_only_read_by_copies = validate_skip_pairs_only_read_by_copies(
+            skip_pairs_only_read_by_copies)
         self.calls = 0  # graphs this instance ran on (the backend reports cache hits)
 
     def __repr__(self) -> str:
         return (f"FuseQKRopePass(head_sizes={self.head_sizes}, devices={self.devices}, "
-                f"strict={self.strict})")
+                f"strict={self.strict}, "
+                f"skip_pairs_only_read_by_copies={self.skip_pairs_only_read_by_copies})")
 
     def uuid(self) -> bytes:
         """Inductor's FX graph cache key: every source the rewrite and its lowering depend on
@@ -728,6 +742,10 @@ class FuseQKRopePass(CustomGraphPass):
                     skips.append((q, reason))
                     continue
                 plan = plan_pair(q, k, symbols)
+                if (self.skip_pairs_only_read_by_copies
+                        and read_only_by_layout_copies(q.output, k.output)):
+                    skips.append((q, COPY_ONLY_REASON))  # the rewrite would save nothing
+                    continue
             except PlanError as why:
                 skips.append((q, str(why)))
                 continue

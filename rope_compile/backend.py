@@ -4,7 +4,8 @@
     torch.compile(model, backend="rope_compile", mode="reduce-overhead")
     torch.compile(model, backend="rope_compile", options={"devices": ("cpu",)})
 
-``options`` takes the pass options ``head_sizes``, ``devices`` and ``strict``; every other key is
+``options`` takes the pass options ``head_sizes``, ``devices``, ``strict`` and
+``skip_pairs_only_read_by_copies`` (the pair pass's alone); every other key is
 an Inductor config patch, as with the default backend. Both are checked before anything is
 compiled (``rope_compile.options``): a bad one raises a ``ValueError`` that names it and, for a
 near miss, the right name. ``mode`` is passed on to Inductor
@@ -23,7 +24,11 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from rope_compile.decision_cache import decision_key, record_or_replay, snapshot
-from rope_compile.options import PASS_OPTIONS, split_and_validate_backend_options
+from rope_compile.options import (
+    PASS_OPTIONS,
+    SHARED_PASS_OPTIONS,
+    split_and_validate_backend_options,
+)
 from rope_compile.passes.fuse_kv_store import FuseKVStorePass
 from rope_compile.passes.fuse_qk_norm import FuseQKNormPass
 from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
@@ -105,8 +110,9 @@ def rope_compile_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | N
     # Then the fusions that extend its calls: QK-norm before, the KV-cache store after.
     # Last, a RoPE call that still reads the model's cos/sin tables computes them in the kernel
     # from the angles where that is proven (no table kernel).
-    extensions = (FuseQKNormPass(**pass_options), FuseKVStorePass(**pass_options),
-                  ComputeTrigInKernelPass(**pass_options))
+    shared = {k: v for k, v in pass_options.items() if k in SHARED_PASS_OPTIONS}
+    extensions = (FuseQKNormPass(**shared), FuseKVStorePass(**shared),
+                  ComputeTrigInKernelPass(**shared))
     patches["post_grad_custom_post_pass"] = chained_post_grad_passes(
         rope_pass, patches.get("post_grad_custom_post_pass", _UNSET), extensions)
     if hasattr(torch._inductor.config, STATIC_LAUNCH_USER_KERNELS):

@@ -2,7 +2,8 @@
 ``RotaryEmbedding``: a bad option fails at once with a ``ValueError`` that names it (and, for a
 near miss, the right name), not later with a raw shape error or an unrelated Inductor message.
 
-    validate_pass_options(head_sizes, devices, strict)      # FuseQKRopePass's options
+    validate_pass_options(head_sizes, devices, strict)      # every pass's options
+    validate_skip_pairs_only_read_by_copies(value)          # FuseQKRopePass's own option
     split_and_validate_backend_options(options)             # torch.compile's ``options`` dict
     validate_rotary_embedding_args(head_size, rotary_dim, ...)
 
@@ -27,8 +28,11 @@ from .constants import (  # noqa: F401  (re-exported)
     KNOWN_DEVICE_TYPES,
 )
 
-# Keys of the backend's ``options`` that are the pass's; every other key is an Inductor patch.
-PASS_OPTIONS: tuple[str, ...] = ("head_sizes", "devices", "strict")
+# Keys of the backend's ``options`` that are the passes'; every other key is an Inductor patch.
+PASS_OPTIONS: tuple[str, ...] = ("head_sizes", "devices", "strict",
+                                 "skip_pairs_only_read_by_copies")
+# The options every pass of the chain takes; the others are ``FuseQKRopePass``'s alone.
+SHARED_PASS_OPTIONS: tuple[str, ...] = ("head_sizes", "devices", "strict")
 
 _PASS_PREFIX = "FuseQKRopePass / rope_compile option"
 _MODULE_PREFIX = "RotaryEmbedding argument"
@@ -132,11 +136,21 @@ def validate_devices(devices: Any) -> tuple[str, ...]:
     return tuple(types)
 
 
+def _validate_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{_PASS_PREFIX} `{name}`: must be a bool (True or False), got "
+                         f"{value!r} ({type(value).__name__})")
+    return value
+
+
 def validate_strict(strict: Any) -> bool:
-    if not isinstance(strict, bool):
-        raise ValueError(f"{_PASS_PREFIX} `strict`: must be a bool (True or False), got "
-                         f"{strict!r} ({type(strict).__name__})")
-    return strict
+    return _validate_bool("strict", strict)
+
+
+def validate_skip_pairs_only_read_by_copies(value: Any) -> bool:
+    """``True`` (the default) leaves a pair whose rotated q and k are read only by layout
+    copies to Inductor (``passes/layout_copy_rule.py``); ``False`` forces its rewrite."""
+    return _validate_bool("skip_pairs_only_read_by_copies", value)
 
 
 def validate_pass_options(head_sizes: Any, devices: Any,
@@ -171,7 +185,9 @@ def split_and_validate_backend_options(
 
     The pass options given come back validated and normalised (tuples, bool), ready for
     ``FuseQKRopePass(**pass_options)`` (whose defaults are ``DEFAULT_HEAD_SIZES``,
-    ``DEFAULT_DEVICES`` and ``strict=False``); every other key must be an Inductor config key. A bad
+    ``DEFAULT_DEVICES``, ``strict=False`` and ``skip_pairs_only_read_by_copies=True``; the
+    extension passes take the ``SHARED_PASS_OPTIONS`` of them); every other key must be an
+    Inductor config key. A bad
     option raises a ``ValueError`` that names it and, for a near miss, the right name."""
     if options is None:
         options = {}
@@ -191,7 +207,8 @@ def split_and_validate_backend_options(
                 f"rope_compile option `{key}`: unknown; it is neither a pass option "
                 f"({', '.join(PASS_OPTIONS)}) nor a torch._inductor.config key{hint}")
     validators = {"head_sizes": validate_head_sizes, "devices": validate_devices,
-                  "strict": validate_strict}
+                  "strict": validate_strict,
+                  "skip_pairs_only_read_by_copies": validate_skip_pairs_only_read_by_copies}
     pass_options = {k: validators[k](options[k]) for k in PASS_OPTIONS if k in options}
     patches = {k: v for k, v in options.items() if k not in PASS_OPTIONS}
     return pass_options, patches

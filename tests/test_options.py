@@ -25,6 +25,7 @@ from rope_compile.options import (
     GPU_DEVICE_TYPES,
     KNOWN_DEVICE_TYPES,
     PASS_OPTIONS,
+    SHARED_PASS_OPTIONS,
     inductor_config_keys,
     split_and_validate_backend_options,
     validate_pass_options,
@@ -186,7 +187,8 @@ def test_constants():
     assert DEFAULT_HEAD_SIZES == FUSED_HEAD_SIZES == (128, 256, 512)
     assert DEFAULT_DEVICES == GPU_DEVICE_TYPES == ("xpu", "cuda")
     assert set(KNOWN_DEVICE_TYPES) == {"cpu", "cuda", "xpu"}
-    assert PASS_OPTIONS == ("head_sizes", "devices", "strict")
+    assert PASS_OPTIONS == ("head_sizes", "devices", "strict", "skip_pairs_only_read_by_copies")
+    assert SHARED_PASS_OPTIONS == ("head_sizes", "devices", "strict")  # the extensions take
 
 
 def test_validate_pass_options_good():
