@@ -109,7 +109,8 @@ autograd.register(_LIB)
 # float32 reference in place (reference.qk_norm_rope_kv_reference_).
 #
 # q [T, Hq, D] and k [T, Hk, D] are whole heads (RoPE touches [..., :rotary_dim]; the norm and
-# the store the whole head); v [T, Hk, Dv]; k_buffer [S, Hk, D] / v_buffer [S, Hk, Dv] get rows
+# the store the whole head; a norm weight [H*D] normalises all of a token's heads as one row);
+# v [T, Hk, Dv]; k_buffer [S, Hk, D] / v_buffer [S, Hk, Dv] get rows
 # cache_loc[t] (any row stride, last stride 1; fp16 / bf16 / fp32 / fp8 e4m3fn), the stored
 # value being cast(x / scale) in fp32 (no division when the scale is None). Duplicate cache_loc
 # values are not checked (a sort, and a device sync on GPUs): which token's row lands is then
@@ -297,9 +298,13 @@ def fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos_s
 
 def fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache,
                                positions, rotary_dim, is_neox) -> None:
-    """Per-head RMSNorm of q ``[T, Hq, D]`` and k ``[T, Hk, D]`` over D (weights ``[D]``;
-    ``weight_offset`` 0.0: ``x * w``, HF Qwen3 rounding; 1.0: ``x * (1 + w)``, Gemma), then
-    RoPE, in place, in one launch."""
+    """RMSNorm of q ``[T, Hq, D]`` and k ``[T, Hk, D]``, then RoPE, in place, in one launch.
+
+    Each weight's shape says what it normalises: ``[D]``, each head over D (HF Qwen3 / Gemma3
+    ``q_norm``); ``[H*D]``, all H heads of a token together (HF OLMo2's norm of the whole
+    projection, weight element ``h*D + c``), independently for q and k (they coincide when
+    H == 1). ``weight_offset`` 0.0: ``x * w``, HF Qwen3 rounding; 1.0: ``x * (1 + w)``,
+    Gemma."""
     norm_rope_op(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
                  rotary_dim, is_neox)
 

@@ -72,10 +72,11 @@ def to_kv_cache(x: torch.Tensor, scale: float | None, dtype: torch.dtype) -> tor
 
 def qk_norm_rope_kv_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *,
                                norm=None, kv=None) -> None:
-    """In place: RMSNorm q and k ``[T, H, D]`` per head (``norm = (q_weight, k_weight, eps,
-    weight_offset)``), rotate their first ``rotary_dim`` features, then (``kv = (v, k_buffer,
-    v_buffer, cache_loc, k_scale, v_scale)``) write the rotated k and v into the cache rows
-    ``cache_loc`` (duplicate locations: one of the writers wins, as with ``index_put_``)."""
+    """In place: RMSNorm q and k ``[T, H, D]`` per head or over all of a token's heads
+    (``norm = (q_weight, k_weight, eps, weight_offset)``, weights ``[D]`` or ``[H*D]``), rotate
+    their first ``rotary_dim`` features, then (``kv = (v, k_buffer, v_buffer, cache_loc,
+    k_scale, v_scale)``) write the rotated k and v into the cache rows ``cache_loc`` (duplicate
+    locations: one of the writers wins, as with ``index_put_``)."""
     _norm_qk_(q, k, norm)
     rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
     _store_kv_(k, kv)
@@ -91,11 +92,18 @@ def qk_norm_rope_kv_tables_reference_(q, k, cos, sin, rotary_dim, is_neox, *, no
 
 
 def _norm_qk_(q, k, norm) -> None:
+    """RMSNorm q and k ``[T, H, D]`` in place: per head (weight ``[D]``), or over all of a
+    token's heads (weight ``[H*D]``, element ``h*D + c``; HF OLMo2's whole-projection norm)."""
     if norm is not None:
         q_weight, k_weight, eps, weight_offset = norm
         for x, w in ((q, q_weight), (k, k_weight)):
-            if x.numel():
+            if not x.numel():
+                continue
+            if w.shape[0] == x.shape[2]:
                 x.copy_(rms_norm_heads(x, w, eps, weight_offset))
+            else:
+                flat = x.reshape(x.shape[0], x.shape[1] * x.shape[2])
+                x.copy_(rms_norm_heads(flat, w, eps, weight_offset).view(x.shape))
 
 
 def store_kv_rows_(buffer: torch.Tensor, cache_loc: torch.Tensor, x: torch.Tensor) -> None:

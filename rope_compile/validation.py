@@ -217,11 +217,17 @@ def _check_kv_reads(op, reads, writes) -> None:
 
 
 def _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset) -> None:
+    """Each weight ``[D]`` (a norm per head) or ``[H*D]`` (one norm over the token's H heads
+    of q, or of k: HF OLMo2's whole-projection q_norm / k_norm), floating point, on q's
+    device; eps and the weight offset."""
     head_size = q.shape[2]
-    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
-        if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != head_size:
-            _fail(op, f"{name} must be [head_size={head_size}], got shape "
-                      f"{tuple(getattr(w, 'shape', ()))}")
+    for name, w, heads in (("q_weight", q_weight, q.shape[1]),
+                           ("k_weight", k_weight, k.shape[1])):
+        if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] not in (
+                head_size, heads * head_size):
+            _fail(op, f"{name} must be [head_size={head_size}] (a norm per head) or "
+                      f"[num_heads * head_size={heads * head_size}] (one norm over all of a "
+                      f"token's heads), got shape {tuple(getattr(w, 'shape', ()))}")
         if not w.dtype.is_floating_point:
             _fail(op, f"{name} must be floating point, got dtype {w.dtype}")
         if w.device != q.device:

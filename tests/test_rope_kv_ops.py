@@ -8,6 +8,9 @@ views (padded heads) of larger NaN-poisoned buffers, and checks: q and k against
 oracle (norm rounded to the dtype at HF's points, then RoPE), the written cache rows exactly
 equal to torch's conversion of the op's own k (and of v), and every other element of every
 buffer bit-identical to before.
+
+The norm is per head (weights ``[D]``) or, for q and/or k, over the whole projection (weights
+``[H*D]``, HF OLMo2's ``q_norm`` / ``k_norm``: one RMSNorm over all of a token's heads).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class KVCase:
     cache_dtype: torch.dtype | None = None  # None: dtype
     scales: tuple[float, float] | None = None
     norm: str | None = None  # None, "qwen" (x * w) or "gemma" (x * (1 + w))
+    whole: str = ""  # which norms span the whole projection (weight [H*D]): "", "q", "k", "qk"
     store: bool = True
     pos_dtype: torch.dtype = torch.int64
     loc_dtype: torch.dtype = torch.int64
@@ -67,7 +71,7 @@ class KVCase:
         if self.scales:
             parts.append("scaled")
         if self.norm:
-            parts.append(self.norm)
+            parts.append(self.norm + (f"-whole{self.whole}" if self.whole else ""))
         parts.append(f"pos{str(self.pos_dtype)[-2:]}-loc{str(self.loc_dtype)[-2:]}")
         return "-".join(parts)
 
@@ -122,14 +126,20 @@ def build(case: KVCase, device="cpu", seed=0) -> KVProblem:
     positions = torch.randint(0, max_position, (t,), generator=g).to(case.pos_dtype).to(device)
     weights = [None, None]
     if case.norm:
-        weights = [(torch.randn(d, generator=g) * 0.5 + (0.0 if case.norm == "gemma" else 1.0))
-                   .to(case.dtype).to(device) for _ in range(2)]
+        weights = [(torch.randn(h * d if name in case.whole else d, generator=g) * 0.5
+                    + (0.0 if case.norm == "gemma" else 1.0)).to(case.dtype).to(device)
+                   for name, h in (("q", hq), ("k", hk))]
     return KVProblem(case, q, k, v, qkv, k_big, v_big, k_big[..., :d], v_big[..., :dv], loc,
                      cache, positions, *weights)
 
 
 def norm_f64(x, weight, eps, gemma) -> torch.Tensor:
-    """HF's RMSNorm in float64, rounded to x's dtype where HF rounds (the kernel header)."""
+    """HF's RMSNorm of x ``[T, H, D]`` in float64, rounded to x's dtype where HF rounds (the
+    kernel header): per head for a weight ``[D]``, over all H heads of a token (row element
+    ``h*D + c``) for a weight ``[H*D]``."""
+    if weight.shape[0] != x.shape[-1]:
+        flat = x.reshape(x.shape[0], 1, x.shape[1] * x.shape[2])
+        return norm_f64(flat, weight, eps, gemma).view(x.shape)
     h = x.detach().cpu().double()
     normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     w = weight.detach().cpu().double()
@@ -263,7 +273,30 @@ def kv_cases() -> list[KVCase]:
                     n += 1
     cases.append(KVCase(num_tokens=0))
     cases.append(KVCase(num_tokens=0, norm="gemma"))
-    return cases
+    return cases + whole_norm_cases()
+
+
+def whole_norm_cases() -> list[KVCase]:
+    """Whole-projection norms (weights ``[H*D]``) of q, k or both: one or several head blocks
+    per program (the kernel's two passes), a partial rotary tail, one head (the per-head norm),
+    odd and zero token counts, each dtype, with and without the store."""
+    return [
+        KVCase(num_tokens=7, num_q_heads=4, num_kv_heads=2, norm="qwen", whole="qk",
+               store=False, dtype=torch.float32),
+        KVCase(num_tokens=5, num_q_heads=8, num_kv_heads=2, norm="qwen", whole="qk",
+               rotary_dim=64, dtype=torch.bfloat16, cache_dtype=torch.float32),
+        KVCase(num_tokens=3, num_q_heads=12, num_kv_heads=3, head_size=64, rotary_dim=48,
+               is_neox=False, norm="gemma", whole="qk", dtype=torch.float16,
+               cache_dtype=FP8 or torch.float16, scales=(0.5, 2.0), v_head_size=96),
+        KVCase(num_tokens=1, num_q_heads=4, num_kv_heads=2, norm="qwen", whole="q",
+               dtype=torch.float16, store=False),
+        KVCase(num_tokens=4, num_q_heads=3, num_kv_heads=1, head_size=64, rotary_dim=64,
+               norm="gemma", whole="qk", dtype=torch.float32, cache_dtype=torch.bfloat16,
+               loc_dtype=torch.int32),
+        KVCase(num_tokens=5, num_q_heads=1, num_kv_heads=4, head_size=64, rotary_dim=32,
+               norm="qwen", whole="k", dtype=torch.bfloat16, pos_dtype=torch.int32),
+        KVCase(num_tokens=0, norm="qwen", whole="qk"),
+    ]
 
 
 CASES = [pytest.param(c, id=c.id) for c in kv_cases()]
@@ -311,8 +344,8 @@ def test_runtime_args_match_kernel_signature():
 
 def _small(case_changes=None, device="cpu"):
     return build(replace(KVCase(num_tokens=3, num_q_heads=2, num_kv_heads=1, head_size=64,
-                                rotary_dim=32, dtype=torch.float32, num_slots=5,
-                                **(case_changes or {}))), device)
+                                rotary_dim=32, dtype=torch.float32, num_slots=5),
+                         **(case_changes or {})), device)
 
 
 def _opcheck_args(p: KVProblem, op):
@@ -332,6 +365,10 @@ OPCHECK = [
     pytest.param(KV_OP, {"scales": (0.5, 2.0)}, id="kv-store"),
     pytest.param(NORM_OP, {"norm": "qwen", "store": False}, id="norm-rope"),
     pytest.param(NORM_KV_OP, {"norm": "gemma", "is_neox": False}, id="norm-rope-kv"),
+    pytest.param(NORM_OP, {"norm": "qwen", "store": False, "whole": "qk"},
+                 id="norm-rope-whole"),
+    pytest.param(NORM_KV_OP, {"norm": "gemma", "whole": "q", "num_q_heads": 4},
+                 id="norm-rope-kv-whole-q"),
 ]
 
 
@@ -416,22 +453,54 @@ def test_cache_loc_out_of_range_cpu():
         rope_compile.fused_qk_rope_kv_store_inplace(**_bad(p, cache_loc=bad - 6))
 
 
-@pytest.mark.parametrize(("changes", "match"), [
+NORM_BAD = [
     ({"weight_offset": 0.5}, "weight_offset must be"),
     ({"eps": -1.0}, "eps must be"),
     ({"q_weight": "short"}, "q_weight must be"),
     ({"k_weight": "int"}, "k_weight must be floating"),
     ({"q_weight": "overlap"}, "q_weight overlaps"),
-])
-def test_norm_bad_input(changes, match):
-    p = _small({"norm": "qwen", "store": False})
+    # q [3, 2, 64], k [3, 1, 64]: weights [64] (per head) or [H*64] (whole projection) only
+    ({"q_weight": "q_heads_plus_one"}, r"q_weight must be \[head_size=64\] \(a norm per "
+                                       r"head\) or \[num_heads \* head_size=128\]"),
+    ({"k_weight": "q_whole"}, r"k_weight must be \[head_size=64\] .* or \[num_heads \* "
+                              r"head_size=64\] \(one norm over all of a token's heads\), got "
+                              r"shape \(128,\)"),
+    ({"q_weight": "heads_by_d"}, r"q_weight must be .* got shape \(2, 64\)"),
+    ({"q_weight": "scalar"}, r"q_weight must be .* got shape \(\)"),
+]
+
+
+def _norm_kwargs(p: KVProblem, changes: dict) -> dict:
     args = dict(q=p.q, k=p.k, q_weight=p.q_weight, k_weight=p.k_weight, eps=1e-6,
                 weight_offset=0.0, cos_sin_cache=p.cos_sin_cache, positions=p.positions,
                 rotary_dim=32, is_neox=True)
-    special = {"short": p.q_weight[:8], "int": p.k_weight.int(), "overlap": p.q[0, 0]}
+    special = {"short": p.q_weight[:8], "int": p.k_weight.int(), "overlap": p.q[0, 0],
+               "q_heads_plus_one": torch.ones(3 * 64), "q_whole": torch.ones(2 * 64),
+               "heads_by_d": torch.ones(2, 64), "scalar": torch.tensor(1.0)}
     args.update({n: special.get(v, v) if isinstance(v, str) else v for n, v in changes.items()})
+    return args
+
+
+@pytest.mark.parametrize(("changes", "match"), NORM_BAD)
+def test_norm_bad_input(changes, match):
+    p = _small({"norm": "qwen", "store": False})
     with pytest.raises(ValueError, match=match):
-        rope_compile.fused_qk_norm_rope_inplace(**args)
+        rope_compile.fused_qk_norm_rope_inplace(**_norm_kwargs(p, changes))
+
+
+@pytest.mark.parametrize(("changes", "match"), NORM_BAD[2:])
+def test_norm_bad_input_fake(changes, match):
+    """The fake implementation refuses the same weights (torch.compile reports them at trace
+    time)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    p = _small({"norm": "qwen", "store": False})
+    args = _norm_kwargs(p, changes)
+    with FakeTensorMode() as mode:
+        fake = {n: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                for n, x in args.items()}
+        with pytest.raises(ValueError, match=match):
+            NORM_OP(**fake)
 
 
 def test_norm_matches_transformers():
@@ -458,6 +527,101 @@ def test_norm_matches_transformers():
                                                 torch.zeros(3, dtype=torch.long), 32, True)
         assert_same_bits(q, exp_q, f"{cls.__name__} q")
         assert_same_bits(k, exp_k, f"{cls.__name__} k")
+
+
+def _identity_rope(num_tokens: int, rotary_dim: int):
+    """A cos_sin_cache row of cos 1, sin 0 and positions all 0: RoPE leaves x as it is."""
+    half = rotary_dim // 2
+    return (torch.cat([torch.ones(1, half), torch.zeros(1, half)], -1),
+            torch.zeros(num_tokens, dtype=torch.long))
+
+
+@pytest.mark.parametrize("apply", ["op", pytest.param("triton", marks=NO_INTERPRETER)])
+def test_whole_norm_matches_transformers_olmo2(apply):
+    """The whole-projection norm (weights ``[H*D]``) equals HF's ``Olmo2RMSNorm(H * D)`` on the
+    ``[T, H*D]`` projection, viewed as ``[T, H, D]`` after it (OLMo2's order), bit for bit, in
+    float32 (rotation by angle 0). OLMo2 rounds once after the weight: in float32 that is the
+    kernel's Qwen3 form (in bf16/fp16 it is a form of its own, which the pass does not fuse)."""
+    pytest.importorskip("transformers")
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    g = torch.Generator().manual_seed(2)
+    t, hq, hk, d = 5, 4, 2, 64
+    hf_q, hf_k = Olmo2RMSNorm(hq * d, eps=1e-6), Olmo2RMSNorm(hk * d, eps=1e-6)
+    with torch.no_grad():
+        hf_q.weight.copy_(torch.randn(hq * d, generator=g))
+        hf_k.weight.copy_(torch.randn(hk * d, generator=g))
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g) * 3
+    q, k, _ = qkv.split([hq * d, hk * d, hk * d], -1)
+    with torch.no_grad():
+        exp_q, exp_k = hf_q(q), hf_k(k)
+    q, k = q.view(t, hq, d), k.view(t, hk, d)
+    weights = (hf_q.weight.detach(), hf_k.weight.detach())
+    cache, positions = _identity_rope(t, 32)
+    if apply == "op":
+        rope_compile.fused_qk_norm_rope_inplace(q, k, *weights, 1e-6, 0.0, cache, positions, 32,
+                                                True)
+        assert_same_bits(q.reshape(t, -1), exp_q, "Olmo2RMSNorm q")
+        assert_same_bits(k.reshape(t, -1), exp_k, "Olmo2RMSNorm k")
+    else:  # the kernel sums squares in another order: within an ulp or two
+        rope_kv_store.launch(q, k, cache, positions, 32, True, norm=(*weights, 1e-6, 0.0),
+                             block_h=2)  # two head blocks of q: the two-pass sum
+        torch.testing.assert_close(q.reshape(t, -1), exp_q, rtol=3e-7, atol=1e-6)
+        torch.testing.assert_close(k.reshape(t, -1), exp_k, rtol=3e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("apply", APPLY_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+def test_whole_norm_strided_heads(apply, dtype):
+    """Whole-projection norms of q and k whose heads are not adjacent in memory: q heads padded
+    ([T, H, D] of a [T, H, D + 8] storage), k a transposed view ([H, T, D] storage) and the
+    weights strided views; the padding is NaN and must stay untouched and unread."""
+    g = torch.Generator().manual_seed(4)
+    t, hq, hk, d, rot = 5, 4, 2, 64, 48
+    q_big = torch.full((t, hq, d + 8), float("nan"))
+    q_big[..., :d] = torch.randn(t, hq, d, generator=g)
+    q_big = q_big.to(dtype)
+    k_store = torch.randn(hk, t, d, generator=g).to(dtype)
+    w_big = (torch.randn(2, hq * d, generator=g) * 0.5 + 1).to(dtype)
+    q, k = q_big[..., :d], k_store.transpose(0, 1)
+    q_weight, k_weight = w_big[0], w_big[1, ::2][:hk * d]
+    cache = torch.rand(40, rot, generator=g) * 2 - 1
+    positions = torch.randint(0, 40, (t,), generator=g)
+    exp = [rope_f64(norm_f64(x, w, 1e-6, False), positions, cache, rot, False)
+           for x, w in ((q, q_weight), (k, k_weight))]
+    pad_before = q_big[..., d:].clone()
+    p = KVProblem(KVCase(num_tokens=t, num_q_heads=hq, num_kv_heads=hk, head_size=d,
+                         rotary_dim=rot, is_neox=False, dtype=dtype, norm="qwen", whole="qk",
+                         store=False), q, k, None, None, None, None, None, None, None, cache,
+                  positions, q_weight, k_weight)
+    apply(p)
+    tol = TOLERANCES[dtype]
+    tol = {"rtol": 2 * tol["rtol"], "atol": 4 * tol["rtol"]}
+    torch.testing.assert_close(q.double(), exp[0], **tol)
+    torch.testing.assert_close(k.double(), exp[1], **tol)
+    assert_same_bits(q_big[..., d:], pad_before, "q head padding")
+
+
+def test_whole_norm_plan_is_one_program_per_token():
+    """A whole-projection norm (of q or of k) puts every head of the token in one program:
+    head_splits 1 even when asked for more; per-head norms keep the heuristics' splits."""
+    for whole, flags in (("qk", (True, True)), ("q", (True, False)), ("k", (False, True))):
+        p = build(KVCase(num_tokens=3, num_q_heads=8, num_kv_heads=4, norm="qwen", whole=whole,
+                         store=False))
+        plan = rope_kv_store.plan_tensor_launch(
+            p.q, p.k, rope_kv_store.FromCache(p.cos_sin_cache, p.positions), 128, True,
+            norm=p.norm, head_splits=4, block_h=2)
+        assert plan.grid == (3, 1)
+        assert (plan.constexprs["Q_WHOLE"], plan.constexprs["K_WHOLE"]) == flags
+        assert (plan.constexprs["Q_ITERS"], plan.constexprs["K_ITERS"]) == (4, 2)
+    per_head = build(KVCase(num_tokens=3, num_q_heads=8, num_kv_heads=4, norm="qwen",
+                            store=False))
+    plan = rope_kv_store.plan_tensor_launch(
+        per_head.q, per_head.k, rope_kv_store.FromCache(per_head.cos_sin_cache,
+                                                        per_head.positions), 128, True,
+        norm=per_head.norm)
+    assert plan.grid[1] > 1 and not plan.constexprs["Q_WHOLE"] | plan.constexprs["K_WHOLE"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,6 +749,12 @@ GPU_CASES = [pytest.param(c, id=c.id) for c in kv_cases()] + [
                dtype=torch.bfloat16, norm="qwen", is_neox=False, num_slots=64),
         KVCase(num_tokens=33, num_q_heads=8, num_kv_heads=1, head_size=256, rotary_dim=256,
                dtype=torch.float16, norm="gemma", cache_dtype=torch.float16, num_slots=64),
+        # OLMo2-7B's prologue: whole-projection norms of 32 q and 32 k heads, many head blocks
+        KVCase(num_tokens=37, num_q_heads=32, num_kv_heads=32, head_size=128, rotary_dim=128,
+               dtype=torch.bfloat16, norm="qwen", whole="qk", num_slots=64),
+        KVCase(num_tokens=300, num_q_heads=16, num_kv_heads=4, head_size=128, rotary_dim=64,
+               dtype=torch.float32, norm="gemma", whole="k", is_neox=False,
+               cache_dtype=torch.bfloat16, num_slots=512),
     )]
 
 

@@ -56,6 +56,7 @@ class Case:
     cache_dtype: torch.dtype | None = None  # None: dtype
     scales: tuple[float, float] | None = None
     norm: str | None = None  # None, "qwen" or "gemma"
+    whole: str = ""  # norms over the whole projection (weights [H*D]): "", "q", "k" or "qk"
     store: bool = True
     # cos/sin: "cache" (cos_sin_cache + positions), or tables: "half" (HF emb.cos()[..., :n]),
     # "pair" (freqs_cis[..., 0] / [..., 1]), "expanded" (one row expanded, float64 tables)
@@ -73,7 +74,8 @@ class Case:
                  "neox" if self.is_neox else "gptj", f"r{self.rotary_dim}", str(self.dtype)[6:]]
         if self.store:
             parts.append(f"cache-{str(self.cache_dtype or self.dtype)[6:]}")
-        parts += [self.norm or "", "scaled" if self.scales else "",
+        parts += [self.norm or "", f"whole{self.whole}" if self.whole else "",
+                  "scaled" if self.scales else "",
                   f"R{self.table_rows}" if self.table_rows else "",
                   f"Bc{self.cache_batch}" if self.cache_batch else ""]
         return "-".join(p for p in parts if p)
@@ -153,8 +155,9 @@ def build(case: Case, device="cpu", seed=0) -> Problem:
     big = [torch.full(shape, float("nan")).to(cache_dtype) for _ in range(2)]
     weights = [None, None]
     if case.norm:
-        weights = [(torch.randn(d, generator=g) * 0.5 + (0.0 if case.norm == "gemma" else 1.0))
-                   .to(case.dtype) for _ in range(2)]
+        weights = [(torch.randn(h * d if name in case.whole else d, generator=g) * 0.5
+                    + (0.0 if case.norm == "gemma" else 1.0)).to(case.dtype)
+                   for name, h in (("q", hq), ("k", hk))]
     to = (lambda x: None if x is None else x.to(device))  # noqa: E731
     qkv = to(qkv)
     q, k, v = (x.view(t, w // d, d) for x, w in zip(qkv.split(widths, -1), widths,
@@ -291,6 +294,16 @@ CASES = [
     Case(source="pair", buffer="4d", batch=3, seq=2, table_rows=1, cache_dtype=FP8 or
          torch.float32, scales=(1.5, 0.75)),
     Case(batch=0),  # no tokens
+    # OLMo2: q and k normalised over the whole projection (weights [H*D]), HF tables and cache
+    Case(source="half", buffer="hf", norm="qwen", whole="qk", num_q_heads=6, num_kv_heads=2,
+         dtype=torch.float16, cache_dtype=torch.float32),
+    Case(source="pair", store=False, norm="gemma", whole="q", batch=1, seq=5, table_rows=5,
+         is_neox=False, rotary_dim=48),
+    Case(source="cache", buffer="4d", norm="qwen", whole="k", num_q_heads=2, num_kv_heads=4,
+         cache_batch=3, scales=(0.5, 2.0)),
+    Case(source="half", buffer="hf", batch=4, seq=1, table_rows=1, norm="qwen", whole="qk",
+         num_slots=5, cache_batch=5),  # HF decode
+    Case(batch=0, norm="qwen", whole="qk"),
 ]
 # bf16 caches only through the op (Triton's interpreter rounds fp32 -> bf16 toward zero).
 CASES += [Case(source="half", buffer="hf", cache_dtype=torch.bfloat16, norm="gemma"),
@@ -377,6 +390,8 @@ OPCHECK = [
     Case(source="expanded", buffer="4d", norm="gemma", is_neox=False, cache_batch=3),
     Case(source="cache", buffer="hf", norm="qwen"),
     Case(source="cache", buffer="4d"),
+    Case(source="half", buffer="hf", norm="qwen", whole="qk"),
+    Case(source="half", store=False, norm="gemma", whole="k"),
 ]
 OPCHECK_PARAMS = [pytest.param(c, id=c.id) for c in OPCHECK]
 
@@ -559,6 +574,10 @@ GPU_CASES = PARAMS + [pytest.param(c, id=c.id) for c in (
     Case(source="pair", buffer="4d", batch=64, seq=1, table_rows=1, num_q_heads=32,
          num_kv_heads=8, head_size=128, rotary_dim=64, dtype=torch.bfloat16, is_neox=False,
          cache_dtype=FP8 or torch.bfloat16, scales=(0.5, 0.5), num_slots=16),
+    # OLMo2-7B decode: 32 q / 32 kv heads, whole-projection norms, HF StaticCache
+    Case(source="half", buffer="hf", batch=8, seq=1, table_rows=1, num_q_heads=32,
+         num_kv_heads=32, head_size=128, rotary_dim=128, dtype=torch.bfloat16, norm="qwen",
+         whole="qk", num_slots=64, cache_batch=8),
 )]
 
 

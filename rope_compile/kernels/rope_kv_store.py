@@ -18,7 +18,8 @@ Shapes and strides (elements; the last stride of q, k, v and the buffers must be
               cache [B, Hk, L, D] is passed as .permute(0, 2, 1, 3): strides (Hk*L*D, D, L*D, 1)
     cache_loc [R_loc]            stride loc_stride, int32/int64, values in [0, S); R_loc
                                  (loc_rows) divides T, T / R_loc <= Bc (3-D buffers: R_loc = T)
-    q_weight  [D], k_weight [D]  strides q_w_stride, k_w_stride (NORM)
+    q_weight  [D] or [Hq*D]      stride q_w_stride (NORM; [Hq*D]: Q_WHOLE, element h*D + c)
+    k_weight  [D] or [Hk*D]      stride k_w_stride (NORM; [Hk*D]: K_WHOLE)
     FROM_CACHE:
       cos, sin  the same [P, ROT] cache = cat(cos, sin), strides (cache_row, cache_col) for both
       pos       [T]              stride pos_stride, int32/int64, values in [0, P)
@@ -31,8 +32,12 @@ fp8 buffers are passed as their ``uint8`` view (K_FP8 / V_FP8): the kernel write
 
 Math, per token t and head h of q and of k (fp32 throughout; ``round`` = to x's dtype)::
 
-    NORM, Qwen3 form (GEMMA=False): x = round(w * round(x * rsqrt(mean(x^2) + eps)))
-    NORM, Gemma form (GEMMA=True):  x = round(x * rsqrt(mean(x^2) + eps) * (1 + w))
+    NORM, Qwen3 form (GEMMA=False): x = round(w * round(x * r)),   r = rsqrt(mean(x^2) + eps)
+    NORM, Gemma form (GEMMA=True):  x = round(x * r * (1 + w))
+        per head (weight [D]):          mean over x[t, h, :] (D elements), w = w[c]
+        whole (Q_WHOLE / K_WHOLE, [H*D]): mean over x[t, :, :] (all H*D elements of the token's
+                                        q, or k: HF OLMo2's q_norm / k_norm of the [.., H*D]
+                                        projection), w = w[h*D + c]; the same r for every head
     RoPE on x[:ROT], pair i (neox: (i, i + ROT/2), GPT-J: (2i, 2i + 1)), with
         FROM_CACHE: c, s = cache[pos[t], i], cache[pos[t], ROT/2 + i]
         TABLES:     c, s = cos[t % R, i], sin[t % R, i]
@@ -47,12 +52,17 @@ The norm's rounding mirrors HF transformers: ``Qwen3RMSNorm`` rounds the normali
 the input dtype before the weight multiply (``weight * hidden.to(input_dtype)``) and the product
 to the (same) dtype; ``Gemma3RMSNorm`` multiplies by ``1 + weight.float()`` in fp32 and rounds
 once. Either way the normalised q/k is rounded to its dtype before RoPE, as eager's separate
-norm output is. ``mean`` and ``rsqrt`` are correctly rounded (``div_rn`` / ``sqrt_rn``); the sum
-of squares may be added in another order than torch's.
+norm output is. HF's ``Olmo2RMSNorm`` (whole projection) rounds once after the weight multiply
+(``(weight * hidden).to(input_dtype)``, weight promoted to fp32): the Qwen3 form in float32, a
+form of its own (not one of these) in bf16/fp16. ``mean`` and ``rsqrt`` are correctly rounded
+(``div_rn`` / ``sqrt_rn``); the sum of squares may be added in another order than torch's.
 
 Grid: ``(T, HEAD_SPLITS)``. Program ``(t, s)`` loads the token's cos/sin row (and cache slot)
 once, then does head blocks ``s, s + HEAD_SPLITS, ...`` of q (``Q_ITERS`` of them) and then of
-k and v (``K_ITERS``), each block ``BLOCK_H`` whole heads.
+k and v (``K_ITERS``), each block ``BLOCK_H`` whole heads. A whole-projection norm needs every
+head of the token in one program: with Q_WHOLE or K_WHOLE, ``HEAD_SPLITS = 1`` and the program
+first sums x^2 over all of q's (k's) head blocks, then normalises and rotates them block by block
+(each row of q and k is read twice, the second time just after the first).
 
 The launch is described once (:func:`plan_launch`, over :class:`Operand` sizes and strides):
 the eager launcher passes tensors, the Inductor lowering (``rope_compile/inductor_lowering.py``)
@@ -117,9 +127,10 @@ def _head_block(
     num_heads,
     cos,  # [1, HALF_PAD] fp32
     sin,  # [1, HALF_PAD] fp32
-    w_ptr,  # norm weight [D] (NORM)
+    w_ptr,  # norm weight [D], or [H*D] (WHOLE) (NORM)
     w_stride,
     eps,
+    r_whole,  # WHOLE: rsqrt(mean(x[t]^2) + eps) over all the token's heads (fp32 scalar)
     buf_row,  # pointer to buffer[loc[t], 0, 0] (STORE)
     buf_head_stride,
     scale,
@@ -131,6 +142,7 @@ def _head_block(
     IS_NEOX: tl.constexpr,
     NORM: tl.constexpr,
     GEMMA: tl.constexpr,
+    WHOLE: tl.constexpr,  # the norm spans all heads (r_whole given, weight [H*D])
     STORE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     FP8: tl.constexpr,
@@ -165,18 +177,27 @@ def _head_block(
         xt = tl.load(rows + tcols, mask=tail_mask, other=0.0).to(tl.float32)
 
     if NORM:
-        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)  # [BLOCK_H]
+        if WHOLE:
+            # One r for the token (all heads); head h's weights are w[h*D : h*D + D].
+            r = r_whole
+            w_first = heads * D  # [BLOCK_H, 1]
+            cmask = pair_mask
+            tmask = tail_mask
+        else:
+            ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)  # [BLOCK_H]
+            if HAS_TAIL:
+                ss += tl.sum(xt * xt, axis=1)
+            r = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(ss, D) + eps))[:, None]
+            w_first = 0
+            cmask = i < HALF
+            tmask = tcols < D
+        w1 = tl.load(w_ptr + (w_first + c1) * w_stride, mask=cmask, other=0.0)
+        w2 = tl.load(w_ptr + (w_first + c2) * w_stride, mask=cmask, other=0.0)
+        x1 = _norm(x1, r, w1.to(tl.float32), dtype, GEMMA)
+        x2 = _norm(x2, r, w2.to(tl.float32), dtype, GEMMA)
         if HAS_TAIL:
-            ss += tl.sum(xt * xt, axis=1)
-        r = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(ss, D) + eps))[:, None]
-        cmask = i < HALF
-        x1 = _norm(x1, r, tl.load(w_ptr + c1 * w_stride, mask=cmask, other=0.0).to(tl.float32),
-                   dtype, GEMMA)
-        x2 = _norm(x2, r, tl.load(w_ptr + c2 * w_stride, mask=cmask, other=0.0).to(tl.float32),
-                   dtype, GEMMA)
-        if HAS_TAIL:
-            wt = tl.load(w_ptr + tcols * w_stride, mask=tcols < D, other=0.0).to(tl.float32)
-            xt = _norm(xt, r, wt, dtype, GEMMA)
+            wt = tl.load(w_ptr + (w_first + tcols) * w_stride, mask=tmask, other=0.0)
+            xt = _norm(xt, r, wt.to(tl.float32), dtype, GEMMA)
             tl.store(rows + tcols, xt.to(dtype), mask=tail_mask)
 
     o1 = (x1 * cos - x2 * sin).to(dtype)
@@ -197,6 +218,28 @@ def _head_block(
                  mask=pair_mask)
         if HAS_TAIL:
             tl.store(brow + tcols, _to_cache(xt, scale, out_ty, HAS_SCALE, FP8), mask=tail_mask)
+
+
+@triton.jit
+def _whole_rsqrt(x_token, x_head_stride, num_heads, eps, D: tl.constexpr, ROT: tl.constexpr,
+                 HALF_PAD: tl.constexpr, TAIL_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                 ITERS: tl.constexpr):
+    """``rsqrt(mean(x[t]^2) + eps)`` over all ``num_heads * D`` elements of one token's
+    x ``[H, D]`` (``ITERS`` blocks of ``BLOCK_H`` heads, the program's all): fp32 scalar."""
+    ss = 0.0
+    j = tl.arange(0, 2 * HALF_PAD)[None, :]  # x[:ROT] as one padded row
+    tcols = ROT + tl.arange(0, TAIL_PAD)[None, :]  # x[ROT:D]
+    for it in tl.static_range(ITERS):
+        heads = it * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+        head_mask = heads < num_heads
+        rows = x_token + heads.to(tl.int64) * x_head_stride
+        x = tl.load(rows + j, mask=head_mask & (j < ROT), other=0.0).to(tl.float32)
+        ss += tl.sum(x * x)
+        if D > ROT:
+            xt = tl.load(rows + tcols, mask=head_mask & (tcols < D), other=0.0).to(tl.float32)
+            ss += tl.sum(xt * xt)
+    count = tl.cast(num_heads * D, tl.float32)
+    return tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(ss, count) + eps))
 
 
 @triton.jit
@@ -237,8 +280,10 @@ def fused_qk_norm_rope_kv_kernel(
     BLOCK_H: tl.constexpr,  # heads per block
     IS_NEOX: tl.constexpr,
     FROM_CACHE: tl.constexpr,  # cos/sin from cache rows pos[t] (else table rows t % R)
-    NORM: tl.constexpr,  # RMSNorm q and k per head first
+    NORM: tl.constexpr,  # RMSNorm q and k first (per head, or Q_WHOLE / K_WHOLE)
     GEMMA: tl.constexpr,  # (1 + w) weights, one rounding
+    Q_WHOLE: tl.constexpr,  # q's norm spans all Hq heads (q_weight [Hq*D]; HEAD_SPLITS = 1)
+    K_WHOLE: tl.constexpr,  # k's norm spans all Hk heads (k_weight [Hk*D]; HEAD_SPLITS = 1)
     STORE_KV: tl.constexpr,  # write k and v into the cache rows
     HAS_K_SCALE: tl.constexpr,
     HAS_V_SCALE: tl.constexpr,
@@ -280,17 +325,26 @@ def fused_qk_norm_rope_kv_kernel(
         v_row = v_buf_ptr
 
     q_token = q_ptr + token * q_token_stride
-    for j in tl.static_range(Q_ITERS):
-        _head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H, num_q_heads,
-                    cos, sin, q_w_ptr, q_w_stride, eps, k_row, 0, 1.0, D, ROT, HALF_PAD,
-                    TAIL_PAD, BLOCK_H, IS_NEOX, NORM, GEMMA, False, False, False)
     k_token = k_ptr + token * k_token_stride
     v_token = v_ptr + token * v_token_stride
+    # Whole-projection norms: the token's r over all its heads first (this program has them all).
+    q_r = 0.0
+    k_r = 0.0
+    if Q_WHOLE:
+        q_r = _whole_rsqrt(q_token, q_head_stride, num_q_heads, eps, D, ROT, HALF_PAD, TAIL_PAD,
+                           BLOCK_H, Q_ITERS)
+    if K_WHOLE:
+        k_r = _whole_rsqrt(k_token, k_head_stride, num_k_heads, eps, D, ROT, HALF_PAD, TAIL_PAD,
+                           BLOCK_H, K_ITERS)
+    for j in tl.static_range(Q_ITERS):
+        _head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H, num_q_heads,
+                    cos, sin, q_w_ptr, q_w_stride, eps, q_r, k_row, 0, 1.0, D, ROT, HALF_PAD,
+                    TAIL_PAD, BLOCK_H, IS_NEOX, NORM, GEMMA, Q_WHOLE, False, False, False)
     for j in tl.static_range(K_ITERS):
         first = (split + j * num_splits) * BLOCK_H
         _head_block(k_token, k_head_stride, first, num_k_heads, cos, sin, k_w_ptr, k_w_stride,
-                    eps, k_row, k_buf_head_stride, k_scale, D, ROT, HALF_PAD, TAIL_PAD,
-                    BLOCK_H, IS_NEOX, NORM, GEMMA, STORE_KV, HAS_K_SCALE, K_FP8)
+                    eps, k_r, k_row, k_buf_head_stride, k_scale, D, ROT, HALF_PAD, TAIL_PAD,
+                    BLOCK_H, IS_NEOX, NORM, GEMMA, K_WHOLE, STORE_KV, HAS_K_SCALE, K_FP8)
         if STORE_KV:
             _copy_v_block(v_token, v_head_stride, first, num_k_heads, v_row, v_buf_head_stride,
                           v_scale, DV, DV_PAD, BLOCK_H, HAS_V_SCALE, V_FP8)
@@ -374,10 +428,12 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
     """Plan one launch for q ``[T, Hq, D]``, k ``[T, Hk, D]`` (arguments already validated).
 
     ``rope``: :class:`FromCache` or :class:`FromTables`; ``norm``: ``(q_weight, k_weight, eps,
-    weight_offset)`` or None; ``kv``: ``(v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)``
-    or None (tensors as :class:`Operand`; fp8 buffers as their uint8 views, ``fp8`` saying
-    which). ``num_tokens_hint``: a concrete T for the heuristics when ``q.size[0]`` is symbolic.
-    ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (benchmarks)."""
+    weight_offset)`` or None, a weight ``[D]`` per head or ``[H*D]`` over the whole projection
+    (then one program per token: ``head_splits`` is 1 whatever is asked); ``kv``: ``(v,
+    k_buffer, v_buffer, cache_loc, k_scale, v_scale)`` or None (tensors as :class:`Operand`;
+    fp8 buffers as their uint8 views, ``fp8`` saying which). ``num_tokens_hint``: a concrete T
+    for the heuristics when ``q.size[0]`` is symbolic. ``block_h``, ``head_splits`` and
+    ``num_warps`` override the heuristics (benchmarks)."""
     num_tokens = q.size[0]
     num_q_heads, head_size, num_k_heads = int(q.size[1]), int(q.size[2]), int(k.size[1])
     tokens = num_tokens if num_tokens_hint is None else num_tokens_hint
@@ -398,9 +454,13 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         positions, num_rows = Operand(cos.ptr, (0,), (0,)), cos.size[0]  # never read
     if norm is not None:
         q_weight, k_weight, eps, weight_offset = norm
+        # [H*D] (H > 1): one norm over the token's heads; [D]: per head (the same when H = 1).
+        q_whole = int(q_weight.size[0]) != head_size
+        k_whole = int(k_weight.size[0]) != head_size
     else:
         q_weight = k_weight = Operand(cos.ptr, (0,), (0,))  # never read
         eps, weight_offset = 0.0, 0.0
+        q_whole = k_whole = False
 
     width = triton.next_power_of_2(max(head_size, v_dim))
     tile = _SMALL_TILE_ELEMS if tokens <= _SMALL_TOKENS else _MAX_TILE_ELEMS
@@ -408,6 +468,8 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
     head_blocks = triton.cdiv(max_heads, block_h)
     head_splits = head_splits or max(
         1, min(head_blocks, triton.cdiv(_TARGET_PROGRAMS, max(tokens, 1))))
+    if q_whole or k_whole:
+        head_splits = 1  # a whole-projection norm reads all of the token's heads in one program
     options = device_launch_options(device_type, block_h * width, elem_bytes)
     if num_warps is not None:
         options["num_warps"] = num_warps
@@ -434,6 +496,8 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         "FROM_CACHE": isinstance(rope, FromCache),
         "NORM": norm is not None,
         "GEMMA": float(weight_offset) == 1.0,
+        "Q_WHOLE": q_whole,
+        "K_WHOLE": k_whole,
         "STORE_KV": kv is not None,
         "HAS_K_SCALE": k_scale is not None,
         "HAS_V_SCALE": v_scale is not None,
