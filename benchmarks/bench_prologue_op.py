@@ -233,7 +233,7 @@ def run_shape(kind: str, s: Shape, dtype, device: str, repeats: int, rounds: int
         row["kernels"] = {}
         for name, impl in impls.items():
             prof = common.profile_gpu_kernels(lambda f=impl: f(*sets[0]), 5, device)
-            row["kernels"][name] = None if prof is None else prof.kernels
+            row["kernels"][name] = None if prof is None else prof.count
     return row
 
 

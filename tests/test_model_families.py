@@ -364,7 +364,7 @@ class _UnequalHalvesLayer(nn.Module):
 
     def forward(self, x):
         b, s, _ = x.shape
-        freqs = torch.arange(s).float()[:, None] * self.inv_freq
+        freqs = torch.arange(s, device=x.device).float()[:, None] * self.inv_freq
         angles = torch.cat((freqs, 1.5 * freqs), dim=-1)[None]  # [1, S, D], unequal halves
         cos, sin = angles.cos()[:, None], angles.sin()[:, None]
         q, k, v = (t.view(b, s, self.h, self.d).transpose(1, 2)
