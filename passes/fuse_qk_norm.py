@@ -1,5 +1,5 @@
-"""Inductor post-grad pass: extend a fused RoPE call backwards over a per-head RMSNorm of q and
-of k (QK-norm), into one call of the QK-norm + RoPE op.
+"""Inductor post-grad pass: extend a fused RoPE call backwards over an RMSNorm of q and of k
+(QK-norm: per head, or over the whole projection), into one call of the QK-norm + RoPE op.
 
 Before (HF Qwen3 / Qwen3-MoE ``q_norm`` / ``k_norm``, ``Qwen3RMSNorm``; the same for k, after
 ``FuseQKRopePass``)::
@@ -13,7 +13,15 @@ Before (HF Qwen3 / Qwen3-MoE ``q_norm`` / ``k_norm``, ``Qwen3RMSNorm``; the same
                                  ..., _q_*=nq[..., :rot], _k_*=nk[..., :rot], _all_bases=[nq, nk])
     q'  = af[1];  k' = af[2]
 
-After::
+Before, HF OLMo2 (``q_norm = Olmo2RMSNorm(Hq * D)``: one norm of the whole q projection, then
+the view into heads; the same for k with ``[Hk * D]``)::
+
+    xq  = split(qkv)[0]                                    # [T, Hq * D], the norm's input
+    nq  = mul(w_q, mul(xf, r))                             # float32; w_q [Hq * D], r per token
+    af  = auto_functionalized_v2(..., _q_*=reshape(nq, [T, Hq, D])[..., :rot], ...)
+
+After (either; OLMo2's call gets the ``[H * D]`` weights, which the op reads as one norm over
+all of a token's heads)::
 
     af  = auto_functionalized_v2(rope_compile.fused_qk_norm_rope_inplace,
                                  q_weight=w_q, k_weight=w_k, eps, weight_offset=0.0 (Gemma: 1.0),
@@ -30,12 +38,15 @@ What is proven before a rewrite (else no rewrite, the reason logged and counted 
 - the call's q (and k) storage root is the norm output, ``x`` normalised over its last dim with
   HF's rounding order, the kernel's (``kernels/rope_kv_store.py``): Qwen3/Llama
   ``round(w * round(xf * r))`` or Gemma3 ``round(xf * r * (1 + float(w)))``, ``xf`` the exact
-  float32 value of ``x``, ``r = rsqrt(mean(xf^2) + eps)`` in float32, the weight ``[D]``;
-  the output has x's dtype;
-- the normalised dim is the head (``[.., H, D]``, D the head size; OLMo2's norm of the whole
-  ``[.., H * D]`` projection is refused), and the call rotates ``norm_out[.., :rot]`` of exactly
-  those heads, tokens in the same order; x is viewed as ``[T, H, D]`` without a copy (last
-  stride 1, token dims merge) from a storage root Inductor lays out as the fake strides say;
+  float32 value of ``x``, ``r = rsqrt(mean(xf^2) + eps)`` in float32, the weight ``[N]`` over
+  the normalised dim of N; the output has x's dtype (OLMo2's ``round(w * (xf * r))``, one
+  rounding after the weight, is the Qwen3 form in float32 only: in bf16/fp16 it is refused);
+- the normalised dim is either the head (N = D, ``[.., H, D]``) and the call rotates
+  ``norm_out[.., :rot]`` of exactly those heads, or the whole projection (N = H * D, OLMo2) and
+  the call's ``[T, H, D]`` view splits each norm row in head order (row element ``h * D + c`` is
+  head h, column c; all H * D of them, the weight ``[H * D]``); tokens in the same order either
+  way; x is viewed as ``[T, H, D]`` the same way without a copy (last stride 1, token dims
+  merge) from a storage root Inductor lays out as the fake strides say;
 - q and k use the same eps and the same form (weight offset); the norm outputs have no reader
   but the call (their pre-RoPE value would be gone);
 - the op's own checks pass on the exact views the new call gets (its fake implementation runs).
@@ -43,6 +54,7 @@ What is proven before a rewrite (else no rewrite, the reason logged and counted 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -83,8 +95,8 @@ def _eq(a, b) -> bool:
 
 @dataclass(frozen=True)
 class NormMatch:
-    """``output = rms_norm(x, weight, eps)`` over x's last dim; ``weight_offset`` 0.0 (Qwen3 /
-    Llama: ``w * x``) or 1.0 (Gemma3: ``(1 + w) * x``)."""
+    """``output = rms_norm(x, weight, eps)`` over x's last dim (``weight`` ``[x.shape[-1]]``);
+    ``weight_offset`` 0.0 (Qwen3 / Llama: ``w * x``) or 1.0 (Gemma3: ``(1 + w) * x``)."""
 
     output: Node
     x: Node
@@ -203,6 +215,10 @@ def match_rms_norm(output: Node) -> NormMatch:
                             f"{fake_value(x).dtype}")
         return _checked(NormMatch(output, x, weight, eps, 1.0,
                                   (output, inner, plus, *nodes)))
+    if gemma is not None and inner is not output:
+        raise PlanError("the norm rounds once, after the weight (HF OLMo2's (w * x_normed)"
+                        ".to(dtype)); the kernel rounds x_normed before the weight (Qwen3) or "
+                        "multiplies by 1 + w (Gemma3)")
     # Qwen3 / Llama: mul(w, [convert(] mul(xf, r) [, x.dtype)])
     qwen = _split_product(output, lambda n: (_cast_to(n) is not None
                                              and _call(_cast_to(n), aten.mul.Tensor))
@@ -266,18 +282,32 @@ def _heads_view(val: torch.Tensor):
     return [size, val.shape[-2], val.shape[-1]], [stride, val.stride(-2), 1], val.storage_offset()
 
 
-def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor) -> list[int] | None:
+def _in_order(val: torch.Tensor, order: list[int], head_size, whole: bool) -> torch.Tensor:
+    """``val`` with its dims in ``order`` and, ``whole``, its last dim (``H * D``) split into
+    ``[H, D]`` (row element ``h * D + c`` is head h, column c)."""
+    val = val.permute(order)
+    if whole:
+        with torch._guards.detect_fake_mode([val]) or contextlib.nullcontext():
+            val = val.unflatten(-1, (val.shape[-1] // head_size, head_size))
+    return val
+
+
+def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor,
+                         whole: bool = False) -> list[int] | None:
     """A dim order of the norm output (its last dim, the normalised one, kept last) in which
-    its ``[T, H, D]`` view (:func:`_heads_view`) is exactly the call's rotated ``view``: same
+    its ``[T, H, D]`` view (:func:`_heads_view`; ``whole``: of the output with its last dim
+    split into ``[H, D]``, :func:`_in_order`) is exactly the call's rotated ``view``: same
     sizes, the same strides where a size is not 1, the same offset. None when there is none.
 
     HF Gemma3 normalises after ``transpose(1, 2)`` (``[B, H, S, D]``), Qwen3 before it
-    (``[B, S, H, D]``); either way the call rotates the same rows. The norm's input is then
-    viewed in the same order, so token t and head h of the new call are the same logical
-    index of x as of the norm output (the norm is per row of the last dim)."""
+    (``[B, S, H, D]``); either way the call rotates the same rows. OLMo2 normalises
+    ``[B, S, H * D]``: only the token dims are reordered, the split ``[H, D]`` stays last, so
+    token t of the view is one whole norm row in head order. The norm's input is then viewed
+    in the same order, so token t and head h of the new call are the same logical index of x
+    as of the norm output (the norm is per row of the last dim)."""
     lead = out_val.dim() - 1
     for order in itertools.permutations(range(lead)):
-        canon = _heads_view(out_val.permute(*order, lead))
+        canon = _heads_view(_in_order(out_val, [*order, lead], view.shape[-1], whole))
         if canon is None:
             continue
         size, stride, offset = canon
@@ -293,6 +323,7 @@ def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor) -> list[int]
 class NormPlan:
     call: FusedCall
     norms: dict[str, NormMatch]  # "q", "k"
+    whole: dict[str, bool]  # q/k: normalised over the whole projection (weight [H * D])
     bases: list[Node]  # the new call's bases
     views: dict[str, dict]
     chains: dict[str, tuple[Node, list[Node]]]  # q/k: (x's root, its view chain to x)
@@ -301,13 +332,15 @@ class NormPlan:
 
 class FuseQKNormPass(ExtensionPass):
     """Extends each fused RoPE call (cache or tables, with or without the KV store) backwards
-    over a proven per-head RMSNorm of q and of k; same options as ``FuseQKRopePass``."""
+    over a proven RMSNorm of q and of k (per head, or of the whole projection); same options
+    as ``FuseQKRopePass``."""
 
     prefix = "qk_norm"
 
     def describe(self, plan: NormPlan) -> str:
+        spans = "".join(f", {n}: whole projection" for n, whole in plan.whole.items() if whole)
         return (f"fused the QK-norm of {plan.norms['q'].output.name} and "
-                f"{plan.norms['k'].output.name} into {plan.call.node.name} ({plan.op})")
+                f"{plan.norms['k'].output.name} into {plan.call.node.name} ({plan.op}{spans})")
 
     def plan(self, call: FusedCall, graph: Graph, symbols: dict) -> NormPlan:
         if call.norm:
@@ -335,22 +368,29 @@ class FuseQKNormPass(ExtensionPass):
         new_bases: list[Node] = []
         views: dict[str, dict] = {}
         chains = {}
+        whole_norm = {}
         for name, norm in norms.items():
             out_val = fake_value(norm.output)
             if len(norm.output.users) != 1:
                 raise PlanError(f"the {name} norm output has another reader")
             view = call.fake_view(name)
-            head = out_val.shape[-1]
-            if not _eq(head, view.shape[-1]):
-                raise PlanError(f"the {name} norm normalises [.., {head}], not each head of "
-                                f"{view.shape[-1]}")
-            order = _rotated_heads_order(out_val, view)
+            width, heads, head = out_val.shape[-1], view.shape[-2], view.shape[-1]
+            per_head, whole = _eq(width, head), _eq(width, heads * head)
+            if not (per_head or whole):
+                raise PlanError(f"the {name} norm normalises [.., {width}], neither each head "
+                                f"of {head} nor the {heads} heads' whole projection")
+            # One head (H == 1): both readings are the same norm; the per-head one is tried first.
+            order = _rotated_heads_order(out_val, view) if per_head else None
+            whole = order is None and whole
+            if whole:
+                order = _rotated_heads_order(out_val, view, whole=True)
             if order is None:
                 raise PlanError(f"the call does not rotate whole rows of the {name} norm output "
-                                f"([.., {head}]) as [T, H, D] heads in token order")
+                                f"([.., {width}]) as [T, H, D] heads in token order")
             if isinstance(head, int) and head not in self.head_sizes:
                 raise PlanError(f"head_size {head} not in {self.head_sizes}")
-            x_view = _heads_view(fake_value(norm.x).permute(order))
+            whole_norm[name] = whole
+            x_view = _heads_view(_in_order(fake_value(norm.x), order, head, whole))
             if x_view is None:
                 raise PlanError(f"the {name} norm's input is not [T, H, D] as a view (last "
                                 "stride 1, token dims merged)")
@@ -374,7 +414,7 @@ class FuseQKNormPass(ExtensionPass):
                 spec["base_index"] = bases.index(call.bases[spec["base_index"]])
                 views[name] = spec
         op = family_op(True, call.store, call.tables)
-        plan = NormPlan(call, norms, bases, views, chains, op)
+        plan = NormPlan(call, norms, whole_norm, bases, views, chains, op)
         self._check_op(plan)
         return plan
 

@@ -1,12 +1,14 @@
 """The QK-norm extension (``passes/fuse_qk_norm.py``): a fused RoPE call grows backwards over
-a proven per-head RMSNorm of q and of k into ``fused_qk_norm_rope_inplace`` (and, with the
-KV-store extension, ``fused_qk_norm_rope_kv_store_inplace``).
+a proven RMSNorm of q and of k (per head, or of the whole projection as OLMo2's) into
+``fused_qk_norm_rope_inplace`` (and, with the KV-store extension,
+``fused_qk_norm_rope_kv_store_inplace``).
 
 Compiled with ``backend="rope_compile"`` and the CPU test options: a Qwen3-style hand-written
 layer (``q_norm`` / ``k_norm`` as HF's ``Qwen3RMSNorm``, or Gemma3's ``(1 + w)`` form; RoPE by
-``forward_native``), with and without sglang's KV store, and HF Qwen3 with a StaticCache (decode
-step) once the table-form ops are registered. Refusals: a norm output with another reader,
-different eps for q and k, a norm of the whole projection (OLMo2), each counted with its reason
+``forward_native``), per head or over the whole ``[T, H * D]`` projection (OLMo2), with and
+without sglang's KV store, and HF Qwen3 / Gemma3 / OLMo2 with a StaticCache (decode step) once
+the table-form ops are registered. Refusals: a norm output with another reader, different eps
+for q and k, OLMo2's own rounding (once, after the weight) in bf16, each counted with its reason
 and results as eager.
 
 Refresh the inline graph after an intended change with::
@@ -33,13 +35,16 @@ NORM_KV_CALL = "rope_compile.fused_qk_norm_rope_kv_store_inplace.default("
 
 
 class RMSNorm(nn.Module):
-    """HF ``Qwen3RMSNorm`` (``gemma=False``) or ``Gemma3RMSNorm`` (``gemma=True``)."""
+    """HF ``Qwen3RMSNorm`` (``gemma=False``), ``Gemma3RMSNorm`` (``gemma=True``) or
+    ``Olmo2RMSNorm`` (``olmo2=True``: ``(w * x_normed).to(dtype)``, one rounding after the
+    weight)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, gemma: bool = False, seed: int = 0):
+    def __init__(self, dim: int, eps: float = 1e-6, gemma: bool = False, seed: int = 0,
+                 olmo2: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.weight = nn.Parameter(torch.randn(dim, generator=g) * 0.1 + (0.0 if gemma else 1.0))
-        self.eps, self.gemma = eps, gemma
+        self.eps, self.gemma, self.olmo2 = eps, gemma, olmo2
 
     def forward(self, hidden):
         if self.gemma:
@@ -50,22 +55,25 @@ class RMSNorm(nn.Module):
         hidden = hidden.to(torch.float32)
         variance = hidden.pow(2).mean(-1, keepdim=True)
         hidden = hidden * torch.rsqrt(variance + self.eps)
+        if self.olmo2:
+            return (self.weight * hidden).to(dtype)
         return self.weight * hidden.to(dtype)
 
 
 class Qwen3StyleLayer(nn.Module):
     """qkv -> split -> per-head q_norm / k_norm -> forward_native (optionally with sglang's
     KV store). ``variant``: "other_reader" also returns the normalised q; "eps" gives k_norm
-    another eps; "whole" normalises the whole q and k projections (OLMo2)."""
+    another eps; "whole" normalises the whole q and k projections ``[T, H * D]`` (as OLMo2,
+    with ``norm``'s rounding); "olmo2": the same with OLMo2's own rounding."""
 
     def __init__(self, dtype=torch.float32, gemma=False, store=False, variant="") -> None:
         super().__init__()
         self.qkv = _linear((HQ + 2 * HK) * D, 2)
         self.rope = RotaryEmbedding(D, D, 64, 10000.0, True, torch.float32)
-        whole = variant == "whole"
-        self.q_norm = RMSNorm(HQ * D if whole else D, gemma=gemma, seed=1)
+        whole, olmo2 = variant in ("whole", "olmo2"), variant == "olmo2"
+        self.q_norm = RMSNorm(HQ * D if whole else D, gemma=gemma, seed=1, olmo2=olmo2)
         self.k_norm = RMSNorm(HK * D if whole else D, 1e-5 if variant == "eps" else 1e-6,
-                              gemma=gemma, seed=2)
+                              gemma=gemma, seed=2, olmo2=olmo2)
         self.qkv.to(dtype)
         self.q_norm.to(dtype)
         self.k_norm.to(dtype)
@@ -73,7 +81,7 @@ class Qwen3StyleLayer(nn.Module):
 
     def forward(self, positions, x, k_buffer, v_buffer, loc):
         q, k, v = self.qkv(x).split([HQ * D, HK * D, HK * D], dim=-1)
-        if self.variant == "whole":
+        if self.variant in ("whole", "olmo2"):
             q, k = self.q_norm(q), self.k_norm(k)
         else:
             q = self.q_norm(q.view(T, HQ, D)).view(T, HQ * D)
@@ -128,10 +136,28 @@ def test_qwen3_style_norm_rope_kv_store(dtype):
     assert torch.equal(inputs[2][rows], out[1].view(T, HK, D))
 
 
+@pytest.mark.parametrize("store", [False, True], ids=["rope", "rope-kv-store"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gemma", [False, True], ids=["qwen3", "gemma3"])
+def test_whole_projection_norm_rope(dtype, gemma, store):
+    """OLMo2's layout: q_norm over the whole ``[T, Hq * D]`` projection (k_norm over
+    ``[T, Hk * D]``), viewed into heads after it: one call that normalises each token's heads
+    together (weights ``[H * D]``), rotates (and stores) them, values as eager."""
+    out, expected, inputs, eager_inputs, code, counts = _run(
+        Qwen3StyleLayer(dtype, gemma, store=store, variant="whole"), dtype)
+    want = {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1}
+    if store:
+        want["kv_store rewritten"] = 1
+    assert counts == want
+    assert code.count(NORM_KV_CALL if store else NORM_CALL) == 1
+    assert "rsqrt" not in code  # no norm left to Inductor
+    for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
+        _close(got, want_, dtype)
+
+
 @pytest.mark.parametrize("variant, reason", [
     ("other_reader", "the q norm output has another reader"),
     ("eps", "q and k norms use different eps (1e-06 vs 1e-05)"),
-    ("whole", "the q norm normalises [.., 512], not each head of 128"),
 ])
 def test_refused(variant, reason):
     out, expected, *_, code, counts = _run(Qwen3StyleLayer(variant=variant))
@@ -141,17 +167,83 @@ def test_refused(variant, reason):
         _close(got, want, torch.float32)
 
 
+OLMO2_ROUNDING = ("q: the norm rounds once, after the weight (HF OLMo2's (w * x_normed)"
+                  ".to(dtype)); the kernel rounds x_normed before the weight (Qwen3) or "
+                  "multiplies by 1 + w (Gemma3)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_olmo2_rounding(dtype):
+    """HF ``Olmo2RMSNorm`` rounds once, after the fp32 weight multiply. In float32 nothing is
+    rounded and it is the Qwen3 form: rewritten. In bf16 it is neither kernel form: refused
+    with its reason (the RoPE still fused), values as eager either way."""
+    out, expected, *_, code, counts = _run(Qwen3StyleLayer(dtype, variant="olmo2"), dtype)
+    if dtype == torch.float32:
+        assert counts == {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1}
+        assert code.count(NORM_CALL) == 1
+    else:
+        assert counts == {"pairs_found": 1, "rewritten": 1,
+                          f"qk_norm skipped: {OLMO2_ROUNDING}": 1}
+        assert NORM_CALL not in code
+    for got, want in zip(out, expected, strict=True):
+        _close(got, want, dtype)
+
+
+def _rewritten_region(model) -> str:
+    """The post-grad graph after the passes, without the projection's mm and permutes."""
+    after = CaptureGraph()
+    passes = (cpu_pass(), FuseQKNormPass(**CPU_OPTIONS), FuseKVStorePass(**CPU_OPTIONS), after)
+    with fresh_compile(), torch._inductor.config.patch(post_grad_custom_post_pass=passes):
+        torch.compile(model)(*_inputs())
+    region = [render_node(n) for n in after.graphs[0].nodes
+              if n.op == "call_function" and "permute" not in n.name
+              and not n.name.startswith("mm")]
+    return "\n".join(region) + "\n"
+
+
 class TestRewrittenGraph(expecttest.TestCase):
+    def test_whole_projection_fp32_graph(self):
+        """OLMo2's layout: the call gets the whole-projection weights (arg2_1 [512] = Hq * D,
+        arg3_1 [256] = Hk * D) and the projection's q/k as [T, H, D] heads; no norm left."""
+        self.assertExpectedInline(_rewritten_region(Qwen3StyleLayer(variant="whole")), """\
+auto_functionalized_v2_1 = auto_functionalized_v2(
+    rope_compile.fused_qk_norm_rope_inplace.default,
+    cos_sin_cache=arg5_1,
+    positions=arg4_1,
+    rotary_dim=128,
+    is_neox=True,
+    q_weight=arg2_1,
+    k_weight=arg3_1,
+    eps=1e-06,
+    weight_offset=0.0,
+    _q_base_index=0,
+    _q_size=(3, 4, 128),
+    _q_stride=(1024, 128, 1),
+    _q_storage_offset=0,
+    _k_base_index=0,
+    _k_size=(3, 2, 128),
+    _k_stride=(1024, 128, 1),
+    _k_storage_offset=512,
+    _all_bases=[mm])
+getitem_11: f32[3, 1024] = auto_functionalized_v2_1[1]
+split_with_sizes_2 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
+getitem_13: f32[3, 256] = split_with_sizes_2[1]
+view_7: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, -1, 128])
+split_with_sizes_1 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
+getitem_12: f32[3, 512] = split_with_sizes_1[0]
+view_6: f32[3, 4, 128] = aten.reshape.default(getitem_12, [3, -1, 128])
+clone_default: f32[3, 4, 128] = aten.clone.default(
+    view_6,
+    memory_format=torch.contiguous_format)
+clone_default_1: f32[3, 2, 128] = aten.clone.default(
+    view_7,
+    memory_format=torch.contiguous_format)
+view_1: f32[3, 512] = aten.reshape.default(clone_default, [3, 512])
+view_3: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
+""")
+
     def test_qwen3_style_fp32_graph(self):
-        after = CaptureGraph()
-        passes = (cpu_pass(), FuseQKNormPass(**CPU_OPTIONS), FuseKVStorePass(**CPU_OPTIONS),
-                  after)
-        with fresh_compile(), torch._inductor.config.patch(post_grad_custom_post_pass=passes):
-            torch.compile(Qwen3StyleLayer())(*_inputs())
-        region = [render_node(n) for n in after.graphs[0].nodes
-                  if n.op == "call_function" and "permute" not in n.name
-                  and not n.name.startswith("mm")]
-        self.assertExpectedInline("\n".join(region) + "\n", """\
+        self.assertExpectedInline(_rewritten_region(Qwen3StyleLayer()), """\
 auto_functionalized_v2_1 = auto_functionalized_v2(
     rope_compile.fused_qk_norm_rope_inplace.default,
     cos_sin_cache=arg5_1,
@@ -191,10 +283,12 @@ view_7: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
 
 @pytest.mark.skipif(not _has_op("fused_qk_norm_rope_kv_store_tables_inplace"),
                     reason="the table-form QK-norm + KV-store op is not registered")
-@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "olmo2"])
 def test_hf_static_cache_decode(name):
     """HF Qwen3 normalises q/k as [B, S, H, D] before the transpose, Gemma3 as [B, H, S, D]
-    after it: either way one call norms, rotates and stores each layer's q/k/v."""
+    after it, OLMo2 the whole [B, S, H * D] projection before the view into heads (float32:
+    its rounding is the Qwen3 form): each way one call norms, rotates and stores each layer's
+    q/k/v."""
     expected, got, eager_cache, cache, code, counts = hf_decode(name)
     assert counts == {"pairs_found": 2, "rewritten": 2, "qk_norm rewritten": 2,
                       "kv_store rewritten": 2}
