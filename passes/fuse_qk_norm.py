@@ -93,6 +93,13 @@ def _eq(a, b) -> bool:
         return False
 
 
+def _le(a, b) -> bool:
+    try:
+        return bool(statically_known_true(a <= b))
+    except Exception:
+        return False
+
+
 @dataclass(frozen=True)
 class NormMatch:
     """``output = rms_norm(x, weight, eps)`` over x's last dim (``weight`` ``[x.shape[-1]]``);
@@ -282,9 +289,10 @@ def _heads_view(val: torch.Tensor):
     return [size, val.shape[-2], val.shape[-1]], [stride, val.stride(-2), 1], val.storage_offset()
 
 
-def _in_order(val: torch.Tensor, order: list[int], head_size, whole: bool) -> torch.Tensor:
+def _in_order(val: torch.Tensor, order: list[int], head_size: int,
+              whole: bool) -> torch.Tensor:
     """``val`` with its dims in ``order`` and, ``whole``, its last dim (``H * D``) split into
-    ``[H, D]`` (row element ``h * D + c`` is head h, column c)."""
+    ``[H, D]``, D = ``head_size`` (row element ``h * D + c`` is head h, column c)."""
     val = val.permute(order)
     if whole:
         with torch._guards.detect_fake_mode([val]) or contextlib.nullcontext():
@@ -292,12 +300,15 @@ def _in_order(val: torch.Tensor, order: list[int], head_size, whole: bool) -> to
     return val
 
 
-def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor,
+def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor, head_size: int = 0,
                          whole: bool = False) -> list[int] | None:
     """A dim order of the norm output (its last dim, the normalised one, kept last) in which
     its ``[T, H, D]`` view (:func:`_heads_view`; ``whole``: of the output with its last dim
-    split into ``[H, D]``, :func:`_in_order`) is exactly the call's rotated ``view``: same
-    sizes, the same strides where a size is not 1, the same offset. None when there is none.
+    split into ``[H, head_size]``, :func:`_in_order`) holds the call's rotated ``view``
+    ``[T, H, n]`` as its first n <= D columns: the same T and H, the same strides where a size
+    is not 1 (the last one 1), the same offset. None when there is none. (The call rotates
+    ``[..., :rot]`` of what it gets, rot <= n; the new call gets whole heads and the same
+    rotary_dim, so partial rotary is the same computation.)
 
     HF Gemma3 normalises after ``transpose(1, 2)`` (``[B, H, S, D]``), Qwen3 before it
     (``[B, S, H, D]``); either way the call rotates the same rows. OLMo2 normalises
@@ -307,11 +318,12 @@ def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor,
     as of the norm output (the norm is per row of the last dim)."""
     lead = out_val.dim() - 1
     for order in itertools.permutations(range(lead)):
-        canon = _heads_view(_in_order(out_val, [*order, lead], view.shape[-1], whole))
+        canon = _heads_view(_in_order(out_val, [*order, lead], head_size, whole))
         if canon is None:
             continue
         size, stride, offset = canon
-        if (all(_eq(a, b) for a, b in zip(view.shape, size, strict=True))
+        if (all(_eq(a, b) for a, b in zip(view.shape[:2], size[:2], strict=True))
+                and _le(view.shape[2], size[2])
                 and all(_eq(n, 1) or _eq(a, b)
                         for n, a, b in zip(view.shape, view.stride(), stride, strict=True))
                 and _eq(view.storage_offset(), offset)):
@@ -374,22 +386,22 @@ class FuseQKNormPass(ExtensionPass):
             if len(norm.output.users) != 1:
                 raise PlanError(f"the {name} norm output has another reader")
             view = call.fake_view(name)
-            width, heads, head = out_val.shape[-1], view.shape[-2], view.shape[-1]
-            per_head, whole = _eq(width, head), _eq(width, heads * head)
-            if not (per_head or whole):
-                raise PlanError(f"the {name} norm normalises [.., {width}], neither each head "
-                                f"of {head} nor the {heads} heads' whole projection")
-            # One head (H == 1): both readings are the same norm; the per-head one is tried first.
-            order = _rotated_heads_order(out_val, view) if per_head else None
-            whole = order is None and whole
-            if whole:
-                order = _rotated_heads_order(out_val, view, whole=True)
+            width, heads = out_val.shape[-1], view.shape[-2]
+            # Per head: each norm row is one head (D = the row). Else the whole projection: each
+            # row is the H heads, D = row / H (one head: the same norm, the same D).
+            head, whole = width, False
+            order = _rotated_heads_order(out_val, view, head)
+            if (order is None and isinstance(width, int) and isinstance(heads, int)
+                    and width % heads == 0):
+                head, whole = width // heads, True
+                order = _rotated_heads_order(out_val, view, head, whole=True)
             if order is None:
-                raise PlanError(f"the call does not rotate whole rows of the {name} norm output "
-                                f"([.., {width}]) as [T, H, D] heads in token order")
+                raise PlanError(f"the call's {name} heads ([T, {heads}, {view.shape[-1]}]) are "
+                                f"not the rows of the {name} norm output ([.., {width}]) nor "
+                                f"{heads} consecutive parts of each row, in token order")
             if isinstance(head, int) and head not in self.head_sizes:
                 raise PlanError(f"head_size {head} not in {self.head_sizes}")
-            whole_norm[name] = whole
+            whole_norm[name] = whole and heads != 1
             x_view = _heads_view(_in_order(fake_value(norm.x), order, head, whole))
             if x_view is None:
                 raise PlanError(f"the {name} norm's input is not [T, H, D] as a view (last "

@@ -1,7 +1,7 @@
-"""Soundness fuzzer for the attention prologue: random programs of projection -> optional per-head
-RMSNorm of q and k -> RoPE -> optional KV-cache write of k and v -> an attention-like reader,
-compiled with ``backend="rope_compile"`` (``FuseQKRopePass``, then ``FuseQKNormPass`` and
-``FuseKVStorePass``) and checked against eager.
+"""Soundness fuzzer for the attention prologue: random programs of projection -> optional RMSNorm
+of q and k (per head or of the whole projection) -> RoPE -> optional KV-cache write of k and v
+-> an attention-like reader, compiled with ``backend="rope_compile"`` (``FuseQKRopePass``, then
+``FuseQKNormPass`` and ``FuseKVStorePass``) and checked against eager.
 
 A program (:class:`PrologueProgram`, drawn from ``random.Random(seed)``) is:
 
@@ -14,9 +14,11 @@ A program (:class:`PrologueProgram`, drawn from ``random.Random(seed)``) is:
 * head 128 (rewritten) or 64 (not in the default head sizes), full or partial rotary, GQA,
   fp32/bf16/fp16, 1..17 tokens (odd counts included);
 * ``norm`` (:data:`NORMS`): none, Qwen3 ``w * (xf * rsqrt(var + eps)).to(dtype)``, Gemma3
-  ``(xf * rsqrt(var + eps) * (1 + w.float())).to(dtype)``, or a near-miss: another eps for k, a
-  norm output with another reader (the normalised q is returned), a norm of the whole ``[.., H *
-  D]`` projection;
+  ``(xf * rsqrt(var + eps) * (1 + w.float())).to(dtype)``, either of the two over the whole
+  ``[.., H * D]`` projection before the view into heads (``whole``: HF OLMo2's layout, weights
+  ``[H * D]``; a Qwen3-form one has OLMo2's own rounding ``(w * xf * r).to(dtype)`` half the
+  time, ``olmo2``), or a near-miss: another eps for k, a norm output with another reader (the
+  normalised q is returned);
 * ``store`` (:data:`STORES`): none, a write (sglang: ``k_cache[loc] = k`` / ``index_put_``,
   optionally ``(k.float() / scale)``; the cache fp32/bf16/fp16, sometimes another dtype than q;
   hf: ``index_copy_(2, cache_position, k)`` / ``cache[:, :, cache_position] = k``), or a
@@ -96,7 +98,7 @@ SOURCES = (
     "strided",     # split from qkv[..., :W] of a row-padded input (row stride W + 8)
 )
 NORMS = ("none", "qwen3", "gemma", "eps", "other_reader", "whole")
-NEAR_NORMS = ("eps", "other_reader", "whole")
+NEAR_NORMS = ("eps", "other_reader")
 STORES = ("none", "write", "accumulate", "other_loc", "overlap_view", "computed_cache")
 NEAR_STORES = ("accumulate", "other_loc", "overlap_view", "computed_cache")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,11 +108,9 @@ EPS = 1e-6
 NORM_REASONS = {
     "eps": "q and k norms use different eps",
     "other_reader": "the q norm output has another reader",
-    # the whole-projection norm is refused by whichever proof step meets it first ("the q norm
-    # normalises [.., H * D] ..." or, HF at B > 1, "the call does not rotate the q norm
-    # output's heads in token order"): any qk_norm reason, counted once
-    "whole": "",
 }
+# OLMo2's own rounding of a whole-projection norm in bf16/fp16 (the Qwen3 form in float32).
+OLMO2_REASON = "q: the norm rounds once, after the weight"
 STORE_REASONS = {
     ("sglang", "accumulate"): "the k write accumulates",
     ("sglang", "other_loc"): "k and v are written at different cache_loc",
@@ -123,10 +123,11 @@ ORACLE_RULES = (
     "rewritten: 1 if the head size is in the pass's head sizes (128), else 0 (64); q/k are "
     "views of a projection, inputs or row-padded views, all provable layouts",
     "qk_norm rewritten: 1 where the RoPE is rewritten and the norm is Qwen3's or Gemma3's "
-    "per-head form with one eps; near-misses (eps, other_reader, whole) -> 0 and their "
-    "'qk_norm skipped: <reason>' counted; except hf 'whole' with S == 1 and one q and one "
-    "kv head: the norm of [B, 1, 1 * D] is per head (read as [T, H=1, D]; rewritten), and "
-    "with one q head only k's is refused",
+    "form with one eps, per head or over the whole [.., H * D] projection (whole, any head "
+    "counts, sglang and hf layouts); near-misses (eps, other_reader) -> 0 and their "
+    "'qk_norm skipped: <reason>' counted; a whole norm with OLMo2's rounding (olmo2): "
+    "rewritten in float32 (it is the Qwen3 form there), else 0 and 'qk_norm skipped: q: the "
+    "norm rounds once, after the weight' counted",
     "kv_store rewritten: 1 where the RoPE is rewritten and k and v are written (overwritten) at "
     "one loc into graph-input caches, any cache dtype, optional scale; near-misses -> 0 and "
     "their 'kv_store skipped: <reason>' counted, except hf 'accumulate' (cache[.., cp] += k: "
@@ -156,6 +157,7 @@ class PrologueProgram:
     scale: float | None
     extra_rows: int  # cache rows beyond the ones written
     seed: int
+    olmo2: bool = False  # norm "whole", Qwen3 form: HF Olmo2RMSNorm's rounding instead
     expected_override: dict | None = field(default=None, repr=False)  # self-tests only
 
     @property
@@ -169,14 +171,11 @@ class PrologueProgram:
             return dict(self.expected_override)
         rope = int(self.head_size in ALIGNED_HEADS)
         want = {"rewritten": rope, "qk_norm rewritten": 0, "kv_store rewritten": 0}
-        # hf, one token per batch row: the whole norm's [B, 1, H * D] reads as [T, 1, D] heads
-        # when H == 1 (a per-head norm; rewritten, right values)
-        one = self.form == "hf" and self.num_tokens == 1
-        if self.norm in ("qwen3", "gemma") or (self.norm == "whole" and one
-                                               and self.num_q_heads == self.num_kv_heads == 1):
+        if self.norm == "whole" and self.olmo2 and self.dtype != torch.float32:
+            if rope:
+                want[f"qk_norm skipped: {OLMO2_REASON}"] = 1
+        elif self.norm in ("qwen3", "gemma", "whole"):
             want["qk_norm rewritten"] = rope
-        elif self.norm == "whole" and rope and one and self.num_q_heads == 1:
-            want["qk_norm skipped: the k norm normalises [.."] = 1  # q's is per head
         elif self.norm in NEAR_NORMS and rope:
             want[f"qk_norm skipped: {NORM_REASONS[self.norm]}"] = 1
         if self.store == "write":
@@ -192,7 +191,8 @@ class PrologueProgram:
         rot = "full" if self.rotary_dim == self.head_size else f"rot{self.rotary_dim}"
         parts = [self.form, self.source, "neox" if self.is_neox else "gptj", f"D{self.head_size}",
                  rot, dt[self.dtype], shape, f"H{self.num_q_heads}/{self.num_kv_heads}",
-                 f"norm:{self.norm}" + ("(gemma)" if self.gemma and self.norm != "none" else "")]
+                 f"norm:{self.norm}" + ("(gemma)" if self.gemma and self.norm != "none" else "")
+                 + ("(olmo2)" if self.olmo2 else "")]
         store = f"store:{self.store}"
         if self.store != "none":
             store += f"({self.store_how},{dt[self.cache_dtype]}"
@@ -212,8 +212,9 @@ def draw_program(seed: int) -> PrologueProgram:
     dtype = rng.choice((torch.float32,) * 3 + (torch.bfloat16, torch.bfloat16, torch.float16))
     hq = rng.choice((1, 2, 4))
     hk = rng.choice([h for h in (1, 2, 4) if hq % h == 0])
-    norm = rng.choice(("none",) * 3 + ("qwen3",) * 2 + ("gemma",) * 2 + NEAR_NORMS)
-    gemma = norm == "gemma" or (norm in NEAR_NORMS and rng.random() < 0.5)
+    norm = rng.choice(("none",) * 3 + ("qwen3",) * 2 + ("gemma",) * 2 + NEAR_NORMS
+                      + ("whole",))
+    gemma = norm == "gemma" or (norm in (*NEAR_NORMS, "whole") and rng.random() < 0.5)
     stores = ("none", "write", "write", "write") + tuple(
         s for s in NEAR_STORES if (form, s) in STORE_REASONS or s == "accumulate")
     store = rng.choice(stores)
@@ -230,24 +231,30 @@ def draw_program(seed: int) -> PrologueProgram:
         tokens, batch = rng.randint(1, 17), 1
     else:
         tokens, batch = rng.randint(1, 9), rng.choice((1, 2))
+    extra_rows = rng.randint(0, 6)
+    olmo2 = norm == "whole" and not gemma and rng.random() < 0.5  # drawn last: seeds kept
     return PrologueProgram(form=form, source=source, is_neox=is_neox, head_size=head,
                            rotary_dim=rot, dtype=dtype, num_tokens=tokens, batch=batch,
                            num_q_heads=hq, num_kv_heads=hk, norm=norm, gemma=gemma, store=store,
                            store_how=how, cache_dtype=cache_dtype, scale=scale,
-                           extra_rows=rng.randint(0, 6), seed=seed)
+                           extra_rows=extra_rows, seed=seed, olmo2=olmo2)
 
 
 # --------------------------------------------------------------------------------------------
 # the program's pieces
 
 
-def rms_norm(x, weight, eps: float, gemma: bool):
-    """HF ``Qwen3RMSNorm`` (``gemma=False``) or ``Gemma3RMSNorm`` over x's last dim."""
+def rms_norm(x, weight, eps: float, gemma: bool, olmo2: bool = False):
+    """HF ``Qwen3RMSNorm`` (``gemma=False``), ``Gemma3RMSNorm`` or ``Olmo2RMSNorm``
+    (``olmo2``: ``(w * normed).to(dtype)``, one rounding after the weight) over x's last
+    dim."""
     dtype = x.dtype
     xf = x.to(torch.float32)
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if gemma:
         return (normed * (1.0 + weight.float())).to(dtype)
+    if olmo2:
+        return (weight * normed).to(dtype)
     return weight * normed.to(dtype)
 
 
@@ -351,7 +358,8 @@ def _normed(p: PrologueProgram, e: dict, x, heads: int, name: str, eps: float, o
     if p.norm == "none":
         return x.view(*lead, heads, p.head_size)
     if p.norm == "whole":
-        return rms_norm(x, e[f"{name}_weight"], eps, p.gemma).view(*lead, heads, p.head_size)
+        return rms_norm(x, e[f"{name}_weight"], eps, p.gemma, p.olmo2).view(*lead, heads,
+                                                                            p.head_size)
     out = rms_norm(x.view(*lead, heads, p.head_size), e[f"{name}_weight"], eps, p.gemma)
     if p.norm == "other_reader" and name == "q":
         outs.append(out)  # the normalised q, read besides the RoPE

@@ -41,6 +41,8 @@ def _features(p: fp.PrologueProgram) -> set:
                   ("scale", p.scale is not None)}
     if p.norm != "none":
         found.add(("gemma", p.gemma))
+    if p.norm == "whole":  # OLMo2's rounding: rewritten in float32, refused in bf16/fp16
+        found.add(("olmo2", p.olmo2, p.dtype == torch.float32))
     return found
 
 
@@ -98,6 +100,9 @@ def test_generator_covers_every_kind():
     assert {p.num_tokens for p in programs if p.form == "sglang"} == set(range(1, 18))
     assert {p.batch for p in programs if p.form == "hf"} == {1, 2}
     assert {p.gemma for p in programs if p.norm in fp.NEAR_NORMS} == {True, False}
+    assert {(p.gemma, p.olmo2) for p in programs if p.norm == "whole"} == {
+        (True, False), (False, False), (False, True)}
+    assert {p.dtype for p in programs if p.olmo2} == set(fp.DTYPES)
     assert {(p.form, p.store_how) for p in programs if p.store == "write"} == {
         ("sglang", "setitem"), ("sglang", "index_put_"), ("hf", "index_copy_"),
         ("hf", "setitem")}
@@ -122,15 +127,21 @@ def test_oracle_rules():
     assert replace(base, form="hf", store="computed_cache").expected() == {
         **want, "kv_store skipped: k_buffer is computed in the graph": 1}
     assert replace(base, head_size=64, store="other_loc").expected()["rewritten"] == 0
+    # the whole-projection norm (OLMo2's layout) is rewritten in every layout and head count
+    rewritten = {**want, "qk_norm rewritten": 1}
     hf_whole = replace(base, form="hf", norm="whole", num_q_heads=1, num_kv_heads=1,
-                       num_tokens=1)
-    assert hf_whole.expected()["qk_norm rewritten"] == 1  # [B, 1, 1 * D]: per head
-    assert replace(hf_whole, num_tokens=3).expected() == {
-        **want, "qk_norm skipped: ": 1}
-    assert replace(hf_whole, num_kv_heads=1, num_q_heads=2).expected() == {
-        **want, "qk_norm skipped: ": 1}
-    assert replace(base, norm="whole", num_q_heads=1, num_kv_heads=1).expected() == {
-        **want, "qk_norm skipped: ": 1}  # sglang: [T, D], 2-D
+                       num_tokens=1, batch=2)
+    assert hf_whole.expected() == rewritten  # [B, 1, 1 * D]
+    assert replace(hf_whole, num_tokens=3, num_q_heads=4, num_kv_heads=2).expected() == rewritten
+    assert replace(base, norm="whole", num_q_heads=1, num_kv_heads=1).expected() == rewritten
+    assert replace(base, norm="whole", gemma=True, store="write").expected() == {
+        **rewritten, "kv_store rewritten": 1}
+    # with OLMo2's own rounding: the Qwen3 form in float32 only
+    olmo2 = replace(base, norm="whole", olmo2=True, dtype=torch.float32)
+    assert olmo2.expected() == rewritten
+    assert replace(olmo2, dtype=torch.bfloat16).expected() == {
+        **want, "qk_norm skipped: q: the norm rounds once, after the weight": 1}
+    assert replace(olmo2, dtype=torch.float16, head_size=64).expected()["rewritten"] == 0
     # setitem with leading size-1 dims (sglang T == 1, hf B == 1) was a miss, fixed: no
     # known bug for it any more.
     assert not fp.known_bug(replace(base, store="write", store_how="setitem", num_tokens=1))
@@ -229,6 +240,17 @@ def test_gemma_norm_half_precision_scaled_store_is_rewritten():
     r = fp.check_program(p, control=False)
     assert not (r.categories - {"oracle_missed"}), r.failures  # values, caches, strides right
     assert not r.failures, r.failures
+
+
+@pytest.mark.parametrize("seed", [127, 139])
+def test_fuzzer_found_partial_rotary_norm(seed):
+    """Found by the CPU run (seeds 123..162): with partial rotary the call rotates
+    ``[T, H, rot]`` views of the norm output, which the QK-norm pass refused ("normalises
+    [.., 128], not each head of 32"; per head and whole projection alike). Fixed: the view is
+    proven to be the first rot columns of each head."""
+    r = fp.check_program(fp.draw_program(seed), control=False)
+    assert not r.failed, r.failures
+    assert r.counters.get("qk_norm rewritten") == 1, r.counters
 
 
 @pytest.mark.parametrize("seed", [810026, 830011])

@@ -66,10 +66,11 @@ class Qwen3StyleLayer(nn.Module):
     another eps; "whole" normalises the whole q and k projections ``[T, H * D]`` (as OLMo2,
     with ``norm``'s rounding); "olmo2": the same with OLMo2's own rounding."""
 
-    def __init__(self, dtype=torch.float32, gemma=False, store=False, variant="") -> None:
+    def __init__(self, dtype=torch.float32, gemma=False, store=False, variant="",
+                 rotary_dim=D) -> None:
         super().__init__()
         self.qkv = _linear((HQ + 2 * HK) * D, 2)
-        self.rope = RotaryEmbedding(D, D, 64, 10000.0, True, torch.float32)
+        self.rope = RotaryEmbedding(D, rotary_dim, 64, 10000.0, True, torch.float32)
         whole, olmo2 = variant in ("whole", "olmo2"), variant == "olmo2"
         self.q_norm = RMSNorm(HQ * D if whole else D, gemma=gemma, seed=1, olmo2=olmo2)
         self.k_norm = RMSNorm(HK * D if whole else D, 1e-5 if variant == "eps" else 1e-6,
@@ -153,6 +154,24 @@ def test_whole_projection_norm_rope(dtype, gemma, store):
     assert "rsqrt" not in code  # no norm left to Inductor
     for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
         _close(got, want_, dtype)
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["rope", "rope-kv-store"])
+@pytest.mark.parametrize("variant", ["", "whole"], ids=["per-head", "whole"])
+def test_partial_rotary(variant, store):
+    """rotary_dim 32 of head 128: the call rotates ``[T, H, 32]`` views of the norm output
+    (each head's first columns); the new call normalises whole heads and rotates the same
+    columns (found by the prologue fuzzer: refused as 'normalises [.., 128], not each head of
+    32' from the Gemma3 [B, H, S, D] change on)."""
+    out, expected, inputs, eager_inputs, code, counts = _run(
+        Qwen3StyleLayer(store=store, variant=variant, rotary_dim=32))
+    want = {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1}
+    if store:
+        want["kv_store rewritten"] = 1
+    assert counts == want
+    assert code.count(NORM_KV_CALL if store else NORM_CALL) == 1
+    for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
+        _close(got, want_, torch.float32)
 
 
 @pytest.mark.parametrize("variant, reason", [
