@@ -21,13 +21,14 @@ pass over q and k, and one more launch, for nothing. So the pair is not rewritte
 ``skipped: <COPY_ONLY_REASON>``.
 
 A reader is followed through views (``fx_surgery.is_view_of_input``: view, reshape, permute,
-transpose, slice, expand, unsqueeze, squeeze, select, split...). Copies into a fresh buffer,
-which Inductor fuses a pointwise producer into: ``clone``, ``_to_copy`` and
-``convert_element_type`` (same device), ``cat``, ``constant_pad_nd``, and a reshape that does
-not share its input's storage. Anything else is a reader the rule cannot vouch for and the pair
-is rewritten as before: attention (SDPA, mm/bmm), any other op, the graph output, a mutation
-(``copy_``), and the KV-cache writes that ``FuseKVStorePass`` absorbs into the call
-(``index_put``, ``index_copy``: there the call saves the write's own pass).
+transpose, slice, expand, unsqueeze, squeeze, select, split...; a reshape whose input's
+strides allow a view). Copies into a fresh buffer, which Inductor fuses a pointwise producer
+into: ``clone``, ``_to_copy`` and ``convert_element_type`` (same device), ``cat``,
+``constant_pad_nd``, and a reshape whose input's strides allow no view. Anything else is a
+reader the rule cannot vouch for and the pair is rewritten as before: attention (SDPA,
+mm/bmm), any other op, the graph output, a mutation (``copy_``), and the KV-cache writes that
+``FuseKVStorePass`` absorbs into the call (``index_put``, ``index_copy``: there the call saves
+the write's own pass).
 """
 
 from __future__ import annotations
@@ -49,7 +50,30 @@ COPY_ONLY_REASON = ("rotated q and k are only read by layout copies (Inductor fu
 # a pointwise producer (the RoPE) inside the copy's kernel.
 _COPIES = (aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
            aten.constant_pad_nd.default)
-_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+def _reshape_copies(user: Node) -> bool | None:
+    """For a ``reshape`` (Inductor turns every ``view`` into one): False where its input's
+    strides allow it as a view, True where they do not (it copies), None if unknown (symbolic
+    sizes: no guard is added). Decided from the shapes and strides: a fake value's storage need
+    not tell (a graph pass may have given it a fresh one)."""
+    if user.op != "call_function" or user.target is not aten.reshape.default:
+        return None
+    val, src = fake_value(user), fake_value(user.args[0])
+    if val is None or src is None:
+        return None
+    shape, stride, new_shape = list(src.shape), list(src.stride()), list(val.shape)
+    if not all(type(n) is int for n in (*shape, *stride, *new_shape)):
+        return None
+    try:  # a meta tensor of the input's layout: no data, no guard
+        torch.empty_strided(shape, stride, device="meta").view(new_shape)
+    except (RuntimeError, ValueError):  # "view size is not compatible with ... stride"
+        return True
+    return False
+
+
+def _is_view(user: Node) -> bool:
+    return _reshape_copies(user) is False or is_view_of_input(user)
 
 
 def _is_layout_copy(user: Node, source: Node) -> bool:
@@ -57,14 +81,17 @@ def _is_layout_copy(user: Node, source: Node) -> bool:
     the same device."""
     if user.op != "call_function":
         return False
-    val, src = fake_value(user), fake_value(source)
-    if val is None or src is None or val.device != src.device or shares_storage(val, src):
-        return False
-    if user.target in _COPIES or user.target in _RESHAPES:
-        return user.args[0] is source
     if user.target is aten.cat.default:
-        return source in user.args[0]
-    return False
+        reads_source = source in user.args[0]
+    else:
+        reads_source = user.target in (*_COPIES, aten.reshape.default) and (
+            user.args[0] is source)
+    val, src = fake_value(user), fake_value(source)
+    if not reads_source or val is None or src is None or val.device != src.device:
+        return False
+    if user.target is aten.reshape.default:
+        return _reshape_copies(user) is True
+    return not shares_storage(val, src)
 
 
 def layout_copies_reading(rotated: Node) -> list[Node] | None:
@@ -78,7 +105,7 @@ def layout_copies_reading(rotated: Node) -> list[Node] | None:
             if user in seen:
                 continue
             seen.add(user)
-            if is_view_of_input(user):
+            if _is_view(user):
                 stack.append(user)
             elif _is_layout_copy(user, node):
                 copies.append(user)

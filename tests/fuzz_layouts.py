@@ -42,7 +42,9 @@ CLI (from the repo root; program i uses seed S+i, so ranges parallelise over pro
     python tests/fuzz_layouts.py --device cuda --programs 200 --seed 100000 --fail-fast
 
 ``--device cpu`` compiles with ``options={"devices": ("cpu",), "strict": True}``; ``cuda`` with
-the default options (``{}``), so the GPU lowering is in the loop. Exit status 1 on any failure.
+the default options, so the GPU lowering is in the loop; both with the layout-copy rule off
+(``FORCE_REWRITE``: every rewrite the pass can make is made and checked). Exit status 1 on any
+failure.
 """
 
 from __future__ import annotations
@@ -604,8 +606,17 @@ TOLERANCES = {
 SIZE1_STRIDES_FAIL = False
 
 
+# The fuzzers check that every rewrite is sound on every layout, so the layout-copy rule (a
+# cost policy that only ever leaves a pair to Inductor, passes/layout_copy_rule.py) is off:
+# axial pairs, read only by the cat that joins each head's halves, are still rewritten and
+# checked. The rule itself: tests/test_pass_layout_copy_rule.py.
+FORCE_REWRITE = {"skip_pairs_only_read_by_copies": False}
+
+
 def compile_options(device: str) -> dict:
-    return {"devices": ("cpu",), "strict": True} if device == "cpu" else {}
+    if device == "cpu":
+        return {"devices": ("cpu",), "strict": True, **FORCE_REWRITE}
+    return dict(FORCE_REWRITE)
 
 
 @dataclass

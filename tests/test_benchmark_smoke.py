@@ -234,3 +234,27 @@ def test_prologue_op_tiny_cpu(tmp_path):
     assert bench.floor_bytes("norm_rope", s, 4, 4) == 9216 + 1536 + 24 + 1024
     assert bench.floor_bytes("rope_kv", s, 4, 4) == 9216 + 1536 + 24 + 1536 + 3072 + 24
     assert "| norm_rope_kv | 3 |" in (tmp_path / "prologue_op.md").read_text()
+
+
+def test_layout_copy_tiny_cpu(tmp_path):
+    """bench_layout_copy end to end on CPU, T=8: the rule leaves the copies graph to Inductor,
+    the forced variant rewrites it, both rewrite the SDPA control; two interleaved rounds."""
+    bench = _bench("bench_layout_copy")
+    rows = bench.main(["--device", "cpu", "--tiny", "--tokens", "8", "--rounds", "2",
+                       "--repeats", "2", "--out", str(tmp_path)])
+    by = {(r["graph"], r["variant"]): r for r in rows}
+    assert sorted(by) == sorted((g, v) for g in bench.GRAPHS for v in bench.VARIANTS)
+    assert all(r["error"] is None for r in rows), rows
+    decisions = {key: (r["rewritten"], r["skipped_by_rule"], r["fused_calls"])
+                 for key, r in by.items()}
+    assert decisions == {
+        ("copies", "inductor"): (0, 0, 0), ("copies", "rule"): (0, 1, 0),
+        ("copies", "forced"): (1, 0, 1), ("sdpa", "inductor"): (0, 0, 0),
+        ("sdpa", "rule"): (1, 0, 1), ("sdpa", "forced"): (1, 0, 1)}
+    for r in rows:
+        assert r["max_err"] < 1e-4 and len(r["us_rounds"]) == 2
+        low, high = r["us_spread"]
+        assert 0 < low <= r["us"] <= high
+    text = (tmp_path / "layout_copy.md").read_text()
+    assert "left to Inductor (rule)" in text and "the rule chose Inductor" in text
+    assert (tmp_path / "layout_copy.json").exists()

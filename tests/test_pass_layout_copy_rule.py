@@ -11,6 +11,7 @@ Compiled with ``backend="rope_compile"`` and the CPU test options (pass forced o
 * the same graphs with ``skip_pairs_only_read_by_copies=False``: rewritten;
 * rewritten as before where some reader is not a copy: q read by SDPA, or q also returned;
   k stored into a KV cache (``k_cache[loc] = k``, which ``FuseKVStorePass`` then absorbs);
+* a reshape is a view or a copy by its input's strides, not by its fake value's storage;
 * the option: validated, in the pass's ``uuid()``, and not handed to the extension passes.
 
 Every compiled result equals eager's.
@@ -25,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from pass_helpers import CPU_OPTIONS, count_fused_calls, fresh_compile, positions_for, rope_counters
 from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
-from rope_compile.passes.layout_copy_rule import COPY_ONLY_REASON
+from rope_compile.passes.layout_copy_rule import COPY_ONLY_REASON, layout_copies_reading
 from torch._inductor.utils import run_and_get_code
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import Graph
 
 from rope_compile import RotaryEmbedding
 from rope_compile.options import split_and_validate_backend_options
@@ -193,6 +196,34 @@ def test_pair_whose_k_is_stored_in_a_kv_cache_is_rewritten(caplog):
     counts, fused, lines = _compile(k_stored, caplog)
     assert counts == {"pairs_found": 1, "rewritten": 1, "kv_store rewritten": 1}, counts
     assert fused == 1 and not lines
+
+
+def test_reshape_is_a_view_or_a_copy_by_its_strides():
+    """A reshape whose input's strides allow a view is followed as one (even where a graph pass
+    left it a fake value of its own storage), one that does not copies; any other reader
+    makes the rotated tensor not copy-only."""
+    aten = torch.ops.aten
+    graph = Graph()
+
+    def add(target, args, val):
+        node = graph.call_function(target, args)
+        node.meta["val"] = val
+        return node
+
+    with FakeTensorMode():
+        x_val = torch.empty(T, HQ, D)
+        x = graph.placeholder("x")
+        x.meta["val"] = x_val
+        heads_first = add(aten.transpose.int, (x, 0, 1), x_val.transpose(0, 1))
+        copy = add(aten.reshape.default, (heads_first, [HQ, T * D]),
+                   x_val.transpose(0, 1).reshape(HQ, T * D))
+        flat = add(aten.reshape.default, (x, [T, HQ * D]), torch.empty(T, HQ * D))
+        graph.output((copy, flat))
+        assert layout_copies_reading(x) is None  # flat reaches the graph output
+        graph.output_node().args = ((copy,),)
+        assert layout_copies_reading(x) == [copy]
+        add(aten.mul.Tensor, (flat, 2.0), torch.empty(T, HQ * D))
+        assert layout_copies_reading(x) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pass_helpers import fresh_compile, rope_counters
 from rope_compile.passes import fuse_qk_rope
+from rope_compile.passes.layout_copy_rule import COPY_ONLY_REASON
 
 from rope_compile.reference import compute_cos_sin_cache
 
@@ -168,6 +169,13 @@ def axial_rope(device):
     return fn, (qkv, rows, cols, positions, col_positions), 2
 
 
+# Each half's rotated q and k are read only by the cat that joins the halves: a layout copy, so
+# by default both pairs are left to Inductor (passes/layout_copy_rule.py; see
+# test_axial_rope_left_to_inductor_by_default). Forced here: what is checked is the rewrite of
+# two pairs on one root.
+axial_rope.options = {"skip_pairs_only_read_by_copies": False}
+
+
 def two_pairs_one_projection(device):
     """Class 4: two q/k pairs split from one projection."""
     g, cache, positions = _inputs(device)
@@ -221,6 +229,7 @@ PROGRAMS = [transposed_input, interleaved_qk_unbind, pointwise_root_of_transpose
 
 def check_program(program, device: str, options: dict) -> dict:
     fn, args, expected_rewrites = program(device)
+    options = {**options, **getattr(program, "options", {})}
     with fresh_compile():
         eager = fn(*[a.clone() for a in args])
         ref64 = fn(*[a.double() if a.is_floating_point() else a for a in args])
@@ -251,6 +260,18 @@ def test_cuda_default_options(program):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     check_program(program, "cuda", {})
+
+
+def test_axial_rope_left_to_inductor_by_default():
+    """Both axial pairs are read only by the cats that join each head's halves: skipped by the
+    layout-copy rule, the results eager's."""
+    fn, args, _ = axial_rope("cpu")
+    with fresh_compile():
+        outs = torch.compile(fn, backend="rope_compile",
+                             options={"devices": ("cpu",), "strict": True})(*args)
+        assert rope_counters() == {"pairs_found": 2, f"skipped: {COPY_ONLY_REASON}": 2}
+    for out, ref in zip(outs, fn(*args), strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_rotated_output_does_not_alias_v():
