@@ -603,6 +603,23 @@ def test_whole_norm_strided_heads(apply, dtype):
     assert_same_bits(q_big[..., d:], pad_before, "q head padding")
 
 
+@pytest.mark.parametrize("block_h", [1, 2, 4])
+@NO_INTERPRETER
+def test_whole_norm_head_blocks(block_h):
+    """The kernel's two passes over several head blocks (the sum of squares of every block,
+    then each block normalised): any BLOCK_H gives the op's values (fp32: within an ulp or
+    two, the sum added in another order), the last block partly masked for 3 heads."""
+    case = KVCase(num_tokens=5, num_q_heads=6, num_kv_heads=3, head_size=64, rotary_dim=48,
+                  dtype=torch.float32, norm="gemma", whole="qk", cache_dtype=torch.float32)
+    p, ref = build(case), build(case)
+    _apply_op(ref)
+    rope_kv_store.launch(p.q, p.k, p.cos_sin_cache, p.positions, 48, True, norm=p.norm,
+                         kv=p.kv, block_h=block_h)
+    torch.testing.assert_close(p.qkv, ref.qkv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p.k_big, ref.k_big, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert_same_bits(p.v_big, ref.v_big, "v rows")
+
+
 def test_whole_norm_plan_is_one_program_per_token():
     """A whole-projection norm (of q or of k) puts every head of the token in one program:
     head_splits 1 even when asked for more; per-head norms keep the heuristics' splits."""
@@ -622,6 +639,15 @@ def test_whole_norm_plan_is_one_program_per_token():
                                                         per_head.positions), 128, True,
         norm=per_head.norm)
     assert plan.grid[1] > 1 and not plan.constexprs["Q_WHOLE"] | plan.constexprs["K_WHOLE"]
+    # Few tokens: a whole-projection norm takes all of a token's heads (up to the whole tile)
+    # in one block; many tokens: the usual tile.
+    for tokens, block in ((3, 32), (300, 16)):
+        p = build(KVCase(num_tokens=tokens, num_q_heads=32, num_kv_heads=8, norm="qwen",
+                         whole="q", num_slots=320))
+        plan = rope_kv_store.plan_tensor_launch(
+            p.q, p.k, rope_kv_store.FromCache(p.cos_sin_cache, p.positions), 128, True,
+            norm=p.norm, kv=p.kv)
+        assert plan.constexprs["BLOCK_H"] == block and plan.grid == (tokens, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -369,9 +369,14 @@ RUNTIME_ARGS = (
 NUM_TENSOR_ARGS = 11
 
 # Launch heuristics: as triton_kernel's (a tile of at most _MAX_TILE_ELEMS elements, fewer for
-# few tokens; head splits until about _TARGET_PROGRAMS programs are in flight).
+# few tokens; head splits until about _TARGET_PROGRAMS programs are in flight). A whole-
+# projection norm has one program per token (no head splits): with few tokens a larger tile,
+# all of a token's heads in one block where they fit in _WHOLE_TILE_ELEMS, so the program does
+# not walk its heads in many small blocks one after another (a sweep of BLOCK_H on an H200
+# chose it; the kernel is latency-bound there).
 _MAX_TILE_ELEMS = 2048
 _SMALL_TILE_ELEMS = 512
+_WHOLE_TILE_ELEMS = 4096
 _SMALL_TOKENS = 256
 _TARGET_PROGRAMS = 2048
 
@@ -464,6 +469,8 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
 
     width = triton.next_power_of_2(max(head_size, v_dim))
     tile = _SMALL_TILE_ELEMS if tokens <= _SMALL_TOKENS else _MAX_TILE_ELEMS
+    if (q_whole or k_whole) and tokens <= _SMALL_TOKENS:
+        tile = _WHOLE_TILE_ELEMS
     block_h = block_h or min(triton.next_power_of_2(max_heads), max(1, tile // width))
     head_blocks = triton.cdiv(max_heads, block_h)
     head_splits = head_splits or max(
