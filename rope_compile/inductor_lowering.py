@@ -387,7 +387,8 @@ def _register_kv_lowerings() -> None:
         norm = kv = None
         if "q_weight" in a:
             norm = (operand(_shared_read_input(a["q_weight"])),
-                    operand(_shared_read_input(a["k_weight"])), a["eps"], a["weight_offset"])
+                    operand(_shared_read_input(a["k_weight"])), a["eps"], a["weight_offset"],
+                    a["round_once"])
         if store:
             v = _unit_last_stride(_shared_read_input(a["v"]))
             kv = (operand(v), operand(written["k_buffer"]), operand(written["v_buffer"]),

@@ -4,7 +4,8 @@
   (``fused_set_kv_buffer_arg`` writes the rotated k and v into the KV cache in the same
   launch, ``rope_compile::fused_qk_rope_kv_store_inplace``).
 * :func:`fused_qk_norm_rope`: vLLM's ``torch.ops._C.fused_qk_norm_rope`` on a packed qkv
-  (``rope_compile::fused_qk_norm_rope_inplace``), plus a Gemma ``weight_offset``.
+  (``rope_compile::fused_qk_norm_rope_inplace``), plus a Gemma ``weight_offset`` and the
+  norm's ``round_once``.
 * :func:`set_kv_buffer_native`: the plain torch spelling of the store (what
   ``RotaryEmbedding.forward_native`` runs, and what a compiler pass would match).
 """
@@ -110,10 +111,12 @@ def fused_qk_norm_rope(
     position_ids: torch.Tensor,
     *,
     weight_offset: float = 0.0,
+    round_once: bool | None = None,
 ) -> None:
     """vLLM's op: per-head RMSNorm (``q_weight`` / ``k_weight`` ``[head_dim]``) then RoPE of the
     q and k parts of a packed ``qkv`` ``[T, (Hq + Hk + Hv) * head_dim]``, in place (v is left
-    alone). ``weight_offset=1.0`` is Gemma's ``x * (1 + w)``."""
+    alone). ``weight_offset=1.0`` is Gemma's ``x * (1 + w)``; ``round_once`` the rounding, as
+    :func:`rope_compile.ops.fused_qk_norm_rope_inplace` (None: as the offset says)."""
     num_tokens = qkv.shape[0]
     q_size, k_size = num_heads_q * head_dim, num_heads_k * head_dim
     if qkv.dim() != 2 or qkv.shape[1] != q_size + k_size + num_heads_v * head_dim:
@@ -124,7 +127,8 @@ def fused_qk_norm_rope(
     q = qkv[:, :q_size].view(num_tokens, num_heads_q, head_dim)
     k = qkv[:, q_size:q_size + k_size].view(num_tokens, num_heads_k, head_dim)
     fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache,
-                               position_ids.reshape(-1), cos_sin_cache.shape[1], is_neox)
+                               position_ids.reshape(-1), cos_sin_cache.shape[1], is_neox,
+                               round_once=round_once)
 
 
 __all__ = [

@@ -135,10 +135,16 @@ _KV_ARGS = ("Tensor v, Tensor(a2!) k_buffer, Tensor(a3!) v_buffer, Tensor cache_
 _NORM_ARGS = "Tensor q_weight, Tensor k_weight, float eps, float weight_offset"
 _ROPE_ARGS = "Tensor cos_sin_cache, Tensor positions, int rotary_dim, bool is_neox"
 _SCALES = "float? k_scale=None, float? v_scale=None"
+# The norm's rounding, last (a default: every call without it keeps its meaning): None, as
+# weight_offset says (0.0: x_normed rounded, then times w, rounded: HF Qwen3; 1.0: x_normed *
+# (1 + w) rounded once: Gemma3); True: once, after the weight (offset 0.0: HF OLMo2's
+# Olmo2RMSNorm); False: twice (offset 0.0 only). reference.norm_rounds_once decides.
+_ROUNDING = "bool? round_once=None"
 _LIB.define(f"{_KV_STORE}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_ROPE_ARGS}, {_SCALES}) -> ()")
-_LIB.define(f"{_NORM_ROPE}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_ROPE_ARGS}) -> ()")
+_LIB.define(f"{_NORM_ROPE}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_ROPE_ARGS}, "
+            f"{_ROUNDING}) -> ()")
 _LIB.define(f"{_NORM_ROPE_KV}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_NORM_ARGS}, "
-            f"{_ROPE_ARGS}, {_SCALES}) -> ()")
+            f"{_ROPE_ARGS}, {_SCALES}, {_ROUNDING}) -> ()")
 
 
 def _kv_store_args(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions,
@@ -150,20 +156,20 @@ def _kv_store_args(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positi
 
 
 def _norm_rope_args(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
-                    rotary_dim, is_neox):
+                    rotary_dim, is_neox, round_once=None):
     validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
-                       rotary_dim)
-    norm = (q_weight, k_weight, eps, weight_offset)
+                       rotary_dim, round_once=round_once)
+    norm = (q_weight, k_weight, eps, weight_offset, round_once)
     return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, None
 
 
 def _norm_rope_kv_args(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                        weight_offset, cos_sin_cache, positions, rotary_dim, is_neox,
-                       k_scale=None, v_scale=None):
+                       k_scale=None, v_scale=None, round_once=None):
     kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
     validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
-                       rotary_dim, kv)
-    norm = (q_weight, k_weight, eps, weight_offset)
+                       rotary_dim, kv, round_once)
+    norm = (q_weight, k_weight, eps, weight_offset, round_once)
     return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, kv
 
 
@@ -248,10 +254,10 @@ from .validation import (  # noqa: E402, F401  (names re-exported for callers)
 _TABLE_ARGS = "Tensor cos, Tensor sin, int rotary_dim, bool is_neox"
 _LIB.define(f"{_KV_STORE_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_TABLE_ARGS}, "
             f"{_SCALES}) -> ()")
-_LIB.define(f"{_NORM_ROPE_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_TABLE_ARGS}) "
-            f"-> ()")
+_LIB.define(f"{_NORM_ROPE_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_TABLE_ARGS}, "
+            f"{_ROUNDING}) -> ()")
 _LIB.define(f"{_NORM_ROPE_KV_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_NORM_ARGS}, "
-            f"{_TABLE_ARGS}, {_SCALES}) -> ()")
+            f"{_TABLE_ARGS}, {_SCALES}, {_ROUNDING}) -> ()")
 
 
 def _kv_store_tables_args(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim,
@@ -263,19 +269,21 @@ def _kv_store_tables_args(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rota
 
 
 def _norm_rope_tables_args(q, k, q_weight, k_weight, eps, weight_offset, cos, sin, rotary_dim,
-                           is_neox):
+                           is_neox, round_once=None):
     validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
-                              rotary_dim)
-    return q, k, cos, sin, rotary_dim, is_neox, (q_weight, k_weight, eps, weight_offset), None
+                              rotary_dim, round_once=round_once)
+    norm = (q_weight, k_weight, eps, weight_offset, round_once)
+    return q, k, cos, sin, rotary_dim, is_neox, norm, None
 
 
 def _norm_rope_kv_tables_args(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                               weight_offset, cos, sin, rotary_dim, is_neox, k_scale=None,
-                              v_scale=None):
+                              v_scale=None, round_once=None):
     kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
     validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
-                              rotary_dim, kv)
-    return q, k, cos, sin, rotary_dim, is_neox, (q_weight, k_weight, eps, weight_offset), kv
+                              rotary_dim, kv, round_once)
+    norm = (q_weight, k_weight, eps, weight_offset, round_once)
+    return q, k, cos, sin, rotary_dim, is_neox, norm, kv
 
 
 _register_kv_op(_KV_STORE_TABLES, _kv_store_tables_args, (0, 1, 3, 4), tables=True)
@@ -297,27 +305,35 @@ def fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos_s
 
 
 def fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache,
-                               positions, rotary_dim, is_neox) -> None:
+                               positions, rotary_dim, is_neox, *, round_once=None) -> None:
     """RMSNorm of q ``[T, Hq, D]`` and k ``[T, Hk, D]``, then RoPE, in place, in one launch.
 
     Each weight's shape says what it normalises: ``[D]``, each head over D (HF Qwen3 / Gemma3
     ``q_norm``); ``[H*D]``, all H heads of a token together (HF OLMo2's norm of the whole
     projection, weight element ``h*D + c``), independently for q and k (they coincide when
-    H == 1). ``weight_offset`` 0.0: ``x * w``, HF Qwen3 rounding; 1.0: ``x * (1 + w)``,
-    Gemma."""
+    H == 1). ``weight_offset`` 0.0: ``x * w``; 1.0: ``x * (1 + w)``, Gemma. The rounding, with
+    ``xn = x * rsqrt(mean(x^2) + eps)`` in float32 and ``round`` to x's dtype:
+
+    * ``round_once=None`` (default): as the offset says, offset 0.0 ``round(w * round(xn))``
+      (HF ``Qwen3RMSNorm``), 1.0 ``round(xn * (1 + w))`` (HF ``Gemma3RMSNorm``);
+    * ``round_once=True``: ``round(xn * (offset + w))``, the weight in float32; offset 0.0 is
+      HF ``Olmo2RMSNorm`` (``(weight * xn).to(dtype)``);
+    * ``round_once=False``: ``round(w * round(xn))``, offset 0.0 only (1.0 is refused).
+
+    In float32 all forms with the same offset agree."""
     norm_rope_op(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
-                 rotary_dim, is_neox)
+                 rotary_dim, is_neox, round_once)
 
 
 def fused_qk_norm_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, q_weight,
                                         k_weight, eps, weight_offset, cos_sin_cache, positions,
-                                        rotary_dim, is_neox, k_scale=None,
-                                        v_scale=None) -> None:
-    """:func:`fused_qk_norm_rope_inplace`, then the KV store of
+                                        rotary_dim, is_neox, k_scale=None, v_scale=None, *,
+                                        round_once=None) -> None:
+    """:func:`fused_qk_norm_rope_inplace` (``round_once`` as there), then the KV store of
     :func:`fused_qk_rope_kv_store_inplace`, in one launch."""
     norm_rope_kv_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                     weight_offset, cos_sin_cache, positions, rotary_dim, is_neox, k_scale,
-                    v_scale)
+                    v_scale, round_once)
 
 
 def fused_qk_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin,
@@ -332,19 +348,20 @@ def fused_qk_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc
 
 
 def fused_qk_norm_rope_tables_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
-                                      rotary_dim, is_neox) -> None:
+                                      rotary_dim, is_neox, *, round_once=None) -> None:
     """:func:`fused_qk_norm_rope_inplace` with cos/sin tables ``[R, rotary_dim/2]``."""
     norm_rope_tables_op(q, k, q_weight, k_weight, eps, weight_offset, cos, sin, rotary_dim,
-                        is_neox)
+                        is_neox, round_once)
 
 
 def fused_qk_norm_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc,
                                                q_weight, k_weight, eps, weight_offset, cos,
                                                sin, rotary_dim, is_neox, k_scale=None,
-                                               v_scale=None) -> None:
+                                               v_scale=None, *, round_once=None) -> None:
     """:func:`fused_qk_norm_rope_kv_store_inplace` with cos/sin tables ``[R, rotary_dim/2]``."""
     norm_rope_kv_tables_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
-                           weight_offset, cos, sin, rotary_dim, is_neox, k_scale, v_scale)
+                           weight_offset, cos, sin, rotary_dim, is_neox, k_scale, v_scale,
+                           round_once)
 
 
 def fused_qk_rope_with_cos_sin_cache_inplace(

@@ -44,17 +44,29 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 FP8_E4M3_MAX = 448.0
 
 
-def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   weight_offset: float) -> torch.Tensor:
-    """RMSNorm of ``x`` ``[..., D]`` over D, rounded as HF's ``Qwen3RMSNorm`` (weight_offset
-    0.0: ``round(w * round(x * r))``) or ``Gemma3RMSNorm`` (1.0: ``round(x * r * (1 + w))``),
-    ``r = rsqrt(mean(x^2) + eps)`` in float32 (float64 for float64 x); result in x's dtype."""
+def norm_rounds_once(weight_offset: float, round_once: bool | None = None) -> bool:
+    """Whether the QK-norm rounds once, after the weight (``round(x * r * (offset + w))``), or
+    twice (``round(w * round(x * r))``, HF Qwen3). ``round_once`` None: as the offset says (0.0:
+    twice, Qwen3; 1.0: once, Gemma3); True with offset 0.0 is HF OLMo2's ``Olmo2RMSNorm``.
+    (Twice with offset 1.0 is no HF form: the ops refuse it.)"""
+    return float(weight_offset) == 1.0 if round_once is None else bool(round_once)
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
+                   round_once: bool | None = None) -> torch.Tensor:
+    """RMSNorm of ``x`` ``[..., D]`` over D, ``r = rsqrt(mean(x^2) + eps)`` in float32 (float64
+    for float64 x), rounded (:func:`norm_rounds_once`) as HF's ``Qwen3RMSNorm``
+    (``round(w * round(x * r))``), ``Gemma3RMSNorm`` (weight_offset 1.0:
+    ``round(x * r * (1 + w))``) or ``Olmo2RMSNorm`` (round_once, offset 0.0:
+    ``round(x * r * w)``, the weight promoted to float32); result in x's dtype."""
     math = _math_dtype(x.dtype)
     h = x.to(math)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     w = weight.to(math)
-    if weight_offset == 1.0:
-        return (h * r * (1.0 + w)).to(x.dtype)
+    if float(weight_offset) == 1.0:
+        w = 1.0 + w
+    if norm_rounds_once(weight_offset, round_once):
+        return (h * r * w).to(x.dtype)
     return (w * (h * r).to(x.dtype).to(math)).to(x.dtype)
 
 
@@ -73,7 +85,8 @@ def to_kv_cache(x: torch.Tensor, scale: float | None, dtype: torch.dtype) -> tor
 def qk_norm_rope_kv_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *,
                                norm=None, kv=None) -> None:
     """In place: RMSNorm q and k ``[T, H, D]`` per head or over all of a token's heads
-    (``norm = (q_weight, k_weight, eps, weight_offset)``, weights ``[D]`` or ``[H*D]``), rotate
+    (``norm = (q_weight, k_weight, eps, weight_offset[, round_once])``, weights ``[D]`` or
+    ``[H*D]``; :func:`rms_norm_heads`), rotate
     their first ``rotary_dim`` features, then (``kv = (v, k_buffer, v_buffer, cache_loc,
     k_scale, v_scale)``) write the rotated k and v into the cache rows ``cache_loc`` (duplicate
     locations: one of the writers wins, as with ``index_put_``)."""
@@ -95,15 +108,15 @@ def _norm_qk_(q, k, norm) -> None:
     """RMSNorm q and k ``[T, H, D]`` in place: per head (weight ``[D]``), or over all of a
     token's heads (weight ``[H*D]``, element ``h*D + c``; HF OLMo2's whole-projection norm)."""
     if norm is not None:
-        q_weight, k_weight, eps, weight_offset = norm
+        q_weight, k_weight, eps, weight_offset, round_once = (*norm, None)[:5]
         for x, w in ((q, q_weight), (k, k_weight)):
             if not x.numel():
                 continue
             if w.shape[0] == x.shape[2]:
-                x.copy_(rms_norm_heads(x, w, eps, weight_offset))
+                x.copy_(rms_norm_heads(x, w, eps, weight_offset, round_once))
             else:
                 flat = x.reshape(x.shape[0], x.shape[1] * x.shape[2])
-                x.copy_(rms_norm_heads(flat, w, eps, weight_offset).view(x.shape))
+                x.copy_(rms_norm_heads(flat, w, eps, weight_offset, round_once).view(x.shape))
 
 
 def store_kv_rows_(buffer: torch.Tensor, cache_loc: torch.Tensor, x: torch.Tensor) -> None:

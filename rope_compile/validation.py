@@ -216,10 +216,11 @@ def _check_kv_reads(op, reads, writes) -> None:
                           f"{read_name} while it writes {name}")
 
 
-def _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset) -> None:
+def _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset, round_once) -> None:
     """Each weight ``[D]`` (a norm per head) or ``[H*D]`` (one norm over the token's H heads
     of q, or of k: HF OLMo2's whole-projection q_norm / k_norm), floating point, on q's
-    device; eps and the weight offset."""
+    device; eps, the weight offset and the rounding (``round_once``: None, True or False;
+    False, rounding before the weight, only with offset 0.0)."""
     head_size = q.shape[2]
     for name, w, heads in (("q_weight", q_weight, q.shape[1]),
                            ("k_weight", k_weight, k.shape[1])):
@@ -237,6 +238,14 @@ def _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset) -> None:
     if weight_offset not in (0.0, 1.0) or isinstance(weight_offset, bool):
         _fail(op, f"weight_offset must be 0.0 (x * w, Qwen3/Llama) or 1.0 (x * (1 + w), "
                   f"Gemma), got {weight_offset!r}")
+    if round_once is not None and not isinstance(round_once, bool):
+        _fail(op, f"round_once must be None (as weight_offset says), True (one rounding, "
+                  f"after the weight) or False (x_normed rounded before the weight), got "
+                  f"{round_once!r}")
+    if round_once is False and weight_offset == 1.0:
+        _fail(op, "round_once=False (x_normed rounded before the weight, HF Qwen3) is defined "
+                  "only with weight_offset=0.0; weight_offset=1.0 (HF Gemma3's x * (1 + w)) "
+                  "rounds once: pass round_once=None or True")
     _check_kv_reads(op, (("q_weight", q_weight), ("k_weight", k_weight)), (("q", q), ("k", k)))
 
 
@@ -323,12 +332,12 @@ def validate_kv_store(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, pos
 
 
 def validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
-                       rotary_dim, kv=None) -> None:
+                       rotary_dim, kv=None, round_once=None) -> None:
     """The checks of ``fused_qk_norm_rope_inplace`` and, with ``kv = (v, k_buffer, v_buffer,
     cache_loc, k_scale, v_scale)``, of ``fused_qk_norm_rope_kv_store_inplace``."""
     op = _NORM_ROPE if kv is None else _NORM_ROPE_KV
     _check_whole_heads(op, q, k, cos_sin_cache, positions, rotary_dim)
-    _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset)
+    _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset, round_once)
     if kv is not None:
         _check_kv_store(op, q, k, *kv, (("cos_sin_cache", cos_sin_cache),
                                         ("positions", positions), ("q_weight", q_weight),
@@ -345,12 +354,12 @@ def validate_kv_store_tables(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, r
 
 
 def validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
-                              rotary_dim, kv=None) -> None:
+                              rotary_dim, kv=None, round_once=None) -> None:
     """The checks of ``fused_qk_norm_rope_tables_inplace`` and, with ``kv``, of
     ``fused_qk_norm_rope_kv_store_tables_inplace``."""
     op = _NORM_ROPE_TABLES if kv is None else _NORM_ROPE_KV_TABLES
     _check_whole_heads_tables(op, q, k, cos, sin, rotary_dim)
-    _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset)
+    _check_norm(op, q, k, q_weight, k_weight, eps, weight_offset, round_once)
     if kv is not None:
         _check_kv_store(op, q, k, *kv, (("cos", cos), ("sin", sin), ("q_weight", q_weight),
                                         ("k_weight", k_weight)))

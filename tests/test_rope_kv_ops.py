@@ -10,7 +10,9 @@ equal to torch's conversion of the op's own k (and of v), and every other elemen
 buffer bit-identical to before.
 
 The norm is per head (weights ``[D]``) or, for q and/or k, over the whole projection (weights
-``[H*D]``, HF OLMo2's ``q_norm`` / ``k_norm``: one RMSNorm over all of a token's heads).
+``[H*D]``, HF OLMo2's ``q_norm`` / ``k_norm``: one RMSNorm over all of a token's heads), with
+HF Qwen3's rounding (``round(w * round(x_normed))``), Gemma3's (``round(x_normed * (1 + w))``)
+or OLMo2's (``round_once=True``: ``round(x_normed * w)``, one rounding after the weight).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class KVCase:
     dtype: torch.dtype = torch.bfloat16
     cache_dtype: torch.dtype | None = None  # None: dtype
     scales: tuple[float, float] | None = None
-    norm: str | None = None  # None, "qwen" (x * w) or "gemma" (x * (1 + w))
+    norm: str | None = None  # None, "qwen" (x * w), "gemma" (x * (1 + w)) or "olmo2" (x * w,
+    #                          one rounding after the weight: round_once=True)
     whole: str = ""  # which norms span the whole projection (weight [H*D]): "", "q", "k", "qk"
     store: bool = True
     pos_dtype: torch.dtype = torch.int64
@@ -100,6 +103,17 @@ class KVProblem:
         return (self.q_weight, self.k_weight, 1e-6, 1.0 if self.case.norm == "gemma" else 0.0)
 
     @property
+    def round_once(self):
+        """The ops' ``round_once`` (the last argument): True for OLMo2's rounding, else the
+        default (as the weight offset says)."""
+        return True if self.case.norm == "olmo2" else None
+
+    @property
+    def launch_norm(self):
+        """``norm`` as the launcher takes it, ``round_once`` included."""
+        return None if self.norm is None else (*self.norm, self.round_once)
+
+    @property
     def kv(self):
         if not self.case.store:
             return None
@@ -133,26 +147,29 @@ def build(case: KVCase, device="cpu", seed=0) -> KVProblem:
                      cache, positions, *weights)
 
 
-def norm_f64(x, weight, eps, gemma) -> torch.Tensor:
+def norm_f64(x, weight, eps, gemma, olmo2=False) -> torch.Tensor:
     """HF's RMSNorm of x ``[T, H, D]`` in float64, rounded to x's dtype where HF rounds (the
-    kernel header): per head for a weight ``[D]``, over all H heads of a token (row element
-    ``h*D + c``) for a weight ``[H*D]``."""
+    kernel header): Qwen3 ``round(w * round(xn))``, Gemma3 (``gemma``) ``round(xn * (1 + w))``,
+    OLMo2 (``olmo2``) ``round(xn * w)``; per head for a weight ``[D]``, over all H heads of a
+    token (row element ``h*D + c``) for a weight ``[H*D]``."""
     if weight.shape[0] != x.shape[-1]:
         flat = x.reshape(x.shape[0], 1, x.shape[1] * x.shape[2])
-        return norm_f64(flat, weight, eps, gemma).view(x.shape)
+        return norm_f64(flat, weight, eps, gemma, olmo2).view(x.shape)
     h = x.detach().cpu().double()
     normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     w = weight.detach().cpu().double()
     if gemma:
         return (normed * (1 + w)).to(x.dtype)
+    if olmo2:
+        return (normed * w).to(x.dtype)
     return (w * normed.to(x.dtype).double()).to(x.dtype)
 
 
 def expected_qk(p: KVProblem):
     q, k = p.q, p.k
     if p.case.norm:
-        gemma = p.case.norm == "gemma"
-        q, k = norm_f64(q, p.q_weight, 1e-6, gemma), norm_f64(k, p.k_weight, 1e-6, gemma)
+        forms = (p.case.norm == "gemma", p.case.norm == "olmo2")
+        q, k = norm_f64(q, p.q_weight, 1e-6, *forms), norm_f64(k, p.k_weight, 1e-6, *forms)
     return [rope_f64(x, p.positions, p.cos_sin_cache, p.case.rotary_dim, p.case.is_neox)
             for x in (q, k)]
 
@@ -163,9 +180,9 @@ def _apply_op(p: KVProblem) -> None:
     if norm is None:
         KV_OP(p.q, p.k, *kv[:4], *rope, *kv[4:])
     elif kv is None:
-        NORM_OP(p.q, p.k, *norm, *rope)
+        NORM_OP(p.q, p.k, *norm, *rope, p.round_once)
     else:
-        NORM_KV_OP(p.q, p.k, *kv[:4], *norm, *rope, *kv[4:])
+        NORM_KV_OP(p.q, p.k, *kv[:4], *norm, *rope, *kv[4:], p.round_once)
 
 
 def _apply_triton(p: KVProblem) -> None:
@@ -175,9 +192,10 @@ def _apply_triton(p: KVProblem) -> None:
         validate_kv_store(p.q, p.k, *kv[:4], p.cos_sin_cache, p.positions, c.rotary_dim,
                           *kv[4:])
     else:
-        validate_norm_rope(p.q, p.k, *norm, p.cos_sin_cache, p.positions, c.rotary_dim, kv)
+        validate_norm_rope(p.q, p.k, *norm, p.cos_sin_cache, p.positions, c.rotary_dim, kv,
+                           p.round_once)
     rope_kv_store.launch(p.q, p.k, p.cos_sin_cache, p.positions, c.rotary_dim, c.is_neox,
-                         norm=norm, kv=kv)
+                         norm=p.launch_norm, kv=kv)
 
 
 # The Triton kernel runs on CPU tensors only under the interpreter (set by conftest when there
@@ -273,7 +291,7 @@ def kv_cases() -> list[KVCase]:
                     n += 1
     cases.append(KVCase(num_tokens=0))
     cases.append(KVCase(num_tokens=0, norm="gemma"))
-    return cases + whole_norm_cases()
+    return cases + whole_norm_cases() + olmo2_cases()
 
 
 def whole_norm_cases() -> list[KVCase]:
@@ -296,6 +314,26 @@ def whole_norm_cases() -> list[KVCase]:
         KVCase(num_tokens=5, num_q_heads=1, num_kv_heads=4, head_size=64, rotary_dim=32,
                norm="qwen", whole="k", dtype=torch.bfloat16, pos_dtype=torch.int32),
         KVCase(num_tokens=0, norm="qwen", whole="qk"),
+    ]
+
+
+def olmo2_cases() -> list[KVCase]:
+    """OLMo2's rounding (``round_once=True``, offset 0): whole-projection norms (OLMo2's own
+    layout) and per head, each dtype, with and without the store, partial rotary, GPT-J pairs."""
+    return [
+        KVCase(num_tokens=5, num_q_heads=4, num_kv_heads=2, norm="olmo2", whole="qk",
+               store=False, dtype=torch.bfloat16),
+        KVCase(num_tokens=3, num_q_heads=8, num_kv_heads=2, norm="olmo2", whole="qk",
+               rotary_dim=64, dtype=torch.float16, cache_dtype=torch.float32,
+               scales=(0.5, 2.0)),
+        KVCase(num_tokens=4, num_q_heads=3, num_kv_heads=1, head_size=64, rotary_dim=48,
+               is_neox=False, norm="olmo2", whole="q", dtype=torch.bfloat16,
+               cache_dtype=FP8 or torch.bfloat16, v_head_size=96),
+        KVCase(num_tokens=7, num_q_heads=4, num_kv_heads=2, norm="olmo2", store=False,
+               dtype=torch.float16),
+        KVCase(num_tokens=2, num_q_heads=2, num_kv_heads=2, head_size=64, rotary_dim=64,
+               norm="olmo2", whole="k", dtype=torch.float32, loc_dtype=torch.int32),
+        KVCase(num_tokens=0, norm="olmo2", whole="qk"),
     ]
 
 
@@ -357,8 +395,8 @@ def _opcheck_args(p: KVProblem, op):
     if op is KV_OP:
         return (p.q, p.k, *kv, *rope, k_scale, v_scale)
     if op is NORM_OP:
-        return (p.q, p.k, *norm, *rope)
-    return (p.q, p.k, *kv, *norm, *rope, k_scale, v_scale)
+        return (p.q, p.k, *norm, *rope, p.round_once)
+    return (p.q, p.k, *kv, *norm, *rope, k_scale, v_scale, p.round_once)
 
 
 OPCHECK = [
@@ -369,6 +407,10 @@ OPCHECK = [
                  id="norm-rope-whole"),
     pytest.param(NORM_KV_OP, {"norm": "gemma", "whole": "q", "num_q_heads": 4},
                  id="norm-rope-kv-whole-q"),
+    pytest.param(NORM_OP, {"norm": "olmo2", "store": False, "whole": "qk",
+                           "dtype": torch.bfloat16}, id="norm-rope-olmo2"),
+    pytest.param(NORM_KV_OP, {"norm": "olmo2", "whole": "qk", "dtype": torch.float16},
+                 id="norm-rope-kv-olmo2"),
 ]
 
 
@@ -467,6 +509,9 @@ NORM_BAD = [
                               r"shape \(128,\)"),
     ({"q_weight": "heads_by_d"}, r"q_weight must be .* got shape \(2, 64\)"),
     ({"q_weight": "scalar"}, r"q_weight must be .* got shape \(\)"),
+    # twice with 1 + w is no HF form (Gemma3 rounds once)
+    ({"weight_offset": 1.0, "round_once": False},
+     r"round_once=False .* is defined only with weight_offset=0.0"),
 ]
 
 
@@ -536,12 +581,15 @@ def _identity_rope(num_tokens: int, rotary_dim: int):
             torch.zeros(num_tokens, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("apply", ["op", pytest.param("triton", marks=NO_INTERPRETER)])
-def test_whole_norm_matches_transformers_olmo2(apply):
-    """The whole-projection norm (weights ``[H*D]``) equals HF's ``Olmo2RMSNorm(H * D)`` on the
-    ``[T, H*D]`` projection, viewed as ``[T, H, D]`` after it (OLMo2's order), bit for bit, in
-    float32 (rotation by angle 0). OLMo2 rounds once after the weight: in float32 that is the
-    kernel's Qwen3 form (in bf16/fp16 it is a form of its own, which the pass does not fuse)."""
+def test_whole_norm_matches_transformers_olmo2(apply, dtype):
+    """The whole-projection norm (weights ``[H*D]``) with ``round_once=True`` equals HF's
+    ``Olmo2RMSNorm(H * D)`` (``(weight * x_normed).to(dtype)``, the weight promoted to float32,
+    one rounding) on the ``[T, H*D]`` projection, viewed as ``[T, H, D]`` after it (OLMo2's
+    order), bit for bit in each dtype (rotation by angle 0; the model's weights in its dtype).
+    In float32 the default (Qwen3) rounding is the same; in bf16/fp16 it is not."""
     pytest.importorskip("transformers")
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
@@ -551,23 +599,34 @@ def test_whole_norm_matches_transformers_olmo2(apply):
     with torch.no_grad():
         hf_q.weight.copy_(torch.randn(hq * d, generator=g))
         hf_k.weight.copy_(torch.randn(hk * d, generator=g))
-    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g) * 3
+    hf_q, hf_k = hf_q.to(dtype), hf_k.to(dtype)
+    qkv = (torch.randn(t, (hq + 2 * hk) * d, generator=g) * 3).to(dtype)
     q, k, _ = qkv.split([hq * d, hk * d, hk * d], -1)
     with torch.no_grad():
         exp_q, exp_k = hf_q(q), hf_k(k)
     q, k = q.view(t, hq, d), k.view(t, hk, d)
+    q0, k0 = q.clone(), k.clone()
     weights = (hf_q.weight.detach(), hf_k.weight.detach())
     cache, positions = _identity_rope(t, 32)
     if apply == "op":
         rope_compile.fused_qk_norm_rope_inplace(q, k, *weights, 1e-6, 0.0, cache, positions, 32,
-                                                True)
+                                                True, round_once=True)
         assert_same_bits(q.reshape(t, -1), exp_q, "Olmo2RMSNorm q")
         assert_same_bits(k.reshape(t, -1), exp_k, "Olmo2RMSNorm k")
-    else:  # the kernel sums squares in another order: within an ulp or two
-        rope_kv_store.launch(q, k, cache, positions, 32, True, norm=(*weights, 1e-6, 0.0),
+        # The default rounding (Qwen3: x_normed rounded before the weight) is another value in
+        # bf16/fp16, the same in float32.
+        rope_compile.fused_qk_norm_rope_inplace(q0, k0, *weights, 1e-6, 0.0, cache, positions,
+                                                32, True)
+        assert torch.equal(q0.reshape(t, -1), exp_q) == (dtype == torch.float32)
+    else:  # the kernel sums squares in another order (and the interpreter rounds fp32 -> bf16
+        # toward zero): within an ulp or two
+        rope_kv_store.launch(q, k, cache, positions, 32, True,
+                             norm=(*weights, 1e-6, 0.0, True),
                              block_h=2)  # two head blocks of q: the two-pass sum
-        torch.testing.assert_close(q.reshape(t, -1), exp_q, rtol=3e-7, atol=1e-6)
-        torch.testing.assert_close(k.reshape(t, -1), exp_k, rtol=3e-7, atol=1e-6)
+        tol = ({"rtol": 3e-7, "atol": 1e-6} if dtype == torch.float32
+               else {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-5})
+        torch.testing.assert_close(q.reshape(t, -1), exp_q, **tol)
+        torch.testing.assert_close(k.reshape(t, -1), exp_k, **tol)
 
 
 @pytest.mark.parametrize("apply", APPLY_PARAMS)
@@ -776,8 +835,11 @@ GPU_CASES = [pytest.param(c, id=c.id) for c in kv_cases()] + [
         KVCase(num_tokens=33, num_q_heads=8, num_kv_heads=1, head_size=256, rotary_dim=256,
                dtype=torch.float16, norm="gemma", cache_dtype=torch.float16, num_slots=64),
         # OLMo2-7B's prologue: whole-projection norms of 32 q and 32 k heads, many head blocks
+        # (the Qwen3 rounding and OLMo2's own)
         KVCase(num_tokens=37, num_q_heads=32, num_kv_heads=32, head_size=128, rotary_dim=128,
                dtype=torch.bfloat16, norm="qwen", whole="qk", num_slots=64),
+        KVCase(num_tokens=37, num_q_heads=32, num_kv_heads=32, head_size=128, rotary_dim=128,
+               dtype=torch.bfloat16, norm="olmo2", whole="qk", num_slots=64),
         KVCase(num_tokens=300, num_q_heads=16, num_kv_heads=4, head_size=128, rotary_dim=64,
                dtype=torch.float32, norm="gemma", whole="k", is_neox=False,
                cache_dtype=torch.bfloat16, num_slots=512),

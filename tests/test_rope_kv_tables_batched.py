@@ -55,7 +55,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     cache_dtype: torch.dtype | None = None  # None: dtype
     scales: tuple[float, float] | None = None
-    norm: str | None = None  # None, "qwen" or "gemma"
+    norm: str | None = None  # None, "qwen", "gemma" or "olmo2" (round_once=True)
     whole: str = ""  # norms over the whole projection (weights [H*D]): "", "q", "k" or "qk"
     store: bool = True
     # cos/sin: "cache" (cos_sin_cache + positions), or tables: "half" (HF emb.cos()[..., :n]),
@@ -107,6 +107,11 @@ class Problem:
         if self.case.norm is None:
             return None
         return (self.q_weight, self.k_weight, 1e-6, 1.0 if self.case.norm == "gemma" else 0.0)
+
+    @property
+    def round_once(self):
+        """The norm ops' last argument: True for OLMo2's rounding, else the default."""
+        return True if self.case.norm == "olmo2" else None
 
     @property
     def kv(self):
@@ -177,9 +182,10 @@ def call_args(p: Problem):
     if c.norm is None:
         return (KV_TABLES_OP if c.tables else KV_OP), (p.q, p.k, *kv, *rope, *scales)
     if not c.store:
-        return (NORM_TABLES_OP if c.tables else NORM_OP), (p.q, p.k, *p.norm, *rope)
+        return (NORM_TABLES_OP if c.tables else NORM_OP), (p.q, p.k, *p.norm, *rope,
+                                                           p.round_once)
     return (NORM_KV_TABLES_OP if c.tables else NORM_KV_OP), (p.q, p.k, *kv, *p.norm, *rope,
-                                                             *scales)
+                                                             *scales, p.round_once)
 
 
 def apply_op(p: Problem) -> None:
@@ -190,19 +196,21 @@ def apply_op(p: Problem) -> None:
 def apply_triton(p: Problem) -> None:
     """The Triton kernel (the interpreter on CPU tensors), after the op's checks."""
     c, kv, norm = p.case, p.kv, p.norm
+    launch_norm = None if norm is None else (*norm, p.round_once)
     if c.tables:
         if norm is None:
             validate_kv_store_tables(p.q, p.k, *kv[:4], *p.rope, c.rotary_dim, *kv[4:])
         else:
-            validate_norm_rope_tables(p.q, p.k, *norm, *p.rope, c.rotary_dim, kv)
-        rope_kv_store.launch_tables(p.q, p.k, *p.rope, c.rotary_dim, c.is_neox, norm=norm,
-                                    kv=kv)
+            validate_norm_rope_tables(p.q, p.k, *norm, *p.rope, c.rotary_dim, kv,
+                                      p.round_once)
+        rope_kv_store.launch_tables(p.q, p.k, *p.rope, c.rotary_dim, c.is_neox,
+                                    norm=launch_norm, kv=kv)
         return
     if norm is None:
         validate_kv_store(p.q, p.k, *kv[:4], *p.rope, c.rotary_dim, *kv[4:])
     else:
-        validate_norm_rope(p.q, p.k, *norm, *p.rope, c.rotary_dim, kv)
-    rope_kv_store.launch(p.q, p.k, *p.rope, c.rotary_dim, c.is_neox, norm=norm, kv=kv)
+        validate_norm_rope(p.q, p.k, *norm, *p.rope, c.rotary_dim, kv, p.round_once)
+    rope_kv_store.launch(p.q, p.k, *p.rope, c.rotary_dim, c.is_neox, norm=launch_norm, kv=kv)
 
 
 NO_INTERPRETER = pytest.mark.skipif(GPU_DEVICE is not None,
@@ -216,7 +224,7 @@ def expected_qk(p: Problem):
     arange = torch.arange(p.q.shape[0])
     for x, w in ((p.q, p.q_weight), (p.k, p.k_weight)):
         if c.norm:
-            x = norm_f64(x, w, 1e-6, c.norm == "gemma")
+            x = norm_f64(x, w, 1e-6, c.norm == "gemma", c.norm == "olmo2")
         out.append(rope_f64(x, arange, p.per_token, c.rotary_dim, c.is_neox))
     return out
 
@@ -304,6 +312,14 @@ CASES = [
     Case(source="half", buffer="hf", batch=4, seq=1, table_rows=1, norm="qwen", whole="qk",
          num_slots=5, cache_batch=5),  # HF decode
     Case(batch=0, norm="qwen", whole="qk"),
+    # OLMo2's own rounding (round_once=True: once, after the weight) in bf16/fp16
+    Case(source="half", buffer="hf", norm="olmo2", whole="qk", num_q_heads=6, num_kv_heads=2,
+         dtype=torch.float16, cache_dtype=torch.float32),
+    Case(source="half", store=False, norm="olmo2", whole="qk", batch=4, seq=1, table_rows=1,
+         dtype=torch.bfloat16),
+    Case(source="cache", buffer="4d", norm="olmo2", whole="k", num_q_heads=2, num_kv_heads=4,
+         dtype=torch.bfloat16, cache_dtype=torch.float32, is_neox=False, rotary_dim=48),
+    Case(source="pair", buffer="3d", norm="olmo2", dtype=torch.float16, scales=(0.5, 2.0)),
 ]
 # bf16 caches only through the op (Triton's interpreter rounds fp32 -> bf16 toward zero).
 CASES += [Case(source="half", buffer="hf", cache_dtype=torch.bfloat16, norm="gemma"),
@@ -371,13 +387,13 @@ def test_schemas():
     assert str(NORM_TABLES_OP._schema) == (
         "rope_compile::fused_qk_norm_rope_tables_inplace(Tensor(a0!) q, Tensor(a1!) k, "
         "Tensor q_weight, Tensor k_weight, float eps, float weight_offset, Tensor cos, "
-        "Tensor sin, int rotary_dim, bool is_neox) -> ()")
+        "Tensor sin, int rotary_dim, bool is_neox, bool? round_once=None) -> ()")
     assert str(NORM_KV_TABLES_OP._schema) == (
         "rope_compile::fused_qk_norm_rope_kv_store_tables_inplace(Tensor(a0!) q, "
         "Tensor(a1!) k, Tensor v, Tensor(a2!) k_buffer, Tensor(a3!) v_buffer, "
         "Tensor cache_loc, Tensor q_weight, Tensor k_weight, float eps, float weight_offset, "
         "Tensor cos, Tensor sin, int rotary_dim, bool is_neox, float? k_scale=None, "
-        "float? v_scale=None) -> ()")
+        "float? v_scale=None, bool? round_once=None) -> ()")
     for op in (KV_TABLES_OP, NORM_TABLES_OP, NORM_KV_TABLES_OP):
         for key in ("CPU", "CUDA", "XPU", "Meta", "Autograd"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op._schema.name, key), key
@@ -392,6 +408,8 @@ OPCHECK = [
     Case(source="cache", buffer="4d"),
     Case(source="half", buffer="hf", norm="qwen", whole="qk"),
     Case(source="half", store=False, norm="gemma", whole="k"),
+    Case(source="half", buffer="hf", norm="olmo2", whole="qk", dtype=torch.bfloat16),
+    Case(source="cache", store=False, norm="olmo2", whole="q", dtype=torch.float16),
 ]
 OPCHECK_PARAMS = [pytest.param(c, id=c.id) for c in OPCHECK]
 
@@ -488,7 +506,7 @@ def test_cache_loc_out_of_range_4d():
 
 
 def _hf_layer(num_q_heads=4, num_kv_heads=2, head_size=64):
-    """An HF-style attention prologue: q/k/v views of one projection, Qwen3's q/k norm, the
+    """An HF-style attention prologue: q/k/v views of one projection, OLMo2's q/k norm, the
     model's cos/sin halves, then StaticCache's update of [B, Hk, L, D] caches (two calls: the
     tables op and the cache-form op, so both lowerings are used)."""
     hq, hk, d = num_q_heads, num_kv_heads, head_size
@@ -499,7 +517,8 @@ def _hf_layer(num_q_heads=4, num_kv_heads=2, head_size=64):
         cos, sin = emb.cos(), emb.sin()
         rope_compile.fused_qk_norm_rope_kv_store_tables_inplace(
             q, k, v, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), cache_position,
-            w, w, 1e-6, 0.0, cos[..., :d // 2], sin[..., :d // 2], d, True)
+            w, w, 1e-6, 0.0, cos[..., :d // 2], sin[..., :d // 2], d, True,
+            round_once=True)  # OLMo2's rounding (in float32 the same values as Qwen3's)
         rope_compile.fused_qk_rope_kv_store_inplace(
             q, k, v, k_cache[1].transpose(0, 1), v_cache[1].transpose(0, 1), positions,
             cos_sin_cache,
@@ -550,6 +569,7 @@ def test_compiled_cpu_inductor():
     register_inductor_lowering()
     source = _check_compiled("cpu", "inductor")
     assert "torch.ops.rope_compile.fused_qk_norm_rope_kv_store_tables_inplace" in source
+    assert "True, None, None, True)" in source  # (is_neox, k_scale, v_scale, round_once)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager"])
@@ -577,6 +597,9 @@ GPU_CASES = PARAMS + [pytest.param(c, id=c.id) for c in (
     # OLMo2-7B decode: 32 q / 32 kv heads, whole-projection norms, HF StaticCache
     Case(source="half", buffer="hf", batch=8, seq=1, table_rows=1, num_q_heads=32,
          num_kv_heads=32, head_size=128, rotary_dim=128, dtype=torch.bfloat16, norm="qwen",
+         whole="qk", num_slots=64, cache_batch=8),
+    Case(source="half", buffer="hf", batch=8, seq=1, table_rows=1, num_q_heads=32,
+         num_kv_heads=32, head_size=128, rotary_dim=128, dtype=torch.bfloat16, norm="olmo2",
          whole="qk", num_slots=64, cache_batch=8),
 )]
 

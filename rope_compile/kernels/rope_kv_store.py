@@ -32,8 +32,9 @@ fp8 buffers are passed as their ``uint8`` view (K_FP8 / V_FP8): the kernel write
 
 Math, per token t and head h of q and of k (fp32 throughout; ``round`` = to x's dtype)::
 
-    NORM, Qwen3 form (GEMMA=False): x = round(w * round(x * r)),   r = rsqrt(mean(x^2) + eps)
-    NORM, Gemma form (GEMMA=True):  x = round(x * r * (1 + w))
+    NORM, r = rsqrt(mean(x^2) + eps), f = w (PLUS_ONE=False) or 1 + w (PLUS_ONE=True):
+      twice (ROUND_ONCE=False):   x = round(f * round(x * r))   HF Qwen3 (f = w)
+      once  (ROUND_ONCE=True):    x = round(x * r * f)          HF Gemma3 (f = 1 + w), OLMo2 (f = w)
         per head (weight [D]):          mean over x[t, h, :] (D elements), w = w[c]
         whole (Q_WHOLE / K_WHOLE, [H*D]): mean over x[t, :, :] (all H*D elements of the token's
                                         q, or k: HF OLMo2's q_norm / k_norm of the [.., H*D]
@@ -51,11 +52,13 @@ Math, per token t and head h of q and of k (fp32 throughout; ``round`` = to x's 
 The norm's rounding mirrors HF transformers: ``Qwen3RMSNorm`` rounds the normalised value to
 the input dtype before the weight multiply (``weight * hidden.to(input_dtype)``) and the product
 to the (same) dtype; ``Gemma3RMSNorm`` multiplies by ``1 + weight.float()`` in fp32 and rounds
-once. Either way the normalised q/k is rounded to its dtype before RoPE, as eager's separate
-norm output is. HF's ``Olmo2RMSNorm`` (whole projection) rounds once after the weight multiply
-(``(weight * hidden).to(input_dtype)``, weight promoted to fp32): the Qwen3 form in float32, a
-form of its own (not one of these) in bf16/fp16. ``mean`` and ``rsqrt`` are correctly rounded
-(``div_rn`` / ``sqrt_rn``); the sum of squares may be added in another order than torch's.
+once; ``Olmo2RMSNorm`` multiplies by the weight promoted to fp32 and rounds once
+(``(weight * hidden).to(input_dtype)``). The ops' ``weight_offset`` is PLUS_ONE, ``round_once``
+(None: as the offset says) ROUND_ONCE (:func:`~rope_compile.reference.norm_rounds_once`); twice
+with 1 + w is no HF form, the ops refuse it. Either way the normalised q/k is rounded to its
+dtype before RoPE, as eager's separate norm output is. ``mean`` and ``rsqrt`` are correctly
+rounded (``div_rn`` / ``sqrt_rn``); the sum of squares may be added in another order than
+torch's.
 
 Grid: ``(T, HEAD_SPLITS)``. Program ``(t, s)`` loads the token's cos/sin row (and cache slot)
 once, then does head blocks ``s, s + HEAD_SPLITS, ...`` of q (``Q_ITERS`` of them) and then of
@@ -78,6 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import norm_rounds_once
 from ..triton_kernel import device_launch_options, is_interpreter
 
 # fp8 e4m3fn: the largest finite value (torch's conversion saturates to it).
@@ -111,11 +115,14 @@ def _to_cache(x, scale, out_ty: tl.constexpr, HAS_SCALE: tl.constexpr, FP8: tl.c
 
 
 @triton.jit
-def _norm(x, r, w, dtype: tl.constexpr, GEMMA: tl.constexpr):
-    """RMSNorm of fp32 ``x`` given ``r = rsqrt(mean(x^2) + eps)`` and fp32 weights ``w``,
-    rounded as HF's Qwen3RMSNorm (GEMMA=False) or Gemma3RMSNorm (GEMMA=True); fp32 result."""
-    if GEMMA:
-        return (x * r * (1.0 + w)).to(dtype).to(tl.float32)
+def _norm(x, r, w, dtype: tl.constexpr, PLUS_ONE: tl.constexpr, ROUND_ONCE: tl.constexpr):
+    """RMSNorm of fp32 ``x`` given ``r = rsqrt(mean(x^2) + eps)`` and fp32 weights ``w``, the
+    factor ``f = w`` or (PLUS_ONE) ``1 + w``: ``round(x * r * f)`` (ROUND_ONCE: HF Gemma3RMSNorm,
+    Olmo2RMSNorm) or ``round(f * round(x * r))`` (HF Qwen3RMSNorm); fp32 result."""
+    if PLUS_ONE:
+        w = 1.0 + w
+    if ROUND_ONCE:
+        return (x * r * w).to(dtype).to(tl.float32)
     return ((x * r).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
 
 
@@ -141,7 +148,8 @@ def _head_block(
     BLOCK_H: tl.constexpr,
     IS_NEOX: tl.constexpr,
     NORM: tl.constexpr,
-    GEMMA: tl.constexpr,
+    PLUS_ONE: tl.constexpr,  # the norm's factor is 1 + w (else w)
+    ROUND_ONCE: tl.constexpr,  # the norm rounds once, after the factor (else before it too)
     WHOLE: tl.constexpr,  # the norm spans all heads (r_whole given, weight [H*D])
     STORE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -193,11 +201,11 @@ def _head_block(
             tmask = tcols < D
         w1 = tl.load(w_ptr + (w_first + c1) * w_stride, mask=cmask, other=0.0)
         w2 = tl.load(w_ptr + (w_first + c2) * w_stride, mask=cmask, other=0.0)
-        x1 = _norm(x1, r, w1.to(tl.float32), dtype, GEMMA)
-        x2 = _norm(x2, r, w2.to(tl.float32), dtype, GEMMA)
+        x1 = _norm(x1, r, w1.to(tl.float32), dtype, PLUS_ONE, ROUND_ONCE)
+        x2 = _norm(x2, r, w2.to(tl.float32), dtype, PLUS_ONE, ROUND_ONCE)
         if HAS_TAIL:
             wt = tl.load(w_ptr + (w_first + tcols) * w_stride, mask=tmask, other=0.0)
-            xt = _norm(xt, r, wt.to(tl.float32), dtype, GEMMA)
+            xt = _norm(xt, r, wt.to(tl.float32), dtype, PLUS_ONE, ROUND_ONCE)
             tl.store(rows + tcols, xt.to(dtype), mask=tail_mask)
 
     o1 = (x1 * cos - x2 * sin).to(dtype)
@@ -281,7 +289,8 @@ def fused_qk_norm_rope_kv_kernel(
     IS_NEOX: tl.constexpr,
     FROM_CACHE: tl.constexpr,  # cos/sin from cache rows pos[t] (else table rows t % R)
     NORM: tl.constexpr,  # RMSNorm q and k first (per head, or Q_WHOLE / K_WHOLE)
-    GEMMA: tl.constexpr,  # (1 + w) weights, one rounding
+    PLUS_ONE: tl.constexpr,  # weight_offset 1.0: the norm's factor is 1 + w (Gemma)
+    ROUND_ONCE: tl.constexpr,  # the norm rounds once, after the factor (Gemma, OLMo2; else Qwen3)
     Q_WHOLE: tl.constexpr,  # q's norm spans all Hq heads (q_weight [Hq*D]; HEAD_SPLITS = 1)
     K_WHOLE: tl.constexpr,  # k's norm spans all Hk heads (k_weight [Hk*D]; HEAD_SPLITS = 1)
     STORE_KV: tl.constexpr,  # write k and v into the cache rows
@@ -339,12 +348,14 @@ def fused_qk_norm_rope_kv_kernel(
     for j in tl.static_range(Q_ITERS):
         _head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H, num_q_heads,
                     cos, sin, q_w_ptr, q_w_stride, eps, q_r, k_row, 0, 1.0, D, ROT, HALF_PAD,
-                    TAIL_PAD, BLOCK_H, IS_NEOX, NORM, GEMMA, Q_WHOLE, False, False, False)
+                    TAIL_PAD, BLOCK_H, IS_NEOX, NORM, PLUS_ONE, ROUND_ONCE, Q_WHOLE, False, False,
+                    False)
     for j in tl.static_range(K_ITERS):
         first = (split + j * num_splits) * BLOCK_H
         _head_block(k_token, k_head_stride, first, num_k_heads, cos, sin, k_w_ptr, k_w_stride,
                     eps, k_r, k_row, k_buf_head_stride, k_scale, D, ROT, HALF_PAD, TAIL_PAD,
-                    BLOCK_H, IS_NEOX, NORM, GEMMA, K_WHOLE, STORE_KV, HAS_K_SCALE, K_FP8)
+                    BLOCK_H, IS_NEOX, NORM, PLUS_ONE, ROUND_ONCE, K_WHOLE, STORE_KV, HAS_K_SCALE,
+                    K_FP8)
         if STORE_KV:
             _copy_v_block(v_token, v_head_stride, first, num_k_heads, v_row, v_buf_head_stride,
                           v_scale, DV, DV_PAD, BLOCK_H, HAS_V_SCALE, V_FP8)
@@ -433,8 +444,9 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
     """Plan one launch for q ``[T, Hq, D]``, k ``[T, Hk, D]`` (arguments already validated).
 
     ``rope``: :class:`FromCache` or :class:`FromTables`; ``norm``: ``(q_weight, k_weight, eps,
-    weight_offset)`` or None, a weight ``[D]`` per head or ``[H*D]`` over the whole projection
-    (then one program per token: ``head_splits`` is 1 whatever is asked); ``kv``: ``(v,
+    weight_offset[, round_once])`` or None (the ops' arguments: PLUS_ONE, ROUND_ONCE), a weight
+    ``[D]`` per head or ``[H*D]`` over the whole projection (then one program per token:
+    ``head_splits`` is 1 whatever is asked); ``kv``: ``(v,
     k_buffer, v_buffer, cache_loc, k_scale, v_scale)`` or None (tensors as :class:`Operand`;
     fp8 buffers as their uint8 views, ``fp8`` saying which). ``num_tokens_hint``: a concrete T
     for the heuristics when ``q.size[0]`` is symbolic. ``block_h``, ``head_splits`` and
@@ -458,13 +470,13 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         cos, sin = rope
         positions, num_rows = Operand(cos.ptr, (0,), (0,)), cos.size[0]  # never read
     if norm is not None:
-        q_weight, k_weight, eps, weight_offset = norm
+        q_weight, k_weight, eps, weight_offset, round_once = (*norm, None)[:5]
         # [H*D] (H > 1): one norm over the token's heads; [D]: per head (the same when H = 1).
         q_whole = int(q_weight.size[0]) != head_size
         k_whole = int(k_weight.size[0]) != head_size
     else:
         q_weight = k_weight = Operand(cos.ptr, (0,), (0,))  # never read
-        eps, weight_offset = 0.0, 0.0
+        eps, weight_offset, round_once = 0.0, 0.0, None
         q_whole = k_whole = False
 
     width = triton.next_power_of_2(max(head_size, v_dim))
@@ -502,7 +514,8 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         "IS_NEOX": bool(is_neox),
         "FROM_CACHE": isinstance(rope, FromCache),
         "NORM": norm is not None,
-        "GEMMA": float(weight_offset) == 1.0,
+        "PLUS_ONE": float(weight_offset) == 1.0,
+        "ROUND_ONCE": norm_rounds_once(weight_offset, round_once),
         "Q_WHOLE": q_whole,
         "K_WHOLE": k_whole,
         "STORE_KV": kv is not None,
