@@ -17,7 +17,9 @@ Before, HF OLMo2 (``q_norm = Olmo2RMSNorm(Hq * D)``: one norm of the whole q pro
 the view into heads; the same for k with ``[Hk * D]``)::
 
     xq  = split(qkv)[0]                                    # [T, Hq * D], the norm's input
-    nq  = mul(w_q, mul(xf, r))                             # float32; w_q [Hq * D], r per token
+    nq  = convert(mul(w_q, mul(xf, r)), xq.dtype)          # w_q [Hq * D] (promoted to f32 by
+                                                           # the mul), r per token; no convert
+                                                           # in float32
     af  = auto_functionalized_v2(..., _q_*=reshape(nq, [T, Hq, D])[..., :rot], ...)
 
 After (either; OLMo2's call gets the ``[H * D]`` weights, which the op reads as one norm over
@@ -25,6 +27,7 @@ all of a token's heads)::
 
     af  = auto_functionalized_v2(rope_compile.fused_qk_norm_rope_inplace,
                                  q_weight=w_q, k_weight=w_k, eps, weight_offset=0.0 (Gemma: 1.0),
+                                 [round_once=True (OLMo2's rounding, bf16/fp16),]
                                  ..., _q_*=whole heads of qkv, _k_*=whole heads of qkv,
                                  _all_bases=[qkv])
     q'  = reshape(split(af[1])[0], [T, Hq, D]);  k' = ...   (the norm input's views, replayed)
@@ -36,18 +39,21 @@ What is proven before a rewrite (else no rewrite, the reason logged and counted 
 ``qk_norm skipped: <reason>``):
 
 - the call's q (and k) storage root is the norm output, ``x`` normalised over its last dim with
-  HF's rounding order, the kernel's (``kernels/rope_kv_store.py``): Qwen3/Llama
-  ``round(w * round(xf * r))`` or Gemma3 ``round(xf * r * (1 + float(w)))``, ``xf`` the exact
-  float32 value of ``x``, ``r = rsqrt(mean(xf^2) + eps)`` in float32, the weight ``[N]`` over
-  the normalised dim of N; the output has x's dtype (OLMo2's ``round(w * (xf * r))``, one
-  rounding after the weight, is the Qwen3 form in float32 only: in bf16/fp16 it is refused);
+  HF's rounding order, one of the kernel's (``kernels/rope_kv_store.py``): Qwen3/Llama
+  ``round(w * round(xf * r))``, Gemma3 ``round(xf * r * (1 + float(w)))`` or OLMo2
+  ``round(float(w) * (xf * r))`` (one rounding after the weight, either operand order: the op's
+  ``round_once=True``; in float32, where nothing is rounded, it is matched as the Qwen3 form),
+  ``xf`` the exact float32 value of ``x``, ``r = rsqrt(mean(xf^2) + eps)`` in float32, the
+  products in float32, the weight ``[N]`` over the normalised dim of N; the output has x's
+  dtype;
 - the normalised dim is either the head (N = D, ``[.., H, D]``) and the call rotates
   ``norm_out[.., :rot]`` of exactly those heads, or the whole projection (N = H * D, OLMo2) and
   the call's ``[T, H, D]`` view splits each norm row in head order (row element ``h * D + c`` is
   head h, column c; all H * D of them, the weight ``[H * D]``); tokens in the same order either
   way; x is viewed as ``[T, H, D]`` the same way without a copy (last stride 1, token dims
   merge) from a storage root Inductor lays out as the fake strides say;
-- q and k use the same eps and the same form (weight offset); the norm outputs have no reader
+- q and k use the same eps and the same form (weight offset, rounding); the norm outputs have no
+  reader
   but the call (their pre-RoPE value would be gone);
 - the op's own checks pass on the exact views the new call gets (its fake implementation runs).
 """
@@ -103,7 +109,9 @@ def _le(a, b) -> bool:
 @dataclass(frozen=True)
 class NormMatch:
     """``output = rms_norm(x, weight, eps)`` over x's last dim (``weight`` ``[x.shape[-1]]``);
-    ``weight_offset`` 0.0 (Qwen3 / Llama: ``w * x``) or 1.0 (Gemma3: ``(1 + w) * x``)."""
+    ``weight_offset`` 0.0 (Qwen3 / Llama / OLMo2: ``w * x``) or 1.0 (Gemma3: ``(1 + w) * x``);
+    ``round_once``: the op's argument, True for OLMo2's one rounding after the weight, None
+    where the offset says the rounding (Qwen3 twice, Gemma3 once)."""
 
     output: Node
     x: Node
@@ -111,6 +119,11 @@ class NormMatch:
     eps: float
     weight_offset: float
     nodes: tuple[Node, ...]
+    round_once: bool | None = None
+
+    @property
+    def form(self) -> tuple[float, bool | None]:
+        return self.weight_offset, self.round_once
 
 
 def _call(node, *targets) -> bool:
@@ -223,9 +236,19 @@ def match_rms_norm(output: Node) -> NormMatch:
         return _checked(NormMatch(output, x, weight, eps, 1.0,
                                   (output, inner, plus, *nodes)))
     if gemma is not None and inner is not output:
-        raise PlanError("the norm rounds once, after the weight (HF OLMo2's (w * x_normed)"
-                        ".to(dtype)); the kernel rounds x_normed before the weight (Qwen3) or "
-                        "multiplies by 1 + w (Gemma3)")
+        # HF OLMo2: convert(mul(float(w), mul(xf, r)), x.dtype), one rounding after the weight
+        xn, w = gemma
+        if not isinstance(w, Node):
+            raise PlanError("the norm's weight is not a tensor")
+        weight = _cast_to(w, torch.float32) or w
+        x, xf, eps, nodes = _normalised(xn)
+        if fake_value(inner).dtype != torch.float32:
+            raise PlanError("the norm's product w * x_normed is not in float32")
+        if out_val.dtype != fake_value(x).dtype:
+            raise PlanError(f"the norm output dtype {out_val.dtype} differs from its input's "
+                            f"{fake_value(x).dtype}")
+        return _checked(NormMatch(output, x, weight, eps, 0.0, (output, inner, *nodes),
+                                  round_once=True))
     # Qwen3 / Llama: mul(w, [convert(] mul(xf, r) [, x.dtype)])
     qwen = _split_product(output, lambda n: (_cast_to(n) is not None
                                              and _call(_cast_to(n), aten.mul.Tensor))
@@ -331,6 +354,15 @@ def _rotated_heads_order(out_val: torch.Tensor, view: torch.Tensor, head_size: i
     return None
 
 
+def _norm_args(norm: NormMatch) -> dict:
+    """The new call's eps, weight_offset and (only where it is not the default: a call of the
+    Qwen3 or Gemma3 form reads as before) round_once."""
+    args = {"eps": norm.eps, "weight_offset": norm.weight_offset}
+    if norm.round_once is not None:
+        args["round_once"] = norm.round_once
+    return args
+
+
 @dataclass
 class NormPlan:
     call: FusedCall
@@ -376,6 +408,9 @@ class FuseQKNormPass(ExtensionPass):
             raise PlanError(f"q and k norms use different eps ({q.eps} vs {k.eps})")
         if q.weight_offset != k.weight_offset:
             raise PlanError("q and k norms differ in form (x * w vs x * (1 + w))")
+        if q.form != k.form:
+            raise PlanError("q and k norms differ in rounding (x_normed rounded before the "
+                            "weight vs once after it)")
         others = [b for b in call.bases if b not in (q_base, k_base)]
         new_bases: list[Node] = []
         views: dict[str, dict] = {}
@@ -436,16 +471,14 @@ class FuseQKNormPass(ExtensionPass):
         views = {name: probe.fake_view(name) for name in plan.views}
         q, k = plan.norms["q"], plan.norms["k"]
         args = {**call.fake_args(), "q_weight": fake_value(q.weight),
-                "k_weight": fake_value(k.weight), "eps": q.eps,
-                "weight_offset": q.weight_offset}
+                "k_weight": fake_value(k.weight), **_norm_args(q)}
         check_accepted(plan.op, views, args)
 
     def rewrite(self, tx: GraphTransaction, plan: NormPlan) -> list[Node]:
         call = plan.call
         graph = tx.graph
         q, k = plan.norms["q"], plan.norms["k"]
-        args = {**call.args, "q_weight": q.weight, "k_weight": k.weight, "eps": q.eps,
-                "weight_offset": q.weight_offset}
+        args = {**call.args, "q_weight": q.weight, "k_weight": k.weight, **_norm_args(q)}
         anchor = latest([*plan.bases, q.weight, k.weight, *graph_nodes_in(call.args)], graph)
         new, outs = emit_call(tx, anchor, plan.op, args, plan.views, plan.bases)
         for index, old in call.outputs.items():

@@ -7,9 +7,10 @@ Compiled with ``backend="rope_compile"`` and the CPU test options: a Qwen3-style
 layer (``q_norm`` / ``k_norm`` as HF's ``Qwen3RMSNorm``, or Gemma3's ``(1 + w)`` form; RoPE by
 ``forward_native``), per head or over the whole ``[T, H * D]`` projection (OLMo2), with and
 without sglang's KV store, and HF Qwen3 / Gemma3 / OLMo2 with a StaticCache (decode step) once
-the table-form ops are registered. Refusals: a norm output with another reader, different eps
-for q and k, OLMo2's own rounding (once, after the weight) in bf16, each counted with its reason
-and results as eager.
+the table-form ops are registered. OLMo2's own rounding (once, after the weight) is the op's
+``round_once=True`` in bf16/fp16: fused, bit for bit as eager's norm (hand-written and a bf16 HF
+OLMo2). Refusals: a norm output with another reader, different eps for q and k, each counted
+with its reason and results as eager.
 
 Refresh the inline graph after an intended change with::
 
@@ -186,26 +187,55 @@ def test_refused(variant, reason):
         _close(got, want, torch.float32)
 
 
-OLMO2_ROUNDING = ("q: the norm rounds once, after the weight (HF OLMo2's (w * x_normed)"
-                  ".to(dtype)); the kernel rounds x_normed before the weight (Qwen3) or "
-                  "multiplies by 1 + w (Gemma3)")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_olmo2_rounding(dtype):
-    """HF ``Olmo2RMSNorm`` rounds once, after the fp32 weight multiply. In float32 nothing is
-    rounded and it is the Qwen3 form: rewritten. In bf16 it is neither kernel form: refused
-    with its reason (the RoPE still fused), values as eager either way."""
-    out, expected, *_, code, counts = _run(Qwen3StyleLayer(dtype, variant="olmo2"), dtype)
-    if dtype == torch.float32:
-        assert counts == {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1}
-        assert code.count(NORM_CALL) == 1
-    else:
-        assert counts == {"pairs_found": 1, "rewritten": 1,
-                          f"qk_norm skipped: {OLMO2_ROUNDING}": 1}
-        assert NORM_CALL not in code
-    for got, want in zip(out, expected, strict=True):
-        _close(got, want, dtype)
+@pytest.mark.parametrize("store", [False, True], ids=["rope", "rope-kv-store"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_olmo2_rounding(dtype, store):
+    """HF ``Olmo2RMSNorm`` rounds once, after the fp32 weight multiply
+    (``convert(mul(w, mul(xf, r)), dtype)``): fused as the op's ``round_once=True`` in bf16 and
+    fp16 (in float32 nothing is rounded: the Qwen3 form, no round_once), with and without the
+    KV store (the argument survives the store's extension of the call); values as eager, and
+    bit for bit as eager at position 0 (cos 1, sin 0: the outputs are the normalised q/k, and
+    the cache rows the normalised k)."""
+    out, expected, inputs, eager_inputs, code, counts = _run(
+        Qwen3StyleLayer(dtype, store=store, variant="olmo2"), dtype)
+    want = {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1}
+    if store:
+        want["kv_store rewritten"] = 1
+    assert counts == want
+    assert code.count(NORM_KV_CALL if store else NORM_CALL) == 1
+    assert "rsqrt" not in code  # no norm left to Inductor
+    for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
+        _close(got, want_, dtype)
+    # The call's round_once, by keyword in the post-grad graph.
+    call = _fused_norm_call(Qwen3StyleLayer(dtype, store=store, variant="olmo2"), dtype)
+    assert call.kwargs.get("round_once") is (None if dtype == torch.float32 else True)
+    assert call.kwargs["weight_offset"] == 0.0
+    # Position 0: the norm alone, bit for bit.
+    model = Qwen3StyleLayer(dtype, store=store, variant="olmo2")
+    inputs = (torch.zeros_like(inputs[0]), *_inputs(dtype)[1:])
+    eager_inputs = _clone(inputs)
+    with torch.no_grad():
+        expected = model(*eager_inputs)
+    out, _, counts = compile_and_run(model, inputs)
+    assert counts == want
+    for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
+        assert torch.equal(got, want_)
+
+
+def _fused_norm_call(model, dtype):
+    """The QK-norm call node of ``model``'s post-grad graph after the passes."""
+    after = CaptureGraph()
+    passes = (cpu_pass(), FuseQKNormPass(**CPU_OPTIONS), FuseKVStorePass(**CPU_OPTIONS), after)
+    with fresh_compile(), torch._inductor.config.patch(post_grad_custom_post_pass=passes):
+        torch.compile(model)(*_inputs(dtype))
+    calls = [n for n in after.graphs[0].nodes if n.op == "call_function" and n.args
+             and "fused_qk_norm" in str(n.args[0])]
+    assert len(calls) == 1, calls
+    return calls[0]
 
 
 def _rewritten_region(model) -> str:
@@ -317,6 +347,79 @@ def test_hf_static_cache_decode(name):
     for mine, theirs in zip(cache.layers, eager_cache.layers, strict=True):
         torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def _hf_olmo2_decode(dtype, batch: int = 2, prefill: int = 5, cache_len: int = 16):
+    """``hf_decode("olmo2")`` (tests/test_pass_kv_store.py) with the model in ``dtype``: a tiny
+    HF ``Olmo2ForCausalLM`` decode step on a StaticCache (in the model's dtype) after an eager
+    prefill, eager and compiled (the CPU test options): (eager logits, compiled logits, eager
+    cache, compiled cache, code, counters)."""
+    import inspect
+
+    transformers = pytest.importorskip("transformers")
+    from pass_helpers import rope_counters
+    from torch._inductor.utils import run_and_get_code
+    from transformers import StaticCache
+
+    torch.manual_seed(0)
+    config = transformers.Olmo2Config(
+        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=128, max_position_embeddings=256,
+        attn_implementation="sdpa")
+    model = transformers.Olmo2ForCausalLM(config).eval().to(dtype)
+    cache_key = ("cache" if "cache" in inspect.signature(model.model.forward).parameters
+                 else "past_key_values")
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 96, (batch, prefill), generator=g)
+    ids = torch.randint(0, 96, (batch, 1), generator=g)
+    positions = torch.arange(cache_len)
+
+    def kwargs(cache, cache_position):
+        return {cache_key: cache, "position_ids": cache_position.expand(batch, -1),
+                "cache_position": cache_position, "use_cache": True}
+
+    def prefilled():
+        cache = StaticCache(config=config, max_cache_len=cache_len)
+        with torch.no_grad():
+            model(prompt, **kwargs(cache, positions[:prefill]))
+        return cache
+
+    step = positions[prefill:prefill + 1]
+    eager_cache = prefilled()
+    with torch.no_grad():
+        expected = model(ids, **kwargs(eager_cache, step)).logits
+    cache = prefilled()
+    with fresh_compile():
+        out, codes = run_and_get_code(
+            torch.compile(model, backend="rope_compile", options=CPU_OPTIONS),
+            ids, **kwargs(cache, step))
+        counts = rope_counters()
+    return expected, out.logits, eager_cache, cache, "\n".join(codes), counts
+
+
+@pytest.mark.skipif(not _has_op("fused_qk_norm_rope_kv_store_tables_inplace"),
+                    reason="the table-form QK-norm + KV-store op is not registered")
+def test_hf_olmo2_bf16_decode():
+    """HF OLMo2 in bf16: its own norm rounding (once, after the weight) is fused, each layer's
+    whole-projection q/k norm, RoPE and cache write in one call with round_once=True (its last
+    argument in the generated call); logits and caches as eager within bf16 rounding (the
+    fused RoPE rounds once, eager's several times)."""
+    expected, got, eager_cache, cache, code, counts = _hf_olmo2_decode(torch.bfloat16)
+    assert counts == {"pairs_found": 2, "rewritten": 2, "qk_norm rewritten": 2,
+                      "kv_store rewritten": 2}
+    calls = [line for line in code.splitlines()
+             if "fused_qk_norm_rope_kv_store_tables_inplace.default(" in line]
+    assert len(calls) == 2
+    assert all(line.rstrip().endswith(", None, None, True)") for line in calls), calls
+    assert "index_copy" not in code and "index_put" not in code
+    assert "rsqrt" in code  # the layers' input / post-attention norms: Inductor's
+    torch.testing.assert_close(got.float(), expected.float(), atol=5e-2, rtol=5e-2)
+    for mine, theirs in zip(cache.layers, eager_cache.layers, strict=True):
+        assert mine.keys.dtype == torch.bfloat16
+        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    # The first layer's v (not normalised, not rotated) is stored exactly.
+    assert torch.equal(cache.layers[0].values, eager_cache.layers[0].values)
 
 
 # --------------------------------------------------------------------------------------------
