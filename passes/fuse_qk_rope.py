@@ -309,6 +309,21 @@ def _dense(val: torch.Tensor) -> bool:
     return bool(check(val))
 
 
+def _views_read_by_output(view: Node, source: Node) -> list[tuple[Node, list[Node]]]:
+    """``view`` (a view of ``source``) and the views below it that the graph output reads,
+    each with its view chain from ``source``."""
+    found, stack, seen = [], [(view, [view])], {view}
+    while stack:
+        current, chain = stack.pop()
+        if any(user.op == "output" for user in current.users):
+            found.append((current, chain))
+        for user in current.users:
+            if user not in seen and is_view_of_input(user):
+                seen.add(user)
+                stack.append((user, [*chain, user]))
+    return found
+
+
 def _leads_to_output(node: Node) -> bool:
     """``node`` is used by the graph output directly or through view ops only."""
     stack, seen = [node], set()
@@ -569,8 +584,18 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
                 # strides there too, as a view of the copy.
                 copied = tx.add(copied, aten.as_strided.default,
                                 (copied, list(eager.shape), exact, 0))
+            # Only the graph output reads the copy: a view leading to it is replayed on the
+            # copy for the output alone, and its other readers (a KV-cache write of the same
+            # view) keep reading the rotated value in place.
+            replayed: dict[Node, Node] = {}
             for user in users:
-                tx.replace_input(user, match.output, copied)
+                if user.op == "output":
+                    tx.replace_input(user, match.output, copied)
+                    continue
+                for end, chain in _views_read_by_output(user, match.output):
+                    new_end = tx.replay_views(chain, match.output, copied, replayed)
+                    for out_node in [u for u in end.users if u.op == "output"]:
+                        tx.replace_input(out_node, end, new_end)
         # Views of the rotated output are re-created on the new value with fresh fake values
         # (a re-pointed view would keep a fake of the old storage, and the extension passes
         # prove layouts from them).

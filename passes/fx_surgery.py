@@ -183,6 +183,7 @@ def rebase_views(tx: GraphTransaction, old: Node, new: Node) -> None:
         with tx.graph.inserting_after(source):
             copy = tx.record_new(tx.graph.node_copy(view, lambda n: env.get(n, n)))
         env[view] = propagate_fake(copy)
+        tx.maybe_dead.append(copy)  # a copy of a view nobody reads any more is erased
     for node, replacement in env.items():
         for user in list(node.users):
             if user not in env and user not in tx.new_nodes:

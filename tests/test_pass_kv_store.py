@@ -315,14 +315,14 @@ class TestRewrittenGraph(expecttest.TestCase):
         self.assertExpectedInline(_render_region(after.graphs[0]), """\
 split_with_sizes_4 = aten.split_with_sizes.default(mm, [512, 256, 256], -1)
 getitem_13: f32[3, 256] = split_with_sizes_4[2]
-view_10: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, 2, -1])
+view_15: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, 2, -1])
 auto_functionalized_v2_1 = auto_functionalized_v2(
     rope_compile.fused_qk_rope_kv_store_inplace.default,
     cos_sin_cache=arg6_1,
     positions=arg5_1,
     rotary_dim=128,
     is_neox=True,
-    v=view_10,
+    v=view_15,
     cache_loc=arg4_1,
     k_scale=None,
     v_scale=None,
@@ -340,27 +340,28 @@ auto_functionalized_v2_1 = auto_functionalized_v2(
 getitem_14: f32[3, 1024] = auto_functionalized_v2_1[1]
 split_with_sizes_7 = aten.split_with_sizes.default(getitem_14, [512, 256, 256], -1)
 getitem_19: f32[3, 256] = split_with_sizes_7[1]
-view_13: f32[3, 2, 128] = aten.reshape.default(getitem_19, [3, -1, 128])
+view_20: f32[3, 2, 128] = aten.reshape.default(getitem_19, [3, -1, 128])
 split_with_sizes_6 = aten.split_with_sizes.default(getitem_14, [512, 256, 256], -1)
 getitem_18: f32[3, 512] = split_with_sizes_6[0]
-view_12: f32[3, 4, 128] = aten.reshape.default(getitem_18, [3, -1, 128])
+view_17: f32[3, 4, 128] = aten.reshape.default(getitem_18, [3, -1, 128])
+view_18: f32[3, 512] = aten.reshape.default(view_17, [3, 512])
+view_19: f32[3, 4, 128] = aten.reshape.default(view_18, [3, 4, 128])
 getitem_15: f32[16, 2, 128] = auto_functionalized_v2_1[2]
 getitem_16: f32[16, 2, 128] = auto_functionalized_v2_1[3]
 clone_default_1: f32[3, 4, 128] = aten.clone.default(
-    view_12,
+    view_17,
     memory_format=torch.contiguous_format)
+view_11: f32[3, 512] = aten.reshape.default(clone_default_1, [3, 512])
 clone_default: f32[3, 2, 128] = aten.clone.default(
-    view_13,
+    view_20,
     memory_format=torch.contiguous_format)
-view_4: f32[3, 256] = aten.reshape.default(clone_default, [3, 256])
-view_1: f32[3, 512] = aten.reshape.default(clone_default_1, [3, 512])
-view_6: f32[3, 4, 128] = aten.reshape.default(view_1, [3, 4, 128])
+view_8: f32[3, 256] = aten.reshape.default(clone_default, [3, 256])
 index_1: f32[3, 2, 128] = aten.index.Tensor(getitem_15, [arg4_1])
 unsqueeze_4: f32[3, 2, 1, 128] = aten.unsqueeze.default(index_1, 2)
 expand: f32[3, 2, 2, 128] = aten.expand.default(unsqueeze_4, [3, 2, 2, 128])
 clone_2: f32[3, 2, 2, 128] = aten.clone.default(expand, memory_format=torch.contiguous_format)
 view_5: f32[3, 4, 128] = aten.reshape.default(clone_2, [3, 4, 128])
-mul_8: f32[3, 4, 128] = aten.mul.Tensor(view_6, view_5)
+mul_8: f32[3, 4, 128] = aten.mul.Tensor(view_19, view_5)
 sum_1: f32[3, 4] = aten.sum.dim_IntList(mul_8, [-1])
 copy_: f32[16, 2, 128] = aten.copy_.default(arg2_1, getitem_15)
 copy__1: f32[16, 2, 128] = aten.copy_.default(arg3_1, getitem_16)
@@ -499,13 +500,10 @@ def test_one_token_decode_setitem_is_fused():
     assert _decode("setitem", 1) == FUSED_KV
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FuseKVStorePass misses a write of a view of the rotated k that is also a graph output "
-    "(`q, k = rope.forward_native(...)`; `k_buffer.index_put_((loc,), k.view(T, Hk, D))`; "
-    "`return q, k`): FuseQKRopePass gives the returned k an eager-strided copy, the write "
-    "reads that copy, so its root is not the call's output (no counter, no reason). Found "
-    "while writing the prologue fuzzer's tests"))
 def test_written_k_also_returned_is_fused():
+    """``k_buffer.index_put_((loc,), k.view(T, Hk, D))`` and ``return q, k``: the returned k
+    gets an eager-laid-out copy for the graph output only, the cache write reads the rotated
+    k in place and is fused (found while writing the prologue fuzzer's tests)."""
     assert _decode("index_put_returned", 3) == FUSED_KV
 
 

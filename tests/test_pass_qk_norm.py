@@ -277,18 +277,18 @@ auto_functionalized_v2_1 = auto_functionalized_v2(
 getitem_11: f32[3, 1024] = auto_functionalized_v2_1[1]
 split_with_sizes_2 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
 getitem_13: f32[3, 256] = split_with_sizes_2[1]
-view_7: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, -1, 128])
+view_11: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, -1, 128])
 split_with_sizes_1 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
 getitem_12: f32[3, 512] = split_with_sizes_1[0]
-view_6: f32[3, 4, 128] = aten.reshape.default(getitem_12, [3, -1, 128])
+view_10: f32[3, 4, 128] = aten.reshape.default(getitem_12, [3, -1, 128])
 clone_default: f32[3, 4, 128] = aten.clone.default(
-    view_6,
+    view_10,
     memory_format=torch.contiguous_format)
+view_5: f32[3, 512] = aten.reshape.default(clone_default, [3, 512])
 clone_default_1: f32[3, 2, 128] = aten.clone.default(
-    view_7,
+    view_11,
     memory_format=torch.contiguous_format)
-view_1: f32[3, 512] = aten.reshape.default(clone_default, [3, 512])
-view_3: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
+view_8: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
 """)
 
     def test_qwen3_style_fp32_graph(self):
@@ -315,18 +315,18 @@ auto_functionalized_v2_1 = auto_functionalized_v2(
 getitem_11: f32[3, 1024] = auto_functionalized_v2_1[1]
 split_with_sizes_2 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
 getitem_13: f32[3, 256] = split_with_sizes_2[1]
-view_9: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, 2, 128])
+view_13: f32[3, 2, 128] = aten.reshape.default(getitem_13, [3, 2, 128])
 split_with_sizes_1 = aten.split_with_sizes.default(getitem_11, [512, 256, 256], -1)
 getitem_12: f32[3, 512] = split_with_sizes_1[0]
-view_8: f32[3, 4, 128] = aten.reshape.default(getitem_12, [3, 4, 128])
+view_12: f32[3, 4, 128] = aten.reshape.default(getitem_12, [3, 4, 128])
 clone_default: f32[3, 4, 128] = aten.clone.default(
-    view_8,
+    view_12,
     memory_format=torch.contiguous_format)
+view_8: f32[3, 512] = aten.reshape.default(clone_default, [3, 512])
 clone_default_1: f32[3, 2, 128] = aten.clone.default(
-    view_9,
+    view_13,
     memory_format=torch.contiguous_format)
-view_5: f32[3, 512] = aten.reshape.default(clone_default, [3, 512])
-view_7: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
+view_10: f32[3, 256] = aten.reshape.default(clone_default_1, [3, 256])
 """)
 
 

@@ -139,19 +139,19 @@ split_with_sizes_3 = aten.split_with_sizes.default(getitem_9, [512, 256, 256], -
 getitem_12: f32[5, 256] = split_with_sizes_3[2]
 split_with_sizes_2 = aten.split_with_sizes.default(getitem_9, [512, 256, 256], -1)
 getitem_11: f32[5, 256] = split_with_sizes_2[1]
-view_5: f32[5, 2, 128] = aten.reshape.default(getitem_11, [5, -1, 128])
+view_7: f32[5, 2, 128] = aten.reshape.default(getitem_11, [5, -1, 128])
 clone_default_1: f32[5, 2, 128] = aten.clone.default(
-    view_5,
+    view_7,
     memory_format=torch.contiguous_format)
+view_8: f32[5, 256] = aten.reshape.default(clone_default_1, [5, 256])
 split_with_sizes_1 = aten.split_with_sizes.default(getitem_9, [512, 256, 256], -1)
 getitem_10: f32[5, 512] = split_with_sizes_1[0]
 view_4: f32[5, 4, 128] = aten.reshape.default(getitem_10, [5, -1, 128])
 clone_default: f32[5, 4, 128] = aten.clone.default(
     view_4,
     memory_format=torch.contiguous_format)
-view_1: f32[5, 512] = aten.reshape.default(clone_default, [5, 512])
-view_3: f32[5, 256] = aten.reshape.default(clone_default_1, [5, 256])
-return (view_1, view_3, getitem_12)
+view_5: f32[5, 512] = aten.reshape.default(clone_default, [5, 512])
+return (view_5, view_8, getitem_12)
 """)
 
     def test_apply_to_traced_graph(self):
@@ -208,19 +208,19 @@ split_with_sizes_3 = aten.split_with_sizes.default(getitem_5, [512, 256, 256], -
 getitem_8: f32[5, 256] = split_with_sizes_3[2]
 split_with_sizes_2 = aten.split_with_sizes.default(getitem_5, [512, 256, 256], -1)
 getitem_7: f32[5, 256] = split_with_sizes_2[1]
-view_7: f32[5, 2, 128] = aten.reshape.default(getitem_7, [5, -1, 128])
+view_9: f32[5, 2, 128] = aten.reshape.default(getitem_7, [5, -1, 128])
 clone_default_1: f32[5, 2, 128] = aten.clone.default(
-    view_7,
+    view_9,
     memory_format=torch.contiguous_format)
+view_10: f32[5, 256] = aten.reshape.default(clone_default_1, [5, 256])
 split_with_sizes_1 = aten.split_with_sizes.default(getitem_5, [512, 256, 256], -1)
 getitem_6: f32[5, 512] = split_with_sizes_1[0]
 view_6: f32[5, 4, 128] = aten.reshape.default(getitem_6, [5, -1, 128])
 clone_default: f32[5, 4, 128] = aten.clone.default(
     view_6,
     memory_format=torch.contiguous_format)
-view_2: f32[5, 512] = aten.reshape.default(clone_default, [5, 512])
-view_5: f32[5, 256] = aten.reshape.default(clone_default_1, [5, 256])
-return (view_2, view_5, getitem_8)
+view_7: f32[5, 512] = aten.reshape.default(clone_default, [5, 512])
+return (view_7, view_10, getitem_8)
 """)
 
 
@@ -256,19 +256,19 @@ split_with_sizes_3 = aten.split_with_sizes.default(getitem_9, [512, 256, 256], -
 getitem_12: f32[5, 256] = split_with_sizes_3[2]
 split_with_sizes_2 = aten.split_with_sizes.default(getitem_9, [512, 256, 256], -1)
 getitem_11: f32[5, 256] = split_with_sizes_2[1]
-view_5: f32[5, 2, 128] = aten.reshape.default(getitem_11, [5, -1, 128])
+view_7: f32[5, 2, 128] = aten.reshape.default(getitem_11, [5, -1, 128])
 clone_default_1: f32[5, 2, 128] = aten.clone.default(
-    view_5,
+    view_7,
     memory_format=torch.contiguous_format)
+view_8: f32[5, 256] = aten.reshape.default(clone_default_1, [5, 256])
 split_with_sizes_1 = aten.split_with_sizes.default(getitem_9, [512, 256, 256], -1)
 getitem_10: f32[5, 512] = split_with_sizes_1[0]
 view_4: f32[5, 4, 128] = aten.reshape.default(getitem_10, [5, -1, 128])
 clone_default: f32[5, 4, 128] = aten.clone.default(
     view_4,
     memory_format=torch.contiguous_format)
-view_1: f32[5, 512] = aten.reshape.default(clone_default, [5, 512])
-view_3: f32[5, 256] = aten.reshape.default(clone_default_1, [5, 256])
-return (view_1, view_3, getitem_12)
+view_5: f32[5, 512] = aten.reshape.default(clone_default, [5, 512])
+return (view_5, view_8, getitem_12)
 """)
 
     def test_tail_passes_through(self):
