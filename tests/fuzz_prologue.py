@@ -109,8 +109,6 @@ NORM_REASONS = {
     "eps": "q and k norms use different eps",
     "other_reader": "the q norm output has another reader",
 }
-# OLMo2's own rounding of a whole-projection norm in bf16/fp16 (the Qwen3 form in float32).
-OLMO2_REASON = "q: the norm rounds once, after the weight"
 STORE_REASONS = {
     ("sglang", "accumulate"): "the k write accumulates",
     ("sglang", "other_loc"): "k and v are written at different cache_loc",
@@ -124,10 +122,9 @@ ORACLE_RULES = (
     "views of a projection, inputs or row-padded views, all provable layouts",
     "qk_norm rewritten: 1 where the RoPE is rewritten and the norm is Qwen3's or Gemma3's "
     "form with one eps, per head or over the whole [.., H * D] projection (whole, any head "
-    "counts, sglang and hf layouts); near-misses (eps, other_reader) -> 0 and their "
-    "'qk_norm skipped: <reason>' counted; a whole norm with OLMo2's rounding (olmo2): "
-    "rewritten in float32 (it is the Qwen3 form there), else 0 and 'qk_norm skipped: q: the "
-    "norm rounds once, after the weight' counted",
+    "counts, sglang and hf layouts), or a whole norm with OLMo2's rounding (olmo2: the op's "
+    "round_once in bf16/fp16, the Qwen3 form in float32), any dtype; near-misses (eps, "
+    "other_reader) -> 0 and their 'qk_norm skipped: <reason>' counted",
     "kv_store rewritten: 1 where the RoPE is rewritten and k and v are written (overwritten) at "
     "one loc into graph-input caches, any cache dtype, optional scale; near-misses -> 0 and "
     "their 'kv_store skipped: <reason>' counted, except hf 'accumulate' (cache[.., cp] += k: "
@@ -171,10 +168,7 @@ class PrologueProgram:
             return dict(self.expected_override)
         rope = int(self.head_size in ALIGNED_HEADS)
         want = {"rewritten": rope, "qk_norm rewritten": 0, "kv_store rewritten": 0}
-        if self.norm == "whole" and self.olmo2 and self.dtype != torch.float32:
-            if rope:
-                want[f"qk_norm skipped: {OLMO2_REASON}"] = 1
-        elif self.norm in ("qwen3", "gemma", "whole"):
+        if self.norm in ("qwen3", "gemma", "whole"):
             want["qk_norm rewritten"] = rope
         elif self.norm in NEAR_NORMS and rope:
             want[f"qk_norm skipped: {NORM_REASONS[self.norm]}"] = 1
