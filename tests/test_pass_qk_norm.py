@@ -38,10 +38,10 @@ NORM_KV_CALL = "rope_compile.fused_qk_norm_rope_kv_store_inplace.default("
 class RMSNorm(nn.Module):
     """HF ``Qwen3RMSNorm`` (``gemma=False``), ``Gemma3RMSNorm`` (``gemma=True``) or
     ``Olmo2RMSNorm`` (``olmo2=True``: ``(w * x_normed).to(dtype)``, one rounding after the
-    weight)."""
+    weight; ``olmo2="swapped"``: ``(x_normed * w).to(dtype)``)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, gemma: bool = False, seed: int = 0,
-                 olmo2: bool = False):
+                 olmo2: bool | str = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.weight = nn.Parameter(torch.randn(dim, generator=g) * 0.1 + (0.0 if gemma else 1.0))
@@ -56,6 +56,8 @@ class RMSNorm(nn.Module):
         hidden = hidden.to(torch.float32)
         variance = hidden.pow(2).mean(-1, keepdim=True)
         hidden = hidden * torch.rsqrt(variance + self.eps)
+        if self.olmo2 == "swapped":
+            return (hidden * self.weight).to(dtype)
         if self.olmo2:
             return (self.weight * hidden).to(dtype)
         return self.weight * hidden.to(dtype)
@@ -65,14 +67,16 @@ class Qwen3StyleLayer(nn.Module):
     """qkv -> split -> per-head q_norm / k_norm -> forward_native (optionally with sglang's
     KV store). ``variant``: "other_reader" also returns the normalised q; "eps" gives k_norm
     another eps; "whole" normalises the whole q and k projections ``[T, H * D]`` (as OLMo2,
-    with ``norm``'s rounding); "olmo2": the same with OLMo2's own rounding."""
+    with ``norm``'s rounding); "olmo2": the same with OLMo2's own rounding ("olmo2_swapped":
+    the product's operands the other way round)."""
 
     def __init__(self, dtype=torch.float32, gemma=False, store=False, variant="",
                  rotary_dim=D) -> None:
         super().__init__()
         self.qkv = _linear((HQ + 2 * HK) * D, 2)
         self.rope = RotaryEmbedding(D, rotary_dim, 64, 10000.0, True, torch.float32)
-        whole, olmo2 = variant in ("whole", "olmo2"), variant == "olmo2"
+        whole = variant in ("whole", "olmo2", "olmo2_swapped")
+        olmo2 = {"olmo2": True, "olmo2_swapped": "swapped"}.get(variant, False)
         self.q_norm = RMSNorm(HQ * D if whole else D, gemma=gemma, seed=1, olmo2=olmo2)
         self.k_norm = RMSNorm(HK * D if whole else D, 1e-5 if variant == "eps" else 1e-6,
                               gemma=gemma, seed=2, olmo2=olmo2)
@@ -83,7 +87,7 @@ class Qwen3StyleLayer(nn.Module):
 
     def forward(self, positions, x, k_buffer, v_buffer, loc):
         q, k, v = self.qkv(x).split([HQ * D, HK * D, HK * D], dim=-1)
-        if self.variant in ("whole", "olmo2"):
+        if self.variant in ("whole", "olmo2", "olmo2_swapped"):
             q, k = self.q_norm(q), self.k_norm(k)
         else:
             q = self.q_norm(q.view(T, HQ, D)).view(T, HQ * D)
@@ -191,17 +195,19 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
           pytest.param(torch.float16, id="fp16")]
 
 
+@pytest.mark.parametrize("variant", ["olmo2", "olmo2_swapped"], ids=["w*x", "x*w"])
 @pytest.mark.parametrize("store", [False, True], ids=["rope", "rope-kv-store"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_olmo2_rounding(dtype, store):
+def test_olmo2_rounding(dtype, store, variant):
     """HF ``Olmo2RMSNorm`` rounds once, after the fp32 weight multiply
     (``convert(mul(w, mul(xf, r)), dtype)``): fused as the op's ``round_once=True`` in bf16 and
     fp16 (in float32 nothing is rounded: the Qwen3 form, no round_once), with and without the
-    KV store (the argument survives the store's extension of the call); values as eager, and
+    KV store (the argument survives the store's extension of the call), either operand order
+    of the weight product; values as eager, and
     bit for bit as eager at position 0 (cos 1, sin 0: the outputs are the normalised q/k, and
     the cache rows the normalised k)."""
     out, expected, inputs, eager_inputs, code, counts = _run(
-        Qwen3StyleLayer(dtype, store=store, variant="olmo2"), dtype)
+        Qwen3StyleLayer(dtype, store=store, variant=variant), dtype)
     want = {"pairs_found": 1, "rewritten": 1, "qk_norm rewritten": 1}
     if store:
         want["kv_store rewritten"] = 1
@@ -211,11 +217,11 @@ def test_olmo2_rounding(dtype, store):
     for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
         _close(got, want_, dtype)
     # The call's round_once, by keyword in the post-grad graph.
-    call = _fused_norm_call(Qwen3StyleLayer(dtype, store=store, variant="olmo2"), dtype)
+    call = _fused_norm_call(Qwen3StyleLayer(dtype, store=store, variant=variant), dtype)
     assert call.kwargs.get("round_once") is (None if dtype == torch.float32 else True)
     assert call.kwargs["weight_offset"] == 0.0
     # Position 0: the norm alone, bit for bit.
-    model = Qwen3StyleLayer(dtype, store=store, variant="olmo2")
+    model = Qwen3StyleLayer(dtype, store=store, variant=variant)
     inputs = (torch.zeros_like(inputs[0]), *_inputs(dtype)[1:])
     eager_inputs = _clone(inputs)
     with torch.no_grad():
@@ -224,6 +230,20 @@ def test_olmo2_rounding(dtype, store):
     assert counts == want
     for got, want_ in zip((*out, *inputs[2:4]), (*expected, *eager_inputs[2:4]), strict=True):
         assert torch.equal(got, want_)
+
+
+def test_olmo2_rounding_for_q_only_refused():
+    """q normalised with OLMo2's rounding, k with Qwen3's (bf16): one call has one rounding,
+    refused with its reason; values as eager."""
+    model = Qwen3StyleLayer(torch.bfloat16, variant="olmo2")
+    model.k_norm.olmo2 = False
+    out, expected, *_, code, counts = _run(model, torch.bfloat16)
+    assert counts == {"pairs_found": 1, "rewritten": 1,
+                      "qk_norm skipped: q and k norms differ in rounding (x_normed rounded "
+                      "before the weight vs once after it)": 1}
+    assert NORM_CALL not in code
+    for got, want in zip(out, expected, strict=True):
+        _close(got, want, torch.bfloat16)
 
 
 def _fused_norm_call(model, dtype):
