@@ -161,12 +161,18 @@ _SIZE1_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.defau
                 aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default)
 
 
+def _divided_by_number(node: Node) -> bool:
+    return (node.op == "call_function" and node.target is aten.div.Tensor
+            and not isinstance(node.args[1], Node))
+
+
 def _size1_view_of_cast(node: Node) -> bool:
-    """``node`` only drops or adds size-1 dims of a dtype cast (setitem converts the values to
-    the cache dtype, then strips their leading size-1 dims): a cast commutes with it."""
+    """``node`` only drops or adds size-1 dims of a dtype cast or of a division by a number
+    (setitem converts the values to the cache dtype, then strips their leading size-1 dims):
+    either commutes with it."""
     if not (isinstance(node, Node) and node.op == "call_function"
             and node.target in _SIZE1_VIEWS and isinstance(node.args[0], Node)
-            and _is_cast(node.args[0]) is not None):
+            and (_is_cast(node.args[0]) is not None or _divided_by_number(node.args[0]))):
         return False
     val, src = fake_value(node), fake_value(node.args[0])
     if val is None or src is None:
@@ -179,7 +185,8 @@ def _size1_view_of_cast(node: Node) -> bool:
 
 def _peel_casts(node: Node) -> tuple[Node, list[torch.dtype]]:
     """(the tensor under a chain of dtype casts, the cast dtypes from inner to outer); views
-    over a cast that only drop or add size-1 dims are passed through (the shape checks
+    over a cast (or over a division by a number) that only drop or add size-1 dims are passed
+    through (the shape checks
     restore those dims, ``_with_leading_ones``)."""
     dtypes = []
     while isinstance(node, Node):

@@ -263,3 +263,15 @@ def test_fuzzer_found_hf_setitem_cast_batch_one(seed):
     r = fp.check_program(fp.draw_program(seed), control=False)
     assert not r.failed, r.failures  # a size-1-dim stride note is not a failure (as in the CLI)
     assert r.counters.get("rewritten") == 1, r.counters
+
+
+def test_fuzzer_found_scaled_setitem_one_token():
+    """Seed 326: sglang ``k_buffer[loc] = k / 0.5`` with one token and one kv head (setitem
+    strips the leading size-1 dims of the division: a view over it) at another loc than v's
+    was not recognised as the k write, so the refusal had no counted reason. Fixed: the skip
+    is counted, values right."""
+    p = fp.draw_program(326)
+    assert (p.num_tokens, p.num_kv_heads, p.scale, p.store) == (1, 1, 0.5, "other_loc")
+    r = fp.check_program(p, control=False)
+    assert not r.failed, r.failures
+    assert r.counters.get("kv_store skipped: k and v are written at different cache_loc") == 1
