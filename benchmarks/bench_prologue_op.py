@@ -201,7 +201,7 @@ def check(module: Prologue, impl, s: Shape, dtype, device) -> float:
 def run_shape(kind: str, s: Shape, dtype, device: str, repeats: int, rounds: int,
               copy_bw: float) -> dict:
     torch.manual_seed(0)
-    module = Prologue(kind, s, dtype).to(device).eval()
+    module = Prologue(kind, s, dtype).to(device=device, dtype=dtype).eval()
     with torch.no_grad():
         impls, fusion_counts = build_impls(module, device)
         row = {"kind": kind, "shape": vars(s) | {"cache_rows": s.cache_rows},

@@ -19,6 +19,13 @@ pytestmark = [
 ]
 
 
+# TinyLlama's 3-D GQA SDPA runs as the math fallback in bf16: its q/k upcasts to float32 are
+# then the rotated q and k's only readers, and the layout-copy rule leaves the pair to Inductor
+# by default (test_layout_copy_rule_skips_tinyllama_bf16_on_cuda). These tests check the
+# rewrite's GPU lowering, so they force it.
+FORCED = {"skip_pairs_only_read_by_copies": False}
+
+
 def _model(layers: int, dtype: torch.dtype) -> TinyLlama:
     torch.manual_seed(0)
     return TinyLlama(layers=layers, dtype=dtype).to(device="cuda", dtype=dtype).eval()
@@ -39,7 +46,8 @@ def test_default_backend_rewrites_each_layer_on_cuda(dtype):
     with torch.no_grad():
         eager = model(*args)
         plain = torch.compile(model)(*args)
-        fused, code = run_and_get_code(torch.compile(model, backend="rope_compile"), *args)
+        fused, code = run_and_get_code(
+            torch.compile(model, backend="rope_compile", options=FORCED), *args)
     source = "\n".join(code)
     assert count_fused_calls(source) == layers
     # Inductor launches the Triton kernel itself: no op call through the dispatcher.
@@ -56,7 +64,7 @@ def test_dynamic_tokens_no_recompile_on_cuda():
     torch._dynamo.reset()
     counters.clear()
     model = _model(2, torch.bfloat16)
-    compiled = torch.compile(model, backend="rope_compile", dynamic=True)
+    compiled = torch.compile(model, backend="rope_compile", dynamic=True, options=FORCED)
     with torch.no_grad():
         compiled(*_inputs(64, torch.bfloat16))
         assert counters["rope_compile"]["rewritten"] == 2
@@ -70,13 +78,31 @@ def test_reduce_overhead_mode_on_cuda():
     torch._dynamo.reset()
     counters.clear()
     model = _model(2, torch.bfloat16)
-    compiled = torch.compile(model, backend="rope_compile", mode="reduce-overhead")
+    # mode="reduce-overhead" is Inductor's triton.cudagraphs (torch.compile takes mode or
+    # options, not both).
+    compiled = torch.compile(model, backend="rope_compile",
+                             options={**FORCED, "triton.cudagraphs": True})
     args = _inputs(16, torch.bfloat16)
     with torch.no_grad():
         for _ in range(3):  # warm-up, record, replay
             out = compiled(*args)
         torch.testing.assert_close(out, model(*args), atol=3e-2, rtol=3e-2)
     assert counters["rope_compile"]["rewritten"] == 2
+
+
+def test_layout_copy_rule_skips_tinyllama_bf16_on_cuda():
+    """By default the bf16 pair is left to Inductor, counted, and the result is plain
+    Inductor's."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(2, torch.bfloat16)
+    args = _inputs(37, torch.bfloat16)
+    with torch.no_grad():
+        out = torch.compile(model, backend="rope_compile")(*args)
+        torch.testing.assert_close(out, model(*args), atol=3e-2, rtol=3e-2)
+    found = dict(counters["rope_compile"])
+    assert not found.get("rewritten"), found
+    assert [k for k in found if "only read by layout copies" in k], found
 
 
 def _fused_launch_args(source: str) -> list[list[str]]:
