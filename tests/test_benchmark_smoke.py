@@ -229,7 +229,7 @@ def test_prologue_op_tiny_cpu(tmp_path):
     for row in rows:
         assert set(row["errors"]) == {"op"} and row["errors"]["op"] < 1e-5
         assert len(row["spread_us"]["op"]) == 2
-    s = bench.Shape(3, 2, 1, 128, slots=16)
+    s = bench.Shape(3, q_heads=2, kv_heads=1, head_dim=128, slots=16)
     # q and k in place (2 * 3 * 3 * 128 * 4), cos/sin rows, positions; + v, k/v rows, loc.
     assert bench.floor_bytes("norm_rope", s, 4, 4) == 9216 + 1536 + 24 + 1024
     assert bench.floor_bytes("rope_kv", s, 4, 4) == 9216 + 1536 + 24 + 1536 + 3072 + 24
