@@ -88,6 +88,7 @@ from .fused_call import (
     rebase_views,
 )
 from .fx_surgery import GraphTransaction, fake_value, shares_storage, view_chain
+from .fx_surgery import statically_equal as _eq
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -98,12 +99,6 @@ __all__ = ["FuseKVStorePass", "KVStorePlan", "find_writes"]
 _EXACT = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-
-def _eq(a, b) -> bool:
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
 
 
 @dataclass

@@ -66,7 +66,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fuse_qk_rope import PlanError as RopePlanError
 from .fuse_qk_rope import _as_graph_ints, _check_root, _redirect_disjoint_views
@@ -84,6 +83,8 @@ from .fused_call import (
     rebase_views,
 )
 from .fx_surgery import GraphTransaction, fake_value, view_chain
+from .fx_surgery import statically_at_most as _le
+from .fx_surgery import statically_equal as _eq
 from .trig_sources import value_key
 
 aten = torch.ops.aten
@@ -92,18 +93,6 @@ prims = torch.ops.prims
 __all__ = ["FuseQKNormPass", "NormMatch", "match_rms_norm"]
 
 
-def _eq(a, b) -> bool:
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
-
-
-def _le(a, b) -> bool:
-    try:
-        return bool(statically_known_true(a <= b))
-    except Exception:
-        return False
 
 
 @dataclass(frozen=True)

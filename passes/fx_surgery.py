@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
 
 aten = torch.ops.aten
@@ -32,6 +33,23 @@ VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 def fake_value(node) -> torch.Tensor | None:
     val = node.meta.get("val") if isinstance(node, Node) else None
     return val if isinstance(val, torch.Tensor) else None
+
+
+def statically_equal(a, b) -> bool:
+    """Sizes or strides (ints or symbolic) equal for every value of their symbols; no guard is
+    added, and what cannot be decided is not equal."""
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def statically_at_most(a, b) -> bool:
+    """``a <= b`` for every value of their symbols (as :func:`statically_equal`)."""
+    try:
+        return bool(statically_known_true(a <= b))
+    except Exception:
+        return False
 
 
 def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
+from .fx_surgery import statically_equal
 from .trig_sources import (
     ComplexTables,
     FullTables,
@@ -65,14 +66,6 @@ def _last_dim(node: Node, dim) -> bool:
     return val is not None and isinstance(dim, int) and dim in (-1, val.dim() - 1)
 
 
-def _statically_equal(a, b) -> bool:
-    """Sizes are equal for every value of their symbols (no guard is added)."""
-    try:
-        return bool(torch.fx.experimental.symbolic_shapes.statically_known_true(a == b))
-    except Exception:
-        return False
-
-
 def _float_cast(node: Node) -> bool:
     if node.target is prims.convert_element_type.default:
         return isinstance(node.args[1], torch.dtype) and node.args[1].is_floating_point
@@ -92,7 +85,7 @@ def _pair_view_source(node: Node) -> Node | None:
     val, src = _val(node), _val(node.args[0])
     if val is None or src is None or val.dim() != src.dim() + 1 or val.shape[-1] != 2:
         return None
-    same_lead = all(_statically_equal(a, b) for a, b in zip(val.shape[:-2], src.shape[:-1],
+    same_lead = all(statically_equal(a, b) for a, b in zip(val.shape[:-2], src.shape[:-1],
                                                             strict=False))
     return node.args[0] if same_lead and val.shape[-2] * 2 == src.shape[-1] else None
 
@@ -201,8 +194,8 @@ class TrigOperand:
 def trace_trig(node: Node, num_tokens) -> TrigOperand:
     """Follow a ``[T, 1, n]`` factor back to a row gather of a cos/sin cache."""
     val = _val(node)
-    _require(val is not None and val.dim() == 3 and _statically_equal(val.shape[1], 1)
-             and _statically_equal(val.shape[0], num_tokens),
+    _require(val is not None and val.dim() == 3 and statically_equal(val.shape[1], 1)
+             and statically_equal(val.shape[0], num_tokens),
              "cos/sin factor is not [num_tokens, 1, n]")
     unsqueezed = False
     start, step = 0, 1
@@ -283,7 +276,7 @@ def trace_pair_trig(node: Node, x_val) -> PairTrig:
     rows_val, f_val = _val(rows), _val(factor)
     _require(rows_val.dim() >= 2 and rows_val.shape[-1] == 2 and f_val.dim() == x_val.dim()
              and f_val.shape[-1] == x_val.shape[-1], "cos/sin pairs do not line up with x")
-    _require(sum(1 for a in f_val.shape[:-1] if not _statically_equal(a, 1))
+    _require(sum(1 for a in f_val.shape[:-1] if not statically_equal(a, 1))
              == rows_val.dim() - 2, "cos/sin pairs are not broadcast over heads")
     return PairTrig(rows, node.args[2], factor)
 
@@ -307,7 +300,7 @@ def _match_complex_rotation(node: Node):
         isinstance(a, Node) for a in prod.args), "view_as_real of something other than a product")
     out_val, vr_val = _val(node), _val(vr)
     _require(out_val is not None and vr_val is not None and out_val.dim() == vr_val.dim() - 1
-             and all(_statically_equal(a, b) for a, b in zip(out_val.shape[:-1],
+             and all(statically_equal(a, b) for a, b in zip(out_val.shape[:-1],
                                                              vr_val.shape[:-2], strict=True)),
              "view_as_real is not flattened back")
     for xc, factor in (prod.args, prod.args[::-1]):
@@ -317,13 +310,13 @@ def _match_complex_rotation(node: Node):
         x_node = _pair_view_source(pairs) if isinstance(pairs, Node) else None
         f_val, xc_val = _val(factor), _val(xc)
         if x_node is None or f_val is None or not f_val.is_complex() or (
-                f_val.dim() != xc_val.dim()) or not _statically_equal(
+                f_val.dim() != xc_val.dim()) or not statically_equal(
                     f_val.shape[-1], xc_val.shape[-1]):
             continue
         x = trace_features(x_node)
         x1 = Operand(tuple((n, s, 2 * st) for n, s, st in x.levels), x.count // 2, x.cast)
         x2 = Operand(tuple((n, s + st, 2 * st) for n, s, st in x.levels), x.count // 2, x.cast)
-        ones = [d for d in range(f_val.dim() - 1) if _statically_equal(f_val.shape[d], 1)]
+        ones = [d for d in range(f_val.dim() - 1) if statically_equal(f_val.shape[d], 1)]
         _require(bool(ones), "freqs_cis is not broadcast over heads")
         return x1, x2, ComplexTrig(factor), max(ones), [node, vr, prod, xc, pairs]
     raise NoMatch("product is not view_as_complex(x pairs) times a complex freqs_cis")
@@ -344,7 +337,7 @@ def _product_terms(node: Node, num_tokens):
         x_val = _val(x)
         if x_val is None or x_val.dim() != 3 or _val(t) is None or _val(t).dim() != 3:
             continue
-        if not _statically_equal(_val(t).shape[1], 1):
+        if not statically_equal(_val(t).shape[1], 1):
             continue
         return trace_features(x), trace_trig(t, num_tokens)
     raise NoMatch("product is not features times a [T, 1, n] cos/sin factor")
@@ -425,7 +418,7 @@ def _keeps_rows(node: Node) -> bool:
             node.args[0], Node) or _val(node.args[0]) is None:
         return False
     src = _val(node.args[0])
-    if val.dim() == 0 or src.dim() == 0 or not _statically_equal(val.shape[-1], src.shape[-1]):
+    if val.dim() == 0 or src.dim() == 0 or not statically_equal(val.shape[-1], src.shape[-1]):
         return False
     if node.target is aten.unsqueeze.default:
         return node.args[1] % val.dim() != val.dim() - 1
@@ -475,15 +468,15 @@ def _duplication_of(node: Node) -> Node:
     _require(isinstance(unsq, Node) and unsq.target is aten.unsqueeze.default
              and None not in (unsq_val, exp_val, out_val) and unsq_val.dim() >= 2
              and unsq.args[1] % unsq_val.dim() == unsq_val.dim() - 2
-             and _statically_equal(unsq_val.shape[-2], 1) and _statically_equal(
+             and statically_equal(unsq_val.shape[-2], 1) and statically_equal(
                  exp_val.shape[-2], 2), "angles are not f expanded to (.., 2, n/2)")
     # The reshape must merge exactly the (2, n/2) pair into the last dim: (.., n). Merging
     # another dim (repeat_interleave along the sequence, flatten(1, 2)) duplicates rows, not
     # halves.
     _require(out_val.dim() == exp_val.dim() - 1 and all(
-        _statically_equal(a, b) for a, b in zip(out_val.shape[:-1], exp_val.shape[:-2],
+        statically_equal(a, b) for a, b in zip(out_val.shape[:-1], exp_val.shape[:-2],
                                                 strict=True))
-             and _statically_equal(out_val.shape[-1], 2 * exp_val.shape[-1]),
+             and statically_equal(out_val.shape[-1], 2 * exp_val.shape[-1]),
              "angles are not f duplicated along the last dim (another dim is merged)")
     return unsq.args[0]
 
@@ -552,13 +545,13 @@ def _pairwise_duplicated(table: Node) -> Node:
     _require(isinstance(unsq, Node) and unsq.target is aten.unsqueeze.default
              and None not in (unsq_val, exp_val, out_val) and unsq_val.dim() >= 2
              and unsq.args[1] % unsq_val.dim() == unsq_val.dim() - 1
-             and _statically_equal(unsq_val.shape[-1], 1)
-             and _statically_equal(exp_val.shape[-1], 2), why)
+             and statically_equal(unsq_val.shape[-1], 1)
+             and statically_equal(exp_val.shape[-1], 2), why)
     # Exactly the (n/2, 2) pair merges into the last dim (another merged dim duplicates rows).
     _require(out_val.dim() == exp_val.dim() - 1 and all(
-        _statically_equal(a, b) for a, b in zip(out_val.shape[:-1], exp_val.shape[:-2],
+        statically_equal(a, b) for a, b in zip(out_val.shape[:-1], exp_val.shape[:-2],
                                                 strict=True))
-             and _statically_equal(out_val.shape[-1], 2 * exp_val.shape[-2]), why)
+             and statically_equal(out_val.shape[-1], 2 * exp_val.shape[-2]), why)
     return node
 
 
@@ -567,13 +560,13 @@ def _table_heads_dim(table: Node, x_val) -> int:
     an ``unsqueeze`` adds, found through ops that keep the other dims' positions (elementwise
     ops, casts, last-dim slices, a last-dim pair duplication)."""
     val = _val(table)
-    _require(val is not None and val.dim() == x_val.dim() and _statically_equal(
+    _require(val is not None and val.dim() == x_val.dim() and statically_equal(
         val.shape[-1], x_val.shape[-1]), "cos/sin table does not line up with x")
     node = table
     while isinstance(node, Node) and _val(node) is not None and _val(node).dim() == val.dim():
         if node.target is aten.unsqueeze.default:
             dim = node.args[1] % val.dim()
-            _require(dim != val.dim() - 1 and _statically_equal(val.shape[dim], 1),
+            _require(dim != val.dim() - 1 and statically_equal(val.shape[dim], 1),
                      "cos/sin table is unsqueezed on its last dim")
             return dim
         if (_float_cast(node) or node.target in (aten.clone.default, aten.cos.default,
@@ -648,7 +641,7 @@ def _rotated_halves(node: Node):
             halves.append(part.args[0])
         out_val, in_val = _val(node), _val(inner)
         _require(out_val.dim() == in_val.dim() - 1 and all(
-            _statically_equal(a, b) for a, b in zip(out_val.shape[:-1], in_val.shape[:-2],
+            statically_equal(a, b) for a, b in zip(out_val.shape[:-1], in_val.shape[:-2],
                                                     strict=True)),
                  "stack is not flattened back")
         return halves[0], halves[1], False, [node, inner, *parts]
@@ -716,7 +709,7 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
     heads_dim = 1
     if isinstance(cos, PairTrig):
         f_shape = _val(cos.factor).shape
-        heads_dim = max(d for d in range(len(f_shape) - 1) if _statically_equal(f_shape[d], 1))
+        heads_dim = max(d for d in range(len(f_shape) - 1) if statically_equal(f_shape[d], 1))
     return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes)
 
 
@@ -818,7 +811,7 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
                  "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
         shape = [1] * (len(token_shape) + 1 - len(shape)) + shape
         _require(shape[-1] == width and all(
-            _statically_equal(a, b) or _statically_equal(a, 1)
+            statically_equal(a, b) or statically_equal(a, 1)
             for a, b in zip(shape[:-1], token_shape, strict=True)),
             "cos/sin tables are not [..tokens.., rotary_dim] for x's tokens")
     return source
@@ -842,7 +835,7 @@ def _stream_chunk(node: Node) -> tuple[Node, int, int, int] | None:
         src, stream, start = picked.args[0], picked.args[2], sliced[1]
     val, src_val = _val(node), _val(src)
     if val is None or src_val is None or src_val.dim() != val.dim() + 1 or not isinstance(
-            val.shape[-1], int) or not _statically_equal(src_val.shape[0], 3):
+            val.shape[-1], int) or not statically_equal(src_val.shape[0], 3):
         return None
     return src, stream, start, val.shape[-1]
 
@@ -861,7 +854,7 @@ def _assembled_streams(node: Node) -> tuple[Node, tuple[int, ...]] | None:
         if stream != i % 3 or start != offset:
             return None
         offset += width
-    if not _statically_equal(_val(streams).shape[-1], offset):
+    if not statically_equal(_val(streams).shape[-1], offset):
         return None
     return streams, tuple(c[3] for c in chunks)
 
@@ -922,7 +915,7 @@ def match_rope(candidate: Node) -> RopeMatch:
     _require(out_val.dtype == base_val.dtype, f"RoPE output dtype {out_val.dtype} differs from "
                                               f"input dtype {base_val.dtype}")
     _require(out_val.dim() == base_val.dim() and all(
-        _statically_equal(a, b) for a, b in zip(out_val.shape, base_val.shape, strict=True)),
+        statically_equal(a, b) for a, b in zip(out_val.shape, base_val.shape, strict=True)),
         "RoPE output shape differs from the input's")
     if base_val.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise NearMiss(f"dtype {base_val.dtype} not supported by the fused op")

@@ -32,16 +32,10 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_surgery import GraphTransaction
+from .fx_surgery import GraphTransaction, statically_equal
 
 aten = torch.ops.aten
 
-
-def _equal(a, b) -> bool:
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
 
 
 @dataclass(frozen=True)
@@ -103,11 +97,11 @@ def table_rows(table, heads_dim: int | None, token_shape, width: int,
         return None, "the cos/sin table is complex"
     shape = list(val.shape)
     if streams:
-        if not shape or not _equal(shape[0], 3) or heads_dim is not None:
+        if not shape or not statically_equal(shape[0], 3) or heads_dim is not None:
             return None, "the mRoPE cos/sin streams are not [3, ..tokens.., n]"
         del shape[0]
     if heads_dim is not None:
-        if not _equal(shape[heads_dim], 1):
+        if not statically_equal(shape[heads_dim], 1):
             return None, "the cos/sin table is not broadcast over heads"
         del shape[heads_dim]
     if len(shape) > len(token_shape) + 1 or not shape:
@@ -119,9 +113,9 @@ def table_rows(table, heads_dim: int | None, token_shape, width: int,
     # Leading dims of size 1 broadcast; from the first that is not 1 (for x), sizes agree.
     dims = list(zip(shape[:-1], token_shape, strict=True))
     first = 0
-    while first < len(dims) and _equal(dims[first][0], 1):
+    while first < len(dims) and statically_equal(dims[first][0], 1):
         first += 1
-    if not all(_equal(a, b) for a, b in dims[first:]):
+    if not all(statically_equal(a, b) for a, b in dims[first:]):
         return None, ("the cos/sin table broadcasts over a token dim inside others "
                       "(no row = t % R reading)")
     return TableRows(node, start, step, heads_dim, width, part, streams), ""
