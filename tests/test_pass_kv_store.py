@@ -384,10 +384,10 @@ needs_tables_store = pytest.mark.skipif(
 
 
 def hf_decode(name: str, batch: int = 2, prefill: int = 5, cache_len: int = 16,
-              device: str = "cpu"):
-    """HF ``name`` (tiny) decode step on a StaticCache after an eager prefill, eager and
-    compiled (on the CPU forced on, elsewhere with the default options): (eager logits,
-    compiled logits, eager cache, compiled cache, code, counters)."""
+              device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """HF ``name`` (tiny, in ``dtype``) decode step on a StaticCache after an eager prefill,
+    eager and compiled (on the CPU forced on, elsewhere with the default options): (eager
+    logits, compiled logits, eager cache, compiled cache, code, counters)."""
     import inspect
 
     transformers = pytest.importorskip("transformers")
@@ -404,7 +404,7 @@ def hf_decode(name: str, batch: int = 2, prefill: int = 5, cache_len: int = 16,
     config = config_cls(vocab_size=96, hidden_size=256, intermediate_size=512,
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                         head_dim=128, max_position_embeddings=256, attn_implementation="sdpa")
-    model = model_cls(config).eval().to(device)
+    model = model_cls(config).eval().to(device=device, dtype=dtype)
     params = inspect.signature(model.model.forward).parameters
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 96, (batch, prefill), generator=g).to(device)

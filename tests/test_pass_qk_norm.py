@@ -369,54 +369,6 @@ def test_hf_static_cache_decode(name):
         torch.testing.assert_close(mine.values, theirs.values, atol=1e-5, rtol=1e-5)
 
 
-def _hf_olmo2_decode(dtype, batch: int = 2, prefill: int = 5, cache_len: int = 16):
-    """``hf_decode("olmo2")`` (tests/test_pass_kv_store.py) with the model in ``dtype``: a tiny
-    HF ``Olmo2ForCausalLM`` decode step on a StaticCache (in the model's dtype) after an eager
-    prefill, eager and compiled (the CPU test options): (eager logits, compiled logits, eager
-    cache, compiled cache, code, counters)."""
-    import inspect
-
-    transformers = pytest.importorskip("transformers")
-    from pass_helpers import rope_counters
-    from torch._inductor.utils import run_and_get_code
-    from transformers import StaticCache
-
-    torch.manual_seed(0)
-    config = transformers.Olmo2Config(
-        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=128, max_position_embeddings=256,
-        attn_implementation="sdpa")
-    model = transformers.Olmo2ForCausalLM(config).eval().to(dtype)
-    cache_key = ("cache" if "cache" in inspect.signature(model.model.forward).parameters
-                 else "past_key_values")
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 96, (batch, prefill), generator=g)
-    ids = torch.randint(0, 96, (batch, 1), generator=g)
-    positions = torch.arange(cache_len)
-
-    def kwargs(cache, cache_position):
-        return {cache_key: cache, "position_ids": cache_position.expand(batch, -1),
-                "cache_position": cache_position, "use_cache": True}
-
-    def prefilled():
-        cache = StaticCache(config=config, max_cache_len=cache_len)
-        with torch.no_grad():
-            model(prompt, **kwargs(cache, positions[:prefill]))
-        return cache
-
-    step = positions[prefill:prefill + 1]
-    eager_cache = prefilled()
-    with torch.no_grad():
-        expected = model(ids, **kwargs(eager_cache, step)).logits
-    cache = prefilled()
-    with fresh_compile():
-        out, codes = run_and_get_code(
-            torch.compile(model, backend="rope_compile", options=CPU_OPTIONS),
-            ids, **kwargs(cache, step))
-        counts = rope_counters()
-    return expected, out.logits, eager_cache, cache, "\n".join(codes), counts
-
-
 @pytest.mark.skipif(not _has_op("fused_qk_norm_rope_kv_store_tables_inplace"),
                     reason="the table-form QK-norm + KV-store op is not registered")
 def test_hf_olmo2_bf16_decode():
@@ -424,7 +376,7 @@ def test_hf_olmo2_bf16_decode():
     whole-projection q/k norm, RoPE and cache write in one call with round_once=True (its last
     argument in the generated call); logits and caches as eager within bf16 rounding (the
     fused RoPE rounds once, eager's several times)."""
-    expected, got, eager_cache, cache, code, counts = _hf_olmo2_decode(torch.bfloat16)
+    expected, got, eager_cache, cache, code, counts = hf_decode("olmo2", dtype=torch.bfloat16)
     assert counts == {"pairs_found": 2, "rewritten": 2, "qk_norm rewritten": 2,
                       "kv_store rewritten": 2}
     calls = [line for line in code.splitlines()
