@@ -76,7 +76,11 @@ class DecoderLayer(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
         v = v.view(tokens, self.num_kv_heads, self.head_dim).transpose(0, 1)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        x = x + self.o_proj(attn.transpose(0, 1).reshape(tokens, self.q_size))
+        return self.output_and_mlp(x, attn.transpose(0, 1).reshape(tokens, self.q_size))
+
+    def output_and_mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual o projection of ``attn`` ``[T, Hq * D]``, then the residual MLP."""
+        x = x + self.o_proj(attn)
         gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -123,24 +127,17 @@ def median_ms(fn, args, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-class DecodeLayer(nn.Module):
-    """qkv projection -> per-head q/k RMSNorm -> RoPE + KV-cache store (sglang's
+class DecodeLayer(DecoderLayer):
+    """``DecoderLayer`` with a per-head q/k RMSNorm and a KV cache: qkv projection -> per-head
+    q/k RMSNorm -> RoPE + KV-cache store (sglang's
     ``forward_native`` with a ``FusedSetKVBufferArg``) -> attention over the cache -> o
     projection -> MLP. Token t of the step is sequence t, at position ``positions[t]``; its k
     and v go to cache row ``cache_loc[t]`` (sequence t owns rows ``[t * L, (t + 1) * L)``)."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rope: RotaryEmbedding) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
-        self.gate_up = nn.Linear(hidden, 4 * hidden, bias=False)
-        self.down = nn.Linear(2 * hidden, hidden, bias=False)
-        self.norm1, self.norm2 = RMSNorm(hidden), RMSNorm(hidden)
+        super().__init__(hidden, num_heads, num_kv_heads, head_dim, rope)
         self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
-        self.rope = rope
 
     def forward(self, positions, cache_loc, visible, x, k_cache, v_cache):
         tokens, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -157,9 +154,7 @@ class DecodeLayer(nn.Module):
         values = v_cache.view(tokens, length, hk, d).transpose(1, 2)
         attn = F.scaled_dot_product_attention(q.view(tokens, 1, hq, d).transpose(1, 2), keys,
                                               values, attn_mask=visible, enable_gqa=True)
-        x = x + self.o_proj(attn.reshape(tokens, self.q_size))
-        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return self.output_and_mlp(x, attn.reshape(tokens, self.q_size))
 
 
 class TinyDecoder(nn.Module):
