@@ -198,6 +198,12 @@ def _normalised(node: Node) -> tuple[Node, Node, float, list[Node]]:
     raise PlanError("the norm does not multiply x by rsqrt(mean(x^2) + eps)")
 
 
+def _check_output_dtype(out_val: torch.Tensor, x: Node) -> None:
+    if out_val.dtype != fake_value(x).dtype:
+        raise PlanError(f"the norm output dtype {out_val.dtype} differs from its input's "
+                        f"{fake_value(x).dtype}")
+
+
 def match_rms_norm(output: Node) -> NormMatch:
     """Prove ``output`` is an RMSNorm of some x over its last dim, rounded as the kernel does
     (see the module docstring), or raise ``PlanError``."""
@@ -219,9 +225,7 @@ def match_rms_norm(output: Node) -> NormMatch:
         x, xf, eps, nodes = _normalised(xn)
         if fake_value(inner).dtype != torch.float32:
             raise PlanError("the Gemma norm's product is not in float32")
-        if out_val.dtype != fake_value(x).dtype:
-            raise PlanError(f"the norm output dtype {out_val.dtype} differs from its input's "
-                            f"{fake_value(x).dtype}")
+        _check_output_dtype(out_val, x)
         return _checked(NormMatch(output, x, weight, eps, 1.0,
                                   (output, inner, plus, *nodes)))
     if gemma is not None and inner is not output:
@@ -233,9 +237,7 @@ def match_rms_norm(output: Node) -> NormMatch:
         x, xf, eps, nodes = _normalised(xn)
         if fake_value(inner).dtype != torch.float32:
             raise PlanError("the norm's product w * x_normed is not in float32")
-        if out_val.dtype != fake_value(x).dtype:
-            raise PlanError(f"the norm output dtype {out_val.dtype} differs from its input's "
-                            f"{fake_value(x).dtype}")
+        _check_output_dtype(out_val, x)
         return _checked(NormMatch(output, x, weight, eps, 0.0, (output, inner, *nodes),
                                   round_once=True))
     # Qwen3 / Llama: mul(w, [convert(] mul(xf, r) [, x.dtype)])
@@ -251,9 +253,7 @@ def match_rms_norm(output: Node) -> NormMatch:
     x_dtype = fake_value(x).dtype
     if fake_value(rounded).dtype != x_dtype:
         raise PlanError("the normalised x is not rounded to x's dtype before the weight")
-    if out_val.dtype != x_dtype:
-        raise PlanError(f"the norm output dtype {out_val.dtype} differs from its input's "
-                        f"{x_dtype}")
+    _check_output_dtype(out_val, x)
     return _checked(NormMatch(output, x, weight, eps, 0.0, (output, rounded, *nodes)))
 
 
