@@ -47,6 +47,14 @@ def _fail(op: str, message: str, exc: type[Exception] = ValueError) -> None:
     raise exc(f"{op}: {message}")
 
 
+def _check_rows_divide_tokens(op: str, what: str, rows: int, num_tokens: int,
+                              meaning: str) -> None:
+    """``rows`` (of a table, of cache_loc) divides ``num_tokens`` (0 rows only for 0 tokens)."""
+    if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
+        _fail(op, f"{what} ({rows}) must divide the number of tokens ({num_tokens}): "
+                  f"{meaning}")
+
+
 def check_rope_operands(
     op: str,
     named_xs: tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]],
@@ -198,9 +206,8 @@ def _check_whole_heads_tables(op, q, k, cos, sin, rotary_dim) -> None:
         _fail(op, f"cos and sin must have the same shape, got {tuple(cos.shape)} and "
                   f"{tuple(sin.shape)}")
     num_tokens, rows = q.shape[0], cos.shape[0]
-    if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
-        _fail(op, f"the number of cos/sin rows ({rows}) must divide the number of tokens "
-                  f"({num_tokens}): token t is rotated by row t % rows")
+    _check_rows_divide_tokens(op, "the number of cos/sin rows", rows, num_tokens,
+                              "token t is rotated by row t % rows")
     _check_reads(op, q, k, rotary_dim, (("cos", cos), ("sin", sin)))
     if may_share_memory(q, k, unknown=True):
         _fail(op, "q and k overlap in memory; the op writes both in place")
@@ -299,10 +306,9 @@ def _check_kv_store(op, q, k, v, k_buffer, v_buffer, cache_loc, k_scale, v_scale
                   f"{tuple(cache_loc.shape)}")
     rows = cache_loc.shape[0]
     if k_buffer.dim() == 4:
-        if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
-            _fail(op, f"cache_loc's length ({rows}) must divide the number of tokens "
-                      f"({num_tokens}): token t writes buffer batch t // {rows}, row "
-                      f"cache_loc[t % {rows}]")
+        _check_rows_divide_tokens(op, "cache_loc's length", rows, num_tokens,
+                                  f"token t writes buffer batch t // {rows}, row "
+                                  f"cache_loc[t % {rows}]")
         if rows != 0 and num_tokens // rows > k_buffer.shape[0]:
             _fail(op, f"k_buffer/v_buffer batch size ({k_buffer.shape[0]}) is smaller than "
                       f"num_tokens / len(cache_loc) = {num_tokens} / {rows} = "
@@ -514,9 +520,8 @@ def validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section=None) -> N
     if streams:
         _check_mrope_section(op, mrope_section, rotary_dim)
     num_tokens, rows = q.shape[0], cos.shape[-2]
-    if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
-        _fail(op, f"the number of cos/sin rows ({rows}) must divide the number of tokens "
-                  f"({num_tokens}): token t is rotated by row t % rows")
+    _check_rows_divide_tokens(op, "the number of cos/sin rows", rows, num_tokens,
+                              "token t is rotated by row t % rows")
     _check_reads(op, q, k, rotary_dim, (("cos", cos), ("sin", sin)))
 
 
@@ -580,7 +585,6 @@ def validate_qk_rope_angles(q, k, angles, cos_scale, sin_scale, table_dtype, rot
     if streams:
         _check_mrope_section(op, mrope_section, rotary_dim)
     num_tokens, rows = q.shape[0], angles.shape[-2]
-    if (rows == 0 and num_tokens != 0) or (rows != 0 and num_tokens % rows != 0):
-        _fail(op, f"the number of angle rows ({rows}) must divide the number of tokens "
-                  f"({num_tokens}): token t is rotated by row t % rows")
+    _check_rows_divide_tokens(op, "the number of angle rows", rows, num_tokens,
+                              "token t is rotated by row t % rows")
     _check_reads(op, q, k, rotary_dim, (("angles", angles),))
