@@ -156,6 +156,26 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
 # float64 oracle
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF transformers' ``rotate_half`` (neox)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """HF transformers' ``rotate_every_two`` (GPT-J, Cohere, GLM)."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def to_device_keeping_layout(x: torch.Tensor, device) -> torch.Tensor:
+    """``x`` on ``device`` with its layout (and its base's storage) kept."""
+    if x.device.type == torch.device(device).type:
+        return x
+    base = x if x._base is None else x._base
+    return base.to(device).as_strided(x.shape, x.stride(), x.storage_offset())
+
+
 def pair_indices(rotary_dim: int, is_neox: bool) -> tuple[list[int], list[int]]:
     """The (first, second) element index of each rotated pair."""
     half = rotary_dim // 2

@@ -38,6 +38,9 @@ from conftest import (
     make_qkv,
     pair_indices,
     poison,
+    rotate_every_two,
+    rotate_half,
+    to_device_keeping_layout,
 )
 
 import rope_compile
@@ -149,16 +152,6 @@ def per_token(table: torch.Tensor, case: AnglesCase, num_tokens: int) -> torch.T
     return table[stream[None, :], rows[:, None], torch.arange(case.rotary_dim)[None, :]]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., ::2], x[..., 1::2]
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
 def hf_f64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
            is_neox: bool) -> torch.Tensor:
     """HF's ``x * cos + rotate_half(x) * sin`` in float64, cos/sin ``[T, rot]`` over heads."""
@@ -208,14 +201,6 @@ class Problem:
                 c.rotary_dim, c.is_neox, sections)
 
 
-def _to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """``x`` on ``device`` with its layout (and its base's storage) kept."""
-    if x.device.type == torch.device(device).type:
-        return x
-    base = x if x._base is None else x._base
-    return base.to(device).as_strided(x.shape, x.stride(), x.storage_offset())
-
-
 def build(case: AnglesCase, device="cpu", seed=0) -> Problem:
     g = torch.Generator().manual_seed(seed)
     t, rot = case.num_tokens, case.rotary_dim
@@ -229,8 +214,8 @@ def build(case: AnglesCase, device="cpu", seed=0) -> Problem:
     qkv = qkv.to(device)
     q = qkv.as_strided(q.shape, q.stride(), q.storage_offset())
     k = qkv.as_strided(k.shape, k.stride(), k.storage_offset())
-    return Problem(case, q, k, qkv, _to_device(angles, device), cos_full, sin_full, cos_pair,
-                   sin_pair)
+    return Problem(case, q, k, qkv, to_device_keeping_layout(angles, device), cos_full,
+                   sin_full, cos_pair, sin_pair)
 
 
 def expected(p: Problem, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,9 @@ from conftest import (
     pair_indices,
     poison,
     rope_f64,
+    rotate_every_two,
+    rotate_half,
+    to_device_keeping_layout,
 )
 
 import rope_compile
@@ -210,29 +213,8 @@ def build(case: TablesCase, device="cpu", seed=0) -> Problem:
     qkv = qkv.to(device)
     q = qkv.as_strided(q.shape, q.stride(), q.storage_offset())
     k = qkv.as_strided(k.shape, k.stride(), k.storage_offset())
-    reads = tuple(_to_device(x, device) for x in reads)
+    reads = tuple(to_device_keeping_layout(x, device) for x in reads)
     return Problem(case, q, k, qkv, reads, cos_token, sin_token)
-
-
-def _to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """``x`` on ``device`` with its layout (and its base's storage) kept."""
-    if x.device.type == torch.device(device).type:
-        return x
-    base = x if x._base is None else x._base
-    moved = base.to(device)
-    return moved.as_strided(x.shape, x.stride(), x.storage_offset())
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF transformers' ``rotate_half`` (neox)."""
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """HF transformers' ``rotate_every_two`` (GPT-J, Cohere, GLM)."""
-    x1, x2 = x[..., ::2], x[..., 1::2]
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
 def hf_full_tables_f64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
