@@ -677,15 +677,17 @@ def _value_and_layout_failures(outs, eager, ref64) -> list[str]:
 
 
 def _run_compiled(fn, args, backend: str, options: dict | None):
-    """(outputs, counters, error message)."""
+    """Compile ``fn`` afresh and run it on clones of ``args``: (outputs, the clones after the
+    call, counters, error message)."""
     with fresh_compile():
+        run_args = [a.clone() for a in args]
         try:
             kwargs = {"options": options} if options is not None else {}
-            outs = torch.compile(fn, backend=backend, **kwargs)(*[a.clone() for a in args])
-            return outs, rope_counters(), None
+            outs = torch.compile(fn, backend=backend, **kwargs)(*run_args)
+            return outs, run_args, rope_counters(), None
         except Exception as err:  # noqa: BLE001  (any compile error is a finding)
             message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-            return None, rope_counters(), message
+            return None, run_args, rope_counters(), message
 
 
 def check_program(p: LayoutProgram, device: str = "cpu", control: bool = True) -> Result:
@@ -697,7 +699,7 @@ def check_program(p: LayoutProgram, device: str = "cpu", control: bool = True) -
     snapshot = [a.clone() for a in args]
     eager = fn(*[a.clone() for a in args])
     ref64 = fn(*_to64(args))
-    outs, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device))
+    outs, _, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device))
     result.counters = seen
     result.rewritten = seen.get("rewritten", 0)
     if error is not None:
@@ -718,7 +720,7 @@ def check_program(p: LayoutProgram, device: str = "cpu", control: bool = True) -
     pass_caused = {"compile", "pass_errors", "oracle_missed", "oracle_unexpected"}
     if control and result.failures and not (result.categories & pass_caused):
         # Values / strides only: does plain Inductor do the same?
-        base_outs, _, base_error = _run_compiled(fn, args, "inductor", None)
+        base_outs, _, _, base_error = _run_compiled(fn, args, "inductor", None)
         if base_error is None:
             base = _value_and_layout_failures(base_outs, eager, ref64)
             # The same failures on the same outputs (same strides) without the pass.

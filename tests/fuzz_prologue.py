@@ -78,6 +78,7 @@ from fuzz_layouts import (  # noqa: E402  (registers the backend, sets TRITON_IN
     MAX_POS,
     TOLERANCES,
     _Inputs,
+    _run_compiled,
     _selection,
     _to64,
     _uniform,
@@ -87,7 +88,6 @@ from fuzz_layouts import (  # noqa: E402  (registers the backend, sets TRITON_IN
     rope_hf,
     rope_native,
 )
-from pass_helpers import fresh_compile, rope_counters  # noqa: E402
 
 HIDDEN = 32
 FORMS = ("sglang", "hf")
@@ -600,19 +600,6 @@ def _cache_row_failures(p: PrologueProgram, env_before: dict, env_after: dict,
             found.append(f"values: k_cache written rows are not torch's cast of the compiled k "
                          f"(max abs difference {err:.3g})")
     return found
-
-
-def _run_compiled(fn, args, backend: str, options: dict | None):
-    """(outputs, args after the step, counters, error message)."""
-    with fresh_compile():
-        run_args = [a.clone() for a in args]
-        try:
-            kwargs = {"options": options} if options is not None else {}
-            outs = torch.compile(fn, backend=backend, **kwargs)(*run_args)
-            return outs, run_args, rope_counters(), None
-        except Exception as err:  # noqa: BLE001  (any compile error is a finding)
-            message = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-            return None, run_args, rope_counters(), message
 
 
 def _counter_failures(expected: dict, seen: dict) -> list[str]:
