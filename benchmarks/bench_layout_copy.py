@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 import traceback
@@ -62,11 +61,6 @@ GRAPHS = ("copies", "sdpa")
 VARIANTS = ("inductor", "rule", "forced")
 RULE_OPTION = "skip_pairs_only_read_by_copies"
 SKIPPED_PREFIX = "skipped: rotated q and k are only read by layout copies"
-# Kernels that are neither the RoPE nor a copy: the projection GEMM and attention.
-_GEMM_OR_ATTENTION = re.compile(
-    r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk|flash|fmha|attention|cudnn|sdpa", re.I)
-
-
 @dataclass(frozen=True)
 class Size:
     hidden: int = 2048
@@ -178,9 +172,7 @@ def run_case(s: Size, graph: str, tokens: int, device: str, dtype: torch.dtype,
                                                   profile_steps, device)
                 row["kernels"] = prof.count if prof else None
                 row["gpu_us"] = prof.gpu_us if prof else None
-                row["rope_side_us"] = (sum(us for name, us in prof.us_per_name.items()
-                                           if not _GEMM_OR_ATTENTION.search(name))
-                                       if prof else None)
+                row["rope_side_us"] = prof.us_outside_gemm_and_attention() if prof else None
                 row["kernel_us"] = prof.us_per_name if prof else None
             except Exception as err:  # noqa: BLE001 - report and go on with the others
                 row["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:400]

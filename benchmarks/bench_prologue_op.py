@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -69,11 +68,6 @@ EXPECTED_FUSIONS = {
     "norm_rope": {"rewritten": 1, "qk_norm rewritten": 1},
     "norm_rope_kv": {"rewritten": 1, "qk_norm rewritten": 1, "kv_store rewritten": 1},
 }
-
-
-# Kernels that are neither prologue work nor a copy: the projection GEMM and attention.
-_GEMM_OR_ATTENTION = re.compile(
-    r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk|flash|fmha|attention|cudnn|sdpa", re.I)
 
 
 @dataclass(frozen=True)
@@ -276,8 +270,7 @@ def run_shape(kind: str, s: Shape, dtype, device: str, repeats: int, rounds: int
                 continue
             row["kernels"][name] = prof.count
             row["kernel_us"][name] = prof.us_per_name
-            row["prologue_us"][name] = sum(us for kernel, us in prof.us_per_name.items()
-                                           if not _GEMM_OR_ATTENTION.search(kernel))
+            row["prologue_us"][name] = prof.us_outside_gemm_and_attention()
     return row
 
 

@@ -299,6 +299,11 @@ def rope_backend():
     return backend_module.rope_compile_backend
 
 
+# Kernels that are neither RoPE/norm/cache work nor a copy: GEMMs (a projection) and attention.
+GEMM_OR_ATTENTION_KERNEL = re.compile(
+    r"gemm|gemv|nvjet|cutlass|xmma|cublas|splitk|flash|fmha|attention|cudnn|sdpa", re.I)
+
+
 @dataclass
 class KernelProfile:
     """CUDA kernels of one step, averaged over the profiled steps."""
@@ -307,6 +312,11 @@ class KernelProfile:
     gpu_us: float  # their summed durations per step: GPU busy time, whatever the host does
     per_name: dict[str, float]  # launches per step, by kernel name
     us_per_name: dict[str, float]  # µs per step, by kernel name
+
+    def us_outside_gemm_and_attention(self) -> float:
+        """µs per step of the kernels other than GEMMs and attention."""
+        return sum(us for name, us in self.us_per_name.items()
+                   if not GEMM_OR_ATTENTION_KERNEL.search(name))
 
 
 def profile_gpu_kernels(step: Callable[[], object], steps: int, device: str

@@ -258,3 +258,12 @@ def test_layout_copy_tiny_cpu(tmp_path):
     text = (tmp_path / "layout_copy.md").read_text()
     assert "left to Inductor (rule)" in text and "the rule chose Inductor" in text
     assert (tmp_path / "layout_copy.json").exists()
+
+
+def test_kernel_profile_time_outside_gemm_and_attention():
+    """The prologue/RoPE side of a profile: every kernel but GEMMs and attention."""
+    common = _bench("common")
+    prof = common.KernelProfile(4, 10.0, {}, {"nvjet_tst_qkv": 5.0, "triton_poi_fused_rope": 1.5,
+                                              "flash_fwd_kernel": 3.0,
+                                              "fused_qk_norm_rope_kv_kernel": 0.5})
+    assert prof.us_outside_gemm_and_attention() == 2.0
