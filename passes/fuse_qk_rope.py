@@ -309,9 +309,10 @@ def _dense(val: torch.Tensor) -> bool:
     return bool(check(val))
 
 
-def _views_read_by_output(view: Node, source: Node) -> list[tuple[Node, list[Node]]]:
-    """``view`` (a view of ``source``) and the views below it that the graph output reads,
-    each with its view chain from ``source``."""
+def _views_read_by_output(view: Node) -> list[tuple[Node, list[Node]]]:
+    """``view`` and the views below it (view ops only) that the graph output reads, each with
+    its view chain from ``view``'s source (``[view, ..., it]``); empty when the output reads
+    none of them."""
     found, stack, seen = [], [(view, [view])], {view}
     while stack:
         current, chain = stack.pop()
@@ -324,20 +325,6 @@ def _views_read_by_output(view: Node, source: Node) -> list[tuple[Node, list[Nod
     return found
 
 
-def _leads_to_output(node: Node) -> bool:
-    """``node`` is used by the graph output directly or through view ops only."""
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        for user in current.users:
-            if user.op == "output":
-                return True
-            if user not in seen and is_view_of_input(user):
-                seen.add(user)
-                stack.append(user)
-    return False
-
-
 def _graph_output_layout(match: RopeMatch) -> tuple[RopeMatch, list[int], list[Node]] | None:
     """If the rotated ``match.output`` reaches the graph output (itself, or a view of it:
     ``reshape(T, H * D)``, a transpose, a head slice): (match, the dim order, outermost first,
@@ -345,7 +332,7 @@ def _graph_output_layout(match: RopeMatch) -> tuple[RopeMatch, list[int], list[N
     result is a strided view into the root, sharing its storage with v; eager's is a fresh
     tensor, and its views are views of that."""
     users = [user for user in match.output.users
-             if user.op == "output" or (is_view_of_input(user) and _leads_to_output(user))]
+             if user.op == "output" or (is_view_of_input(user) and _views_read_by_output(user))]
     if not users:
         return None
     val = fake_value(match.output)
@@ -592,7 +579,7 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
                 if user.op == "output":
                     tx.replace_input(user, match.output, copied)
                     continue
-                for end, chain in _views_read_by_output(user, match.output):
+                for end, chain in _views_read_by_output(user):
                     new_end = tx.replay_views(chain, match.output, copied, replayed)
                     for out_node in [u for u in end.users if u.op == "output"]:
                         tx.replace_input(out_node, end, new_end)
