@@ -69,7 +69,7 @@ if not torch.cuda.is_available():
     # As conftest.py: Triton (if imported at all) runs interpreted without a GPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from pass_helpers import fresh_compile, rope_counters  # noqa: E402
+from pass_helpers import FORCE_REWRITE, fresh_compile, rope_counters  # noqa: E402
 
 
 def _ensure_backend() -> None:
@@ -610,9 +610,6 @@ SIZE1_STRIDES_FAIL = False
 # cost policy that only ever leaves a pair to Inductor, passes/layout_copy_rule.py) is off:
 # axial pairs, read only by the cat that joins each head's halves, are still rewritten and
 # checked. The rule itself: tests/test_pass_layout_copy_rule.py.
-FORCE_REWRITE = {"skip_pairs_only_read_by_copies": False}
-
-
 def compile_options(device: str) -> dict:
     if device == "cpu":
         return {"devices": ("cpu",), "strict": True, **FORCE_REWRITE}

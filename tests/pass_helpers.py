@@ -34,6 +34,9 @@ TABLES_TARGET = "rope_compile.fused_qk_rope_with_cos_sin_tables_inplace.default"
 FUSED_OP_CALL = re.compile(r"fused_qk_\w+_inplace\.default\(")
 # Pass options that force the pass on for CPU graphs and make pass errors raise.
 CPU_OPTIONS = {"devices": ("cpu",), "strict": True}
+# Pass options that turn the layout-copy rule off (passes/layout_copy_rule.py, a cost policy
+# that only ever leaves a pair to Inductor): every rewrite the pass can make is made.
+FORCE_REWRITE = {"skip_pairs_only_read_by_copies": False}
 
 
 def cpu_pass(**options) -> FuseQKRopePass:

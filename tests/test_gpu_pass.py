@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from pass_helpers import FORCE_REWRITE
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
@@ -21,9 +22,8 @@ pytestmark = [
 
 # TinyLlama's 3-D GQA SDPA runs as the math fallback in bf16: its q/k upcasts to float32 are
 # then the rotated q and k's only readers, and the layout-copy rule leaves the pair to Inductor
-# by default (test_layout_copy_rule_skips_tinyllama_bf16_on_cuda). These tests check the
-# rewrite's GPU lowering, so they force it.
-FORCED = {"skip_pairs_only_read_by_copies": False}
+# by default (test_layout_copy_rule_skips_tinyllama_bf16_on_cuda). The tests below check the
+# rewrite's GPU lowering, so they force it (FORCE_REWRITE).
 
 
 def _model(layers: int, dtype: torch.dtype) -> TinyLlama:
@@ -47,7 +47,7 @@ def test_default_backend_rewrites_each_layer_on_cuda(dtype):
         eager = model(*args)
         plain = torch.compile(model)(*args)
         fused, code = run_and_get_code(
-            torch.compile(model, backend="rope_compile", options=FORCED), *args)
+            torch.compile(model, backend="rope_compile", options=FORCE_REWRITE), *args)
     source = "\n".join(code)
     assert count_fused_calls(source) == layers
     # Inductor launches the Triton kernel itself: no op call through the dispatcher.
@@ -64,7 +64,7 @@ def test_dynamic_tokens_no_recompile_on_cuda():
     torch._dynamo.reset()
     counters.clear()
     model = _model(2, torch.bfloat16)
-    compiled = torch.compile(model, backend="rope_compile", dynamic=True, options=FORCED)
+    compiled = torch.compile(model, backend="rope_compile", dynamic=True, options=FORCE_REWRITE)
     with torch.no_grad():
         compiled(*_inputs(64, torch.bfloat16))
         assert counters["rope_compile"]["rewritten"] == 2
@@ -81,7 +81,7 @@ def test_reduce_overhead_mode_on_cuda():
     # mode="reduce-overhead" is Inductor's triton.cudagraphs (torch.compile takes mode or
     # options, not both).
     compiled = torch.compile(model, backend="rope_compile",
-                             options={**FORCED, "triton.cudagraphs": True})
+                             options={**FORCE_REWRITE, "triton.cudagraphs": True})
     args = _inputs(16, torch.bfloat16)
     with torch.no_grad():
         for _ in range(3):  # warm-up, record, replay

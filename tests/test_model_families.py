@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from pass_helpers import (  # noqa: E402
     CPU_OPTIONS,
+    FORCE_REWRITE,
     capture_compile,
     count_fused_calls,
     cpu_pass,
@@ -626,12 +627,9 @@ GPU_CASES = {
 }
 
 
-# The rewrite forced where the layout-copy rule would leave a pair to Inductor (GPT-J's
-# partial rotary on CUDA: its rotated halves are read only by the cat that rejoins the heads):
-# this checks the rewrite itself on the GPU.
-FORCED = {"skip_pairs_only_read_by_copies": False}
-
-
+# The rewrite forced (FORCE_REWRITE) where the layout-copy rule would leave a pair to Inductor
+# (GPT-J's partial rotary on CUDA: its rotated halves are read only by the cat that rejoins the
+# heads): this checks the rewrite itself on the GPU.
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_family_on_gpu(case, gpu_device):
@@ -644,7 +642,7 @@ def test_family_on_gpu(case, gpu_device):
     args = tuple(a.to(gpu_device) if isinstance(a, torch.Tensor) else a for a in args)
     with fresh_compile(), torch.no_grad():
         expected = fn(*args)
-        out = torch.compile(fn, backend="rope_compile", options=FORCED)(*args)
+        out = torch.compile(fn, backend="rope_compile", options=FORCE_REWRITE)(*args)
         counts = rope_counters()
         plain = torch.compile(fn)(*args) if case.endswith("bf16") else None
     assert counts.get("rewritten") == layers, counts

@@ -24,7 +24,14 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from pass_helpers import CPU_OPTIONS, count_fused_calls, fresh_compile, positions_for, rope_counters
+from pass_helpers import (
+    CPU_OPTIONS,
+    FORCE_REWRITE,
+    count_fused_calls,
+    fresh_compile,
+    positions_for,
+    rope_counters,
+)
 from rope_compile.passes.fuse_qk_rope import FuseQKRopePass
 from rope_compile.passes.layout_copy_rule import COPY_ONLY_REASON, layout_copies_reading
 from torch._inductor.utils import run_and_get_code
@@ -40,7 +47,6 @@ SLOTS = 16
 SKIPPED = ("skipped: rotated q and k are only read by layout copies (Inductor fuses the RoPE "
            "into them; the rewrite would add a pass over q and k)")
 ROPE = RotaryEmbedding(D, D, 64, 10000.0, True, torch.float32)
-FORCED = {"skip_pairs_only_read_by_copies": False}
 
 
 def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -174,7 +180,7 @@ def test_copy_only_pair_left_to_inductor(fn, caplog):
 
 @pytest.mark.parametrize("fn", COPY_ONLY, ids=lambda fn: fn.__name__)
 def test_copy_only_pair_rewritten_when_forced(fn, caplog):
-    counts, fused, lines = _compile(fn, caplog, **FORCED)
+    counts, fused, lines = _compile(fn, caplog, **FORCE_REWRITE)
     trig = {k: v for k, v in counts.items() if k.startswith("trig_in_kernel")}
     assert {k: v for k, v in counts.items() if k not in trig} == {
         "pairs_found": 1, "rewritten": 1}, counts
@@ -238,12 +244,12 @@ def test_option_validated():
             split_and_validate_backend_options({"skip_pairs_only_read_by_copies": bad})
     with pytest.raises(ValueError, match="did you mean 'skip_pairs_only_read_by_copies'"):
         split_and_validate_backend_options({"skip_pairs_read_only_by_copies": False})
-    assert split_and_validate_backend_options(FORCED) == (FORCED, {})
+    assert split_and_validate_backend_options(FORCE_REWRITE) == (FORCE_REWRITE, {})
 
 
 def test_option_in_the_uuid():
     default = FuseQKRopePass()
     assert default.skip_pairs_only_read_by_copies is True
     assert FuseQKRopePass(skip_pairs_only_read_by_copies=True).uuid() == default.uuid()
-    assert FuseQKRopePass(**FORCED).uuid() != default.uuid()
-    assert "skip_pairs_only_read_by_copies=False" in repr(FuseQKRopePass(**FORCED))
+    assert FuseQKRopePass(**FORCE_REWRITE).uuid() != default.uuid()
+    assert "skip_pairs_only_read_by_copies=False" in repr(FuseQKRopePass(**FORCE_REWRITE))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pass_helpers import fresh_compile, rope_counters
+from pass_helpers import FORCE_REWRITE, fresh_compile, rope_counters
 from rope_compile.passes import fuse_qk_rope
 from rope_compile.passes.layout_copy_rule import COPY_ONLY_REASON
 
@@ -173,7 +173,7 @@ def axial_rope(device):
 # by default both pairs are left to Inductor (passes/layout_copy_rule.py; see
 # test_axial_rope_left_to_inductor_by_default). Forced here: what is checked is the rewrite of
 # two pairs on one root.
-axial_rope.options = {"skip_pairs_only_read_by_copies": False}
+axial_rope.options = FORCE_REWRITE
 
 
 def two_pairs_one_projection(device):
