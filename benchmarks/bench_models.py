@@ -20,7 +20,12 @@ same mode:
 * wall ms per synchronised forward (CUDA events; ``time.perf_counter`` on the CPU): the two
   alternatives are timed in ``--rounds`` interleaved rounds (the order alternating), each
   round the median of ``--iters`` forwards; reported: the median of the round medians and
-  their min-max spread, and the speedup plain / rope_compile of the medians.
+  their min-max spread, and the speedup plain / rope_compile of the medians;
+* back-to-back ms per forward: ``--iters`` forwards issued with no synchronisation between
+  them, the wall time over their count (``common.host_time_us``), in the same interleaved
+  rounds. This is how a serving loop runs; when the forward is host-bound (these small models
+  in default mode) it is the host's time per forward, which is what the synchronised wall time
+  of a host-bound forward measures plus one GPU tail.
 
 Writes ``models.md`` (a table per mode) and ``models.json`` to ``--out``. A model that fails
 is reported and the others go on. On the CPU (``--device cpu``) only the default mode runs
@@ -218,15 +223,18 @@ def _stepper(fn: Callable, args: tuple, mode: str) -> Callable[[], object]:
 
 
 def time_rounds(steps: dict[str, Callable[[], object]], rounds: int, iters: int, device: str
-                ) -> dict[str, list[float]]:
-    """Per alternative, ``rounds`` medians of ``iters`` synchronised calls (ms), the order of
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per alternative, ``rounds`` medians of ``iters`` synchronised calls (ms) and ``rounds``
+    back-to-back ms per call (``iters`` calls, one synchronisation at the end), the order of
     the alternatives reversed every other round."""
     names = list(steps)
-    got: dict[str, list[float]] = {n: [] for n in names}
+    synced: dict[str, list[float]] = {n: [] for n in names}
+    back_to_back: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            got[n].append(common.time_steps_ms(steps[n], iters, device, warmup=2)[0])
-    return got
+            synced[n].append(common.time_steps_ms(steps[n], iters, device, warmup=2)[0])
+            back_to_back[n].append(common.host_time_us(steps[n], iters, device, warmup=2) / 1e3)
+    return synced, back_to_back
 
 
 def run_model(name: str, s: Size, modes: Sequence[str], device: str, dtype: torch.dtype,
@@ -275,12 +283,14 @@ def run_model(name: str, s: Size, modes: Sequence[str], device: str, dtype: torc
                         row["kernel_us_inductor"], row["kernel_us_rope_compile"])
                     row["differing_us"] = (theirs, ours)
                     row["differing_kernels"] = names
-                ms = time_rounds(steps, rounds, iters, device)
-                for alt, values in ms.items():
-                    row[f"ms_{alt}"] = statistics.median(values)
-                    row[f"ms_spread_{alt}"] = (min(values), max(values))
-                    row[f"ms_rounds_{alt}"] = values
+                synced, back_to_back = time_rounds(steps, rounds, iters, device)
+                for prefix, timed in (("ms", synced), ("b2b_ms", back_to_back)):
+                    for alt, values in timed.items():
+                        row[f"{prefix}_{alt}"] = statistics.median(values)
+                        row[f"{prefix}_spread_{alt}"] = (min(values), max(values))
+                        row[f"{prefix}_rounds_{alt}"] = values
                 row["speedup"] = row["ms_inductor"] / row["ms_rope_compile"]
+                row["b2b_speedup"] = row["b2b_ms_inductor"] / row["b2b_ms_rope_compile"]
             except Exception as err:  # noqa: BLE001 - report and go on with the others
                 row["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:400]
                 log(traceback.format_exc(limit=-6))
@@ -305,8 +315,8 @@ def _pair(row: dict, key: str, digits: int = 3) -> str:
     return f"{a:.{digits}f} / {b:.{digits}f}"
 
 
-def _spread(row: dict, alt: str) -> str:
-    lo_hi = row.get(f"ms_spread_{alt}")
+def _spread(row: dict, alt: str, prefix: str = "ms") -> str:
+    lo_hi = row.get(f"{prefix}_spread_{alt}")
     return f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}" if lo_hi else "-"
 
 
@@ -314,13 +324,14 @@ def results_table(rows: Sequence[dict], mode: str) -> str:
     headers = ["model", "fused calls", "max abs err vs eager, Inductor / ours",
                "kernels per forward, Inductor / ours", "GPU kernel ms, Inductor / ours",
                "RoPE µs, Inductor -> ours", "wall ms Inductor (spread)",
-               "wall ms ours (spread)", "speedup"]
+               "wall ms ours (spread)", "speedup", "back-to-back ms, Inductor (spread) / "
+               "ours (spread)", "back-to-back speedup"]
     body = []
     for r in rows:
         if r["mode"] != mode:
             continue
         if r["error"]:
-            body.append([r["model"], "error: " + r["error"][:120], *["-"] * 7])
+            body.append([r["model"], "error: " + r["error"][:120], *["-"] * 9])
             continue
         diff = r.get("differing_us")
         skips = " (cudagraphs skipped!)" if r.get("cudagraph_skips") else ""
@@ -332,6 +343,9 @@ def results_table(rows: Sequence[dict], mode: str) -> str:
             f"{r['ms_inductor']:.3f} ({_spread(r, 'inductor')})",
             f"{r['ms_rope_compile']:.3f} ({_spread(r, 'rope_compile')})",
             f"{r['speedup']:.3f}x",
+            f"{r['b2b_ms_inductor']:.3f} ({_spread(r, 'inductor', 'b2b_ms')}) / "
+            f"{r['b2b_ms_rope_compile']:.3f} ({_spread(r, 'rope_compile', 'b2b_ms')})",
+            f"{r['b2b_speedup']:.3f}x",
         ])
     return common.markdown_table(headers, body)
 
@@ -343,7 +357,9 @@ LEGEND = (
     "kernels that run in only one of the two (Inductor's RoPE kernels and ours), µs per "
     "forward. wall ms: one synchronised forward, the median over interleaved rounds (each "
     "round the median of its forwards) and the min-max of the round medians. speedup: "
-    "Inductor / ours, wall medians."
+    "Inductor / ours, wall medians. back-to-back: the forwards of a round issued with one "
+    "synchronisation at the end, wall ms over their count (the host's time per forward when "
+    "it is host-bound), median and min-max over the rounds."
 )
 
 

@@ -143,6 +143,9 @@ def test_models_qwen3_tiny_cpu(tmp_path):
     assert len(row["ms_rounds_inductor"]) == len(row["ms_rounds_rope_compile"]) == 2
     low, high = row["ms_spread_rope_compile"]
     assert 0 < low <= row["ms_rope_compile"] <= high
+    assert len(row["b2b_ms_rounds_inductor"]) == len(row["b2b_ms_rounds_rope_compile"]) == 2
+    low, high = row["b2b_ms_spread_inductor"]
+    assert 0 < low <= row["b2b_ms_inductor"] <= high and row["b2b_speedup"] > 0
     assert "HF Qwen3" in (tmp_path / "models.md").read_text()
     assert (tmp_path / "models.json").exists()
 
@@ -267,3 +270,18 @@ def test_kernel_profile_time_outside_gemm_and_attention():
                                               "flash_fwd_kernel": 3.0,
                                               "fused_qk_norm_rope_kv_kernel": 0.5})
     assert prof.us_outside_gemm_and_attention() == 2.0
+
+
+def test_sweep_prologue_kernel_cpu(tmp_path):
+    """The launch-configuration sweep end to end under the interpreter: the heuristics' row
+    first (its choice reported), then the swept configurations, the best among them."""
+    bench = _bench("sweep_prologue_kernel")
+    [result] = bench.main(["--device", "cpu", "--tokens", "2", "--kinds", "norm_rope",
+                           "--max-configs", "2", "--repeats", "1", "--out", str(tmp_path)])
+    heuristics, *swept = result["rows"]
+    assert heuristics["heuristics"] and set(result["chosen"]) == {
+        "block_h", "head_splits", "num_warps"}
+    assert [(r["block_h"], r["head_splits"], r["num_warps"]) for r in swept] == [
+        (2, 1, 2), (2, 2, 2)]
+    assert result["best"]["us"] == min(r["us"] for r in result["rows"]) > 0
+    assert "norm_rope, T = 2" in (tmp_path / "sweep_prologue.md").read_text()
