@@ -149,14 +149,18 @@ _SMALL_TOKENS = 256
 _TARGET_PROGRAMS = 2048
 
 
-def device_launch_options(device_type: str, tile_elems: int, elem_bytes: int) -> dict:
+def device_launch_options(device_type: str, tile_elems: int, elem_bytes: int,
+                          vectors_per_lane: int = 1) -> dict:
     """The one place for device-specific launch options (warps per program).
 
-    A warp moves 32 lanes x one 16-byte vector; one vector per lane per tile, 4 to 8 warps.
+    A warp moves 32 lanes x one 16-byte vector; ``vectors_per_lane`` vectors per lane per
+    tile (1: the rotation alone; 2: kernels that also reduce over the tile, the QK-norm, where
+    fewer warps with more work each measured faster: an H200 sweep of
+    ``benchmarks/sweep_prologue_kernel.py``), 4 to 8 warps.
     Intel GPUs (``xpu``) map a Triton warp to a sub-group; the same count is a sound default
     there, and large-GRF or sub-group-size options for XPU would be added here.
     """
-    vec = max(1, 16 // elem_bytes)
+    vec = max(1, 16 // elem_bytes) * max(1, vectors_per_lane)
     warps = max(4, min(8, triton.next_power_of_2(max(1, tile_elems // (32 * vec)))))
     return {"num_warps": warps}
 

@@ -891,3 +891,20 @@ def test_pair_indices_cover_rotary_dim():
     """The oracle's pairs (conftest) cover each rotated column once (sanity of the helper)."""
     first, second = pair_indices(48, False)
     assert sorted(first + second) == list(range(48))
+
+
+def test_norm_plan_takes_half_the_warps_of_a_large_tile():
+    """The measured launch choice (benchmarks/results/sweep_prologue_h200.md): at many tokens a
+    bf16 tile of 16 heads x 128 runs with 8 warps when only rotated, with 4 when normalised
+    first (two vectors per lane); the plan is otherwise the same."""
+    q = torch.empty(4096, 32, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(4096, 8, 128, dtype=torch.bfloat16, device="meta")
+    cache = torch.empty(8192, 128, dtype=torch.bfloat16, device="meta")
+    positions = torch.empty(4096, dtype=torch.int64, device="meta")
+    weight = torch.empty(128, dtype=torch.bfloat16, device="meta")
+    rope = rope_kv_store.FromCache(cache, positions)
+    plans = {norm is not None: rope_kv_store.plan_tensor_launch(q, k, rope, 128, True, norm=norm)
+             for norm in (None, (weight, weight, 1e-6, 0.0))}
+    assert {n: p.options["num_warps"] for n, p in plans.items()} == {False: 8, True: 4}
+    assert {n: (p.constexprs["BLOCK_H"], p.grid[1]) for n, p in plans.items()} == {
+        False: (16, 1), True: (16, 1)}
