@@ -297,7 +297,8 @@ def run_model(name: str, s: Size, modes: Sequence[str], device: str, dtype: torc
             row["total_s"] = time.perf_counter() - t0
             log(f"{row['model']} [{mode}]: " + (f"ERROR {row['error']}" if row["error"] else
                 f"fused {row['fused_calls']}, rewritten {row['rewritten']}, "
-                f"ms {row['ms_inductor']:.3f} / {row['ms_rope_compile']:.3f}, "
+                f"ms {row['ms_inductor']:.3f} / {row['ms_rope_compile']:.3f}, back-to-back "
+                f"{row['b2b_ms_inductor']:.3f} / {row['b2b_ms_rope_compile']:.3f}, "
                 f"{row['total_s']:.1f} s"))
             torch._dynamo.reset()
     del model
@@ -385,6 +386,21 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
+def write_results(out: str | None, header: str, meta: dict, rows: Sequence[dict],
+                  modes: Sequence[str]) -> str:
+    """The markdown report of ``rows``, also written with the JSON to ``out`` if given."""
+    md = [header, f"total {meta['total_s']:.0f} s", "", LEGEND, ""]
+    for mode in modes:
+        md += [f"## mode={mode}", "", results_table(rows, mode), ""]
+    text = "\n".join(md)
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "models.md").write_text(text)
+        (path / "models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = _parse_args(argv)
     device = args.device or common.default_device()
@@ -410,21 +426,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(header, flush=True)
     t0 = time.perf_counter()
     rows: list[dict] = []
-    for name in select_models(args.models):
+    text = ""
+    for name in select_models(args.models):  # written after each model: a cut run keeps it
         rows += run_model(name, size, modes, device, dtype, rounds=args.rounds,
                           iters=args.iters, dump_code=args.dump_code,
                           log=lambda line: print(line, flush=True))
-    meta["total_s"] = time.perf_counter() - t0
-    md = [header, f"total {meta['total_s']:.0f} s", "", LEGEND, ""]
-    for mode in modes:
-        md += [f"## mode={mode}", "", results_table(rows, mode), ""]
-    text = "\n".join(md)
+        meta["total_s"] = time.perf_counter() - t0
+        text = write_results(args.out, header, meta, rows, modes)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "models.md").write_text(text)
-        (out / "models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 
 
