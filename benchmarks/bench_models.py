@@ -15,8 +15,9 @@ same mode:
 * max abs error of the logits (the output) of each against eager;
 * kernels per forward and GPU kernel ms per forward: the summed durations of the forward's
   CUDA kernels from ``torch.profiler`` (of two interleaved profiles, the one with less GPU
-  time; kernels replayed from a CUDA graph are reported one by one too), the GPU's share whatever the host does; and the kernels that run in only one of
-  the two (Inductor's RoPE kernels and ours) with their µs;
+  time; kernels replayed from a CUDA graph are reported one by one too), the GPU's share
+  whatever the host does; and the kernels that run in only one of the two (Inductor's RoPE
+  kernels and ours) with their µs;
 * wall ms per synchronised forward (CUDA events; ``time.perf_counter`` on the CPU): the two
   alternatives are timed in ``--rounds`` interleaved rounds (the order alternating), each
   round the median of ``--iters`` forwards; reported: the median of the round medians and
