@@ -490,7 +490,7 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
     if q_whole or k_whole:
         head_splits = 1  # a whole-projection norm reads all of the token's heads in one program
     # The norm reduces over each head before it rotates: two vectors per lane (4 warps for a
-    # 2048-element tile, not 8) measured 7-9% faster at 4096 tokens on an H200
+    # 2048-element tile, not 8) measured about 7% faster at 4096 tokens on an H200
     # (benchmarks/results/sweep_prologue_h200.md); the rotation alone keeps one.
     options = device_launch_options(device_type, block_h * width, elem_bytes,
                                     vectors_per_lane=2 if norm is not None else 1)
