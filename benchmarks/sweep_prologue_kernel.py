@@ -35,21 +35,27 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
 from rope_compile.kernels import rope_kv_store  # noqa: E402
 
 
-def launcher(kind: str, module: bench.Prologue, overrides: dict):
-    """``launch(qkv, positions, cache_loc, k_buffer, v_buffer)``: the kind's fused kernel on
-    views of qkv, with launch ``overrides`` (empty: the heuristics)."""
+def launch_args(kind: str, module: bench.Prologue, qkv, positions, cache_loc, k_buffer,
+                v_buffer) -> tuple[tuple, dict]:
+    """The kind's fused kernel on views of qkv, as ``rope_kv_store.launch(*args, **kwargs)``
+    takes it (the op ``bench_prologue_op`` calls directly)."""
     s = module.s
-    cache = module.rope.cos_sin_cache
-    norm = None
-    if kind.startswith("norm"):
-        norm = (module.q_norm.weight, module.k_norm.weight, module.q_norm.eps, 0.0)
+    t, hq, hk, d = qkv.shape[0], s.q_heads, s.kv_heads, s.head_dim
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
+    norm = ((module.q_norm.weight, module.k_norm.weight, module.q_norm.eps, 0.0)
+            if kind.startswith("norm") else None)
+    kv = (v, k_buffer, v_buffer, cache_loc, None, None) if kind.endswith("kv") else None
+    return (q, k, module.rope.cos_sin_cache, positions, d, True), {"norm": norm, "kv": kv}
 
-    def launch(qkv, positions, cache_loc, k_buffer, v_buffer):
-        t, hq, hk, d = qkv.shape[0], s.q_heads, s.kv_heads, s.head_dim
-        q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
-        q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
-        kv = (v, k_buffer, v_buffer, cache_loc, None, None) if kind.endswith("kv") else None
-        rope_kv_store.launch(q, k, cache, positions, d, True, norm=norm, kv=kv, **overrides)
+
+def launcher(kind: str, module: bench.Prologue, overrides: dict):
+    """``launch(qkv, positions, cache_loc, k_buffer, v_buffer)`` with launch ``overrides``
+    (empty: the heuristics)."""
+
+    def launch(*inputs):
+        args, kwargs = launch_args(kind, module, *inputs)
+        rope_kv_store.launch(*args, **kwargs, **overrides)
 
     return launch
 
@@ -80,14 +86,9 @@ def sweep(kind: str, tokens: int, dtype, repeats: int, copy_bw: float, device: s
     elem = torch.finfo(dtype).bits // 8
     floor_us = bench.floor_bytes(kind, s, elem, module.rope.cos_sin_cache.element_size()) / (
         copy_bw) * 1e6
-    qkv, positions, cache_loc, k_buffer, v_buffer = sets[0]
-    q, k, v = _views(qkv, s)
-    norm = ((module.q_norm.weight, module.k_norm.weight, module.q_norm.eps, 0.0)
-            if kind.startswith("norm") else None)
-    kv = (v, k_buffer, v_buffer, cache_loc, None, None) if kind.endswith("kv") else None
+    (q, k, cache, positions, rotary_dim, is_neox), kwargs = launch_args(kind, module, *sets[0])
     default = rope_kv_store.plan_tensor_launch(
-        q, k, rope_kv_store.FromCache(module.rope.cos_sin_cache, positions), s.head_dim, True,
-        norm=norm, kv=kv)
+        q, k, rope_kv_store.FromCache(cache, positions), rotary_dim, is_neox, **kwargs)
     chosen = {"block_h": default.constexprs["BLOCK_H"], "head_splits": default.grid[1],
               "num_warps": default.options["num_warps"]}
     rows = []
@@ -104,12 +105,6 @@ def sweep(kind: str, tokens: int, dtype, repeats: int, copy_bw: float, device: s
     best = min(rows, key=lambda r: r["us"])
     return {"kind": kind, "tokens": tokens, "floor_us": floor_us, "chosen": chosen,
             "rows": rows, "best": best}
-
-
-def _views(qkv, s: bench.Shape):
-    t, hq, hk, d = qkv.shape[0], s.q_heads, s.kv_heads, s.head_dim
-    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
-    return q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
 
 
 def report(results: Sequence[dict]) -> str:
