@@ -204,6 +204,19 @@ def _check_output_dtype(out_val: torch.Tensor, x: Node) -> None:
                         f"{fake_value(x).dtype}")
 
 
+def _weighted_in_float32(xn: Node, w: Node, product: Node, out_val: torch.Tensor,
+                         product_error: str) -> tuple[Node, Node, float, list[Node]]:
+    """The Gemma and OLMo2 forms' shared proof: ``product`` multiplies the normalised ``xn``
+    by the (float32) weight ``w`` in float32, and the norm's output has x's dtype.
+    (x, weight, eps, nodes of the normalisation); ``product_error`` names the form."""
+    weight = _cast_to(w, torch.float32) or w
+    x, _, eps, nodes = _normalised(xn)
+    if fake_value(product).dtype != torch.float32:
+        raise PlanError(product_error)
+    _check_output_dtype(out_val, x)
+    return x, weight, eps, nodes
+
+
 def match_rms_norm(output: Node) -> NormMatch:
     """Prove ``output`` is an RMSNorm of some x over its last dim, rounded as the kernel does
     (see the module docstring), or raise ``PlanError``."""
@@ -221,11 +234,8 @@ def match_rms_norm(output: Node) -> NormMatch:
             w, one = one, w
         if one != 1 or isinstance(one, Node) or fake_value(plus).dtype != torch.float32:
             raise PlanError("the Gemma norm's factor is not 1 + float(weight) in float32")
-        weight = _cast_to(w, torch.float32) or w
-        x, xf, eps, nodes = _normalised(xn)
-        if fake_value(inner).dtype != torch.float32:
-            raise PlanError("the Gemma norm's product is not in float32")
-        _check_output_dtype(out_val, x)
+        x, weight, eps, nodes = _weighted_in_float32(
+            xn, w, inner, out_val, "the Gemma norm's product is not in float32")
         return _checked(NormMatch(output, x, weight, eps, 1.0,
                                   (output, inner, plus, *nodes)))
     if gemma is not None and inner is not output:
@@ -233,11 +243,8 @@ def match_rms_norm(output: Node) -> NormMatch:
         xn, w = gemma
         if not isinstance(w, Node):
             raise PlanError("the norm's weight is not a tensor")
-        weight = _cast_to(w, torch.float32) or w
-        x, xf, eps, nodes = _normalised(xn)
-        if fake_value(inner).dtype != torch.float32:
-            raise PlanError("the norm's product w * x_normed is not in float32")
-        _check_output_dtype(out_val, x)
+        x, weight, eps, nodes = _weighted_in_float32(
+            xn, w, inner, out_val, "the norm's product w * x_normed is not in float32")
         return _checked(NormMatch(output, x, weight, eps, 0.0, (output, inner, *nodes),
                                   round_once=True))
     # Qwen3 / Llama: mul(w, [convert(] mul(xf, r) [, x.dtype)])
