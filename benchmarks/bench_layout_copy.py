@@ -116,7 +116,7 @@ def _n_buffers(s: Size, tokens: int, dtype, device: str, max_buffers: int = 20) 
     if torch.device(device).type != "cuda":
         return 2
     per_call = tokens * (s.hidden + (s.hq + 2 * s.hk) * s.d) * dtype.itemsize
-    return max(1, min(max_buffers, -(-3 * common.l2_cache_bytes(device) // max(1, per_call))))
+    return common.sets_beyond_l2(per_call, device, max_buffers)
 
 
 def _compile(model: nn.Module, variant: str, device: str) -> Callable:

@@ -254,9 +254,8 @@ def _n_buffers(row: Row, device: str, max_buffers: int) -> int:
     if torch.device(device).type != "cuda":
         return min(2, max_buffers)
     set_bytes = max(1, _inputs_nbytes(row))
-    want = -(-3 * common.l2_cache_bytes(device) // set_bytes)
     budget = max(1, (4 * 2**30) // set_bytes)  # at most 4 GiB of buffers
-    return max(1, min(max_buffers, want, budget))
+    return max(1, min(common.sets_beyond_l2(set_bytes, device, max_buffers), budget))
 
 
 def _inputs_nbytes(row: Row) -> int:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -245,8 +244,8 @@ def run_shape(kind: str, s: Shape, dtype, device: str, repeats: int, rounds: int
                      if k in EXPECTED_FUSIONS[kind] or "skipped" in k or "missed" in k}
             row["fusions"] = fused
             row["fused_as_expected"] = fused == EXPECTED_FUSIONS[kind]
-        n_sets = max(1, min(20, math.ceil(3 * common.l2_cache_bytes(device) / max(
-            1, sum(x.numel() * x.element_size() for x in make_inputs(s, dtype, "meta", 0))))))
+        n_sets = common.sets_beyond_l2(
+            sum(x.numel() * x.element_size() for x in make_inputs(s, dtype, "meta", 0)), device)
         sets = [make_inputs(s, dtype, device, seed=100 + i) for i in range(n_sets)]
         inputs = {name: [op_inputs(module, x) for x in sets] if name == "op" else sets
                   for name in impls}

@@ -67,6 +67,12 @@ def l2_cache_bytes(device: str | torch.device) -> int:
     return int(getattr(props, "L2_cache_size", 50 * 2**20))
 
 
+def sets_beyond_l2(set_bytes: int, device: str | torch.device, max_sets: int = 20) -> int:
+    """How many input sets of ``set_bytes`` each together make 3x the L2, so that rotating over
+    them the L2 cannot serve every call (at least 1, at most ``max_sets``; 1 on the CPU)."""
+    return max(1, min(max_sets, -(-3 * l2_cache_bytes(device) // max(1, set_bytes))))
+
+
 def module_version(name: str) -> str | None:
     try:
         return getattr(importlib.import_module(name), "__version__", "?")

@@ -78,11 +78,10 @@ def sweep(kind: str, tokens: int, dtype, repeats: int, copy_bw: float, device: s
           max_configs: int | None = None) -> dict:
     s = bench.Shape(tokens)
     module = bench.Prologue(kind, s, dtype).to(device=device, dtype=dtype).eval()
-    one_set = sum(x.numel() * x.element_size()
-                  for x in bench.op_inputs(module, bench.make_inputs(s, dtype, device, 0)))
-    n_sets = max(1, min(20, math.ceil(3 * common.l2_cache_bytes(device) / max(1, one_set))))
-    sets = [bench.op_inputs(module, bench.make_inputs(s, dtype, device, 100 + i))
-            for i in range(n_sets)]
+    first = bench.op_inputs(module, bench.make_inputs(s, dtype, device, 100))
+    n_sets = common.sets_beyond_l2(sum(x.numel() * x.element_size() for x in first), device)
+    sets = [first, *(bench.op_inputs(module, bench.make_inputs(s, dtype, device, 100 + i))
+                     for i in range(1, n_sets))]
     elem = torch.finfo(dtype).bits // 8
     floor_us = bench.floor_bytes(kind, s, elem, module.rope.cos_sin_cache.element_size()) / (
         copy_bw) * 1e6

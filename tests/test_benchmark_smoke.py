@@ -312,3 +312,17 @@ def test_models_keep_the_quieter_profile(monkeypatch):
                                                           "rope_compile": 520.0}
     monkeypatch.setattr(common, "profile_gpu_kernels", lambda *a: None)  # the CPU: no profile
     assert bench.quietest_profiles(steps, 5, "cpu") == {"inductor": None, "rope_compile": None}
+
+
+def test_sets_beyond_l2(monkeypatch):
+    """The input-set count every op benchmark rotates over: together at least 3x the L2
+    (rounded up), at least 1 and at most the cap; 1 where there is no L2 (the CPU)."""
+    common = _bench("common")
+    assert common.sets_beyond_l2(10 * 2**20, "cpu") == 1
+    monkeypatch.setattr(common, "l2_cache_bytes", lambda device: 60 * 2**20)
+    assert common.sets_beyond_l2(50 * 2**20, "cuda") == 4  # 150 MiB < 180 <= 200
+    assert common.sets_beyond_l2(60 * 2**20, "cuda") == 3  # exactly 3x
+    assert common.sets_beyond_l2(1 * 2**20, "cuda") == 20  # the default cap
+    assert common.sets_beyond_l2(1 * 2**20, "cuda", max_sets=8) == 8
+    assert common.sets_beyond_l2(2**30, "cuda") == 1
+    assert common.sets_beyond_l2(0, "cuda") == 20  # an empty set counts as one byte
