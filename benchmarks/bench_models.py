@@ -238,22 +238,6 @@ def time_rounds(steps: dict[str, Callable[[], object]], rounds: int, iters: int,
     return synced, back_to_back
 
 
-def quietest_profiles(steps: dict[str, Callable[[], object]], profile_steps: int,
-                      device: str, rounds: int = 2) -> dict[str, common.KernelProfile | None]:
-    """Per alternative, of ``rounds`` interleaved profiles the one with the least GPU time.
-
-    One-time work caught by a profile only adds kernels (an H200 run once showed ~870
-    launches of an int fill kernel and 10 ms of GPU time in plain Inductor's first profile of
-    a 1.6 ms forward), so the least is the forward's own."""
-    best: dict[str, common.KernelProfile | None] = {}
-    for r in range(rounds):
-        for alt in steps if r % 2 == 0 else list(steps)[::-1]:
-            prof = common.profile_gpu_kernels(steps[alt], profile_steps, device)
-            if alt not in best or (prof is not None and prof.gpu_us < best[alt].gpu_us):
-                best[alt] = prof
-    return best
-
-
 def run_model(name: str, s: Size, modes: Sequence[str], device: str, dtype: torch.dtype,
               rounds: int = 5, iters: int = 20, profile_steps: int = 5,
               dump_code: str | None = None, log: Callable[[str], None] = print) -> list[dict]:
@@ -290,7 +274,7 @@ def run_model(name: str, s: Size, modes: Sequence[str], device: str, dtype: torc
                     stem.parent.mkdir(parents=True, exist_ok=True)
                     for alt, text in codes.items():
                         Path(f"{stem}.{alt}.py").write_text(text)
-                for alt, prof in quietest_profiles(steps, profile_steps, device).items():
+                for alt, prof in common.quietest_profiles(steps, profile_steps, device).items():
                     row[f"kernels_{alt}"] = prof.count if prof else None
                     row[f"gpu_ms_{alt}"] = prof.gpu_us / 1e3 if prof else None
                     row[f"kernel_us_{alt}"] = prof.us_per_name if prof else None

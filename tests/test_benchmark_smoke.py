@@ -288,9 +288,9 @@ def test_sweep_prologue_kernel_cpu(tmp_path):
 
 
 def test_models_keep_the_quieter_profile(monkeypatch):
-    """bench_models profiles each alternative twice, interleaved, and keeps the profile with
-    less GPU time: a profile that caught one-time work (the H200 run's int fills) is dropped,
-    whichever of the two it was."""
+    """bench_models profiles each alternative twice, interleaved (common.quietest_profiles),
+    and keeps the profile with less GPU time: a profile that caught one-time work (the H200
+    run's int fills) is dropped, whichever of the two it was."""
     bench = _bench("bench_models")
     common = bench.common
     seen = []
@@ -306,12 +306,12 @@ def test_models_keep_the_quieter_profile(monkeypatch):
 
     monkeypatch.setattr(common, "profile_gpu_kernels", fake_profile)
     steps = {"inductor": lambda: "inductor", "rope_compile": lambda: "rope_compile"}
-    best = bench.quietest_profiles(steps, 5, "cuda")
+    best = common.quietest_profiles(steps, 5, "cuda")
     assert seen == ["inductor", "rope_compile", "rope_compile", "inductor"]  # interleaved
     assert {alt: p.gpu_us for alt, p in best.items()} == {"inductor": 550.0,
                                                           "rope_compile": 520.0}
     monkeypatch.setattr(common, "profile_gpu_kernels", lambda *a: None)  # the CPU: no profile
-    assert bench.quietest_profiles(steps, 5, "cpu") == {"inductor": None, "rope_compile": None}
+    assert common.quietest_profiles(steps, 5, "cpu") == {"inductor": None, "rope_compile": None}
 
 
 def test_sets_beyond_l2(monkeypatch):
