@@ -8,11 +8,16 @@ Shapes and strides (elements; only the last stride must be 1)::
 
     q      [T, Hq, >= ROT]   strides (q_token_stride, q_head_stride, 1)
     k      [T, Hk, >= ROT]   strides (k_token_stride, k_head_stride, 1)
-    cache  [P, ROT]          strides (cache_row_stride, cache_col_stride) = cat(cos, sin)
-    pos    [T]               stride pos_stride, int32 or int64, values in [0, P)
+    cache  [P, ROT]          strides (cache_row_stride, cache_col_stride) = cat(cos, sin),
+                             P = num_positions
+    pos    [T]               stride pos_stride, int32 or int64
 
-Math, per token t, head h and pair i < ROT/2, with c = cache[pos[t], i] and
-s = cache[pos[t], ROT/2 + i]::
+Index rule (:func:`table_row`): row ``pos[t]``, or with WRAP_POSITIONS ``P + pos[t]`` for
+``pos[t]`` in ``[-P, 0)`` (eager's ``cache[positions]``). A token whose row is outside
+``[0, P)`` is left as it is: its cos/sin and its q and k rows are neither read nor written.
+
+Math, per token t, head h and pair i < ROT/2, with c = cache[row(t), i] and
+s = cache[row(t), ROT/2 + i]::
 
     neox  : (x1, x2) = (x[i], x[i + ROT/2])
     GPT-J : (x1, x2) = (x[2i], x[2i + 1])
@@ -31,12 +36,23 @@ so cos/sin are read once per token.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def table_row(index, num_rows, WRAP: tl.constexpr):
+    """``(row, in_range)`` of an int64 ``index`` into a table of ``num_rows`` rows: the row is
+    ``index``, or with WRAP ``num_rows + index`` for ``index`` in ``[-num_rows, 0)`` (eager
+    indexing); ``in_range``: ``0 <= row < num_rows``. The caller masks every access of a row
+    out of range, so no index makes a kernel read or write outside its tensors."""
+    if WRAP:
+        index = tl.where(index < 0, index + num_rows, index)
+    return index, (index >= 0) & (index < num_rows)
 
 
 @triton.jit
@@ -99,6 +115,7 @@ def fused_qk_rope_kernel(
     cache_row_stride,
     cache_col_stride,
     pos_stride,
+    num_positions,  # P: the cache's rows
     num_q_heads,
     num_k_heads,
     ROT: tl.constexpr,
@@ -107,17 +124,22 @@ def fused_qk_rope_kernel(
     IS_NEOX: tl.constexpr,
     Q_ITERS: tl.constexpr,
     K_ITERS: tl.constexpr,
+    WRAP_POSITIONS: tl.constexpr,  # positions in [-P, 0) are rows P + pos (else out of range)
 ):
     HALF: tl.constexpr = ROT // 2
     token = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
 
-    # cos/sin of this token: loaded once, reused for every head of q and k.
+    # cos/sin of this token: loaded once, reused for every head of q and k. A position
+    # outside the cache leaves the token as it is: no cos/sin read, no head of q or k.
     pos = tl.load(pos_ptr + token * pos_stride).to(tl.int64)
+    pos, in_range = table_row(pos, num_positions, WRAP_POSITIONS)
+    num_q_heads = tl.where(in_range, num_q_heads, 0)
+    num_k_heads = tl.where(in_range, num_k_heads, 0)
     i = tl.arange(0, HALF_PAD)
     row = cache_ptr + pos * cache_row_stride
-    cmask = i < HALF
+    cmask = (i < HALF) & in_range
     cos = tl.load(row + i * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(row + (HALF + i) * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
 
@@ -136,8 +158,14 @@ def fused_qk_rope_kernel(
 
 
 def is_interpreter() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return isinstance(fused_qk_rope_kernel, InterpretedFunction)
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton's interpreter module needs NumPy, which an install does not bring: it is never
+    imported here. ``@triton.jit`` imports it when the interpreter is on, so a kernel can be an
+    ``InterpretedFunction`` only once that module is loaded."""
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    return interpreter is not None and isinstance(fused_qk_rope_kernel,
+                                                  interpreter.InterpretedFunction)
 
 
 # Launch heuristics (from the H100 sweep in benchmarks/bench_op.py --sweep): a tile holds at
@@ -180,17 +208,17 @@ def choose_config(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_di
 # signature): the four tensors, then the integers. Everything else is a constexpr.
 RUNTIME_ARGS = ("q_ptr", "k_ptr", "cache_ptr", "pos_ptr",
                 "q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
-                "cache_row_stride", "cache_col_stride", "pos_stride",
+                "cache_row_stride", "cache_col_stride", "pos_stride", "num_positions",
                 "num_q_heads", "num_k_heads")
 
 
 def runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, cache_stride,
-                 positions_stride, num_q_heads, num_k_heads) -> dict:
+                 positions_stride, num_positions, num_q_heads, num_k_heads) -> dict:
     """``RUNTIME_ARGS`` -> value, in order. The tensors may be torch tensors or Inductor IR
-    nodes (the lowering), so their strides and head counts are passed in."""
+    nodes (the lowering), so their strides, the cache's rows and head counts are passed in."""
     values = (q, k, cos_sin_cache, positions, q_stride[0], q_stride[1], k_stride[0],
               k_stride[1], cache_stride[0], cache_stride[1], positions_stride[0],
-              num_q_heads, num_k_heads)
+              num_positions, num_q_heads, num_k_heads)
     return dict(zip(RUNTIME_ARGS, values, strict=True))
 
 
@@ -206,10 +234,11 @@ class LaunchShape(NamedTuple):
 
 def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim: int,
                  is_neox: bool, device_type: str, elem_bytes: int, *,
-                 block_h: int | None = None, head_splits: int | None = None,
-                 num_warps: int | None = None) -> LaunchShape:
-    """``num_tokens`` may be a hint (the lowering's symbolic token count); ``block_h``,
-    ``head_splits`` and ``num_warps`` override the heuristics (for benchmarks)."""
+                 wrap_positions: bool = False, block_h: int | None = None,
+                 head_splits: int | None = None, num_warps: int | None = None) -> LaunchShape:
+    """``num_tokens`` may be a hint (the lowering's symbolic token count);
+    ``wrap_positions``: negative positions index from the cache's end (WRAP_POSITIONS);
+    ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (for benchmarks)."""
     cfg = choose_config(num_tokens, num_q_heads, num_k_heads, rotary_dim)
     block_h = block_h or cfg["block_h"]
     head_splits = head_splits or cfg["head_splits"]
@@ -224,6 +253,7 @@ def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim
         # Head blocks each program walks, for q and for k.
         "Q_ITERS": triton.cdiv(triton.cdiv(num_q_heads, block_h), head_splits),
         "K_ITERS": triton.cdiv(triton.cdiv(num_k_heads, block_h), head_splits),
+        "WRAP_POSITIONS": bool(wrap_positions),
     }
     return LaunchShape(head_splits, constexprs, options)
 
