@@ -7,11 +7,15 @@ Public API:
 * :func:`fused_qk_rope_with_cos_sin_tables_inplace` (a model's own per-token cos/sin tables) and
   :func:`fused_qk_mrope_with_cos_sin_cache_inplace` (Qwen2-VL's multimodal RoPE).
 * :class:`RotaryEmbedding`: sglang's module.
-* ``torch.compile(model, backend="rope_compile")``: the backend (``rope_compile.backend``).
+* ``torch.compile(model, backend="rope_compile")``: the backend (``rope_compile.backend``);
+  ``backend=rope_compile.backend(**options)`` checks the options at once.
 * :mod:`rope_compile.passes`: the compiler passes (the repository's top-level ``passes/``
   folder, installed under this package by a setuptools ``package-dir`` mapping, so that no
   top-level ``passes`` lands in site-packages).
 """
+
+# The one place the version is written (pyproject.toml reads it from here).
+__version__ = "0.1.0"
 
 from . import _checkout  # noqa: F401  (finds rope_compile.passes in a source checkout)
 from .module import FUSED_HEAD_SIZES, RotaryEmbedding, apply_rotary_emb
@@ -91,3 +95,13 @@ __all__ += [
 from .ops import ANGLES_OP_NAME, fused_qk_rope_with_angles_inplace  # noqa: E402
 
 __all__ += ["ANGLES_OP_NAME", "fused_qk_rope_with_angles_inplace"]
+
+
+def __getattr__(name: str):
+    """``rope_compile.backend`` (the backend module, callable as its factory): it loads
+    Inductor and the passes, so on first use only."""
+    import importlib
+
+    if name == "backend":
+        return importlib.import_module(".backend", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,8 @@ SCRIPT = textwrap.dedent("""
     torch.testing.assert_close(out, f(qkv, positions))
     assert counters["rope_compile"]["rewritten"] == 1, dict(counters["rope_compile"])
     assert "numpy" not in sys.modules
+    from importlib.metadata import version
+    assert rope_compile.__version__ == version("rope-compile"), rope_compile.__version__
     print("OK", rope_compile.__file__, "triton" if has_triton else "no triton")
 """)
 
@@ -93,6 +96,22 @@ def _link_distributions(dists: dict[str, md.Distribution], site: Path) -> None:
                 (site / top).symlink_to(source)
 
 
+def _check_wheel_metadata(wheel: Path) -> None:
+    """The SPDX license field with its file, the version from ``rope_compile.__version__``,
+    and the PEP 561 marker."""
+    import rope_compile
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        headers = archive.read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers, headers
+    assert "License-File: LICENSE" in headers, headers
+    assert f"Version: {rope_compile.__version__}" in headers, headers
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    assert "rope_compile/py.typed" in names
+
+
 def _run(args: list, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True,
                             timeout=300, **kwargs)
@@ -108,6 +127,7 @@ def test_wheel_in_a_venv_without_numpy_compiles_on_cpu(tmp_path):
     if built.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {built.stderr[-500:]}")
     wheel = next(wheels.glob("rope_compile-*.whl"))
+    _check_wheel_metadata(wheel)
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False, symlinks=True)
