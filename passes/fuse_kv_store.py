@@ -73,6 +73,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from rope_compile.layout import may_overlap
 
+from .accepted_ops import op_of
 from .fuse_qk_rope import _as_graph_ints, _depends_on
 from .fused_call import (
     ExtensionPass,
@@ -115,9 +116,7 @@ class Write:
 
 
 def _as_write(node: Node) -> Write | None:
-    if node.op != "call_function":
-        return None
-    if node.target is aten.index_put.default:
+    if op_of(node) is aten.index_put.default:
         buf, indices, values = node.args[:3]
         accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
         present = [i for i, x in enumerate(indices) if x is not None]
@@ -127,7 +126,7 @@ def _as_write(node: Node) -> Write | None:
         if any(x is not None for x in indices[:dim]):
             return None
         return Write(node, buf, dim, indices[dim], values, bool(accumulate))
-    if node.target is aten.index_copy.default:
+    if op_of(node) is aten.index_copy.default:
         buf, dim, index, source = node.args[:4]
         val = fake_value(buf)
         if val is None or not isinstance(dim, int):
@@ -141,12 +140,10 @@ def find_writes(graph: Graph) -> list[Write]:
 
 
 def _is_cast(node: Node) -> torch.dtype | None:
-    if node.op != "call_function":
-        return None
-    if node.target is prims.convert_element_type.default and isinstance(node.args[1],
-                                                                         torch.dtype):
+    if op_of(node) is prims.convert_element_type.default and isinstance(node.args[1],
+                                                                          torch.dtype):
         return node.args[1]
-    if node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}:
+    if op_of(node) is aten._to_copy.default:  # layout, device: accepted_ops pins them
         dtype = node.kwargs.get("dtype")
         return dtype if isinstance(dtype, torch.dtype) else None
     return None
@@ -157,16 +154,14 @@ _SIZE1_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.defau
 
 
 def _divided_by_number(node: Node) -> bool:
-    return (node.op == "call_function" and node.target is aten.div.Tensor
-            and not isinstance(node.args[1], Node))
+    return op_of(node) is aten.div.Tensor and not isinstance(node.args[1], Node)
 
 
 def _size1_view_of_cast(node: Node) -> bool:
     """``node`` only drops or adds size-1 dims of a dtype cast or of a division by a number
     (setitem converts the values to the cache dtype, then strips their leading size-1 dims):
     either commutes with it."""
-    if not (isinstance(node, Node) and node.op == "call_function"
-            and node.target in _SIZE1_VIEWS and isinstance(node.args[0], Node)
+    if not (op_of(node) in _SIZE1_VIEWS and isinstance(node.args[0], Node)
             and (_is_cast(node.args[0]) is not None or _divided_by_number(node.args[0]))):
         return False
     val, src = fake_value(node), fake_value(node.args[0])
@@ -203,7 +198,7 @@ def _stored_source(values: Node, buffer_dtype: torch.dtype) -> tuple[Node, float
     scale = None
     inner = outer
     inner_casts: list[torch.dtype] = []
-    if outer.op == "call_function" and outer.target is aten.div.Tensor:
+    if op_of(outer) is aten.div.Tensor:
         num, den = outer.args[:2]
         if isinstance(den, Node) or not isinstance(den, (int, float)) or isinstance(den, bool):
             raise PlanError("the stored value is divided by a tensor, not a number")
@@ -341,7 +336,7 @@ class FuseKVStorePass(ExtensionPass):
         found = []
         for write in writes:
             source, _ = _peel_casts(write.values)
-            if source.op == "call_function" and source.target is aten.div.Tensor:
+            if op_of(source) is aten.div.Tensor:
                 source, _ = _peel_casts(source.args[0])
             val = fake_value(source)
             if val is None:

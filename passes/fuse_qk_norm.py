@@ -67,6 +67,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
+from .accepted_ops import argument_miss, op_of
 from .fuse_qk_rope import PlanError as RopePlanError
 from .fuse_qk_rope import _as_graph_ints, _check_root, _redirect_disjoint_views
 from .fused_call import (
@@ -116,7 +117,15 @@ class NormMatch:
 
 
 def _call(node, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+    """``node`` calls one of ``targets`` with arguments the proofs hold for
+    (``accepted_ops``)."""
+    return op_of(node) in targets
+
+
+def _check_arguments(node: Node, what: str) -> None:
+    why = argument_miss(node)
+    if why is not None:
+        raise PlanError(f"{what}: {why}")
 
 
 def _cast_to(node, dtype=None) -> Node | None:
@@ -136,14 +145,17 @@ def _match_rsqrt(node, xf: Node) -> tuple[float, list[Node]]:
     if not _call(node, aten.rsqrt.default):
         raise PlanError("the norm's scale is not rsqrt(mean(x^2) + eps)")
     add = node.args[0]
-    if not _call(add, aten.add.Tensor):
+    if not (isinstance(add, Node) and add.target is aten.add.Tensor):
         raise PlanError("the norm's scale is not rsqrt(mean(x^2) + eps)")
+    _check_arguments(add, "the norm's mean(x^2) + eps")
     mean, eps = add.args[:2]
     if isinstance(eps, Node):
         mean, eps = eps, mean
     if isinstance(eps, Node) or not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise PlanError("the norm's eps is not a number")
-    if not _call(mean, aten.mean.dim) or mean.kwargs.get("dtype") is not None:
+    if isinstance(mean, Node) and mean.target is aten.mean.dim:
+        _check_arguments(mean, "the norm's variance")
+    if not _call(mean, aten.mean.dim):
         raise PlanError("the norm's variance is not mean(x^2) over the last dim")
     dims, keep = mean.args[1], (mean.args[2] if len(mean.args) > 2
                                 else mean.kwargs.get("keepdim", False))
@@ -227,8 +239,9 @@ def match_rms_norm(output: Node) -> NormMatch:
     inner = _cast_to(output) or output
     gemma = _split_product(inner, lambda n: _call(n, aten.mul.Tensor) and any(
         _call(a, aten.rsqrt.default) for a in _operands(n)))
-    if gemma is not None and _call(gemma[1], aten.add.Tensor):
+    if gemma is not None and isinstance(gemma[1], Node) and gemma[1].target is aten.add.Tensor:
         xn, plus = gemma
+        _check_arguments(plus, "the Gemma norm's factor 1 + float(weight)")
         w, one = plus.args[:2]
         if not isinstance(w, Node):
             w, one = one, w
@@ -287,7 +300,7 @@ def _looks_like_norm(node: Node, depth: int = 4) -> bool:
         current, d = stack.pop()
         if _call(current, aten.rsqrt.default):
             return True
-        if d >= depth or current in seen or not _call(current, *_ELEMENTWISE):
+        if d >= depth or current in seen or current.target not in _ELEMENTWISE:
             continue
         seen.add(current)
         stack.extend((n, d + 1) for n in current.all_input_nodes)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
+from .accepted_ops import bound_arguments, op_of
 from .fused_call import (
     CallError,
     ExtensionPass,
@@ -99,12 +100,12 @@ def angle_chain(table: Node, trig) -> AngleChain:
         if _cast_dtype(node) != table_val.dtype:
             raise PlanError("the cos/sin table's cast is not to its own dtype")
         node = node.args[0]
-    if (node.target is aten.mul.Tensor and len(node.args) == 2 and isinstance(node.args[0], Node)
+    if (op_of(node) is aten.mul.Tensor and isinstance(node.args[0], Node)
             and type(node.args[1]) in (int, float)):
         scale = float(node.args[1])
         node = node.args[0]
     name = trig.__name__.split(".")[0]
-    if node.target is not trig:
+    if op_of(node) is not trig:
         raise PlanError(f"the {name} table is not {name}() of angles times a number, cast")
     trig_val = fake_value(node)
     if trig_val is None or trig_val.dtype != torch.float32:
@@ -122,11 +123,12 @@ def angle_chain(table: Node, trig) -> AngleChain:
 def _table_of_rows(rows: Node, half: int) -> Node:
     """The table a ``reshape(slice(table, -1, 0, half, 1), [-1, half])`` row view reads (the
     pair-table reading ``passes/table_views.py`` builds), or ``NotACandidate``."""
-    if rows.target is not aten.reshape.default or list(rows.args[1]) != [-1, half]:
+    if op_of(rows) is not aten.reshape.default or list(rows.args[1]) != [-1, half]:
         raise NotACandidate
     sliced = rows.args[0]
-    if not (isinstance(sliced, Node) and sliced.target is aten.slice.Tensor
-            and tuple(sliced.args[1:]) in ((-1, 0, half, 1), (-1, 0, half))):
+    if op_of(sliced) is not aten.slice.Tensor or [
+            bound_arguments(sliced)[a] for a in ("dim", "start", "end", "step")] != [
+                -1, 0, half, 1]:
         raise NotACandidate
     table = sliced.args[0]
     if not isinstance(table, Node):
@@ -160,7 +162,7 @@ class ComputeTrigInKernelPass(ExtensionPass):
             raise NotACandidate
         cos_table = _table_of_rows(cos_rows, half)
         sin_table = _table_of_rows(sin_rows, half)
-        if not (_float_cast(cos_table) or cos_table.target in (aten.mul.Tensor, aten.cos.default)):
+        if not (_float_cast(cos_table) or op_of(cos_table) in (aten.mul.Tensor, aten.cos.default)):
             raise NotACandidate  # a table read as it is (an input, a gather): nothing to compute
         cos = angle_chain(cos_table, aten.cos.default)
         sin = angle_chain(sin_table, aten.sin.default)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
+from .accepted_ops import argument_miss, op_of
 from .fx_surgery import statically_equal
 from .trig_sources import (
     ComplexTables,
@@ -61,18 +62,24 @@ def _require(cond: bool, why: str) -> None:
         raise NoMatch(why)
 
 
+def _require_arguments(node: Node) -> None:
+    """``node``'s arguments are ones the proof holds for (``accepted_ops``)."""
+    why = argument_miss(node)
+    if why is not None:
+        raise NoMatch(why)
+
+
 def _last_dim(node: Node, dim) -> bool:
     val = _val(node)
     return val is not None and isinstance(dim, int) and dim in (-1, val.dim() - 1)
 
 
 def _float_cast(node: Node) -> bool:
-    if node.target is prims.convert_element_type.default:
+    if op_of(node) is prims.convert_element_type.default:
         return isinstance(node.args[1], torch.dtype) and node.args[1].is_floating_point
-    if node.target is aten._to_copy.default:
+    if op_of(node) is aten._to_copy.default:
         dtype = node.kwargs.get("dtype")
-        others = set(node.kwargs) - {"dtype"}
-        return isinstance(dtype, torch.dtype) and dtype.is_floating_point and not others
+        return isinstance(dtype, torch.dtype) and dtype.is_floating_point
     return False
 
 
@@ -80,7 +87,7 @@ def _float_cast(node: Node) -> bool:
 
 def _pair_view_source(node: Node) -> Node | None:
     """If ``node`` views its source's last dim ``d`` as ``(d / 2, 2)``, return the source."""
-    if node.target not in _VIEW_TARGETS or not isinstance(node.args[0], Node):
+    if op_of(node) not in _VIEW_TARGETS or not isinstance(node.args[0], Node):
         return None
     val, src = _val(node), _val(node.args[0])
     if val is None or src is None or val.dim() != src.dim() + 1 or val.shape[-1] != 2:
@@ -92,16 +99,16 @@ def _pair_view_source(node: Node) -> Node | None:
 
 def _last_dim_range(node: Node) -> tuple[Node, int, int] | None:
     """If ``node`` takes a slice of its source's last dim, return (source, start, step)."""
-    if node.target is aten.select.int and isinstance(node.args[0], Node):
+    if op_of(node) is aten.select.int and isinstance(node.args[0], Node):
         # x.reshape(..., -1, 2)[..., j] == x[..., j::2]
         view, dim, index = node.args
         src = _pair_view_source(view)
         if src is not None and dim in (-1, _val(view).dim() - 1) and index in (0, 1):
             return src, index, 2
         return None
-    if node.target is operator.getitem and isinstance(node.args[0], Node):
+    if op_of(node) is operator.getitem and isinstance(node.args[0], Node):
         split, index = node.args
-        if split.target in _SPLITS and _last_dim(split.args[0], split.args[2] if len(
+        if op_of(split) in _SPLITS and _last_dim(split.args[0], split.args[2] if len(
                 split.args) > 2 else split.kwargs.get("dim", 0)):
             sizes = split.args[1]
             if isinstance(sizes, int):
@@ -109,7 +116,7 @@ def _last_dim_range(node: Node) -> tuple[Node, int, int] | None:
             if all(isinstance(s, int) for s in sizes):
                 return split.args[0], sum(sizes[:index]), 1
         return None
-    if node.target is aten.slice.Tensor:
+    if op_of(node) is aten.slice.Tensor:
         src = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
@@ -204,7 +211,7 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
         if _float_cast(node):
             node = node.args[0]
             continue
-        if node.target is aten.unsqueeze.default and not unsqueezed:
+        if op_of(node) is aten.unsqueeze.default and not unsqueezed:
             dim = node.args[1]
             _require(dim in (1, -2), "cos/sin unsqueezed on a dim other than heads")
             unsqueezed = True
@@ -218,14 +225,14 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
         break
     _require(unsqueezed and step == 1, "cos/sin is not a contiguous column range broadcast "
                                        "over heads")
-    if node.target is aten.index.Tensor:
+    if op_of(node) is aten.index.Tensor:
         indices = node.args[1]
         _require(len(indices) == 1 and indices[0] is not None, "cache gathered on several dims")
         cache, positions = node.args[0], indices[0]
-    elif node.target is aten.index_select.default:
+    elif op_of(node) is aten.index_select.default:
         _require(node.args[1] == 0, "cache gathered on a dim other than rows")
         cache, positions = node.args[0], node.args[2]
-    elif node.target is aten.embedding.default:
+    elif op_of(node) is aten.embedding.default:
         cache, positions = node.args[0], node.args[1]
     else:
         raise NoMatch(f"cos/sin do not come from a cache row gather (found {node.target})")
@@ -264,13 +271,17 @@ def trace_pair_trig(node: Node, x_val) -> PairTrig:
     factor = node
     while _float_cast(node):
         node = node.args[0]
-    _require(node.target is aten.select.int and node.args[2] in (0, 1), "not a (cos, sin) pick")
+    _require(op_of(node) is aten.select.int and node.args[2] in (0, 1), "not a (cos, sin) pick")
     view = node.args[0]
-    rows = view.args[0] if view.target in _VIEW_TARGETS else None
+    # Pick 0 is cos and pick 1 sin only on the last dim of a view with the rows' pairs last
+    # (the select's dim read: another dim picks other elements, as q's and k's pairing assumes).
+    _require(_last_dim(view, node.args[1]) and _val(view).shape[-1] == 2,
+             "cos/sin are not picked from the last dim of (cos, sin) pairs")
+    rows = view.args[0] if op_of(view) in _VIEW_TARGETS else None
     # Gathered rows (freqs_cis[input_pos]) or a slice of them on a row dim (cache[:seq_len]):
     # the op reads the picks themselves, so any rows of (cos, sin) pairs will do.
-    _require(rows is not None and (rows.target in _GATHERS or (
-        rows.target is aten.slice.Tensor and not _last_dim(
+    _require(rows is not None and (op_of(rows) in _GATHERS or (
+        op_of(rows) is aten.slice.Tensor and not _last_dim(
             rows, rows.args[1] if len(rows.args) > 1 else 0))),
              "cos/sin pairs are not gathered or sliced rows")
     rows_val, f_val = _val(rows), _val(factor)
@@ -293,10 +304,10 @@ def _match_complex_rotation(node: Node):
     """``view_as_real(view_as_complex(x.reshape(.., -1, 2)) * freqs_cis).flatten(3)``: GPT-J
     pairs ``(x[2i], x[2i+1])`` rotated by ``(real, imag)`` of ``freqs_cis``."""
     vr = node.args[0]
-    _require(isinstance(vr, Node) and vr.target is aten.view_as_real.default,
+    _require(isinstance(vr, Node) and op_of(vr) is aten.view_as_real.default,
              "view of something other than view_as_real")
     prod = vr.args[0]
-    _require(prod.target in _MULS and len(prod.args) == 2 and all(
+    _require(op_of(prod) in _MULS and len(prod.args) == 2 and all(
         isinstance(a, Node) for a in prod.args), "view_as_real of something other than a product")
     out_val, vr_val = _val(node), _val(vr)
     _require(out_val is not None and vr_val is not None and out_val.dim() == vr_val.dim() - 1
@@ -304,7 +315,7 @@ def _match_complex_rotation(node: Node):
                                                              vr_val.shape[:-2], strict=True)),
              "view_as_real is not flattened back")
     for xc, factor in (prod.args, prod.args[::-1]):
-        if xc.target is not aten.view_as_complex.default:
+        if op_of(xc) is not aten.view_as_complex.default:
             continue
         pairs = xc.args[0]
         x_node = _pair_view_source(pairs) if isinstance(pairs, Node) else None
@@ -324,7 +335,7 @@ def _match_complex_rotation(node: Node):
 
 def _product_terms(node: Node, num_tokens):
     """``node`` = x-features * cos/sin (either order)."""
-    _require(node.target in _MULS and len(node.args) == 2, f"expected a product, got {node.target}")
+    _require(op_of(node) in _MULS and len(node.args) == 2, f"expected a product, got {node.target}")
     a, b = node.args
     _require(isinstance(a, Node) and isinstance(b, Node), "product with a scalar")
     for x, t in ((a, b), (b, a)):
@@ -368,10 +379,10 @@ class RopeMatch:
 def _match_rotation(o1: Node, o2: Node, num_tokens):
     """o1 = x1*cos - x2*sin and o2 = x2*cos + x1*sin; returns (x1, x2, cos, sin)."""
     _require(isinstance(o1, Node) and isinstance(o2, Node), "halves are not tensors")
-    _require(o1.target in _SUBS and len(o1.args) == 2 and o1.kwargs.get("alpha", 1) == 1,
-             "first half is not a difference")
-    _require(o2.target in _ADDS and len(o2.args) == 2 and o2.kwargs.get("alpha", 1) == 1,
-             "second half is not a sum")
+    _require(o1.target in _SUBS and len(o1.args) == 2, "first half is not a difference")
+    _require(o2.target in _ADDS and len(o2.args) == 2, "second half is not a sum")
+    _require_arguments(o1)
+    _require_arguments(o2)
     x1, cos = _product_terms(o1.args[0], num_tokens)
     x2, sin = _product_terms(o1.args[1], num_tokens)
     terms = {_product_terms(o2.args[0], num_tokens), _product_terms(o2.args[1], num_tokens)}
@@ -385,14 +396,14 @@ _ELEMENTWISE_SCALE = (aten.mul.Tensor, aten.div.Tensor)
 def _split_factor(node: Node) -> tuple[Node, Node, int]:
     """``node`` = x * unsqueeze(table, heads_dim) (either order) -> (x, table, heads_dim)."""
     _require(isinstance(node, Node), "not a tensor")
-    _require(node.target in _MULS and len(node.args) == 2 and all(
+    _require(op_of(node) in _MULS and len(node.args) == 2 and all(
         isinstance(a, Node) for a in node.args), "expected a product of two tensors")
     for x, factor in (node.args, node.args[::-1]):
         table = factor
         while _float_cast(table):
             table = table.args[0]
         x_val, t_val = _val(x), _val(table)
-        if table.target is not aten.unsqueeze.default or x_val is None or x_val.dim() < 3 or (
+        if op_of(table) is not aten.unsqueeze.default or x_val is None or x_val.dim() < 3 or (
                 t_val is None or t_val.dim() > x_val.dim()):
             continue
         # A table of lower rank (litgpt's [T, n].unsqueeze(-3)) broadcasts from the right.
@@ -420,12 +431,12 @@ def _keeps_rows(node: Node) -> bool:
     src = _val(node.args[0])
     if val.dim() == 0 or src.dim() == 0 or not statically_equal(val.shape[-1], src.shape[-1]):
         return False
-    if node.target is aten.unsqueeze.default:
+    if op_of(node) is aten.unsqueeze.default:
         return node.args[1] % val.dim() != val.dim() - 1
-    if node.target is aten.slice.Tensor:
+    if op_of(node) is aten.slice.Tensor:
         dim = node.args[1] if len(node.args) > 1 else 0
         return dim % src.dim() != src.dim() - 1
-    if node.target is aten.expand.default:
+    if op_of(node) is aten.expand.default:
         return val.dim() >= src.dim()
     return False
 
@@ -436,9 +447,9 @@ def _duplicated_halves(table: Node) -> Node:
     after cos/sin: any elementwise function keeps equal halves equal). Returns f."""
     node = table
     while True:
-        elementwise = _float_cast(node) or node.target in (
+        elementwise = _float_cast(node) or op_of(node) in (
             aten.cos.default, aten.sin.default, aten.clone.default) or (
-                node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node)
+                op_of(node) in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node)
                 and _is_scalar(node.args[1]))
         if not (elementwise or _keeps_rows(node)):
             break
@@ -451,21 +462,21 @@ def _duplicated_halves(table: Node) -> Node:
 def _duplication_of(node: Node) -> Node:
     """``node`` is ``cat((f, f), -1)`` or ``f`` expanded as ``(.., 2, n/2)`` and merged into
     the last dim only: returns f, or raises NoMatch."""
-    if node.target is aten.cat.default:
+    if op_of(node) is aten.cat.default:
         parts = node.args[0]
         _require(len(parts) == 2 and parts[0] is parts[1] and _last_dim(
             node, node.args[1] if len(node.args) > 1 else 0), "angles are not cat((f, f), -1)")
         return parts[0]
-    _require(node.target in _VIEW_TARGETS,
+    _require(op_of(node) in _VIEW_TARGETS,
              "angles are not duplicated halves")
     inner = node.args[0]
-    if inner.target is aten.clone.default:
+    if op_of(inner) is aten.clone.default:
         inner = inner.args[0]
-    _require(isinstance(inner, Node) and inner.target is aten.expand.default,
+    _require(isinstance(inner, Node) and op_of(inner) is aten.expand.default,
              "angles are not an expand of one half")
     unsq = inner.args[0]
     unsq_val, exp_val, out_val = _val(unsq), _val(inner), _val(node)
-    _require(isinstance(unsq, Node) and unsq.target is aten.unsqueeze.default
+    _require(isinstance(unsq, Node) and op_of(unsq) is aten.unsqueeze.default
              and None not in (unsq_val, exp_val, out_val) and unsq_val.dim() >= 2
              and unsq.args[1] % unsq_val.dim() == unsq_val.dim() - 2
              and statically_equal(unsq_val.shape[-2], 1) and statically_equal(
@@ -483,8 +494,9 @@ def _duplication_of(node: Node) -> Node:
 
 def _match_rotate_half(node: Node):
     """HF form: ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``."""
-    _require(len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 and all(
-        isinstance(a, Node) for a in node.args), "not a plain sum of tensors")
+    _require_arguments(node)
+    _require(len(node.args) == 2 and all(isinstance(a, Node) for a in node.args),
+             "not a plain sum of tensors")
     for plain, rotated in (node.args, node.args[::-1]):
         try:
             x_node, cos_table, heads_dim = _split_factor(plain)
@@ -492,10 +504,10 @@ def _match_rotate_half(node: Node):
         except NoMatch:
             continue
         _require(heads_dim == sin_heads_dim, "cos and sin broadcast on different dims")
-        _require(rh.target is aten.cat.default and len(rh.args[0]) == 2 and _last_dim(
+        _require(op_of(rh) is aten.cat.default and len(rh.args[0]) == 2 and _last_dim(
             rh, rh.args[1] if len(rh.args) > 1 else 0), "rotate_half is not a cat of two halves")
         neg_x2, x1_node = rh.args[0]
-        _require(isinstance(neg_x2, Node) and neg_x2.target is aten.neg.default,
+        _require(isinstance(neg_x2, Node) and op_of(neg_x2) is aten.neg.default,
                  "rotate_half's first half is not negated")
         x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
         x = trace_features(x_node)
@@ -513,7 +525,7 @@ def _match_rotate_half(node: Node):
 def _even_pair_slice(node: Node) -> bool:
     """``node`` takes columns ``[2j, 2k)`` of its source's last dim (so whole (2i, 2i+1) pairs)."""
     sliced = _last_dim_range(node)
-    if sliced is None or node.target is not aten.slice.Tensor or sliced[1] % 2 or sliced[2] != 1:
+    if sliced is None or op_of(node) is not aten.slice.Tensor or sliced[1] % 2 or sliced[2] != 1:
         return False
     return _val(node).shape[-1] % 2 == 0
 
@@ -524,9 +536,9 @@ def _pairwise_duplicated(table: Node) -> Node:
     last dim only (``repeat_interleave(f, 2, dim=-1)``). Returns the view that duplicates."""
     node = table
     while True:
-        if _float_cast(node) or node.target in (aten.clone.default, aten.cos.default,
+        if _float_cast(node) or op_of(node) in (aten.clone.default, aten.cos.default,
                                                  aten.sin.default) or (
-                node.target in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node)
+                op_of(node) in _ELEMENTWISE_SCALE and isinstance(node.args[0], Node)
                 and _is_scalar(node.args[1])) or _keeps_rows(node) or _even_pair_slice(node):
             node = node.args[0]
         else:
@@ -535,14 +547,14 @@ def _pairwise_duplicated(table: Node) -> Node:
              "outside the graph): its equal pairs of columns cannot be proven")
     why = ("cos/sin columns 2i and 2i+1 are not proven equal (the table is not f duplicated "
            "as (.., n/2, 2) on the last dim, as repeat_interleave(f, 2, -1))")
-    _require(node.target in _VIEW_TARGETS and isinstance(node.args[0], Node), why)
+    _require(op_of(node) in _VIEW_TARGETS and isinstance(node.args[0], Node), why)
     inner = node.args[0]
-    if inner.target is aten.clone.default:
+    if op_of(inner) is aten.clone.default:
         inner = inner.args[0]
-    _require(isinstance(inner, Node) and inner.target is aten.expand.default, why)
+    _require(isinstance(inner, Node) and op_of(inner) is aten.expand.default, why)
     unsq = inner.args[0]
     unsq_val, exp_val, out_val = _val(unsq), _val(inner), _val(node)
-    _require(isinstance(unsq, Node) and unsq.target is aten.unsqueeze.default
+    _require(isinstance(unsq, Node) and op_of(unsq) is aten.unsqueeze.default
              and None not in (unsq_val, exp_val, out_val) and unsq_val.dim() >= 2
              and unsq.args[1] % unsq_val.dim() == unsq_val.dim() - 1
              and statically_equal(unsq_val.shape[-1], 1)
@@ -564,23 +576,23 @@ def _table_heads_dim(table: Node, x_val) -> int:
         val.shape[-1], x_val.shape[-1]), "cos/sin table does not line up with x")
     node = table
     while isinstance(node, Node) and _val(node) is not None and _val(node).dim() == val.dim():
-        if node.target is aten.unsqueeze.default:
+        if op_of(node) is aten.unsqueeze.default:
             dim = node.args[1] % val.dim()
             _require(dim != val.dim() - 1 and statically_equal(val.shape[dim], 1),
                      "cos/sin table is unsqueezed on its last dim")
             return dim
-        if (_float_cast(node) or node.target in (aten.clone.default, aten.cos.default,
+        if (_float_cast(node) or op_of(node) in (aten.clone.default, aten.cos.default,
                                                   aten.sin.default)
-                or (node.target in _ELEMENTWISE_SCALE and _is_scalar(node.args[1]))
+                or (op_of(node) in _ELEMENTWISE_SCALE and _is_scalar(node.args[1]))
                 or _last_dim_range(node) is not None):
             node = node.args[0]
-        elif node.target in _VIEW_TARGETS and isinstance(node.args[0], Node):
+        elif op_of(node) in _VIEW_TARGETS and isinstance(node.args[0], Node):
             # The duplication view(expand(unsqueeze(f, -1))): back to f, same rank.
             inner = node.args[0]
-            if inner.target is aten.clone.default:
+            if op_of(inner) is aten.clone.default:
                 inner = inner.args[0]
-            if inner.target is not aten.expand.default or (
-                    inner.args[0].target is not aten.unsqueeze.default):
+            if op_of(inner) is not aten.expand.default or (
+                    op_of(inner.args[0]) is not aten.unsqueeze.default):
                 break
             node = inner.args[0].args[0]
         else:
@@ -592,20 +604,21 @@ def _match_rotate_every_two(node: Node):
     """HF Cohere / GLM / GPT-J: ``x * cos + rotate_every_two(x) * sin`` with
     ``rotate_every_two(x) = stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)`` (GPT-J pairs;
     RoPE only when cos/sin columns 2i and 2i+1 are equal, proven in step 3)."""
-    _require(len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 and all(
-        isinstance(a, Node) for a in node.args), "not a plain sum of tensors")
+    _require_arguments(node)
+    _require(len(node.args) == 2 and all(isinstance(a, Node) for a in node.args),
+             "not a plain sum of tensors")
     for plain, rotated in (node.args, node.args[::-1]):
-        if plain.target not in _MULS or rotated.target not in _MULS or not all(
+        if op_of(plain) not in _MULS or op_of(rotated) not in _MULS or not all(
                 isinstance(a, Node) for a in (*plain.args, *rotated.args)):
             continue
         for rh, sin_table in (rotated.args, rotated.args[::-1]):
-            if rh.target not in _VIEW_TARGETS:
+            if op_of(rh) not in _VIEW_TARGETS:
                 continue
             try:
                 neg_x2, x1_node, _, rh_nodes = _rotated_halves(rh)
             except NoMatch:
                 continue
-            if neg_x2.target is not aten.neg.default:
+            if op_of(neg_x2) is not aten.neg.default:
                 continue
             x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
             for x_node, cos_table in (plain.args, plain.args[::-1]):
@@ -626,16 +639,16 @@ def _match_rotate_every_two(node: Node):
 
 def _rotated_halves(node: Node):
     """Split a rotated block into its (o1, o2, is_neox) or raise NoMatch."""
-    if node.target in _VIEW_TARGETS:
+    if op_of(node) in _VIEW_TARGETS:
         # GPT-J: stack((o1, o2), -1).flatten(-2) == view(cat((o1[..., None], o2[..., None])))
         inner = node.args[0]
-        _require(isinstance(inner, Node) and inner.target is aten.cat.default,
+        _require(isinstance(inner, Node) and op_of(inner) is aten.cat.default,
                  "view of something other than a stack")
         parts, dim = inner.args[0], inner.args[1] if len(inner.args) > 1 else 0
         _require(len(parts) == 2 and _last_dim(inner, dim), "not a stack of two halves")
         halves = []
         for part in parts:
-            _require(part.target is aten.unsqueeze.default
+            _require(op_of(part) is aten.unsqueeze.default
                      and part.args[1] in (-1, _val(part).dim() - 1),
                      "stacked halves are not unsqueezed on the last dim")
             halves.append(part.args[0])
@@ -647,7 +660,7 @@ def _rotated_halves(node: Node):
         return halves[0], halves[1], False, [node, inner, *parts]
     if node.target is aten.stack.default:
         raise NoMatch("unflattened stack")
-    _require(node.target is aten.cat.default, f"not a cat ({node.target})")
+    _require(op_of(node) is aten.cat.default, f"not a cat ({node.target})")
     parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
     _require(len(parts) == 2 and _last_dim(node, dim), "not a cat of two halves on the last dim")
     return parts[0], parts[1], True, [node]
@@ -679,16 +692,16 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
         nodes.append(node)
         node = node.args[0]
     tail = None
-    if node.target is aten.cat.default and len(node.args[0]) == 2:
+    if op_of(node) is aten.cat.default and len(node.args[0]) == 2:
         first, second = node.args[0]
-        if second.target is aten.slice.Tensor or (_float_cast(second)):
+        if op_of(second) is aten.slice.Tensor or (_float_cast(second)):
             # Partial rotary: cat((rotated, x[..., rot:]), -1).
             _require(_last_dim(node, node.args[1] if len(node.args) > 1 else 0),
                      "partial-rotary cat is not on the last dim")
             tail = trace_features(second)
             nodes.append(node)
             node = first
-    if node.target in _ADDS:
+    if node.target in _ADDS:  # a sum with alpha != 1 is a miss for that reason
         try:
             x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_half(node)
             is_neox = True
@@ -699,8 +712,8 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
                 raise why from None
             is_neox = False
         return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes + block_nodes)
-    if node.target in _VIEW_TARGETS and isinstance(node.args[0], Node) and (
-            node.args[0].target is aten.view_as_real.default):
+    if op_of(node) in _VIEW_TARGETS and isinstance(node.args[0], Node) and (
+            op_of(node.args[0]) is aten.view_as_real.default):
         x1, x2, trig, heads_dim, block_nodes = _match_complex_rotation(node)
         return RotatedBlock(x1, x2, trig, trig, False, heads_dim, tail, nodes + block_nodes)
     o1, o2, is_neox, block_nodes = _rotated_halves(node)
@@ -820,7 +833,7 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
 def _stream_chunk(node: Node) -> tuple[Node, int, int, int] | None:
     """``node`` = ``select(t[..., start:start + width], 0, stream)`` (or the select first):
     returns (t, stream, start, width)."""
-    if node.target is aten.select.int and node.args[1] == 0 and isinstance(node.args[0], Node):
+    if op_of(node) is aten.select.int and node.args[1] == 0 and isinstance(node.args[0], Node):
         sliced = _last_dim_range(node.args[0])
         if sliced is None or sliced[2] != 1:
             return None
@@ -830,7 +843,7 @@ def _stream_chunk(node: Node) -> tuple[Node, int, int, int] | None:
         if sliced is None or sliced[2] != 1:
             return None
         picked = sliced[0]
-        if picked.target is not aten.select.int or picked.args[1] != 0:
+        if op_of(picked) is not aten.select.int or picked.args[1] != 0:
             return None
         src, stream, start = picked.args[0], picked.args[2], sliced[1]
     val, src_val = _val(node), _val(src)
@@ -843,7 +856,7 @@ def _stream_chunk(node: Node) -> tuple[Node, int, int, int] | None:
 def _assembled_streams(node: Node) -> tuple[Node, tuple[int, ...]] | None:
     """``node`` = ``cat([m[i % 3] for i, m in enumerate(t.split(sizes, -1))], -1)`` with t
     ``[3, .., n]``, every column of t taken once, in order: (t, sizes), else None."""
-    if node.target is not aten.cat.default or not _last_dim(
+    if op_of(node) is not aten.cat.default or not _last_dim(
             node, node.args[1] if len(node.args) > 1 else 0):
         return None
     chunks = [_stream_chunk(part) if isinstance(part, Node) else None for part in node.args[0]]
@@ -866,7 +879,7 @@ def _mrope_table(table: Node, rot: int) -> tuple[Node, tuple[int, int, int], boo
     ``[3, .., rot]`` (``apply_multimodal_rotary_pos_emb``). Returns (t, sections, whether the
     op must read all rot columns of t), or None."""
     node = table
-    while _float_cast(node) or node.target is aten.clone.default:
+    while _float_cast(node) or op_of(node) is aten.clone.default:
         node = node.args[0]
     try:
         half = _duplication_of(node)
