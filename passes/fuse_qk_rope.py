@@ -65,6 +65,7 @@ from rope_compile.options import (
 )
 from rope_compile.validation import validate_fused, validate_qk_rope_tables
 
+from .events import inherit_source, option_hint, record, with_source
 from .fx_surgery import (
     GraphTransaction,
     aliases_an_input,
@@ -698,7 +699,10 @@ class FuseQKRopePass(CustomGraphPass):
 
     def skip(self, match: RopeMatch, reason: str) -> None:
         count(f"skipped: {reason}")
-        log.debug("not rewriting RoPE at %s: %s", match.output.name, reason)
+        hint = option_hint(reason)
+        log.debug("not rewriting RoPE at %s: %s%s", with_source(match.output), reason,
+                  f"; to rewrite it: {hint}" if hint else "")
+        record("skipped", "rope", (match.output,), reason)
 
     def report_misses(self, graph: Graph, outcomes: dict) -> None:
         """Count and log, once each, the RoPE-like candidates the matcher rejected."""
@@ -710,7 +714,9 @@ class FuseQKRopePass(CustomGraphPass):
         for miss in misses:
             count(f"missed: {miss.reason}")
             detail = "" if miss.detail == miss.reason else f" [matcher: {miss.detail}]"
-            log.debug("not rewriting RoPE-like %s: %s%s", miss.output.name, miss.reason, detail)
+            log.debug("not rewriting RoPE-like %s: %s%s", with_source(miss.output), miss.reason,
+                      detail)
+            record("missed", "rope", (miss.output,), miss.reason, detail=miss.detail)
 
     def _candidate_error(self, what: str, node: Node, err: Exception) -> None:
         count("candidate_errors")
@@ -828,6 +834,10 @@ class FuseQKRopePass(CustomGraphPass):
                                                    check_each=True)
             tables = round_tables
             for plan, tx in done:
+                inherit_source(tx.new_nodes, plan.q.output)
+                record("fused", "rope", (plan.q.output, plan.k.output),
+                       f"rotary_dim={plan.q.rotary_dim}, head_size={plan.q.head_size}, "
+                       f"{'neox' if plan.q.is_neox else 'GPT-J'}", calls=tx.new_nodes)
                 tx.commit(also_dead=[plan.q.output, plan.k.output, *plan.q.nodes,
                                      *plan.k.nodes])
                 rewritten += 1

@@ -29,6 +29,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 
+from .events import inherit_source, option_hint, record, with_source
 from .fx_surgery import GraphTransaction, fake_value
 from .fx_surgery import rebase_views as rebase_views  # re-exported for the extension passes
 
@@ -267,9 +268,11 @@ class ExtensionPass(CustomGraphPass):
         from .fuse_qk_rope import count
 
         count(f"{self.prefix} skipped: {reason}")
-        logging.getLogger("rope_compile").debug("not extending %s (%s) with %s: %s",
-                                                call.node.name, call.op_name, self.prefix,
-                                                reason)
+        hint = option_hint(reason)
+        logging.getLogger("rope_compile").debug(
+            "not extending %s (%s) with %s: %s%s", with_source(call.node), call.op_name,
+            self.prefix, reason, f"; to extend it: {hint}" if hint else "")
+        record("skipped", self.prefix, (call.node,), reason)
 
     def _error(self, what: str, node: Node, err: Exception) -> None:
         import logging
@@ -316,6 +319,9 @@ class ExtensionPass(CustomGraphPass):
                 _restore_order(graph, order)
                 self._error("rewriting", node, err)
                 continue
+            inherit_source(tx.new_nodes, call.node)
+            record("extended", self.prefix, (call.node,), self.describe(plan),
+                   calls=tx.new_nodes)
             tx.commit(also_dead=dead)
             done += 1
             count(f"{self.prefix} rewritten")
