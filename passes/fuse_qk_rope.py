@@ -71,12 +71,12 @@ from .fx_surgery import (
     aliases_an_input,
     fake_value,
     is_view_of_input,
-    rebase_views,
     shares_storage,
     view_chain,
 )
 from .layout_copy_rule import COPY_ONLY_REASON, read_only_by_layout_copies
 from .miss_report import find_misses
+from .readers import can_copy_in_layout, layout_readers, rebase_views
 from .rope_pattern import NoMatch, RopeMatch, enclosing_head_size, match_rope
 from .table_views import TableRows, table_rows
 from .trig_sources import PairTables
@@ -350,6 +350,19 @@ def _graph_output_layout(match: RopeMatch) -> tuple[RopeMatch, list[int], list[N
     return match, order, users
 
 
+def _reader_layouts(match: RopeMatch) -> tuple[RopeMatch, list[int], list[Node]] | None:
+    """:func:`_graph_output_layout`, once the readers that need the rotated tensor's own layout
+    (``passes/readers.py``: ``as_strided``, a custom op, a view op not proven layout-free...)
+    are known to get a copy in it."""
+    _, _, layout = layout_readers(match.output)
+    if any(user.op != "output" for user, _ in layout) and not can_copy_in_layout(
+            fake_value(match.output)):
+        names = sorted({user.name for user, _ in layout if user.op != "output"})
+        raise PlanError(f"{', '.join(names)} need the rotated tensor's own layout, which is "
+                        "not dense at offset 0 for every size (no copy in it can be made)")
+    return _graph_output_layout(match)
+
+
 def _contiguous(val: torch.Tensor) -> bool:
     check = getattr(torch._prims_common, "is_contiguous_or_false", None)
     if check is not None:
@@ -410,7 +423,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
                                         rot, q.trig.sections)
             except ValueError as err:
                 raise PlanError(f"the op would reject the call: {err}") from None
-            outputs = [layout for layout in map(_graph_output_layout, (q, k)) if layout]
+            outputs = [layout for layout in map(_reader_layouts, (q, k)) if layout]
             return PairPlan(q, k, roots, tuple(chains), kwargs, rows, None, outputs)
         if not q.trig.table_form:
             cache_val = q.trig.cache.meta["val"]
@@ -429,7 +442,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
         val = q.base.meta["val"]
         tokens = [n for d, n in enumerate(val.shape[:-1]) if d != q.heads_dim]
         table_shape = _as_graph_ints([*tokens, rot], symbols)
-    outputs = [layout for layout in map(_graph_output_layout, (q, k)) if layout]
+    outputs = [layout for layout in map(_reader_layouts, (q, k)) if layout]
     return PairPlan(q, k, roots, tuple(chains), kwargs, None, table_shape, outputs)
 
 

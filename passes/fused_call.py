@@ -31,7 +31,8 @@ from torch.fx import Graph, Node
 
 from .events import inherit_source, option_hint, record, with_source
 from .fx_surgery import GraphTransaction, fake_value
-from .fx_surgery import rebase_views as rebase_views  # re-exported for the extension passes
+from .readers import ReaderError
+from .readers import rebase_views as rebase_views  # re-exported for the extension passes
 
 # (norm, store, tables) -> op name in the rope_compile namespace
 OPS = {
@@ -314,6 +315,11 @@ class ExtensionPass(CustomGraphPass):
             try:
                 dead = self.rewrite(tx, plan)
                 _check_graph(graph)
+            except ReaderError as why:  # a reader needs a layout no copy can give: a skip
+                tx.rollback()
+                _restore_order(graph, order)
+                self.skip(call, str(why))
+                continue
             except Exception as err:
                 tx.rollback()
                 _restore_order(graph, order)

@@ -179,30 +179,3 @@ def erase_dead(graph: Graph, nodes: Iterable[Node]) -> None:
         inputs = node.all_input_nodes
         graph.erase_node(node)
         worklist.extend(inputs)
-
-
-def rebase_views(tx: GraphTransaction, old: Node, new: Node) -> None:
-    """Move every use of ``old`` to ``new`` (a tensor of the same shape), re-creating the view
-    ops that read ``old`` (and views of them) on ``new`` as new nodes with fresh fake values,
-    so that view chains stay provable (a re-pointed view would keep a fake value of ``old``'s
-    storage). Undone by ``tx.rollback()``."""
-    env = {old: new}
-    order = {n: i for i, n in enumerate(tx.graph.nodes)}
-    stack = [old]
-    views: list[Node] = []
-    while stack:
-        node = stack.pop()
-        for user in node.users:
-            if user not in env and user not in views and is_view_of_input(user):
-                views.append(user)
-                stack.append(user)
-    for view in sorted(views, key=order.__getitem__):
-        source = env[view.args[0]]
-        with tx.graph.inserting_after(source):
-            copy = tx.record_new(tx.graph.node_copy(view, lambda n: env.get(n, n)))
-        env[view] = propagate_fake(copy)
-        tx.maybe_dead.append(copy)  # a copy of a view nobody reads any more is erased
-    for node, replacement in env.items():
-        for user in list(node.users):
-            if user not in env and user not in tx.new_nodes:
-                tx.replace_input(user, node, replacement)
