@@ -37,11 +37,13 @@ _grad_enabled = torch.is_grad_enabled
 _increment_version = torch._C._increment_version
 
 
-def _inverse_table(cos_sin_cache, positions, rotary_dim):
+def _inverse_table(cos_sin_cache, positions, rotary_dim, wrap=False):
     """(table, positions) that rotate by minus each token's angle: the cache rows of
-    ``positions`` with their sin half negated, indexed by ``arange(num_tokens)``."""
+    ``positions`` with their sin half negated, indexed by ``arange(num_tokens)``; ``wrap``:
+    the forward's ``wrap_negative_positions`` (rows as eager ``cos_sin_cache[positions]``)."""
     half = rotary_dim // 2
-    rows = cos_sin_cache.index_select(0, positions.reshape(-1))  # [T, rotary_dim]
+    flat = positions.reshape(-1)
+    rows = cos_sin_cache[flat] if wrap else cos_sin_cache.index_select(0, flat)  # [T, rot]
     table = torch.cat((rows[:, :half], rows[:, half:].neg()), dim=1)
     return table, torch.arange(rows.shape[0], dtype=positions.dtype, device=positions.device)
 
@@ -53,9 +55,9 @@ def _writable_grad(grad, fresh):
     return grad if fresh else grad.clone(memory_format=torch.contiguous_format)
 
 
-def _fused_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, fresh):
+def _fused_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, wrap, fresh):
     g = _writable_grad(grad, fresh)  # [T, H, D]
-    table, arange = _inverse_table(cos_sin_cache, positions, rotary_dim)
+    table, arange = _inverse_table(cos_sin_cache, positions, rotary_dim, wrap)
     # The op rotates two tensors; the second is an empty one (no heads). Not an empty slice of
     # g: Inductor's scheduler fails on a mutated zero-size view of a mutated buffer (torch 2.13).
     no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))
@@ -64,9 +66,9 @@ def _fused_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, fresh):
     return g
 
 
-def _generic_inverse(grad, cos_sin_cache, positions, head_size, is_neox, fresh):
+def _generic_inverse(grad, cos_sin_cache, positions, head_size, is_neox, wrap, fresh):
     g = _writable_grad(grad, fresh)  # query's (or key's) shape
-    table, arange = _inverse_table(cos_sin_cache, positions, cos_sin_cache.shape[1])
+    table, arange = _inverse_table(cos_sin_cache, positions, cos_sin_cache.shape[1], wrap)
     torch.ops.rope_compile.rotary_embedding.default(
         arange, g, g.new_empty((arange.shape[0], 0)), head_size, table, is_neox)
     return g
@@ -152,12 +154,12 @@ def register(lib: torch.library.Library) -> None:
     # (q, k, cos_sin_cache, positions) and the inverse's extra arguments, from each schema.
     fused_autograd = _autograd_kernel(
         fused, ("q", "k", "cos_sin_cache", "positions"),
-        lambda q, k, cache, pos, rot, neox: (q, k, cache, pos),
-        _fused_inverse, lambda q, k, cache, pos, rot, neox: (rot, neox))
+        lambda q, k, cache, pos, rot, neox, wrap=False: (q, k, cache, pos),
+        _fused_inverse, lambda q, k, cache, pos, rot, neox, wrap=False: (rot, neox, wrap))
     generic_autograd = _autograd_kernel(
         generic, ("query", "key", "cos_sin_cache", "positions"),
-        lambda pos, q, k, head, cache, neox: (q, k, cache, pos),
-        _generic_inverse, lambda pos, q, k, head, cache, neox: (head, neox))
+        lambda pos, q, k, head, cache, neox, wrap=False: (q, k, cache, pos),
+        _generic_inverse, lambda pos, q, k, head, cache, neox, wrap=False: (head, neox, wrap))
     lib.impl(fused._schema.name.split("::")[1], fused_autograd, "Autograd", with_keyset=True)
     lib.impl(generic._schema.name.split("::")[1], generic_autograd, "Autograd",
              with_keyset=True)
@@ -193,10 +195,11 @@ def _tables_inverse(grad, cos, sin, rotary_dim, is_neox, mrope_section, fresh):
     return g
 
 
-def _mrope_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section, fresh):
+def _mrope_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section, wrap,
+                   fresh):
     g = _writable_grad(grad, fresh)  # [T, H, D]
     # The used rows of every stream, sin negated, read back through arange(S * T) as [S, T].
-    table, arange = _inverse_table(cos_sin_cache, positions, rotary_dim)
+    table, arange = _inverse_table(cos_sin_cache, positions, rotary_dim, wrap)
     no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))
     torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default(
         g, no_heads, table, arange.view(positions.shape), rotary_dim, is_neox, mrope_section)
@@ -213,8 +216,9 @@ def register_tables(lib: torch.library.Library) -> None:
         _tables_inverse, lambda q, k, cos, sin, rot, neox, sections=None: (rot, neox, sections))
     mrope_autograd = _autograd_kernel(
         mrope, ("q", "k", "cos_sin_cache", "positions"),
-        lambda q, k, cache, pos, rot, neox, sections: (q, k, cache, pos),
-        _mrope_inverse, lambda q, k, cache, pos, rot, neox, sections: (rot, neox, sections))
+        lambda q, k, cache, pos, rot, neox, sections, wrap=False: (q, k, cache, pos),
+        _mrope_inverse,
+        lambda q, k, cache, pos, rot, neox, sections, wrap=False: (rot, neox, sections, wrap))
     for op, kernel in ((tables, tables_autograd), (mrope, mrope_autograd)):
         lib.impl(op._schema.name.split("::")[1], kernel, "Autograd", with_keyset=True)
 

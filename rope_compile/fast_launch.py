@@ -25,7 +25,10 @@ When: only where skipping the dispatcher changes nothing observable. Every argum
 ``int`` and ``is_neox`` a ``bool``, nothing requiring grad, not under torch.compile tracing, no
 torch function / dispatch mode and no functorch transform active, the positions bounds check
 off, and Triton's ``JITFunction.run`` launching the way this module does (checked once from
-its source). Anything else goes through the op, as does ``ROPE_COMPILE_FAST_LAUNCH=0``.
+its source). Anything else goes through the op, as does ``ROPE_COMPILE_FAST_LAUNCH=0`` and a
+call with ``wrap_negative_positions`` (the public functions send it there). Positions are never
+read here: the kernel itself leaves a token whose position is outside the cache as it is (its
+row count is an argument, from the cache's shape in the key).
 The version counters of q and k are bumped, as the dispatcher does for a mutating op.
 """
 

@@ -103,10 +103,12 @@ def register_inductor_lowering() -> None:
     fallback = fallback_handler(op, add_to_fallback_set=False)
 
     @register_lowering(op, type_promotion_kind=None)
-    def _lower(q, k, cos_sin_cache, positions, rotary_dim, is_neox):
+    def _lower(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+               wrap_negative_positions=False):
         device = q.get_device()
         if device is None or device.type not in GPU_DEVICE_TYPES:
-            return fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+            return fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                            wrap_negative_positions)
         # The cache may be a computed view (HF / gpt-fast tables built by the pass): give it
         # (and positions) a real, contiguous buffer, one per graph that every layer's call
         # shares. q and k are as_strided views of their storage (the op mutates them), so they
@@ -116,11 +118,14 @@ def register_inductor_lowering() -> None:
         num_tokens, num_q_heads, _ = q.get_size()
         hq, hk = int(num_q_heads), int(k.get_size()[1])
         tokens_hint = _token_count_hint(num_tokens)
+        # Positions are not read here: the kernel skips a token whose position is out of
+        # range, and wraps negative ones when asked (the op's index rule).
         shape = launch_shape(tokens_hint, hq, hk, rotary_dim, is_neox, device.type,
-                             q.get_dtype().itemsize)
+                             q.get_dtype().itemsize, wrap_positions=wrap_negative_positions)
         args = runtime_args(q, k, cos_sin_cache, positions, q_stride=q.get_stride(),
                             k_stride=k.get_stride(), cache_stride=cos_sin_cache.get_stride(),
-                            positions_stride=positions.get_stride(), num_q_heads=hq,
+                            positions_stride=positions.get_stride(),
+                            num_positions=cos_sin_cache.get_size()[0], num_q_heads=hq,
                             num_k_heads=hk)
         kernel_idx = kernel_side_table.add_kernel(_kernel_with_warps(shape.options["num_warps"]))
         ir.UserDefinedTritonKernel(
@@ -200,10 +205,11 @@ def _register_tables_lowerings() -> None:
     # rope_compile.kernels.rope_tables is imported when a graph uses the ops, not here.
 
     def launch(q, k, rotary_dim, is_neox, mrope_section, runtime_args, from_cache,
-               full_tables=False, angles_table_dtype=None):
+               full_tables=False, angles_table_dtype=None, wrap_positions=False):
         """``runtime_args(hq, hk)``: the kernel's runtime arguments for q/k's head counts;
         ``full_tables``: TABLES ``rotary_dim`` wide (one cos/sin per feature);
-        ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype."""
+        ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype;
+        ``wrap_positions``: CACHE, negative positions from the cache's end."""
         from .kernels.rope_tables import launch_shape
 
         num_tokens, num_q_heads, _ = q.get_size()
@@ -212,7 +218,8 @@ def _register_tables_lowerings() -> None:
         shape = launch_shape(tokens_hint, hq, hk, rotary_dim, is_neox, q.get_device().type,
                              q.get_dtype().itemsize, from_cache=from_cache,
                              mrope_section=mrope_section, full_tables=full_tables,
-                             angles_table_dtype=angles_table_dtype)
+                             angles_table_dtype=angles_table_dtype,
+                             wrap_positions=wrap_positions)
         kernel = _tables_kernel_with_warps(shape.options["num_warps"])
         ir.UserDefinedTritonKernel(
             kernel_idx=kernel_side_table.add_kernel(kernel),
@@ -268,18 +275,19 @@ def _register_tables_lowerings() -> None:
     mrope_fallback = fallback_handler(mrope_op, add_to_fallback_set=False)
 
     @register_lowering(mrope_op, type_promotion_kind=None)
-    def _lower_mrope(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section):
+    def _lower_mrope(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
+                     wrap_negative_positions=False):
         if not on_gpu(q):
             return mrope_fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
-                                  mrope_section)
+                                  mrope_section, wrap_negative_positions)
         from .kernels.rope_tables import cache_runtime_args
 
         cache, pos = _shared_read_input(cos_sin_cache), _shared_read_input(positions)
         launch(q, k, rotary_dim, is_neox, mrope_section, lambda hq, hk: cache_runtime_args(
             q, k, cache, pos, q_stride=q.get_stride(), k_stride=k.get_stride(),
-            cache_stride=cache.get_stride(), positions_size=pos.get_size(),
-            positions_stride=pos.get_stride(), num_q_heads=hq, num_k_heads=hk),
-            from_cache=True)
+            cache_size=cache.get_size(), cache_stride=cache.get_stride(),
+            positions_size=pos.get_size(), positions_stride=pos.get_stride(), num_q_heads=hq,
+            num_k_heads=hk), from_cache=True, wrap_positions=wrap_negative_positions)
         return None
 
 
@@ -395,6 +403,8 @@ def _register_kv_lowerings() -> None:
                   operand(_shared_read_input(a["cache_loc"])), a["k_scale"], a["v_scale"])
         plan = plan_launch(q, k, rope, a["rotary_dim"], a["is_neox"], norm=norm, kv=kv,
                            device_type=device.type, elem_bytes=q.ptr.get_dtype().itemsize,
+                           wrap_positions=a.get("wrap_negative_positions", False),
+                           wrap_loc=a.get("wrap_negative_cache_loc", True),
                            num_tokens_hint=_token_count_hint(q.size[0]))
         ir.UserDefinedTritonKernel(
             kernel_idx=kernel_side_table.add_kernel(

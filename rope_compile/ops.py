@@ -9,6 +9,17 @@
 Both mutate only their q/k (query/key) arguments. Kernels: the Triton launcher for ``cuda`` and
 ``xpu`` (imported lazily, so the package imports without Triton), the float32 reference applied
 in place for ``cpu``. The fake implementations validate and touch no data.
+
+Indices (``docs/index_ranges.md``): every op that takes ``positions`` (rows of a cos/sin cache
+of P rows) has ``wrap_negative_positions`` (default False, as sglang's / vLLM's
+``cos_sin_cache.index_select(0, positions)``: positions lie in ``[0, P)``; True, as eager
+``cos_sin_cache[positions]``: a position in ``[-P, 0)`` is row ``P + position``); every op that
+takes ``cache_loc`` (rows of KV buffers of S rows) has ``wrap_negative_cache_loc`` (default
+True, as eager ``k_buffer[cache_loc] = k``: ``[-S, S)``; False, as ``index_copy_``:
+``[0, S)``). An index outside its range raises ``IndexError`` on the CPU, and on GPUs with
+:func:`~rope_compile.validation.set_check_positions` (a device sync); without it the GPU
+kernels leave that index's rows untouched (a position: the token's q and k, and its KV-buffer
+rows; a cache_loc: its KV-buffer rows) and never read or write outside a tensor.
 """
 
 from __future__ import annotations
@@ -30,12 +41,13 @@ from .validation import (  # noqa: F401  (names and checks re-exported for calle
 )
 
 
-def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, op) -> None:
+def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, wrap, op) -> None:
     if check_positions_on_device_enabled():
-        check_positions_in_range(op, positions, cos_sin_cache.shape[0])
+        check_positions_in_range(op, positions, cos_sin_cache.shape[0], wrap)
     from .triton_kernel import launch_fused_qk_rope
 
-    launch_fused_qk_rope(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+    launch_fused_qk_rope(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                         wrap_positions=wrap)
 
 
 # The ops are defined on a torch.library.Library rather than with torch.library.custom_op:
@@ -45,13 +57,15 @@ def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, op) -> N
 # Autograd kernels (rope_compile/autograd.py, which says why not register_autograd) only
 # redispatch below autograd when no input requires grad.
 _LIB = torch.library.Library("rope_compile", "DEF")
+_WRAP_POSITIONS = "bool wrap_negative_positions=False"
+_WRAP_LOC = "bool wrap_negative_cache_loc=True"
 _LIB.define(
     "fused_qk_rope_with_cos_sin_cache_inplace(Tensor(a0!) q, Tensor(a1!) k, Tensor cos_sin_cache, "
-    "Tensor positions, int rotary_dim, bool is_neox) -> ()"
+    f"Tensor positions, int rotary_dim, bool is_neox, {_WRAP_POSITIONS}) -> ()"
 )
 _LIB.define(
     "rotary_embedding(Tensor positions, Tensor(a1!) query, Tensor(a2!) key, int head_size, "
-    "Tensor cos_sin_cache, bool is_neox) -> ()"
+    f"Tensor cos_sin_cache, bool is_neox, {_WRAP_POSITIONS}) -> ()"
 )
 
 
@@ -63,18 +77,22 @@ def _register(name: str, *, cpu, gpu, fake) -> None:
     torch.library.register_fake(f"rope_compile::{name}", fake, lib=_LIB)
 
 
-def _fused_qk_rope_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
+def _fused_qk_rope_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                       wrap_negative_positions=False) -> None:
     validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
-    check_positions_in_range(_FUSED, positions, cos_sin_cache.shape[0])
+    check_positions_in_range(_FUSED, positions, cos_sin_cache.shape[0], wrap_negative_positions)
     rope_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
 
 
-def _fused_qk_rope_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
+def _fused_qk_rope_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                          wrap_negative_positions=False) -> None:
     validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
-    _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, _FUSED)
+    _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, wrap_negative_positions,
+                   _FUSED)
 
 
-def _fused_qk_rope_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox) -> None:
+def _fused_qk_rope_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                        wrap_negative_positions=False) -> None:
     validate_fused(q, k, cos_sin_cache, positions, rotary_dim)
 
 
@@ -82,18 +100,21 @@ _register(_FUSED, cpu=_fused_qk_rope_cpu, gpu=_fused_qk_rope_triton, fake=_fused
 fused_qk_rope_op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
 
 
-def _rotary_embedding_cpu(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+def _rotary_embedding_cpu(positions, query, key, head_size, cos_sin_cache, is_neox,
+                          wrap_negative_positions=False) -> None:
     q, k, pos, rot = generic_views(positions, query, key, head_size, cos_sin_cache)
-    check_positions_in_range(_GENERIC, pos, cos_sin_cache.shape[0])
+    check_positions_in_range(_GENERIC, pos, cos_sin_cache.shape[0], wrap_negative_positions)
     rope_reference_(q, k, cos_sin_cache, pos, rot, is_neox)
 
 
-def _rotary_embedding_triton(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+def _rotary_embedding_triton(positions, query, key, head_size, cos_sin_cache, is_neox,
+                             wrap_negative_positions=False) -> None:
     q, k, pos, rot = generic_views(positions, query, key, head_size, cos_sin_cache)
-    _launch_triton(q, k, cos_sin_cache, pos, rot, is_neox, _GENERIC)
+    _launch_triton(q, k, cos_sin_cache, pos, rot, is_neox, wrap_negative_positions, _GENERIC)
 
 
-def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+def _rotary_embedding_fake(positions, query, key, head_size, cos_sin_cache, is_neox,
+                           wrap_negative_positions=False) -> None:
     generic_views(positions, query, key, head_size, cos_sin_cache)
 
 
@@ -114,8 +135,11 @@ autograd.register(_LIB)
 # cache_loc[t] (any row stride, last stride 1; fp16 / bf16 / fp32 / fp8 e4m3fn), the stored
 # value being cast(x / scale) in fp32 (no division when the scale is None). Duplicate cache_loc
 # values are not checked (a sort, and a device sync on GPUs): which token's row lands is then
-# unspecified, as with eager ``k_buffer[cache_loc] = k``. Out-of-range cache_loc (and
-# positions) raise IndexError on the CPU always, on GPUs with set_check_positions(True).
+# unspecified, as with eager ``k_buffer[cache_loc] = k``. Indices as the module docstring says:
+# cache_loc in [-S, S) (wrap_negative_cache_loc, the default) or [0, S), positions in [0, P)
+# (the default) or [-P, P) (wrap_negative_positions); out of range: IndexError on the CPU
+# always, on GPUs with set_check_positions(True), else the index's rows are left untouched (a
+# token with its position out of range: q, k and its buffer rows; a cache_loc: buffer rows).
 # These are inference (decode-path) ops: a call with an input that requires grad is refused.
 
 from .reference import qk_norm_rope_kv_reference_  # noqa: E402
@@ -140,68 +164,76 @@ _SCALES = "float? k_scale=None, float? v_scale=None"
 # (1 + w) rounded once: Gemma3); True: once, after the weight (offset 0.0: HF OLMo2's
 # Olmo2RMSNorm); False: twice (offset 0.0 only). reference.norm_rounds_once decides.
 _ROUNDING = "bool? round_once=None"
-_LIB.define(f"{_KV_STORE}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_ROPE_ARGS}, {_SCALES}) -> ()")
+_LIB.define(f"{_KV_STORE}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_ROPE_ARGS}, {_SCALES}, "
+            f"{_WRAP_POSITIONS}, {_WRAP_LOC}) -> ()")
 _LIB.define(f"{_NORM_ROPE}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_ROPE_ARGS}, "
-            f"{_ROUNDING}) -> ()")
+            f"{_ROUNDING}, {_WRAP_POSITIONS}) -> ()")
 _LIB.define(f"{_NORM_ROPE_KV}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_NORM_ARGS}, "
-            f"{_ROPE_ARGS}, {_SCALES}, {_ROUNDING}) -> ()")
+            f"{_ROPE_ARGS}, {_SCALES}, {_ROUNDING}, {_WRAP_POSITIONS}, {_WRAP_LOC}) -> ()")
 
 
 def _kv_store_args(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions,
-                   rotary_dim, is_neox, k_scale=None, v_scale=None):
+                   rotary_dim, is_neox, k_scale=None, v_scale=None,
+                   wrap_negative_positions=False, wrap_negative_cache_loc=True):
     validate_kv_store(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions,
                       rotary_dim, k_scale, v_scale)
     kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
-    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, None, kv
+    wrap = (wrap_negative_positions, wrap_negative_cache_loc)
+    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, None, kv, wrap
 
 
 def _norm_rope_args(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
-                    rotary_dim, is_neox, round_once=None):
+                    rotary_dim, is_neox, round_once=None, wrap_negative_positions=False):
     validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
                        rotary_dim, round_once=round_once)
     norm = (q_weight, k_weight, eps, weight_offset, round_once)
-    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, None
+    wrap = (wrap_negative_positions, True)
+    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, None, wrap
 
 
 def _norm_rope_kv_args(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                        weight_offset, cos_sin_cache, positions, rotary_dim, is_neox,
-                       k_scale=None, v_scale=None, round_once=None):
+                       k_scale=None, v_scale=None, round_once=None,
+                       wrap_negative_positions=False, wrap_negative_cache_loc=True):
     kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
     validate_norm_rope(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
                        rotary_dim, kv, round_once)
     norm = (q_weight, k_weight, eps, weight_offset, round_once)
-    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, kv
+    wrap = (wrap_negative_positions, wrap_negative_cache_loc)
+    return q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm, kv, wrap
 
 
-def _check_indices(op, cos_sin_cache, positions, kv) -> None:
+def _check_indices(op, cos_sin_cache, positions, kv, wrap) -> None:
+    """``wrap``: (wrap_negative_positions, wrap_negative_cache_loc)."""
     if positions is not None:
-        check_positions_in_range(op, positions, cos_sin_cache.shape[0])
+        check_positions_in_range(op, positions, cos_sin_cache.shape[0], wrap[0])
     if kv is not None:
-        check_cache_loc_in_range(op, kv[3], kv[1].shape[-3])
+        check_cache_loc_in_range(op, kv[3], kv[1].shape[-3], wrap[1])
 
 
 def _register_kv_op(name: str, args, mutated: tuple[int, ...], tables: bool = False) -> None:
     """CPU, Triton (cuda/xpu), fake and Autograd kernels of ``name``; ``args`` validates the
     op's arguments and returns ``(q, k, cos_sin_cache, positions, rotary_dim, is_neox, norm,
-    kv)`` (``tables``: ``(q, k, cos, sin, ...)``); ``mutated``: the positions of the arguments
-    the op writes."""
+    kv, (wrap_negative_positions, wrap_negative_cache_loc))`` (``tables``: ``(q, k, cos, sin,
+    ...)``); ``mutated``: the positions of the arguments the op writes."""
 
     def cpu(*op_args) -> None:
-        q, k, a, b, rot, neox, norm, kv = args(*op_args)
+        q, k, a, b, rot, neox, norm, kv, wrap = args(*op_args)
         if tables:
-            _check_indices(name, None, None, kv)
+            _check_indices(name, None, None, kv, wrap)
             qk_norm_rope_kv_tables_reference_(q, k, a, b, rot, neox, norm=norm, kv=kv)
             return
-        _check_indices(name, a, b, kv)
+        _check_indices(name, a, b, kv, wrap)
         qk_norm_rope_kv_reference_(q, k, a, b, rot, neox, norm=norm, kv=kv)
 
     def triton(*op_args) -> None:
-        q, k, a, b, rot, neox, norm, kv = args(*op_args)
+        q, k, a, b, rot, neox, norm, kv, wrap = args(*op_args)
         if check_positions_on_device_enabled():
-            _check_indices(name, None if tables else a, None if tables else b, kv)
+            _check_indices(name, None if tables else a, None if tables else b, kv, wrap)
         from .kernels.rope_kv_store import launch, launch_tables
 
-        (launch_tables if tables else launch)(q, k, a, b, rot, neox, norm=norm, kv=kv)
+        (launch_tables if tables else launch)(q, k, a, b, rot, neox, norm=norm, kv=kv,
+                                              wrap_positions=wrap[0], wrap_loc=wrap[1])
 
     def fake(*op_args) -> None:
         args(*op_args)
@@ -253,19 +285,19 @@ from .validation import (  # noqa: E402, F401  (names re-exported for callers)
 
 _TABLE_ARGS = "Tensor cos, Tensor sin, int rotary_dim, bool is_neox"
 _LIB.define(f"{_KV_STORE_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_TABLE_ARGS}, "
-            f"{_SCALES}) -> ()")
+            f"{_SCALES}, {_WRAP_LOC}) -> ()")
 _LIB.define(f"{_NORM_ROPE_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_NORM_ARGS}, {_TABLE_ARGS}, "
             f"{_ROUNDING}) -> ()")
 _LIB.define(f"{_NORM_ROPE_KV_TABLES}(Tensor(a0!) q, Tensor(a1!) k, {_KV_ARGS}, {_NORM_ARGS}, "
-            f"{_TABLE_ARGS}, {_SCALES}, {_ROUNDING}) -> ()")
+            f"{_TABLE_ARGS}, {_SCALES}, {_ROUNDING}, {_WRAP_LOC}) -> ()")
 
 
 def _kv_store_tables_args(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim,
-                          is_neox, k_scale=None, v_scale=None):
+                          is_neox, k_scale=None, v_scale=None, wrap_negative_cache_loc=True):
     validate_kv_store_tables(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim,
                              k_scale, v_scale)
     kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
-    return q, k, cos, sin, rotary_dim, is_neox, None, kv
+    return q, k, cos, sin, rotary_dim, is_neox, None, kv, (False, wrap_negative_cache_loc)
 
 
 def _norm_rope_tables_args(q, k, q_weight, k_weight, eps, weight_offset, cos, sin, rotary_dim,
@@ -273,17 +305,17 @@ def _norm_rope_tables_args(q, k, q_weight, k_weight, eps, weight_offset, cos, si
     validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
                               rotary_dim, round_once=round_once)
     norm = (q_weight, k_weight, eps, weight_offset, round_once)
-    return q, k, cos, sin, rotary_dim, is_neox, norm, None
+    return q, k, cos, sin, rotary_dim, is_neox, norm, None, (False, True)
 
 
 def _norm_rope_kv_tables_args(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                               weight_offset, cos, sin, rotary_dim, is_neox, k_scale=None,
-                              v_scale=None, round_once=None):
+                              v_scale=None, round_once=None, wrap_negative_cache_loc=True):
     kv = (v, k_buffer, v_buffer, cache_loc, k_scale, v_scale)
     validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
                               rotary_dim, kv, round_once)
     norm = (q_weight, k_weight, eps, weight_offset, round_once)
-    return q, k, cos, sin, rotary_dim, is_neox, norm, kv
+    return q, k, cos, sin, rotary_dim, is_neox, norm, kv, (False, wrap_negative_cache_loc)
 
 
 _register_kv_op(_KV_STORE_TABLES, _kv_store_tables_args, (0, 1, 3, 4), tables=True)
@@ -296,16 +328,23 @@ norm_rope_kv_tables_op = torch.ops.rope_compile.fused_qk_norm_rope_kv_store_tabl
 
 def fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache,
                                    positions, rotary_dim, is_neox, k_scale=None,
-                                   v_scale=None) -> None:
+                                   v_scale=None, *, wrap_negative_positions=False,
+                                   wrap_negative_cache_loc=True) -> None:
     """Rotate q ``[T, Hq, D]`` and k ``[T, Hk, D]`` in place and write the rotated k and v
     ``[T, Hk, Dv]`` into rows ``cache_loc`` of k_buffer ``[S, Hk, D]`` / v_buffer
-    ``[S, Hk, Dv]`` (``x / scale`` in fp32, cast to the buffer's dtype), in one launch."""
+    ``[S, Hk, Dv]`` (``x / scale`` in fp32, cast to the buffer's dtype), in one launch.
+
+    Indices (the module docstring): positions in ``[0, P)`` (``[-P, P)`` with
+    ``wrap_negative_positions``), cache_loc in ``[-S, S)`` as eager ``k_buffer[cache_loc] = k``
+    (``[0, S)`` without ``wrap_negative_cache_loc``); out of range: ``IndexError`` on the CPU
+    (GPUs: with ``set_check_positions(True)``, else those rows are left untouched)."""
     kv_store_op(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache, positions, rotary_dim,
-                is_neox, k_scale, v_scale)
+                is_neox, k_scale, v_scale, wrap_negative_positions, wrap_negative_cache_loc)
 
 
 def fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache,
-                               positions, rotary_dim, is_neox, *, round_once=None) -> None:
+                               positions, rotary_dim, is_neox, *, round_once=None,
+                               wrap_negative_positions=False) -> None:
     """RMSNorm of q ``[T, Hq, D]`` and k ``[T, Hk, D]``, then RoPE, in place, in one launch.
 
     Each weight's shape says what it normalises: ``[D]``, each head over D (HF Qwen3 / Gemma3
@@ -320,31 +359,35 @@ def fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos
       HF ``Olmo2RMSNorm`` (``(weight * xn).to(dtype)``);
     * ``round_once=False``: ``round(w * round(xn))``, offset 0.0 only (1.0 is refused).
 
-    In float32 all forms with the same offset agree."""
+    In float32 all forms with the same offset agree. Positions as
+    :func:`fused_qk_rope_kv_store_inplace`'s (a token out of range is left as it is)."""
     norm_rope_op(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache, positions,
-                 rotary_dim, is_neox, round_once)
+                 rotary_dim, is_neox, round_once, wrap_negative_positions)
 
 
 def fused_qk_norm_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, q_weight,
                                         k_weight, eps, weight_offset, cos_sin_cache, positions,
                                         rotary_dim, is_neox, k_scale=None, v_scale=None, *,
-                                        round_once=None) -> None:
+                                        round_once=None, wrap_negative_positions=False,
+                                        wrap_negative_cache_loc=True) -> None:
     """:func:`fused_qk_norm_rope_inplace` (``round_once`` as there), then the KV store of
-    :func:`fused_qk_rope_kv_store_inplace`, in one launch."""
+    :func:`fused_qk_rope_kv_store_inplace` (indices as there), in one launch."""
     norm_rope_kv_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                     weight_offset, cos_sin_cache, positions, rotary_dim, is_neox, k_scale,
-                    v_scale, round_once)
+                    v_scale, round_once, wrap_negative_positions, wrap_negative_cache_loc)
 
 
 def fused_qk_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin,
                                           rotary_dim, is_neox, k_scale=None,
-                                          v_scale=None) -> None:
+                                          v_scale=None, *,
+                                          wrap_negative_cache_loc=True) -> None:
     """:func:`fused_qk_rope_kv_store_inplace` with token t rotated by row ``t % R`` of
     ``cos``/``sin`` ``[R, rotary_dim/2]`` (any strides); k_buffer/v_buffer ``[S, Hk, D]``
     (cache_loc ``[T]``) or ``[Bc, S, Hk, D]`` (token t -> batch ``t // R_loc``, row
-    ``cache_loc[t % R_loc]``)."""
+    ``cache_loc[t % R_loc]``; cache_loc as there: ``wrap_negative_cache_loc=False`` is HF
+    ``StaticCache``'s ``index_copy_``)."""
     kv_store_tables_op(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin, rotary_dim, is_neox,
-                       k_scale, v_scale)
+                       k_scale, v_scale, wrap_negative_cache_loc)
 
 
 def fused_qk_norm_rope_tables_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
@@ -357,11 +400,12 @@ def fused_qk_norm_rope_tables_inplace(q, k, q_weight, k_weight, eps, weight_offs
 def fused_qk_norm_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc,
                                                q_weight, k_weight, eps, weight_offset, cos,
                                                sin, rotary_dim, is_neox, k_scale=None,
-                                               v_scale=None, *, round_once=None) -> None:
+                                               v_scale=None, *, round_once=None,
+                                               wrap_negative_cache_loc=True) -> None:
     """:func:`fused_qk_norm_rope_kv_store_inplace` with cos/sin tables ``[R, rotary_dim/2]``."""
     norm_rope_kv_tables_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                            weight_offset, cos, sin, rotary_dim, is_neox, k_scale, v_scale,
-                           round_once)
+                           round_once, wrap_negative_cache_loc)
 
 
 def fused_qk_rope_with_cos_sin_cache_inplace(
@@ -371,14 +415,21 @@ def fused_qk_rope_with_cos_sin_cache_inplace(
     positions: torch.Tensor,
     rotary_dim: int,
     is_neox: bool,
+    *,
+    wrap_negative_positions: bool = False,
 ) -> None:
     """Rotate ``q`` ``[T, Hq, rotary_dim]`` and ``k`` ``[T, Hk, rotary_dim]`` in place, in one
     kernel launch. Drop-in for ``sgl_kernel``'s function of the same name.
 
+    Positions lie in ``[0, P)`` (``[-P, P)`` with ``wrap_negative_positions``, as eager
+    ``cos_sin_cache[positions]``); out of range: ``IndexError`` on the CPU, and on GPUs with
+    ``set_check_positions(True)``; else the token's q and k are left as they are.
     Eager calls on GPU tensors take :mod:`rope_compile.fast_launch` where nothing needs the
     dispatcher; the result is the same either way."""
-    if not fast_launch.try_fused(q, k, cos_sin_cache, positions, rotary_dim, is_neox):
-        fused_qk_rope_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox)
+    if wrap_negative_positions or not fast_launch.try_fused(q, k, cos_sin_cache, positions,
+                                                            rotary_dim, is_neox):
+        fused_qk_rope_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                         wrap_negative_positions)
 
 
 def rotary_embedding(
@@ -388,12 +439,17 @@ def rotary_embedding(
     head_size: int,
     cos_sin_cache: torch.Tensor,
     is_neox: bool,
+    *,
+    wrap_negative_positions: bool = False,
 ) -> None:
     """Generic in-place RoPE of query/key ``[T, H * head_size]``, any head size and any even
     ``rotary_dim = cos_sin_cache.shape[1] <= head_size``
-    (the counterpart of ``torch.ops.sgl_kernel.rotary_embedding``)."""
-    if not fast_launch.try_generic(positions, query, key, head_size, cos_sin_cache, is_neox):
-        rotary_embedding_op(positions, query, key, head_size, cos_sin_cache, is_neox)
+    (the counterpart of ``torch.ops.sgl_kernel.rotary_embedding``); positions as
+    :func:`fused_qk_rope_with_cos_sin_cache_inplace`'s."""
+    if wrap_negative_positions or not fast_launch.try_generic(positions, query, key, head_size,
+                                                              cos_sin_cache, is_neox):
+        rotary_embedding_op(positions, query, key, head_size, cos_sin_cache, is_neox,
+                            wrap_negative_positions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +483,7 @@ _LIB.define(
 _LIB.define(
     "fused_qk_mrope_with_cos_sin_cache_inplace(Tensor(a0!) q, Tensor(a1!) k, "
     "Tensor cos_sin_cache, Tensor positions, int rotary_dim, bool is_neox, "
-    "int[] mrope_section) -> ()"
+    f"int[] mrope_section, {_WRAP_POSITIONS}) -> ()"
 )
 
 
@@ -447,25 +503,27 @@ def _qk_rope_tables_fake(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None
     validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section)
 
 
-def _qk_mrope_cache_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
-                        mrope_section) -> None:
+def _qk_mrope_cache_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
+                        wrap_negative_positions=False) -> None:
     validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
-    check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0])
+    check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0], wrap_negative_positions)
     mrope_cache_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section)
 
 
-def _qk_mrope_cache_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
-                           mrope_section) -> None:
+def _qk_mrope_cache_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
+                           wrap_negative_positions=False) -> None:
     validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
     if check_positions_on_device_enabled():
-        check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0])
+        check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0],
+                                 wrap_negative_positions)
     from .kernels.rope_tables import launch_qk_mrope_cache
 
-    launch_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section)
+    launch_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
+                          wrap_negative_positions)
 
 
-def _qk_mrope_cache_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
-                         mrope_section) -> None:
+def _qk_mrope_cache_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
+                         wrap_negative_positions=False) -> None:
     validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
 
 
@@ -509,13 +567,19 @@ def fused_qk_mrope_with_cos_sin_cache_inplace(
     rotary_dim: int,
     is_neox: bool,
     mrope_section: list[int],
+    *,
+    wrap_negative_positions: bool = False,
 ) -> None:
     """Multimodal RoPE (Qwen2-VL; sglang's ``MRotaryEmbedding``) of ``q`` and ``k`` in place, in
     one kernel launch: pair column i of token t is rotated by ``cos_sin_cache`` row
     ``positions[stream(i), t]``, stream 0, 1 or 2 by the ``mrope_section`` ``(s0, s1, s2)``
     (summing to ``rotary_dim/2``) that i lies in. ``positions`` ``[3, T]``, or ``[T]`` (text
-    only: every stream the same)."""
-    qk_mrope_cache_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox, list(mrope_section))
+    only: every stream the same), in ``[0, P)`` (``[-P, P)`` with ``wrap_negative_positions``,
+    as sglang's native ``cos_sin_cache[positions]``); a token with any of its positions out of
+    range: ``IndexError`` on the CPU (GPUs: with ``set_check_positions(True)``, else the token
+    is left as it is)."""
+    qk_mrope_cache_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox, list(mrope_section),
+                      wrap_negative_positions)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,7 +122,9 @@ def _norm_qk_(q, k, norm) -> None:
 def store_kv_rows_(buffer: torch.Tensor, cache_loc: torch.Tensor, x: torch.Tensor) -> None:
     """``buffer[t // R, cache_loc[t % R]] = x[t]`` for x ``[T, H, D]``, buffer ``[Bc, S, H, D]``
     and cache_loc ``[R]`` (HF ``StaticCache.update``'s ``index_copy_``); a 3-D buffer
-    ``[S, H, D]`` is one batch (R = T): ``buffer[cache_loc] = x``."""
+    ``[S, H, D]`` is one batch (R = T): ``buffer[cache_loc] = x``. Indexed as eager's
+    ``index_put_``: a location in ``[-S, 0)`` is row ``S + loc``; one outside ``[-S, S)``
+    raises ``IndexError`` (the ops check their own range first)."""
     loc = cache_loc.long()
     if buffer.dim() == 3:
         buffer.index_put_((loc,), x)
@@ -145,10 +147,13 @@ def rope_reference(
     rotary_dim: int,
     is_neox: bool,
 ) -> torch.Tensor:
-    """Return RoPE of ``x`` (``[num_tokens, num_heads, head_size]``) as a new tensor."""
+    """Return RoPE of ``x`` (``[num_tokens, num_heads, head_size]``) as a new tensor, token t by
+    row ``positions[t]`` of the cache, indexed as eager ``cos_sin_cache[positions]`` does (a
+    position in ``[-P, 0)`` is row ``P + position``; one outside ``[-P, P)`` raises
+    ``IndexError``). The ops check their own range first (``docs/index_ranges.md``)."""
     math = _math_dtype(x.dtype)
     half = rotary_dim // 2
-    rows = cos_sin_cache.index_select(0, positions.long()).to(math)  # [T, rot]
+    rows = cos_sin_cache[positions.long()].to(math)  # [T, rot]
     cos = rows[:, None, :half]  # [T, 1, rot/2]
     sin = rows[:, None, half:rotary_dim]
     rot = x[..., :rotary_dim].to(math)
@@ -252,7 +257,7 @@ def rope_tables_reference_(q, k, cos, sin, rotary_dim, is_neox, mrope_section=No
 def mrope_cache_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
                            mrope_section) -> None:
     """In-place mRoPE of q/k: pair column i of token t by cache row ``positions[stream(i), t]``
-    (positions ``[3, T]``, or ``[T]`` for every stream)."""
+    (positions ``[3, T]``, or ``[T]`` for every stream), indexed as :func:`rope_reference`."""
     num_tokens = q.shape[0]
     if num_tokens == 0:
         return

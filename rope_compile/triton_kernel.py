@@ -139,7 +139,9 @@ def fused_qk_rope_kernel(
     num_k_heads = tl.where(in_range, num_k_heads, 0)
     i = tl.arange(0, HALF_PAD)
     row = cache_ptr + pos * cache_row_stride
-    cmask = (i < HALF) & in_range
+    # No column when out of range (not `& in_range`: Triton's interpreter refuses a mask of a
+    # scalar and a vector predicate).
+    cmask = i < tl.where(in_range, HALF, 0)
     cos = tl.load(row + i * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(row + (HALF + i) * cache_col_stride, mask=cmask, other=0.0).to(tl.float32)
 
@@ -276,19 +278,22 @@ def plan_launch(
     rotary_dim: int,
     is_neox: bool,
     *,
+    wrap_positions: bool = False,
     block_h: int | None = None,
     head_splits: int | None = None,
     num_warps: int | None = None,
 ) -> LaunchPlan:
     """Grid, integer arguments, constexprs and options for q ``[T, Hq, D]``, k ``[T, Hk, D]``.
-    ``block_h``, ``head_splits`` and ``num_warps`` override the heuristics (for benchmarks)."""
+    ``wrap_positions``: as :func:`launch_shape`; ``block_h``, ``head_splits`` and
+    ``num_warps`` override the heuristics (for benchmarks)."""
     num_tokens, num_q_heads, num_k_heads = q.shape[0], q.shape[1], k.shape[1]
     shape = launch_shape(num_tokens, num_q_heads, num_k_heads, rotary_dim, is_neox,
-                         q.device.type, q.element_size(), block_h=block_h,
-                         head_splits=head_splits, num_warps=num_warps)
+                         q.device.type, q.element_size(), wrap_positions=wrap_positions,
+                         block_h=block_h, head_splits=head_splits, num_warps=num_warps)
     args = runtime_args(q, k, cos_sin_cache, positions, q_stride=q.stride(),
                         k_stride=k.stride(), cache_stride=cos_sin_cache.stride(),
-                        positions_stride=positions.stride(), num_q_heads=num_q_heads,
+                        positions_stride=positions.stride(),
+                        num_positions=cos_sin_cache.shape[0], num_q_heads=num_q_heads,
                         num_k_heads=num_k_heads)
     ints = tuple(args.values())[4:]
     return LaunchPlan((num_tokens, shape.head_splits), ints, shape.constexprs, shape.options)
@@ -302,6 +307,7 @@ def launch_fused_qk_rope(
     rotary_dim: int,
     is_neox: bool,
     *,
+    wrap_positions: bool = False,
     block_h: int | None = None,
     head_splits: int | None = None,
     num_warps: int | None = None,
@@ -309,7 +315,9 @@ def launch_fused_qk_rope(
     """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place with one launch.
 
     q is ``[T, Hq, D]`` and k ``[T, Hk, D]`` with ``D >= rotary_dim`` and last stride 1; arguments
-    are assumed valid (the op layer validates). Runs on CPU tensors only under the Triton
+    are assumed valid (the op layer validates; positions are not read on the host: a token
+    whose position is outside the cache is left as it is, and with ``wrap_positions`` a
+    position in ``[-P, 0)`` is row ``P + position``). Runs on CPU tensors only under the Triton
     interpreter, and on q's device whatever the current device is. ``block_h``, ``head_splits``
     and ``num_warps`` override the heuristics (for benchmarks).
     """
@@ -320,8 +328,9 @@ def launch_fused_qk_rope(
             "launch_fused_qk_rope: q is a CPU tensor; the Triton kernel runs on CPU tensors only "
             "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
         )
-    plan = plan_launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, block_h=block_h,
-                       head_splits=head_splits, num_warps=num_warps)
+    plan = plan_launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
+                       wrap_positions=wrap_positions, block_h=block_h, head_splits=head_splits,
+                       num_warps=num_warps)
     run_plan(plan, q, k, cos_sin_cache, positions)
 
 

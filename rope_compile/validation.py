@@ -2,7 +2,8 @@
 
 They read only metadata (shapes, strides, dtypes, devices), never data, so the fake
 implementations can run them and torch.compile reports bad input at trace time.
-The one data-dependent check, positions in range, is :func:`check_positions_in_range`.
+The data-dependent checks, indices in range, are :func:`check_positions_in_range` and
+:func:`check_cache_loc_in_range` (the rule: ``docs/index_ranges.md``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ _check_positions_on_device = os.environ.get("ROPE_COMPILE_CHECK_POSITIONS", "0")
 
 
 def set_check_positions(enabled: bool) -> None:
-    """Make GPU kernels raise ``IndexError`` for positions outside ``[0, max_position)``.
+    """Make GPU kernels raise ``IndexError`` for positions outside the cos/sin cache and
+    cache_loc outside the KV buffers (as the CPU kernels always do).
 
     Also enabled by the environment variable ``ROPE_COMPILE_CHECK_POSITIONS=1``. Each call then
-    synchronises with the device, so leave it off in production.
+    synchronises with the device, so leave it off in production: without it the kernels leave
+    the rows of an out-of-range index untouched (``docs/index_ranges.md``).
     """
     global _check_positions_on_device
     _check_positions_on_device = bool(enabled)
@@ -121,16 +124,26 @@ def check_rope_operands(
                           f"{read_name} while it rotates {name} in place")
 
 
-def check_positions_in_range(op: str, positions: torch.Tensor, max_position: int) -> None:
-    """Raise ``IndexError`` if a position is outside ``[0, max_position)`` (reads data)."""
-    if positions.numel() == 0:
+def _check_index_range(op: str, name: str, index: torch.Tensor, num_rows: int,
+                       wrap_negative: bool, rows: str) -> None:
+    """Raise ``IndexError`` if ``index`` has a value outside ``[0, num_rows)``, or outside
+    ``[-num_rows, num_rows)`` with ``wrap_negative`` (reads data)."""
+    if index.numel() == 0:
         return
-    low, high = int(positions.min()), int(positions.max())
-    if low < 0 or high >= max_position:
-        raise IndexError(
-            f"{op}: positions must lie in [0, {max_position}) (the cos_sin_cache rows), "
-            f"got values in [{low}, {high}]"
-        )
+    low, high = int(index.min()), int(index.max())
+    first = -num_rows if wrap_negative else 0
+    if low < first or high >= num_rows:
+        raise IndexError(f"{op}: {name} must lie in [{first}, {num_rows}) ({rows}), got values "
+                         f"in [{low}, {high}]")
+
+
+def check_positions_in_range(op: str, positions: torch.Tensor, max_position: int,
+                             wrap_negative: bool = False) -> None:
+    """Raise ``IndexError`` if a position is outside ``[0, max_position)`` (``[-max_position,
+    max_position)`` with ``wrap_negative``: eager's ``cache[positions]``) (reads data)."""
+    _check_index_range(op, "positions", positions, max_position, wrap_negative,
+                       "the cos_sin_cache rows" + (", negative ones from the end"
+                                                   if wrap_negative else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,14 +384,14 @@ def validate_norm_rope_tables(q, k, q_weight, k_weight, eps, weight_offset, cos,
                                         ("k_weight", k_weight)))
 
 
-def check_cache_loc_in_range(op: str, cache_loc: torch.Tensor, num_slots: int) -> None:
-    """Raise ``IndexError`` if a cache location is outside ``[0, num_slots)`` (reads data)."""
-    if cache_loc.numel() == 0:
-        return
-    low, high = int(cache_loc.min()), int(cache_loc.max())
-    if low < 0 or high >= num_slots:
-        raise IndexError(f"{op}: cache_loc must lie in [0, {num_slots}) (the k_buffer/v_buffer "
-                         f"rows), got values in [{low}, {high}]")
+def check_cache_loc_in_range(op: str, cache_loc: torch.Tensor, num_slots: int,
+                             wrap_negative: bool = True) -> None:
+    """Raise ``IndexError`` if a cache location is outside ``[-num_slots, num_slots)``
+    (eager's ``k_buffer[cache_loc] = k``), or outside ``[0, num_slots)`` without
+    ``wrap_negative`` (``index_copy_``) (reads data)."""
+    _check_index_range(op, "cache_loc", cache_loc, num_slots, wrap_negative,
+                       "the k_buffer/v_buffer rows" + (", negative ones from the end"
+                                                       if wrap_negative else ""))
 
 
 def as_token_heads(op: str, name: str, x: torch.Tensor, num_tokens: int, head_size: int):

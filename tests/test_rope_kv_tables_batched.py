@@ -382,8 +382,8 @@ def test_schemas():
     assert str(KV_TABLES_OP._schema) == (
         "rope_compile::fused_qk_rope_kv_store_tables_inplace(Tensor(a0!) q, Tensor(a1!) k, "
         "Tensor v, Tensor(a2!) k_buffer, Tensor(a3!) v_buffer, Tensor cache_loc, Tensor cos, "
-        "Tensor sin, int rotary_dim, bool is_neox, float? k_scale=None, float? v_scale=None) "
-        "-> ()")
+        "Tensor sin, int rotary_dim, bool is_neox, float? k_scale=None, float? v_scale=None, "
+        "bool wrap_negative_cache_loc=True) -> ()")
     assert str(NORM_TABLES_OP._schema) == (
         "rope_compile::fused_qk_norm_rope_tables_inplace(Tensor(a0!) q, Tensor(a1!) k, "
         "Tensor q_weight, Tensor k_weight, float eps, float weight_offset, Tensor cos, "
@@ -393,7 +393,7 @@ def test_schemas():
         "Tensor(a1!) k, Tensor v, Tensor(a2!) k_buffer, Tensor(a3!) v_buffer, "
         "Tensor cache_loc, Tensor q_weight, Tensor k_weight, float eps, float weight_offset, "
         "Tensor cos, Tensor sin, int rotary_dim, bool is_neox, float? k_scale=None, "
-        "float? v_scale=None, bool? round_once=None) -> ()")
+        "float? v_scale=None, bool? round_once=None, bool wrap_negative_cache_loc=True) -> ()")
     for op in (KV_TABLES_OP, NORM_TABLES_OP, NORM_KV_TABLES_OP):
         for key in ("CPU", "CUDA", "XPU", "Meta", "Autograd"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op._schema.name, key), key

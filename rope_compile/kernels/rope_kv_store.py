@@ -16,19 +16,27 @@ Shapes and strides (elements; the last stride of q, k, v and the buffers must be
     v_buffer  [Bc, S, Hk, DV]    strides (v_buf_batch_stride, ...)                 written rows
               a 3-D [S, Hk, D] buffer is Bc = 1 with batch stride 0; HF's StaticCache key
               cache [B, Hk, L, D] is passed as .permute(0, 2, 1, 3): strides (Hk*L*D, D, L*D, 1)
-    cache_loc [R_loc]            stride loc_stride, int32/int64, values in [0, S); R_loc
+    cache_loc [R_loc]            stride loc_stride, int32/int64, S = num_slots; R_loc
                                  (loc_rows) divides T, T / R_loc <= Bc (3-D buffers: R_loc = T)
     q_weight  [D] or [Hq*D]      stride q_w_stride (NORM; [Hq*D]: Q_WHOLE, element h*D + c)
     k_weight  [D] or [Hk*D]      stride k_w_stride (NORM; [Hk*D]: K_WHOLE)
     FROM_CACHE:
-      cos, sin  the same [P, ROT] cache = cat(cos, sin), strides (cache_row, cache_col) for both
-      pos       [T]              stride pos_stride, int32/int64, values in [0, P)
+      cos, sin  the same [P, ROT] cache = cat(cos, sin), strides (cache_row, cache_col) for both,
+                                 P = num_positions
+      pos       [T]              stride pos_stride, int32/int64
     TABLES (FROM_CACHE=False):
       cos, sin  [R, ROT/2]       strides (cos_row_stride, cos_col_stride), (sin_...): any strides
                                  and float dtype (HF halves, freqs_cis pair picks, expanded rows);
                                  R (num_rows) divides T; pos never read
 
 fp8 buffers are passed as their ``uint8`` view (K_FP8 / V_FP8): the kernel writes the bits.
+
+Index rule (:func:`~rope_compile.triton_kernel.table_row`): the cache row of token t is
+``pos[t]`` and its buffer row (slot) ``cache_loc[t % R_loc]``, each wrapped from the end of
+its table when negative in ``[-P, 0)`` / ``[-S, 0)`` with WRAP_POSITIONS / WRAP_LOC (eager's
+``cache[positions]`` / ``k_buffer[loc] = k``). Out of range: a position outside ``[0, P)``
+leaves the token as it is (q, k and its buffer rows neither read nor written); a slot outside
+``[0, S)`` skips the token's store (q and k still normalised and rotated).
 
 Math, per token t and head h of q and of k (fp32 throughout; ``round`` = to x's dtype)::
 
@@ -40,11 +48,11 @@ Math, per token t and head h of q and of k (fp32 throughout; ``round`` = to x's 
                                         q, or k: HF OLMo2's q_norm / k_norm of the [.., H*D]
                                         projection), w = w[h*D + c]; the same r for every head
     RoPE on x[:ROT], pair i (neox: (i, i + ROT/2), GPT-J: (2i, 2i + 1)), with
-        FROM_CACHE: c, s = cache[pos[t], i], cache[pos[t], ROT/2 + i]
+        FROM_CACHE: c, s = cache[row(t), i], cache[row(t), ROT/2 + i]   (row(t): pos[t]'s row)
         TABLES:     c, s = cos[t % R, i], sin[t % R, i]
         x1' = x1 * c - x2 * s,  x2' = x2 * c + x1 * s      -> rounded once to x's dtype
-    STORE_KV, b = t // R_loc, slot = cache_loc[t % R_loc] (HF StaticCache.update: k [B, Hk, S, D]
-    in (b, s) token order, cache_loc = cache_position, R_loc = S):
+    STORE_KV, b = t // R_loc, slot = the row of cache_loc[t % R_loc] (HF StaticCache.update:
+    k [B, Hk, L, D] in (b, l) token order, cache_loc = cache_position, R_loc = L):
         k_buffer[b, slot, h] = cast(k'[t, h] / k_scale),  v_buffer[b, slot, h] =
         cast(v[t, h] / v_scale)  (k' = the rounded k just written; no division without a scale;
         cast = round to nearest even, fp8 e4m3fn saturating to +-448 as torch 2.13's ``.to``)
@@ -82,7 +90,7 @@ import triton
 import triton.language as tl
 
 from ..reference import norm_rounds_once
-from ..triton_kernel import device_launch_options, is_interpreter
+from ..triton_kernel import device_launch_options, is_interpreter, table_row
 
 # fp8 e4m3fn: the largest finite value (torch's conversion saturates to it).
 FP8_E4M3_MAX = 448.0
@@ -140,6 +148,7 @@ def _head_block(
     r_whole,  # WHOLE: rsqrt(mean(x[t]^2) + eps) over all the token's heads (fp32 scalar)
     buf_row,  # pointer to buffer[loc[t], 0, 0] (STORE)
     buf_head_stride,
+    store_heads,  # STORE: heads < store_heads are stored (0: the token's slot is out of range)
     scale,
     D: tl.constexpr,
     ROT: tl.constexpr,
@@ -219,13 +228,15 @@ def _head_block(
     if STORE:
         # The cache row gets the k just written (rounded to k's dtype), divided and cast.
         out_ty: tl.constexpr = buf_row.dtype.element_ty
+        stored = heads < store_heads
         brow = buf_row + heads.to(tl.int64) * buf_head_stride
         tl.store(brow + c1, _to_cache(o1.to(tl.float32), scale, out_ty, HAS_SCALE, FP8),
-                 mask=pair_mask)
+                 mask=pair_mask & stored)
         tl.store(brow + c2, _to_cache(o2.to(tl.float32), scale, out_ty, HAS_SCALE, FP8),
-                 mask=pair_mask)
+                 mask=pair_mask & stored)
         if HAS_TAIL:
-            tl.store(brow + tcols, _to_cache(xt, scale, out_ty, HAS_SCALE, FP8), mask=tail_mask)
+            tl.store(brow + tcols, _to_cache(xt, scale, out_ty, HAS_SCALE, FP8),
+                     mask=tail_mask & stored)
 
 
 @triton.jit
@@ -278,6 +289,8 @@ def fused_qk_norm_rope_kv_kernel(
     q_w_stride, k_w_stride,
     cos_row_stride, cos_col_stride, sin_row_stride, sin_col_stride, pos_stride,
     num_rows,  # TABLES: R, token t reads row t % R; FROM_CACHE: unused
+    num_positions,  # FROM_CACHE: P, the cache's rows; TABLES: unused
+    num_slots,  # STORE_KV: S, the buffers' rows
     num_q_heads, num_k_heads, eps, k_scale, v_scale,
     D: tl.constexpr,  # q/k head size
     DV: tl.constexpr,  # v head size
@@ -300,6 +313,8 @@ def fused_qk_norm_rope_kv_kernel(
     V_FP8: tl.constexpr,
     Q_ITERS: tl.constexpr,  # head blocks of q per program
     K_ITERS: tl.constexpr,  # head blocks of k (and v) per program
+    WRAP_POSITIONS: tl.constexpr,  # FROM_CACHE: positions in [-P, 0) are rows P + pos
+    WRAP_LOC: tl.constexpr,  # STORE_KV: cache_loc in [-S, 0) is slot S + loc
 ):
     HALF: tl.constexpr = ROT // 2
     # Float arguments may arrive as fp64 scalars (Inductor's launcher types Python floats so):
@@ -313,20 +328,33 @@ def fused_qk_norm_rope_kv_kernel(
 
     # cos/sin of this token, once for every head of q and k: [1, HALF_PAD] each.
     i = tl.arange(0, HALF_PAD)[None, :]
+    # The heads this program rotates and stores: none for a token left as it is.
+    q_heads = num_q_heads
+    k_heads = num_k_heads
+    cmask = i < HALF
     if FROM_CACHE:
         pos = tl.load(pos_ptr + token * pos_stride).to(tl.int64)
+        # A position outside the cache: the token is left as it is (q, k, its buffer rows).
+        pos, pos_ok = table_row(pos, num_positions, WRAP_POSITIONS)
+        q_heads = tl.where(pos_ok, num_q_heads, 0)
+        k_heads = tl.where(pos_ok, num_k_heads, 0)
+        cmask = i < tl.where(pos_ok, HALF, 0)
         cos_row = cos_ptr + pos * cos_row_stride
         sin_row = sin_ptr + pos * sin_row_stride + HALF * sin_col_stride
     else:
         row = token % num_rows
         cos_row = cos_ptr + row * cos_row_stride
         sin_row = sin_ptr + row * sin_row_stride
-    cos = tl.load(cos_row + i * cos_col_stride, mask=i < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_row + i * sin_col_stride, mask=i < HALF, other=0.0).to(tl.float32)
+    cos = tl.load(cos_row + i * cos_col_stride, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_row + i * sin_col_stride, mask=cmask, other=0.0).to(tl.float32)
+    store_heads = 0
     if STORE_KV:
-        # Buffer batch t // R_loc, row cache_loc[t % R_loc] (a 3-D buffer: batch stride 0).
+        # Buffer batch t // R_loc, row cache_loc[t % R_loc] (a 3-D buffer: batch stride 0); a
+        # slot outside the buffers: nothing stored for this token.
         batch = token // loc_rows
         slot = tl.load(loc_ptr + (token % loc_rows) * loc_stride).to(tl.int64)
+        slot, slot_ok = table_row(slot, num_slots, WRAP_LOC)
+        store_heads = tl.where(slot_ok, k_heads, 0)
         k_row = k_buf_ptr + batch * k_buf_batch_stride + slot * k_buf_row_stride
         v_row = v_buf_ptr + batch * v_buf_batch_stride + slot * v_buf_row_stride
     else:
@@ -346,18 +374,18 @@ def fused_qk_norm_rope_kv_kernel(
         k_r = _whole_rsqrt(k_token, k_head_stride, num_k_heads, eps, D, ROT, HALF_PAD, TAIL_PAD,
                            BLOCK_H, K_ITERS)
     for j in tl.static_range(Q_ITERS):
-        _head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H, num_q_heads,
-                    cos, sin, q_w_ptr, q_w_stride, eps, q_r, k_row, 0, 1.0, D, ROT, HALF_PAD,
-                    TAIL_PAD, BLOCK_H, IS_NEOX, NORM, PLUS_ONE, ROUND_ONCE, Q_WHOLE, False, False,
-                    False)
+        _head_block(q_token, q_head_stride, (split + j * num_splits) * BLOCK_H, q_heads,
+                    cos, sin, q_w_ptr, q_w_stride, eps, q_r, k_row, 0, 0, 1.0, D, ROT,
+                    HALF_PAD, TAIL_PAD, BLOCK_H, IS_NEOX, NORM, PLUS_ONE, ROUND_ONCE, Q_WHOLE,
+                    False, False, False)
     for j in tl.static_range(K_ITERS):
         first = (split + j * num_splits) * BLOCK_H
-        _head_block(k_token, k_head_stride, first, num_k_heads, cos, sin, k_w_ptr, k_w_stride,
-                    eps, k_r, k_row, k_buf_head_stride, k_scale, D, ROT, HALF_PAD, TAIL_PAD,
-                    BLOCK_H, IS_NEOX, NORM, PLUS_ONE, ROUND_ONCE, K_WHOLE, STORE_KV, HAS_K_SCALE,
-                    K_FP8)
+        _head_block(k_token, k_head_stride, first, k_heads, cos, sin, k_w_ptr, k_w_stride,
+                    eps, k_r, k_row, k_buf_head_stride, store_heads, k_scale, D, ROT, HALF_PAD,
+                    TAIL_PAD, BLOCK_H, IS_NEOX, NORM, PLUS_ONE, ROUND_ONCE, K_WHOLE, STORE_KV,
+                    HAS_K_SCALE, K_FP8)
         if STORE_KV:
-            _copy_v_block(v_token, v_head_stride, first, num_k_heads, v_row, v_buf_head_stride,
+            _copy_v_block(v_token, v_head_stride, first, store_heads, v_row, v_buf_head_stride,
                           v_scale, DV, DV_PAD, BLOCK_H, HAS_V_SCALE, V_FP8)
 
 
@@ -375,7 +403,8 @@ RUNTIME_ARGS = (
     "v_buf_batch_stride", "v_buf_row_stride", "v_buf_head_stride",
     "loc_stride", "loc_rows", "q_w_stride", "k_w_stride",
     "cos_row_stride", "cos_col_stride", "sin_row_stride", "sin_col_stride", "pos_stride",
-    "num_rows", "num_q_heads", "num_k_heads", "eps", "k_scale", "v_scale",
+    "num_rows", "num_positions", "num_slots", "num_q_heads", "num_k_heads", "eps", "k_scale",
+    "v_scale",
 )
 NUM_TENSOR_ARGS = 11
 
@@ -439,8 +468,9 @@ def _buffer_strides(buf: Operand) -> tuple:
 
 
 def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None, kv=None,
-                fp8=(False, False), device_type, elem_bytes, num_tokens_hint=None,
-                block_h=None, head_splits=None, num_warps=None) -> KVLaunchPlan:
+                fp8=(False, False), device_type, elem_bytes, wrap_positions=False,
+                wrap_loc=True, num_tokens_hint=None, block_h=None, head_splits=None,
+                num_warps=None) -> KVLaunchPlan:
     """Plan one launch for q ``[T, Hq, D]``, k ``[T, Hk, D]`` (arguments already validated).
 
     ``rope``: :class:`FromCache` or :class:`FromTables`; ``norm``: ``(q_weight, k_weight, eps,
@@ -448,9 +478,11 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
     ``[D]`` per head or ``[H*D]`` over the whole projection (then one program per token:
     ``head_splits`` is 1 whatever is asked); ``kv``: ``(v,
     k_buffer, v_buffer, cache_loc, k_scale, v_scale)`` or None (tensors as :class:`Operand`;
-    fp8 buffers as their uint8 views, ``fp8`` saying which). ``num_tokens_hint``: a concrete T
-    for the heuristics when ``q.size[0]`` is symbolic. ``block_h``, ``head_splits`` and
-    ``num_warps`` override the heuristics (benchmarks)."""
+    fp8 buffers as their uint8 views, ``fp8`` saying which). ``wrap_positions`` /
+    ``wrap_loc``: negative positions / cache_loc index from the end of the cos/sin cache / of
+    the buffers (WRAP_POSITIONS, WRAP_LOC). ``num_tokens_hint``: a concrete T for the
+    heuristics when ``q.size[0]`` is symbolic. ``block_h``, ``head_splits`` and ``num_warps``
+    override the heuristics (benchmarks)."""
     num_tokens = q.size[0]
     num_q_heads, head_size, num_k_heads = int(q.size[1]), int(q.size[2]), int(k.size[1])
     tokens = num_tokens if num_tokens_hint is None else num_tokens_hint
@@ -465,10 +497,11 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         fp8 = (False, False)
     if isinstance(rope, FromCache):
         cos = sin = rope.cache
-        positions, num_rows = rope.positions, 1
+        positions, num_rows, num_positions = rope.positions, 1, rope.cache.size[0]
     else:
         cos, sin = rope
         positions, num_rows = Operand(cos.ptr, (0,), (0,)), cos.size[0]  # never read
+        num_positions = 0
     if norm is not None:
         q_weight, k_weight, eps, weight_offset, round_once = (*norm, None)[:5]
         # [H*D] (H > 1): one norm over the token's heads; [D]: per head (the same when H = 1).
@@ -504,7 +537,7 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         *_buffer_strides(k_buffer), *_buffer_strides(v_buffer),
         cache_loc.stride[0], loc_rows, q_weight.stride[0], k_weight.stride[0],
         cos.stride[0], cos.stride[1], sin.stride[0], sin.stride[1], positions.stride[0],
-        num_rows, num_q_heads, num_k_heads, float(eps),
+        num_rows, num_positions, k_buffer.size[-3], num_q_heads, num_k_heads, float(eps),
         1.0 if k_scale is None else float(k_scale), 1.0 if v_scale is None else float(v_scale),
     )
     constexprs = {
@@ -529,6 +562,8 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         "V_FP8": bool(fp8[1]),
         "Q_ITERS": triton.cdiv(triton.cdiv(num_q_heads, block_h), head_splits),
         "K_ITERS": triton.cdiv(triton.cdiv(num_k_heads, block_h), head_splits),
+        "WRAP_POSITIONS": bool(wrap_positions) and isinstance(rope, FromCache),
+        "WRAP_LOC": bool(wrap_loc) and kv is not None,
     }
     return KVLaunchPlan((num_tokens, head_splits),
                         dict(zip(RUNTIME_ARGS, values, strict=True)), constexprs, options)
@@ -579,7 +614,9 @@ def _launch(q, k, rope, rotary_dim, is_neox, norm, kv, overrides) -> None:
 def launch(q, k, cos_sin_cache, positions, rotary_dim, is_neox, *, norm=None, kv=None,
            **overrides) -> None:
     """Norm (``norm``), rotate q and k in place by cache rows ``positions`` and store k, v
-    (``kv``) with one launch; see :func:`plan_launch`. Runs on CPU tensors only under the
+    (``kv``) with one launch; see :func:`plan_launch` (``overrides``: its ``wrap_positions``,
+    ``wrap_loc`` and launch overrides). Indices are not read on the host: out-of-range ones
+    skip their rows (the module docstring's index rule). Runs on CPU tensors only under the
     Triton interpreter."""
     _launch(q, k, FromCache(cos_sin_cache, positions), rotary_dim, is_neox, norm, kv, overrides)
 

@@ -36,8 +36,14 @@ Shapes and strides (elements; only the last stride of q and k must be 1)::
                cos_col_stride) for both (any strides: HF's freqs is a transposed mm output)
       pos      unused (any pointer), R = num_rows divides T
     CACHE:
-      cos, sin the same [P, ROT] cache = cat(cos, sin), strides (0, row, col) for both
-      pos      [S, T]              strides (pos_stream_stride, pos_token_stride), int32/int64
+      cos, sin the same [P, ROT] cache = cat(cos, sin), strides (0, row, col) for both,
+               P = num_positions
+      pos      [S, T]              strides (pos_stream_stride, pos_token_stride), int32/int64;
+                                   row(st, t) = pos[st, t], or with WRAP_POSITIONS P + pos for
+                                   pos in [-P, 0) (:func:`~rope_compile.triton_kernel.table_row`)
+
+CACHE: a token with a row outside ``[0, P)`` in any of its S streams is left as it is (no
+cos/sin read, no head of q or k read or written).
 
 S (``NUM_STREAMS``) is 1 or 3. The stream of pair column ``i`` is 0 with one stream; with three
 (mRoPE sections ``(s0, s1, s2)``, ``s0 + s1 + s2 = ROT/2``) it is 0 for ``i < s0``
@@ -54,7 +60,7 @@ Math, per token t, head h and pair i < ROT/2, with st = stream(i)::
                  with A = angles[st, t % R, i], cos/sin and * in fp32 (tl.cos / tl.sin: what
                  Inductor's code for that chain uses), round = to TABLE_DTYPE and back (the
                  dtype the model casts its table to; fp32: no rounding)
-    CACHE      : c1 = c2 = cache[pos[st, t], i]   s1 = s2 = cache[pos[st, t], ROT/2 + i]
+    CACHE      : c1 = c2 = cache[row(st, t), i]   s1 = s2 = cache[row(st, t), ROT/2 + i]
     x1' = x1 * c1 - x2 * s1
     x2' = x2 * c2 + x1 * s2
 
@@ -82,6 +88,7 @@ from ..triton_kernel import (
     LaunchShape,
     _rotate_head_block,  # the shared [BLOCK_H, ROT] tile rotation
     is_interpreter,
+    table_row,
 )
 from ..triton_kernel import launch_shape as head_launch_shape
 
@@ -107,6 +114,7 @@ def fused_qk_rope_tables_kernel(
     pos_stream_stride,
     pos_token_stride,
     num_rows,  # TABLES, ANGLES: R, token t reads row t % R; CACHE: unused
+    num_positions,  # CACHE: P, the cache's rows; else unused
     num_q_heads,
     num_k_heads,
     cos_scale,  # ANGLES: the factor of cos(angle) (HF's attention_scaling); else unused
@@ -117,6 +125,7 @@ def fused_qk_rope_tables_kernel(
     IS_NEOX: tl.constexpr,
     Q_ITERS: tl.constexpr,
     K_ITERS: tl.constexpr,
+    WRAP_POSITIONS: tl.constexpr,  # CACHE: positions in [-P, 0) are rows P + pos
     FROM_CACHE: tl.constexpr,
     FULL_TABLES: tl.constexpr,  # TABLES only: cos/sin [S, R, ROT], one value per feature
     FROM_ANGLES: tl.constexpr,  # cos/sin computed from angles [S, R, ROT/2]
@@ -150,9 +159,20 @@ def fused_qk_rope_tables_kernel(
         sin = (tl.sin(angle) * sin_scale).to(TABLE_DTYPE).to(tl.float32)
     else:
         if FROM_CACHE:
+            # Every stream's position of this token in range, or the token is left as it is:
+            # no cos/sin read (cmask), no head of q or k.
+            streams = tl.arange(0, 4)
+            every = tl.load(pos_ptr + streams * pos_stream_stride + token * pos_token_stride,
+                            mask=streams < NUM_STREAMS, other=0).to(tl.int64)
+            _, ok = table_row(every, num_positions, WRAP_POSITIONS)
+            in_range = tl.sum(((streams < NUM_STREAMS) & ~ok).to(tl.int32), axis=0) == 0
+            num_q_heads = tl.where(in_range, num_q_heads, 0)
+            num_k_heads = tl.where(in_range, num_k_heads, 0)
+            cmask = i < tl.where(in_range, HALF, 0)
             # Row of column i: positions[stream(i), t] (three distinct addresses at most).
             row = tl.load(pos_ptr + stream * pos_stream_stride + token * pos_token_stride,
                           mask=cmask, other=0).to(tl.int64)
+            row, _ = table_row(row, num_positions, WRAP_POSITIONS)
             cos_offsets = row * cos_row_stride + i * cos_col_stride
             sin_offsets = row * sin_row_stride + (HALF + i) * sin_col_stride
         elif FULL_TABLES:
@@ -204,7 +224,8 @@ RUNTIME_ARGS = ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "pos_ptr",
                 "cos_stream_stride", "cos_row_stride", "cos_col_stride",
                 "sin_stream_stride", "sin_row_stride", "sin_col_stride",
                 "pos_stream_stride", "pos_token_stride",
-                "num_rows", "num_q_heads", "num_k_heads", "cos_scale", "sin_scale")
+                "num_rows", "num_positions", "num_q_heads", "num_k_heads", "cos_scale",
+                "sin_scale")
 
 # ANGLES: the dtypes a model's table may be cast to (TABLE_DTYPE; float32 rounds nothing).
 TABLE_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
@@ -227,7 +248,7 @@ def tables_runtime_args(q, k, cos, sin, *, q_stride, k_stride, cos_size, cos_str
     values = (q, k, cos, sin, cos,  # pos_ptr: never read, any tensor of the launch
               q_stride[0], q_stride[1], k_stride[0], k_stride[1],
               *cos_strides, *sin_strides, 0, 0,
-              cos_size[-2], num_q_heads, num_k_heads, cos_scale, sin_scale)
+              cos_size[-2], 0, num_q_heads, num_k_heads, cos_scale, sin_scale)
     return dict(zip(RUNTIME_ARGS, values, strict=True))
 
 
@@ -242,8 +263,9 @@ def angles_runtime_args(q, k, angles, *, q_stride, k_stride, angles_size, angles
                                sin_scale=sin_scale)
 
 
-def cache_runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, cache_stride,
-                       positions_size, positions_stride, num_q_heads, num_k_heads) -> dict:
+def cache_runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, cache_size,
+                       cache_stride, positions_size, positions_stride, num_q_heads,
+                       num_k_heads) -> dict:
     """``RUNTIME_ARGS`` -> value for the CACHE source: positions ``[T]`` (every stream reads it)
     or ``[S, T]``."""
     cache_strides = (0, *cache_stride)
@@ -251,16 +273,18 @@ def cache_runtime_args(q, k, cos_sin_cache, positions, *, q_stride, k_stride, ca
     values = (q, k, cos_sin_cache, cos_sin_cache, positions,
               q_stride[0], q_stride[1], k_stride[0], k_stride[1],
               *cache_strides, *cache_strides, *pos_strides,
-              1, num_q_heads, num_k_heads, 1.0, 1.0)
+              1, cache_size[0], num_q_heads, num_k_heads, 1.0, 1.0)
     return dict(zip(RUNTIME_ARGS, values, strict=True))
 
 
 def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim: int,
                  is_neox: bool, device_type: str, elem_bytes: int, *, from_cache: bool,
                  mrope_section=None, full_tables: bool = False,
-                 angles_table_dtype: torch.dtype | None = None) -> LaunchShape:
+                 angles_table_dtype: torch.dtype | None = None,
+                 wrap_positions: bool = False) -> LaunchShape:
     """The first kernel's head tiling and warps (``num_tokens`` may be a hint), plus the cos/sin
-    source constexprs. ``mrope_section`` ``(s0, s1, s2)`` or None (one stream);
+    source constexprs. ``wrap_positions`` (CACHE): negative positions index from the cache's
+    end; ``mrope_section`` ``(s0, s1, s2)`` or None (one stream);
     ``full_tables``: TABLES ``ROT`` wide (one cos/sin per feature), not ``ROT/2``;
     ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype."""
     if full_tables and from_cache:
@@ -268,8 +292,10 @@ def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim
     from_angles = angles_table_dtype is not None
     if from_angles and (from_cache or full_tables):
         raise ValueError("rope_tables: the ANGLES source has pair columns and no cache")
+    if wrap_positions and not from_cache:
+        raise ValueError("rope_tables: wrap_positions is a CACHE option (no positions here)")
     shape = head_launch_shape(num_tokens, num_q_heads, num_k_heads, rotary_dim, is_neox,
-                              device_type, elem_bytes)
+                              device_type, elem_bytes, wrap_positions=wrap_positions)
     half = rotary_dim // 2
     s0, s1, _ = mrope_section if mrope_section is not None else (half, 0, 0)
     source = {
@@ -338,18 +364,21 @@ def launch_qk_rope_angles(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor
 
 def launch_qk_mrope_cache(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                           positions: torch.Tensor, rotary_dim: int, is_neox: bool,
-                          mrope_section) -> None:
+                          mrope_section, wrap_positions: bool = False) -> None:
     """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place, pair column i of
     token t by cache row ``positions[stream(i), t]`` (positions ``[3, T]``, or ``[T]`` for
-    every stream). Arguments are assumed valid (the op layer validates)."""
+    every stream; ``wrap_positions``: a position in ``[-P, 0)`` is row ``P + position``). A
+    token with a position outside the cache is left as it is. Arguments are assumed valid (the
+    op layer validates)."""
     if q.shape[0] == 0:
         return
     args = cache_runtime_args(q, k, cos_sin_cache, positions, q_stride=q.stride(),
-                              k_stride=k.stride(), cache_stride=cos_sin_cache.stride(),
+                              k_stride=k.stride(), cache_size=cos_sin_cache.shape,
+                              cache_stride=cos_sin_cache.stride(),
                               positions_size=positions.shape,
                               positions_stride=positions.stride(), num_q_heads=q.shape[1],
                               num_k_heads=k.shape[1])
     shape = launch_shape(q.shape[0], q.shape[1], k.shape[1], rotary_dim, is_neox,
                          q.device.type, q.element_size(), from_cache=True,
-                         mrope_section=mrope_section)
+                         mrope_section=mrope_section, wrap_positions=wrap_positions)
     _launch(q, k, args, shape)
