@@ -71,21 +71,26 @@ class TableView(NamedTuple):
 
 @dataclass(frozen=True)
 class GatheredCache:
-    """cos/sin are the two halves of ``cache[positions]`` (``cache`` ``[max_position, rot]``)."""
+    """cos/sin are the two halves of ``cache[positions]`` (``cache`` ``[max_position, rot]``);
+    ``wrap_negative``: gathered by ``index`` (a negative position is a row from the end, the op's
+    ``wrap_negative_positions``), not by ``index_select`` / ``embedding`` (it raises)."""
 
     cache: Node
     positions: Node
+    wrap_negative: bool = False
 
     table_form = False
 
     def pairing_key(self):
-        return ("gathered", self.cache, self.positions)
+        return ("gathered", self.cache, self.positions, self.wrap_negative)
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, GatheredCache):
             return "q and k take cos/sin in different forms"
         if self.positions is not other.positions:
             return "q and k use different positions"
+        if self.wrap_negative != other.wrap_negative:
+            return "q and k gather cos/sin rows with different index rules"
         return "q and k use different cos_sin_caches"
 
     def reads(self) -> tuple[Node, ...]:
@@ -172,16 +177,21 @@ class HalfTables(_PerTokenTables):
 class PairTables(_PerTokenTables):
     """gpt-fast / torchtune: ``cos``/``sin`` are the ``[.., 1 (heads), .., rot/2]`` picks of
     gathered (or sliced) ``(cos, sin)`` pair rows ``rows``; q and k pick them separately (and
-    torchtune gathers them separately), so the key is the rows' value, not the picks."""
+    torchtune gathers them separately), so the key is the picks' value, not the nodes: the call
+    reads q's picks, which k's must equal (the same rows viewed with the same size, the same
+    casts; the rows alone are not enough: ``view(B, 1, 1, ..)`` of them broadcasts over another
+    token dim than ``view(1, S, 1, ..)``)."""
 
     rows: Node | None = None
 
     def pairing_key(self):
-        return ("pair tables", value_key(self.rows))
+        return ("pair tables", value_key(self.cos), value_key(self.sin))
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, PairTables):
             return "q and k take cos/sin in different forms"
+        if value_key(self.rows) == value_key(other.rows):
+            return "q and k pick cos/sin from the same freqs_cis rows differently"
         return "q and k use different freqs_cis rows"
 
     def _halves(self, tx, after, rotary_dim, heads_dim):

@@ -7,9 +7,10 @@
   against eager: the default spelling (or alpha=1 written out) fuses, the other one is left to
   Inductor with its counted reason. QK-norm: ``add`` alpha in eps and in Gemma's ``1 + w``,
   ``mean(dtype=)``, ``pow`` exponents, ``rsqrt`` as ``pow(-0.5)``, ``x.to(float64)``. RoPE:
-  ``sub``/``add`` alpha in the rotation sums (sglang and HF forms), gpt-fast's (cos, sin) pick
-  on another dim than the pairs'. KV store: ``index_put`` accumulate, ``index_copy`` dim, a
-  ``div`` with a rounding mode or a ``mul`` for the scale.
+  ``sub``/``add`` alpha in the rotation sums (sglang and HF forms); gpt-fast's (cos, sin) picks
+  for k on another dim (``select``'s dim) or of another view (``view``'s size) of q's rows. KV
+  store: ``index_put`` accumulate, ``index_copy`` dim, a ``div`` with a rounding mode or a
+  ``mul`` for the scale.
 """
 
 from __future__ import annotations
@@ -275,23 +276,30 @@ def test_rotation_sum_alpha(rotate, reason, caplog):
     assert any(reason in m for m in messages), messages
 
 
-def _gpt_fast_pick_on_dim_3(x, freqs_cis):
-    """gpt-fast's rotation with cos/sin picked as ``select(3, 0/1)`` of a ``(.., 2, rot/2)``
-    view of the (cos, sin) pair rows: not cos and sin of the pairs (a pair's cos and sin, then
-    the next pair's)."""
-    xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
-    freqs = freqs_cis.view(1, xshaped.size(1), 1, 2, xshaped.size(3))
-    cos, sin = freqs.select(3, 0), freqs.select(3, 1)
-    out = torch.stack([xshaped[..., 0] * cos - xshaped[..., 1] * sin,
-                       xshaped[..., 1] * cos + xshaped[..., 0] * sin], -1)
-    return out.flatten(3).type_as(x)
+def _gpt_fast(view_size, pick_dim=-1):
+    """gpt-fast's rotation with the (cos, sin) pair rows viewed as ``view_size(xshaped)`` and
+    cos/sin picked as ``select(pick_dim, 0 / 1)`` (gpt-fast: ``(1, S, 1, rot/2, 2)``, -1)."""
+    def rope(x, freqs_cis):
+        xshaped = x.float().reshape(*x.shape[:-1], -1, 2)
+        freqs = freqs_cis.view(*view_size(xshaped))
+        cos, sin = freqs.select(pick_dim, 0), freqs.select(pick_dim, 1)
+        out = torch.stack([xshaped[..., 0] * cos - xshaped[..., 1] * sin,
+                           xshaped[..., 1] * cos + xshaped[..., 0] * sin], -1)
+        return out.flatten(3).type_as(x)
+    return rope
 
 
-@pytest.mark.parametrize("k_rope", [gpt_fast_rope, _gpt_fast_pick_on_dim_3],
-                         ids=["last-dim", "dim-3"])
-def test_gpt_fast_pick_dim(k_rope, caplog):
-    """q rotated by gpt-fast's picks; k by the same picks (fused) or by picks on another dim
-    of the same rows, which must not pair with q's (the call would rotate k by q's cos/sin)."""
+@pytest.mark.parametrize("k_rope, reason", [
+    (gpt_fast_rope, None),
+    # (.., 2, rot/2) picked on dim 3: a pair's cos and sin, then the next pair's.
+    (_gpt_fast(lambda x: (1, x.size(1), 1, 2, x.size(3)), pick_dim=3), ""),
+    # The rows broadcast over the batch (B = S), not the sequence.
+    (_gpt_fast(lambda x: (x.size(0), 1, 1, x.size(3), 2)),
+     "q and k pick cos/sin from the same freqs_cis rows differently"),
+], ids=["gpt-fast", "pick-on-dim-3", "rows-over-batch"])
+def test_gpt_fast_picks(k_rope, reason, caplog):
+    """q rotated by gpt-fast's picks; k by the same picks (fused), or by other picks of the
+    same rows, which must not pair with q's: the call would rotate k by q's cos/sin."""
     freqs = precompute_freqs_cis(16, 128)
 
     def fn(q, k, positions):
@@ -299,13 +307,15 @@ def test_gpt_fast_pick_dim(k_rope, caplog):
         return gpt_fast_rope(q, rows), k_rope(k, rows)
 
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, 5, 4, 128, generator=g), torch.randn(1, 5, 2, 128, generator=g),
+    args = (torch.randn(5, 5, 4, 128, generator=g), torch.randn(5, 5, 2, 128, generator=g),
             torch.arange(5))
     counts, messages, code = _compile(fn, args, caplog)
-    if k_rope is gpt_fast_rope:
+    if reason is None:
         assert counts.get("rewritten") == 1, counts
-    else:
-        assert "rewritten" not in counts and count_fused_calls(code) == 0, counts
+        return
+    assert "rewritten" not in counts and count_fused_calls(code) == 0, counts
+    if reason:
+        assert counts.get(f"skipped: {reason}") == 2, counts
 
 
 # --------------------------------------------------------------------------------------------
