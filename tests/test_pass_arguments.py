@@ -80,6 +80,13 @@ def test_every_op_the_matchers_name_is_in_the_table():
         assert set(group) <= set(ACCEPTED), set(group) - set(ACCEPTED)
 
 
+def test_the_doc_lists_every_op():
+    doc = (PASSES.parent / "docs" / "accepted_ops.md").read_text()
+    for op in ACCEPTED:
+        name = str(op) if isinstance(op, torch._ops.OpOverload) else f"operator.{op.__name__}"
+        assert f"`{name}`" in doc, name
+
+
 def _node(target, args, kwargs=None, val=None):
     """A call of ``target`` on a placeholder whose fake value is ``val`` (a meta tensor)."""
     graph = Graph()
