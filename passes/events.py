@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch.fx import Node
 
@@ -97,18 +99,30 @@ def _is_fused_call(node: Node) -> bool:
 
 def source_line(node: Node) -> str | None:
     """``file:line in function: code`` of the innermost frame of ``node.meta["stack_trace"]``
-    (the model line the node was traced from), or None without one."""
+    outside rope-compile's drop-ins (``RotaryEmbedding.forward_native`` and the like are called
+    from the model's line that matters), or None without a stack trace."""
     trace = node.meta.get("stack_trace") if isinstance(node, Node) else None
     if not trace:
         return None
     lines = trace.rstrip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        frame = _FRAME.search(lines[i])
-        if frame:
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            where = f"{frame['file']}:{frame['line']} in {frame['fn']}"
-            return f"{where}: {code}" if code else where
-    return None
+    frames = [(i, m) for i, line in enumerate(lines) if (m := _FRAME.search(line))]
+    if not frames:
+        return None
+    drop_ins = _drop_in_files()
+    i, frame = next(((i, m) for i, m in reversed(frames)
+                     if Path(m["file"]).resolve() not in drop_ins), frames[-1])
+    code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+    where = f"{frame['file']}:{frame['line']} in {frame['fn']}"
+    return f"{where}: {code}" if code and not _FRAME.search(code) else where
+
+
+# The modules of the drop-ins a model calls (RotaryEmbedding, apply_rotary_emb, the KV store).
+_DROP_IN_MODULES = ("rope_compile.module", "rope_compile.kv_store")
+
+
+def _drop_in_files() -> set[Path]:
+    files = (getattr(sys.modules.get(name), "__file__", None) for name in _DROP_IN_MODULES)
+    return {Path(f).resolve() for f in files if f}
 
 
 def inherit_source(nodes: Iterable[Node], origin: Node) -> None:

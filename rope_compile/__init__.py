@@ -9,6 +9,7 @@ Public API:
 * :class:`RotaryEmbedding`: sglang's module.
 * ``torch.compile(model, backend="rope_compile")``: the backend (``rope_compile.backend``);
   ``backend=rope_compile.backend(**options)`` checks the options at once.
+* :func:`explain`: what the passes fuse in a model, and why not the rest (``print`` it).
 * :mod:`rope_compile.passes`: the compiler passes (the repository's top-level ``passes/``
   folder, installed under this package by a setuptools ``package-dir`` mapping, so that no
   top-level ``passes`` lands in site-packages).
@@ -98,10 +99,12 @@ __all__ += ["ANGLES_OP_NAME", "fused_qk_rope_with_angles_inplace"]
 
 
 def __getattr__(name: str):
-    """``rope_compile.backend`` (the backend module, callable as its factory): it loads
-    Inductor and the passes, so on first use only."""
+    """``rope_compile.backend`` (the backend module, callable as its factory) and
+    ``rope_compile.explain``: they load Inductor and the passes, so on first use only."""
     import importlib
 
     if name == "backend":
         return importlib.import_module(".backend", __name__)
+    if name == "explain":
+        return importlib.import_module(".explain_report", __name__).explain
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
