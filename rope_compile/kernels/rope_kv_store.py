@@ -65,8 +65,12 @@ once; ``Olmo2RMSNorm`` multiplies by the weight promoted to fp32 and rounds once
 (None: as the offset says) ROUND_ONCE (:func:`~rope_compile.reference.norm_rounds_once`); twice
 with 1 + w is no HF form, the ops refuse it. Either way the normalised q/k is rounded to its
 dtype before RoPE, as eager's separate norm output is. ``mean`` and ``rsqrt`` are correctly
-rounded (``div_rn`` / ``sqrt_rn``); the sum of squares may be added in another order than
-torch's.
+rounded (``div_rn``, and :func:`~rope_compile.kernels.fp32_rounding.sqrt_rn`: no fp64); the
+sum of squares may be added in another order than torch's. Each rounding to x's dtype that the
+math computes on is :func:`~rope_compile.kernels.fp32_rounding.round_to` (integer, so no
+fast-math folding removes it). eps and the scales are rounded to fp32 on the host
+(:func:`~rope_compile.kernels.fp32_rounding.fp32_value`), so the kernel's float arguments are
+the same whether Triton types them fp32 (eager) or Inductor fp64 (devices with fp64).
 
 Grid: ``(T, HEAD_SPLITS)``. Program ``(t, s)`` loads the token's cos/sin row (and cache slot)
 once, then does head blocks ``s, s + HEAD_SPLITS, ...`` of q (``Q_ITERS`` of them) and then of
@@ -91,6 +95,7 @@ import triton.language as tl
 
 from ..reference import norm_rounds_once
 from ..triton_kernel import device_launch_options, is_interpreter, table_row
+from .fp32_rounding import fp32_value, round_to, sqrt_rn
 
 # fp8 e4m3fn: the largest finite value (torch's conversion saturates to it).
 FP8_E4M3_MAX = 448.0
@@ -130,8 +135,8 @@ def _norm(x, r, w, dtype: tl.constexpr, PLUS_ONE: tl.constexpr, ROUND_ONCE: tl.c
     if PLUS_ONE:
         w = 1.0 + w
     if ROUND_ONCE:
-        return (x * r * w).to(dtype).to(tl.float32)
-    return ((x * r).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32)
+        return round_to(x * r * w, dtype)
+    return round_to(round_to(x * r, dtype) * w, dtype)
 
 
 @triton.jit
@@ -204,7 +209,7 @@ def _head_block(
             ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)  # [BLOCK_H]
             if HAS_TAIL:
                 ss += tl.sum(xt * xt, axis=1)
-            r = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(ss, D) + eps))[:, None]
+            r = tl.math.div_rn(1.0, sqrt_rn(tl.math.div_rn(ss, D) + eps))[:, None]
             w_first = 0
             cmask = i < HALF
             tmask = tcols < D
@@ -217,22 +222,24 @@ def _head_block(
             xt = _norm(xt, r, wt.to(tl.float32), dtype, PLUS_ONE, ROUND_ONCE)
             tl.store(rows + tcols, xt.to(dtype), mask=tail_mask)
 
-    o1 = (x1 * cos - x2 * sin).to(dtype)
-    o2 = (x2 * cos + x1 * sin).to(dtype)
+    # Rounded to x's dtype as fp32 (what is stored, and what the cache rows are made from).
+    o1 = round_to(x1 * cos - x2 * sin, dtype)
+    o2 = round_to(x2 * cos + x1 * sin, dtype)
     if IS_NEOX:
-        tl.store(rows + c1, o1, mask=pair_mask)
-        tl.store(rows + c2, o2, mask=pair_mask)
+        tl.store(rows + c1, o1.to(dtype), mask=pair_mask)
+        tl.store(rows + c2, o2.to(dtype), mask=pair_mask)
     else:
-        tl.store(rows + j, tl.reshape(tl.join(o1, o2), (BLOCK_H, 2 * HALF_PAD)), mask=row_mask)
+        tl.store(rows + j, tl.reshape(tl.join(o1, o2), (BLOCK_H, 2 * HALF_PAD)).to(dtype),
+                 mask=row_mask)
 
     if STORE:
         # The cache row gets the k just written (rounded to k's dtype), divided and cast.
         out_ty: tl.constexpr = buf_row.dtype.element_ty
         stored = heads < store_heads
         brow = buf_row + heads.to(tl.int64) * buf_head_stride
-        tl.store(brow + c1, _to_cache(o1.to(tl.float32), scale, out_ty, HAS_SCALE, FP8),
+        tl.store(brow + c1, _to_cache(o1, scale, out_ty, HAS_SCALE, FP8),
                  mask=pair_mask & stored)
-        tl.store(brow + c2, _to_cache(o2.to(tl.float32), scale, out_ty, HAS_SCALE, FP8),
+        tl.store(brow + c2, _to_cache(o2, scale, out_ty, HAS_SCALE, FP8),
                  mask=pair_mask & stored)
         if HAS_TAIL:
             tl.store(brow + tcols, _to_cache(xt, scale, out_ty, HAS_SCALE, FP8),
@@ -258,7 +265,7 @@ def _whole_rsqrt(x_token, x_head_stride, num_heads, eps, D: tl.constexpr, ROT: t
             xt = tl.load(rows + tcols, mask=head_mask & (tcols < D), other=0.0).to(tl.float32)
             ss += tl.sum(xt * xt)
     count = tl.cast(num_heads * D, tl.float32)
-    return tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(ss, count) + eps))
+    return tl.math.div_rn(1.0, sqrt_rn(tl.math.div_rn(ss, count) + eps))
 
 
 @triton.jit
@@ -537,8 +544,9 @@ def plan_launch(q: Operand, k: Operand, rope, rotary_dim, is_neox, *, norm=None,
         *_buffer_strides(k_buffer), *_buffer_strides(v_buffer),
         cache_loc.stride[0], loc_rows, q_weight.stride[0], k_weight.stride[0],
         cos.stride[0], cos.stride[1], sin.stride[0], sin.stride[1], positions.stride[0],
-        num_rows, num_positions, k_buffer.size[-3], num_q_heads, num_k_heads, float(eps),
-        1.0 if k_scale is None else float(k_scale), 1.0 if v_scale is None else float(v_scale),
+        num_rows, num_positions, k_buffer.size[-3], num_q_heads, num_k_heads, fp32_value(eps),
+        1.0 if k_scale is None else fp32_value(k_scale),
+        1.0 if v_scale is None else fp32_value(v_scale),
     )
     constexprs = {
         "D": head_size,

@@ -91,6 +91,7 @@ from ..triton_kernel import (
     table_row,
 )
 from ..triton_kernel import launch_shape as head_launch_shape
+from .fp32_rounding import fp32_value, round_to
 
 
 @triton.jit
@@ -155,8 +156,8 @@ def fused_qk_rope_tables_kernel(
         row = token % num_rows
         angle_offsets = stream * cos_stream_stride + row * cos_row_stride + i * cos_col_stride
         angle = tl.load(cos_ptr + angle_offsets, mask=cmask, other=0.0).to(tl.float32)
-        cos = (tl.cos(angle) * cos_scale).to(TABLE_DTYPE).to(tl.float32)
-        sin = (tl.sin(angle) * sin_scale).to(TABLE_DTYPE).to(tl.float32)
+        cos = round_to(tl.cos(angle) * cos_scale, TABLE_DTYPE)
+        sin = round_to(tl.sin(angle) * sin_scale, TABLE_DTYPE)
     else:
         if FROM_CACHE:
             # Every stream's position of this token in range, or the token is left as it is:
@@ -248,7 +249,8 @@ def tables_runtime_args(q, k, cos, sin, *, q_stride, k_stride, cos_size, cos_str
     values = (q, k, cos, sin, cos,  # pos_ptr: never read, any tensor of the launch
               q_stride[0], q_stride[1], k_stride[0], k_stride[1],
               *cos_strides, *sin_strides, 0, 0,
-              cos_size[-2], 0, num_q_heads, num_k_heads, cos_scale, sin_scale)
+              cos_size[-2], 0, num_q_heads, num_k_heads, fp32_value(cos_scale),
+              fp32_value(sin_scale))
     return dict(zip(RUNTIME_ARGS, values, strict=True))
 
 

@@ -190,7 +190,8 @@ def _run_case(args: dict, outputs: dict, expected: dict, grid) -> dict:
     for name, t in outputs.items():
         out[name] = {"storage": index[t.untyped_storage().data_ptr()],
                      "dtype": TL_TYPES[t.dtype], "expected": expected[name]}
-    return {"storages": [_storage_bytes(s) for s in storages], "pointers": pointers, "scalars": scalars,
+    return {"storages": [_storage_bytes(s) for s in storages], "pointers": pointers,
+            "scalars": scalars,
             "grid": list(grid), "outputs": out}
 
 

@@ -30,8 +30,8 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNEL_FILES = ("rope_compile/triton_kernel.py", "rope_compile/kernels/rope_tables.py",
-                "rope_compile/kernels/rope_kv_store.py")
+KERNEL_FILES = ("rope_compile/kernels/fp32_rounding.py", "rope_compile/triton_kernel.py",
+                "rope_compile/kernels/rope_tables.py", "rope_compile/kernels/rope_kv_store.py")
 # The properties torch.xpu.get_device_capability() reports, as Triton reads them; the
 # sub-group sizes are the GPUs' (8 is also possible on DG2, Triton uses 16 or 32).
 TARGET_PROPS = {"sub_group_sizes": [16, 32], "has_subgroup_2d_block_io": False,
