@@ -32,6 +32,12 @@ Table forms (HF ``rotate_half``, gpt-fast ``freqs_cis``) have no cache/positions
 graph: the pass builds ``cos_sin_cache = cat(cos, sin).reshape(-1, rot)`` from the model's own
 per-token tables (once per table source) and ``positions = arange(T)``.
 
+Negative positions keep eager's meaning (``docs/index_ranges.md``): rows gathered by ``index``
+(``cache[positions]``) read a position in ``[-P, 0)`` from the cache's end, so the call gets
+``wrap_negative_positions=True``; ``index_select`` and ``embedding`` raise there, as the op does
+by default (an ``index_select`` reaches the pass as ``index``: its ``meta["original_aten"]``
+tells them apart, ``rope_pattern.eager_wraps_negative``).
+
 Only pairs that share positions, cache, style, rotary_dim and head size, whose head size is
 in ``head_sizes`` and whose device type is in ``devices`` are rewritten; every other candidate
 is left untouched, with the reason logged at DEBUG and counted in
@@ -76,7 +82,13 @@ from .fx_surgery import (
 )
 from .layout_copy_rule import COPY_ONLY_REASON, read_only_by_layout_copies
 from .miss_report import find_misses
-from .readers import can_copy_in_layout, layout_readers, rebase_views
+from .readers import (
+    can_copy_in_layout,
+    copy_in_layout,
+    layout_readers,
+    reaches_the_user,
+    rebase_views,
+)
 from .rope_pattern import NoMatch, RopeMatch, enclosing_head_size, match_rope
 from .table_views import TableRows, table_rows
 from .trig_sources import PairTables
@@ -317,7 +329,8 @@ def _views_read_by_output(view: Node) -> list[tuple[Node, list[Node]]]:
     found, stack, seen = [], [(view, [view])], {view}
     while stack:
         current, chain = stack.pop()
-        if any(user.op == "output" for user in current.users):
+        if any(user.op == "output" and reaches_the_user(user, current)
+               for user in current.users):
             found.append((current, chain))
         for user in current.users:
             if user not in seen and is_view_of_input(user):
@@ -333,7 +346,8 @@ def _graph_output_layout(match: RopeMatch) -> tuple[RopeMatch, list[int], list[N
     result is a strided view into the root, sharing its storage with v; eager's is a fresh
     tensor, and its views are views of that."""
     users = [user for user in match.output.users
-             if user.op == "output" or (is_view_of_input(user) and _views_read_by_output(user))]
+             if (user.op == "output" and reaches_the_user(user, match.output))
+             or (is_view_of_input(user) and _views_read_by_output(user))]
     if not users:
         return None
     val = fake_value(match.output)
@@ -549,6 +563,10 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
                 position.update({cache: where, positions: where})
                 built[memo_key] = (cache, positions)
         kwargs = {"cos_sin_cache": cache, "positions": positions, **plan.kwargs}
+        if getattr(q.trig, "wrap_negative", False):
+            # Gathered as cache[positions]: a negative position is a row from the end, as eager
+            # (index_select / embedding raise there, as the op does by default).
+            kwargs["wrap_negative_positions"] = True
     fake_result = _fake_call(kwargs, q.base.meta["val"])
     with graph.inserting_after(anchor):
         call = tx.record_new(graph.call_function(auto_functionalized_v2, (call_op,), kwargs))
@@ -568,23 +586,8 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
             # What reaches the graph output keeps eager's layout and its own storage: those
             # users read a copy in eager's dim order (a contiguous clone, permuted into and
             # out of that order when it is not the identity).
-            order, users = relayouts[id(match)]
-            identity = order == sorted(order)
-            inverse = [order.index(d) for d in range(len(order))]
-            copied = new_value if identity else tx.add(new_value, aten.permute.default,
-                                                       (new_value, order))
-            copied = tx.add(copied, aten.clone.default, (copied,),
-                            {"memory_format": torch.contiguous_format})
-            if not identity:
-                copied = tx.add(copied, aten.permute.default, (copied, inverse))
-            eager = match.output.meta["val"]
-            exact = [int(x) for x in eager.stride()] if all(
-                isinstance(x, int) for x in (*eager.shape, *eager.stride())) else None
-            if exact is not None and list(copied.meta["val"].stride()) != exact:
-                # Only size-1 dims can differ (the order fixed the others): take eager's
-                # strides there too, as a view of the copy.
-                copied = tx.add(copied, aten.as_strided.default,
-                                (copied, list(eager.shape), exact, 0))
+            _, users = relayouts[id(match)]
+            copied = copy_in_layout(tx, new_value, match.output.meta["val"], pin=False)
             # Only the graph output reads the copy: a view leading to it is replayed on the
             # copy for the output alone, and its other readers (a KV-cache write of the same
             # view) keep reading the rotated value in place.

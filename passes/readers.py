@@ -22,7 +22,9 @@ Proven to read values alone (the allow-list):
   and that are tagged pointwise or listed in :data:`VALUE_READERS` (matmuls, attention,
   reductions, copies into fresh buffers, gathers, scatters of the tensor as a source).
 
-Everything else reads a copy: the graph output (eager's layout), ``as_strided`` (absolute
+A training forward graph's activations saved for the backward are outputs the user never sees
+(:func:`reaches_the_user`): they read the in-place view. Everything else reads a copy: the
+graph output the user sees (eager's layout), ``as_strided`` (absolute
 offsets), a view op not in the list (``diagonal``, ``unfold``, ``view.dtype``...), a custom op
 (its kernel may read strides), ``auto_functionalized`` (it addresses its base by absolute sizes,
 strides and offset), ``sym_stride``. A copy needs ``old``'s layout to be dense at offset 0 and
@@ -50,7 +52,7 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 __all__ = ["LAYOUT_FREE_VIEWS", "VALUE_READERS", "ReaderError", "copy_in_layout",
-           "layout_readers", "rebase_views"]
+           "layout_readers", "reaches_the_user", "rebase_views"]
 
 log = logging.getLogger("rope_compile")
 
@@ -113,6 +115,20 @@ def _reads_values(user: Node, source: Node) -> bool:
     return len(user.args) <= len(schema.arguments)
 
 
+def reaches_the_user(output: Node, source: Node) -> bool:
+    """Whether the graph ``output`` hands ``source`` to the user. Inductor marks the outputs the
+    user sees (``meta["user_visible_output_idxs"]``: of a training forward graph, the model's
+    outputs, not the activations saved for the backward); only those need eager's layout. A
+    saved activation may stay the in-place view: Inductor keeps a non-visible output's layout
+    as its fake value gives it, reports it, and AOTAutograd compiles the backward for those
+    strides. Without the mark, every output is the user's."""
+    visible = output.meta.get("user_visible_output_idxs")
+    if visible is None:
+        return True
+    leaves = torch.utils._pytree.tree_leaves(output.args)
+    return any(leaf is source and i in visible for i, leaf in enumerate(leaves))
+
+
 def _is_layout_free_view(node: Node) -> bool:
     if node.op != "call_function":
         return False
@@ -141,7 +157,8 @@ def layout_readers(old: Node) -> tuple[list[Node], list[tuple[Node, Node]],
                 seen.add(user)
                 views.append(user)
                 stack.append(user)
-            elif _reads_values(user, node):
+            elif _reads_values(user, node) or (user.op == "output"
+                                               and not reaches_the_user(user, node)):
                 values.append((user, node))
             else:
                 layout.append((user, node))
@@ -181,10 +198,13 @@ def can_copy_in_layout(val: torch.Tensor | None) -> bool:
     return val is not None and _dense_order(val) is not None
 
 
-def copy_in_layout(tx: GraphTransaction, new: Node, like: torch.Tensor) -> Node:
+def copy_in_layout(tx: GraphTransaction, new: Node, like: torch.Tensor,
+                   pin: bool = True) -> Node:
     """A fresh copy of ``new`` in ``like``'s dense layout at offset 0 (its dim order; size-1
-    dims given ``like``'s strides too). Raises :class:`ReaderError` if ``like`` is not dense at
-    offset 0, or its layout depends on symbols beyond contiguity."""
+    dims given ``like``'s strides too). ``pin``: end on ``as_strided`` to ``like``'s strides
+    (static layouts), which Inductor keeps for every reader: without it, Inductor may lay out
+    a view of the copy anew (``unfold`` of a ``clone``). Raises :class:`ReaderError` if
+    ``like`` is not dense at offset 0, or its layout depends on symbols beyond contiguity."""
     order = _dense_order(like)
     if order is None:
         raise ReaderError("a reader needs the rotated tensor's own layout, which is not dense "
@@ -198,9 +218,8 @@ def copy_in_layout(tx: GraphTransaction, new: Node, like: torch.Tensor) -> Node:
         copied = tx.add(copied, aten.permute.default, (copied, inverse))
     exact = [int(x) for x in like.stride()] if all(
         isinstance(x, int) for x in (*like.shape, *like.stride())) else None
-    if exact is not None:
-        # Size-1 dims take ``like``'s strides too (the order fixed the others), and the copy's
-        # layout is pinned: Inductor may otherwise lay out a view of it (``unfold``) anew.
+    if exact is not None and (pin or list(copied.meta["val"].stride()) != exact):
+        # Size-1 dims take ``like``'s strides too (the order fixed the others).
         copied = tx.add(copied, aten.as_strided.default, (copied, list(like.shape), exact, 0))
     return copied
 
