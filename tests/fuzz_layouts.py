@@ -69,6 +69,7 @@ if not torch.cuda.is_available():
     # As conftest.py: Triton (if imported at all) runs interpreted without a GPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import fuzz_kinds as fk  # noqa: E402
 from pass_helpers import FORCE_REWRITE, fresh_compile, rope_counters  # noqa: E402
 
 
@@ -141,6 +142,14 @@ NEVER_REWRITTEN_VARIANTS = {
     ("as_strided_input", "overlap"): "q and k overlap in memory",
 }
 ORACLE_RULES = (
+    "a spelling in fuzz_kinds.CHANGES_THE_MATH (the RoPE's sub or add with alpha != 1) -> 0; "
+    "every other spelling (keywords, alpha=1, methods, out=) as plain",
+    "second RoPE (of the rotated q/k): + 1 for sglang (fresh dense or already rewritten "
+    "tensors); HF: + the first pair's count (the rotated tensors keep q's layout), except "
+    "hf_transposed + 0 (q's last stride kept) and hf_expand_k + 1 only if B == 1 or S == 1",
+    "readers of the rotated q/k (every aten view op, as_strided, an in-place custom op on a "
+    "view) and index modes (negative, out of range: eager raises or wraps) never change the "
+    "count",
     "kinds in NEVER_REWRITTEN -> 0 (the reason is in the table)",
     "head size not in the pass's head sizes (64; axial: 64 heads rotate 32-wide halves) -> 0",
     "two_pairs, axial (head 128) -> 2 (two pairs on one storage root)",
@@ -171,6 +180,17 @@ class LayoutProgram:
     odd_ops: tuple[str, ...]
     out_mode: str
     seed: int
+    # fuzz_kinds: what reads the rotated q or k (reader_on), how the RoPE's arithmetic is
+    # spelled, how sglang gathers the cos/sin rows, and the positions' index mode; second: a
+    # second RoPE pair of the rotated q/k (positions flipped)
+    reader: str = "none"
+    reader_use: str = "returned"
+    reader_on: str = "q"
+    custom_view: str = "whole"
+    second: bool = False
+    spelling: str = "plain"
+    gather: str = "index_select"
+    index_mode: str = "in_range"
     expected_override: int | None = field(default=None, repr=False)  # self-tests only
 
     @property
@@ -182,6 +202,39 @@ class LayoutProgram:
         """The oracle: how many pairs the pass must rewrite (None: either)."""
         if self.expected_override is not None:
             return self.expected_override
+        if self.spelling in fk.CHANGES_THE_MATH or self.head_size not in ALIGNED_HEADS:
+            return 0
+        return self._first_pair_rewrites() + (self._second_pair_rewrites() if self.second
+                                              else 0)
+
+    @property
+    def index_target(self) -> str:
+        """What the index mode applies to (and how it is read)."""
+        return f"positions({self.gather})" if self.form == "sglang" else "position_ids(angles)"
+
+    @property
+    def eager_raises(self) -> bool:
+        """Whether eager raises (sglang: an index the gather does not take; the integer
+        maths of ``int_positions`` brings every position into range)."""
+        return (self.form == "sglang" and "int_positions" not in self.odd_ops
+                and fk.eager_raises(self.index_mode, self.gather))
+
+    def _second_pair_rewrites(self) -> int:
+        """A second RoPE of the rotated q/k. sglang: they are fresh dense ``[T, H, D]`` tensors
+        (or, with the first pair rewritten, its views into the projection): rewritten. HF: the
+        rotated tensors keep q's layout (``x * cos + ..`` lays its output out as x), so the
+        second pair is rewritten where the first is, except: ``hf_transposed`` (q's last
+        stride S, kept: never), ``hf_expand_k`` (k's rotated copy is dense ``[B, Hq, S, D]``:
+        as ``hf_inputs``)."""
+        if self.form == "sglang":
+            return 1
+        if self.kind == "hf_transposed":
+            return 0
+        if self.kind == "hf_expand_k":
+            return 0 if self.batch > 1 and self.num_tokens > 1 else 1
+        return self._first_pair_rewrites()
+
+    def _first_pair_rewrites(self) -> int:
         if self.kind in NEVER_REWRITTEN or (self.kind, self.variant) in NEVER_REWRITTEN_VARIANTS:
             return 0
         if self.head_size not in ALIGNED_HEADS:
@@ -202,8 +255,26 @@ class LayoutProgram:
                  f"D{self.head_size}", rot, dt, shape,
                  f"H{self.num_q_heads}/{self.num_kv_heads}", self.out_mode]
         parts += list(self.odd_ops)
+        parts += self.extras()
         parts.append(f"seed{self.seed}")
         return "-".join(parts)
+
+    def extras(self) -> list[str]:
+        """The fuzz_kinds draws in :meth:`describe` (the default ones left out)."""
+        found = []
+        if self.reader == "custom_op":
+            found.append(f"custom_op({self.reader_on},{self.custom_view})")
+        elif self.reader != "none":
+            found.append(f"read:{self.reader}({self.reader_on},{self.reader_use})")
+        if self.second:
+            found.append("second_rope")
+        if self.spelling != "plain":
+            found.append(f"spell:{self.spelling}")
+        if self.form == "sglang" and self.gather != "index_select":
+            found.append(f"gather:{self.gather}")
+        if self.index_mode != "in_range":
+            found.append(f"positions:{self.index_mode}")
+        return found
 
 
 _VARIANTS = {
@@ -244,28 +315,49 @@ def draw_program(seed: int) -> LayoutProgram:
     tokens = rng.randint(2 if kind == "hf_transposed" else 1, 6)
     odd = tuple(op for op in ODD_OPS if rng.random() < 0.25)
     out_mode = "outputs" if kind == "rotated_outputs" else rng.choice(OUT_MODES)
+    batch = rng.choice((1, 2))
+    # fuzz_kinds, drawn last (the draws above are those of the seed before them)
+    reader = rng.choice(("none",) * 8 + fk.VIEW_READERS + ("custom_op",) * 4)
     return LayoutProgram(kind=kind, variant=variant, is_neox=is_neox, head_size=head,
                          rotary_dim=rot, dtype=dtype, num_tokens=tokens,
-                         batch=rng.choice((1, 2)), num_q_heads=hq, num_kv_heads=hk,
-                         odd_ops=odd, out_mode=out_mode, seed=seed)
+                         batch=batch, num_q_heads=hq, num_kv_heads=hk,
+                         odd_ops=odd, out_mode=out_mode, seed=seed, reader=reader,
+                         reader_use=rng.choice(fk.READER_USES), reader_on=rng.choice("qk"),
+                         custom_view=rng.choice(fk.CUSTOM_OP_VIEWS),
+                         second=kind not in SINGLE_RUN_KINDS and rng.random() < 0.15,
+                         spelling=rng.choice(("plain",) * 4 + fk.ROPE_SPELLINGS[1:]),
+                         gather=rng.choice(fk.GATHERS),
+                         index_mode=rng.choice(("in_range",) * 4 + ("negative",) * 2
+                                               + ("out_of_range",)))
+
+
+# Kinds with two pairs already: no second RoPE of the rotated pair.
+SINGLE_RUN_KINDS = ("two_pairs", "axial")
 
 
 # --------------------------------------------------------------------------------------------
 # the RoPE spellings
 
 
-def rope_native(x, cache, positions, rot: int, is_neox: bool):
-    """sglang ``forward_native`` RoPE of ``x [T, H, D]`` (first ``rot`` features)."""
-    cos, sin = cache.index_select(0, positions).chunk(2, -1)
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+def rope_native(x, cache, positions, rot: int, is_neox: bool, spelling: str = "plain",
+                gather: str = "index_select"):
+    """sglang ``forward_native`` RoPE of ``x [T, H, D]`` (first ``rot`` features); the
+    arithmetic spelled as ``spelling`` says, the rows gathered by ``gather``
+    (:mod:`fuzz_kinds`)."""
+    cos, sin = fk.gather(cache, positions, gather).chunk(2, -1)
+    cos = fk.cast(cos.unsqueeze(-2), x.dtype, spelling)
+    sin = fk.cast(sin.unsqueeze(-2), x.dtype, spelling)
     partial = rot < x.shape[-1]
     x_rot = x[..., :rot] if partial else x
     if is_neox:
         x1, x2 = x_rot.chunk(2, -1)
     else:
         x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
+    s = spelling
+    o1 = fk.sub(fk.mul(x1, cos, s), fk.mul(x2, sin, s), s,
+                fk.ROPE_ALPHAS.get(s) if s == "sub_alpha" else None)
+    o2 = fk.add(fk.mul(x2, cos, s), fk.mul(x1, sin, s), s,
+                fk.ROPE_ALPHAS.get(s) if s == "add_alpha" else None)
     out = torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2)
     return torch.cat((out, x[..., rot:]), -1) if partial else out
 
@@ -275,13 +367,29 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_hf(x, cos, sin, rot: int):
-    """HF RoPE of ``x [B, H, S, D]`` with ``cos``/``sin`` ``[B, S, rot]`` tables."""
+def rope_hf(x, cos, sin, rot: int, spelling: str = "plain"):
+    """HF RoPE of ``x [B, H, S, D]`` with ``cos``/``sin`` ``[B, S, rot]`` tables (the arithmetic
+    spelled as ``spelling`` says; ``sub_alpha``: ``torch.sub(x cos, rot(x) sin, alpha=-2)``)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    s = spelling
+
+    def rotated(x):
+        a, b = fk.mul(x, cos, s), fk.mul(rotate_half(x), sin, s)
+        if s == "sub_alpha":
+            return torch.sub(a, b, alpha=-fk.ROPE_ALPHAS[s])
+        return fk.add(a, b, s, fk.ROPE_ALPHAS[s] if s == "add_alpha" else None)
+
     if rot < x.shape[-1]:
         x_rot, x_pass = x[..., :rot], x[..., rot:]
-        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), -1)
-    return x * cos + rotate_half(x) * sin
+        return torch.cat((rotated(x_rot), x_pass), -1)
+    return rotated(x)
+
+
+def hf_tables(emb, dtype, spelling: str = "plain"):
+    """HF's ``emb.cos().to(dtype), emb.sin().to(dtype)`` in the spelling."""
+    if spelling == "keywords":
+        return torch.cos(input=emb).to(dtype=dtype), torch.sin(input=emb).to(dtype=dtype)
+    return fk.cast(emb.cos(), dtype, spelling), fk.cast(emb.sin(), dtype, spelling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +471,8 @@ def _build_sglang(p: LayoutProgram, inp: _Inputs):
     t, hq, hk, d, rot, dt = (p.num_tokens, p.num_q_heads, p.num_kv_heads, p.head_size,
                              p.rotary_dim, p.dtype)
     g = inp.g
-    inp.add("positions", torch.randint(0, MAX_POS, (t,), generator=g))
+    inp.add("positions", fk.with_mode(torch.randint(0, MAX_POS, (t,), generator=g), MAX_POS,
+                                      p.index_mode, _index_generator(p.seed)))
     cache_width = d // 2 if p.kind == "axial" else rot
     inp.add("cache", _uniform(g, (MAX_POS, cache_width)))
     kind, variant = p.kind, p.variant
@@ -484,17 +593,25 @@ def _build_sglang(p: LayoutProgram, inp: _Inputs):
         pairs = make_qk(e, outs)
         half = d // 2
 
+        s, how = p.spelling, p.gather
+
         def axial(x):
             return torch.cat((
-                rope_native(x[..., :half], e["cache"], positions, half, p.is_neox),
-                rope_native(x[..., half:], e["cache2"], e["positions2"], half, p.is_neox)), -1)
+                rope_native(x[..., :half], e["cache"], positions, half, p.is_neox, s, how),
+                rope_native(x[..., half:], e["cache2"], e["positions2"], half, p.is_neox, s,
+                            how)), -1)
 
         for q, k in pairs:
             if kind == "axial":
                 rq, rk = axial(q), axial(k)
             else:
-                rq = rope_native(q, e["cache"], positions, rot, p.is_neox)
-                rk = rope_native(k, e["cache"], positions, rot, p.is_neox)
+                rq = rope_native(q, e["cache"], positions, rot, p.is_neox, s, how)
+                rk = rope_native(k, e["cache"], positions, rot, p.is_neox, s, how)
+            if p.second:
+                flipped = positions.flip(0)
+                rq = rope_native(rq, e["cache"], flipped, rot, p.is_neox, s, how)
+                rk = rope_native(rk, e["cache"], flipped, rot, p.is_neox, s, how)
+            _read(p, rq, rk, outs)
             _emit(p, rq, rk, outs, q, k)
         return outs
 
@@ -505,7 +622,8 @@ def _build_hf(p: LayoutProgram, inp: _Inputs):
     b, s, hq, hk, d, rot, dt = (p.batch, p.num_tokens, p.num_q_heads, p.num_kv_heads,
                                 p.head_size, p.rotary_dim, p.dtype)
     g = inp.g
-    inp.add("position_ids", torch.randint(0, MAX_POS, (b, s), generator=g))
+    inp.add("position_ids", fk.with_mode(torch.randint(0, MAX_POS, (b, s), generator=g),
+                                         MAX_POS, p.index_mode, _index_generator(p.seed)))
     inp.add("inv_freq", 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot)))
     kind = p.kind
     if kind == "hf_projection":
@@ -544,11 +662,29 @@ def _build_hf(p: LayoutProgram, inp: _Inputs):
         second = freqs * 1.5 if kind == "hf_unequal_halves" else freqs
         emb = torch.cat((freqs, second), -1)
         q, k = make_qk(e, outs)
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-        _emit(p, rope_hf(q, cos, sin, rot), rope_hf(k, cos, sin, rot), outs, q, k)
+        cos, sin = hf_tables(emb, q.dtype, p.spelling)
+        rq, rk = rope_hf(q, cos, sin, rot, p.spelling), rope_hf(k, cos, sin, rot, p.spelling)
+        if p.second:
+            cos2, sin2 = cos.flip(1), sin.flip(1)
+            rq = rope_hf(rq, cos2, sin2, rot, p.spelling)
+            rk = rope_hf(rk, cos2, sin2, rot, p.spelling)
+        _read(p, rq, rk, outs)
+        _emit(p, rq, rk, outs, q, k)
         return outs
 
     return body
+
+
+def _index_generator(seed: int) -> torch.Generator:
+    """The generator of the index mode's changes (apart from the inputs' generator, so that the
+    inputs of a program do not depend on its index mode)."""
+    return torch.Generator().manual_seed(seed + 7_777_777)
+
+
+def _read(p: LayoutProgram, rq, rk, outs: list) -> None:
+    """The drawn reader of the rotated q or k (``fuzz_kinds.read``): its outputs appended, or
+    (``custom_op``) the tensor mutated in place before the program reads it on."""
+    outs += fk.read(rq if p.reader_on == "q" else rk, p.reader, p.reader_use, p.custom_view)
 
 
 def _add_odd_inputs(p: LayoutProgram, inp: _Inputs) -> None:
@@ -626,6 +762,7 @@ class Result:
     counters: dict = field(default_factory=dict)
     seconds: float = 0.0
     inductor_only: bool = False  # the failures reproduce without the pass
+    skipped: str | None = None  # not run on this device, and why
 
     @property
     def categories(self) -> set[str]:
@@ -633,7 +770,7 @@ class Result:
 
     @property
     def failed(self) -> bool:
-        if self.inductor_only:
+        if self.inductor_only or self.skipped:
             return False
         notes = set() if SIZE1_STRIDES_FAIL else {"size1_strides"}
         return bool(self.categories - notes)
@@ -687,43 +824,87 @@ def _run_compiled(fn, args, backend: str, options: dict | None):
             return None, run_args, rope_counters(), message
 
 
+def run_eagerly(fn, args, raises: bool) -> tuple[tuple | None, list[str]]:
+    """(``fn(*args)``, or None where it raised; failures): eager must raise exactly where the
+    program's oracle says (``raises``)."""
+    try:
+        out = fn(*args)
+    except Exception as err:  # noqa: BLE001  (which exception is eager's business)
+        if raises:
+            return None, []
+        return None, [f"harness: eager raised {type(err).__name__}: {err}"[:300]]
+    if raises:
+        return out, ["harness: the oracle says eager raises, it did not"]
+    return out, []
+
+
+def run_failures(raised: bool, outs, error: str | None) -> list[str]:
+    """Where eager raised, the compiled program must raise too, when run (not when compiled);
+    where eager returned, it must return."""
+    if raised and outs is not None:
+        return ["raises: eager raises (an index out of range), the compiled program returned"]
+    if error is not None and not fk.is_run_error(error):
+        return [f"compile: {error}"]
+    if error is not None and not raised:
+        return [f"raises: eager returns, the compiled program raised {error}"]
+    return []
+
+
+def same_failures(failures: list[str], base: list[str]) -> bool:
+    """Whether ``failures`` all show in ``base`` (plain Inductor's): the same outputs, the same
+    strides, the same raise (error messages aside)."""
+    def key(message):
+        return "raises" if message.startswith("raises:") else message.split(" (max abs")[0]
+
+    return {key(f) for f in failures} <= {key(f) for f in base}
+
+
+def skipped_on(device: str, raises: bool) -> str | None:
+    """Programs whose eager run raises are run on the CPU only: on a GPU an index out of range
+    is a device-side assert (eager's own kernels too), which ends the process's CUDA context."""
+    return f"eager raises: not run on {device}" if raises and device != "cpu" else None
+
+
 def check_program(p: LayoutProgram, device: str = "cpu", control: bool = True) -> Result:
     """Compile ``p`` with the pass and check the 4-part property; ``control``: re-run a failure
-    with plain Inductor to tell Inductor's own behaviour from the pass's."""
+    with plain Inductor to tell Inductor's own behaviour from the pass's. Where eager raises,
+    the compiled program must raise when run (and the counters are still the oracle's)."""
     start = time.perf_counter()
-    result = Result(p, p.expected_rewrites, known_bug=known_bug(p))
+    result = Result(p, p.expected_rewrites, known_bug=known_bug(p),
+                    skipped=skipped_on(device, p.eager_raises))
+    if result.skipped:
+        return result
     fn, args = build_program(p, device)
     snapshot = [a.clone() for a in args]
-    eager = fn(*[a.clone() for a in args])
-    ref64 = fn(*_to64(args))
+    eager, result.failures = run_eagerly(fn, [a.clone() for a in args], p.eager_raises)
+    raised = eager is None
+    ref64 = None if raised else fn(*_to64(args))
     outs, _, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device))
     result.counters = seen
     result.rewritten = seen.get("rewritten", 0)
-    if error is not None:
-        result.failures.append(f"compile: {error}")
+    result.failures += run_failures(raised, outs, error)
     for key in ("pass_errors", "candidate_errors"):
         if seen.get(key):
             result.failures.append(f"pass_errors: counters[{key!r}] = {seen[key]}")
-    if outs is not None:
+    if outs is not None and not raised:
         result.failures += _value_and_layout_failures(outs, eager, ref64)
     for i, (a, s) in enumerate(zip(args, snapshot, strict=True)):
         if not torch.equal(a, s):
             result.failures.append(f"values: input {i} was modified")
-    if result.expected is not None and error is None and result.rewritten != result.expected:
+    compiled = error is None or fk.is_run_error(error)
+    if result.expected is not None and compiled and result.rewritten != result.expected:
         direction = "missed" if result.rewritten < result.expected else "unexpected"
         result.failures.append(f"oracle_{direction}: {result.rewritten} pair(s) rewritten, "
                                f"expected {result.expected}; skips: "
                                f"{sorted(k for k in seen if k.startswith('skipped'))}")
-    pass_caused = {"compile", "pass_errors", "oracle_missed", "oracle_unexpected"}
+    pass_caused = {"compile", "pass_errors", "oracle_missed", "oracle_unexpected", "harness"}
     if control and result.failures and not (result.categories & pass_caused):
-        # Values / strides only: does plain Inductor do the same?
+        # Values / strides / a raise only: does plain Inductor do the same?
         base_outs, _, _, base_error = _run_compiled(fn, args, "inductor", None)
-        if base_error is None:
-            base = _value_and_layout_failures(base_outs, eager, ref64)
-            # The same failures on the same outputs (same strides) without the pass.
-            key = lambda message: message.split(" (max abs error")[0]
-            if {key(f) for f in result.failures} <= {key(f) for f in base}:
-                result.inductor_only = True
+        base = run_failures(raised, base_outs, base_error)
+        if base_outs is not None and not raised:
+            base += _value_and_layout_failures(base_outs, eager, ref64)
+        result.inductor_only = same_failures(result.failures, base)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -741,12 +922,63 @@ def new_stats(device: str) -> dict:
         "size1_stride_notes": 0,
         "compile_failures": 0, "pass_errors": 0, "oracle_missed": 0, "oracle_unexpected": 0,
         "seconds": 0.0, "by_kind": {}, "by_form": {}, "by_dtype": {}, "odd_ops": {},
-        "failures": [],
+        **new_kind_stats(), "failures": [],
     }
+
+
+def new_kind_stats() -> dict:
+    """The fuzz_kinds tables of the statistics (both fuzzers): programs, and failed programs,
+    per reader (and per reader and use), spelling, index mode (and gather), second RoPE; the
+    programs that raised as eager does, and those not run on this device."""
+    return {"skipped_programs": 0, "raised_as_eager": 0, "raise_mismatches": 0,
+            "harness_errors": 0, "by_reader": {}, "by_reader_use": {},
+            "by_spelling": {}, "by_index": {}, "by_second_rope": {}}
+
+
+def _count(stats: dict, table: str, key: str, failed: bool) -> None:
+    row = stats[table].setdefault(key, {"programs": 0, "failed": 0})
+    row["programs"] += 1
+    row["failed"] += int(failed)
+
+
+def record_kinds(stats: dict, p, r) -> None:
+    """Count ``p``'s fuzz_kinds draws (``p``: a layout or prologue program, ``r`` its result)."""
+    if r.skipped:
+        stats["skipped_programs"] += 1
+        return
+    failed = r.failed
+    reader = p.reader if p.reader != "custom_op" else f"custom_op({p.custom_view})"
+    _count(stats, "by_reader", reader, failed)
+    if p.reader not in ("none", "custom_op"):
+        _count(stats, "by_reader_use", f"{p.reader}/{p.reader_use}", failed)
+    _count(stats, "by_spelling", p.spelling, failed)
+    index = f"{p.index_mode}/{p.index_target}"
+    _count(stats, "by_index", index, failed)
+    _count(stats, "by_second_rope", str(p.second), failed)
+    stats["raised_as_eager"] += int(p.eager_raises and not failed)
+
+
+def kinds_summary(stats: dict) -> str:
+    def table(name):
+        return ", ".join(f"{k} {v['programs']}" + (f" ({v['failed']} FAILED)" if v["failed"]
+                                                   else "")
+                         for k, v in sorted(stats[name].items()))
+
+    return "\n".join([
+        f"  readers: {table('by_reader')}",
+        f"  spellings: {table('by_spelling')}; second RoPE: {table('by_second_rope')}",
+        f"  indices: {table('by_index')}; raised as eager does: {stats['raised_as_eager']}; "
+        f"raised where eager does not or the reverse: {stats['raise_mismatches']}; harness "
+        f"errors {stats['harness_errors']}; not run on this device: "
+        f"{stats['skipped_programs']}",
+    ])
 
 
 def record(stats: dict, r: Result) -> None:
     p = r.program
+    record_kinds(stats, p, r)
+    if r.skipped:
+        return
     stats["programs"] += 1
     stats["seconds"] += r.seconds
     if r.expected is None:
@@ -766,7 +998,8 @@ def record(stats: dict, r: Result) -> None:
         for cat, key in (("values", "wrong_values"), ("strides", "stride_mismatches"),
                          ("compile", "compile_failures"), ("pass_errors", "pass_errors"),
                          ("oracle_missed", "oracle_missed"),
-                         ("oracle_unexpected", "oracle_unexpected")):
+                         ("oracle_unexpected", "oracle_unexpected"),
+                         ("raises", "raise_mismatches"), ("harness", "harness_errors")):
             stats[key] += int(cat in cats)
     if r.failures:
         stats["failures"].append({"seed": p.seed, "program": p.describe(),
@@ -805,6 +1038,7 @@ def summary(stats: dict) -> str:
             + (f", {v['failed']} FAILED" if v["failed"] else "") + ")"
             for k, v in sorted(stats["by_kind"].items())),
         f"  forms {stats['by_form']}, dtypes {stats['by_dtype']}, odd ops {stats['odd_ops']}",
+        kinds_summary(stats),
     ]
     return "\n".join(lines)
 

@@ -72,11 +72,13 @@ for _path in (str(_HERE), str(_HERE.parent)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import fuzz_kinds as fk  # noqa: E402
 import torch  # noqa: E402
 from fuzz_layouts import (  # noqa: E402  (registers the backend, sets TRITON_INTERPRET)
     ALIGNED_HEADS,
     MAX_POS,
     TOLERANCES,
+    _index_generator,
     _Inputs,
     _run_compiled,
     _selection,
@@ -85,8 +87,16 @@ from fuzz_layouts import (  # noqa: E402  (registers the backend, sets TRITON_IN
     _value_and_layout_failures,
     compile_options,
     fuzz_main,
+    hf_tables,
+    kinds_summary,
+    new_kind_stats,
+    record_kinds,
     rope_hf,
     rope_native,
+    run_eagerly,
+    run_failures,
+    same_failures,
+    skipped_on,
 )
 
 HIDDEN = 32
@@ -101,6 +111,14 @@ NORMS = ("none", "qwen3", "gemma", "eps", "other_reader", "whole")
 NEAR_NORMS = ("eps", "other_reader")
 STORES = ("none", "write", "accumulate", "other_loc", "overlap_view", "computed_cache")
 NEAR_STORES = ("accumulate", "other_loc", "overlap_view", "computed_cache")
+# fuzz_kinds spellings with a non-default argument that changes the math: the RoPE is not
+# matched (nothing rewritten), or the norm is not (its reason, a prefix, counted once)
+ROPE_ALPHAS = ("sub_alpha", "add_alpha")
+NORM_ALPHAS = {
+    "eps_alpha": "q: the norm's mean(x^2) + eps: aten.add.Tensor with alpha=100.0",
+    "gemma_alpha": "q: the Gemma norm's factor 1 + float(weight): aten.add.Tensor with "
+                   "alpha=3.0",
+}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = 1e-6
 
@@ -158,6 +176,19 @@ class PrologueProgram:
     extra_rows: int  # cache rows beyond the ones written
     seed: int
     olmo2: bool = False  # norm "whole", Qwen3 form: HF Olmo2RMSNorm's rounding instead
+    # fuzz_kinds: what reads the rotated (normed) q or k, after the store (reader_on); a second
+    # RoPE pair of the rotated q/k after the store; the arithmetic's spelling (RoPE, norm,
+    # store); how sglang gathers the cos/sin rows; the index mode of the cache rows (loc) or
+    # the positions (index_target)
+    reader: str = "none"
+    reader_use: str = "returned"
+    reader_on: str = "q"
+    custom_view: str = "whole"
+    second: bool = False
+    spelling: str = "plain"
+    gather: str = "index_select"
+    index_mode: str = "in_range"
+    index_on: str = "loc"  # "loc" (with a store) or "positions"
     expected_override: dict | None = field(default=None, repr=False)  # self-tests only
 
     @property
@@ -169,9 +200,12 @@ class PrologueProgram:
         rewritten`` and the near-miss's skip reason, as ``"<pass> skipped: <prefix>"``)."""
         if self.expected_override is not None:
             return dict(self.expected_override)
-        rope = int(self.head_size in ALIGNED_HEADS)
-        want = {"rewritten": rope, "qk_norm rewritten": 0, "kv_store rewritten": 0}
-        if self.norm in ("qwen3", "gemma", "whole"):
+        rope = int(self.head_size in ALIGNED_HEADS and self.spelling not in ROPE_ALPHAS)
+        want = {"rewritten": rope * (2 if self.second else 1), "qk_norm rewritten": 0,
+                "kv_store rewritten": 0}
+        if self.spelling in NORM_ALPHAS and rope:
+            want[f"qk_norm skipped: {NORM_ALPHAS[self.spelling]}"] = 1
+        elif self.norm in ("qwen3", "gemma", "whole"):
             want["qk_norm rewritten"] = rope
         elif self.norm in NEAR_NORMS and rope:
             want[f"qk_norm skipped: {NORM_REASONS[self.norm]}"] = 1
@@ -194,8 +228,44 @@ class PrologueProgram:
         if self.store != "none":
             store += f"({self.store_how},{dt[self.cache_dtype]}"
             store += f",scale{self.scale})" if self.scale is not None else ")"
-        parts += [store, f"seed{self.seed}"]
+        parts += [store, *self.extras(), f"seed{self.seed}"]
         return "-".join(parts)
+
+    def extras(self) -> list[str]:
+        """The fuzz_kinds draws in :meth:`describe` (the default ones left out)."""
+        found = []
+        if self.reader == "custom_op":
+            found.append(f"custom_op({self.reader_on},{self.custom_view})")
+        elif self.reader != "none":
+            found.append(f"read:{self.reader}({self.reader_on},{self.reader_use})")
+        if self.second:
+            found.append("second_rope")
+        if self.spelling != "plain":
+            found.append(f"spell:{self.spelling}")
+        if self.form == "sglang" and self.gather != "index_select":
+            found.append(f"gather:{self.gather}")
+        if self.index_mode != "in_range":
+            found.append(f"{self.index_on}:{self.index_mode}")
+        return found
+
+    @property
+    def index_target(self) -> str:
+        """What the index mode applies to, and the op that reads or writes it."""
+        return f"{self.index_on}({self._index_op})"
+
+    @property
+    def _index_op(self) -> str:
+        if self.index_on == "positions":
+            return self.gather if self.form == "sglang" else "angles"
+        if self.form == "sglang":
+            return "index_put_" if "index_put_" in (self.store_how,) or (
+                self.store == "accumulate") else "setitem"
+        return "setitem" if self.store == "accumulate" else self.store_how
+
+    @property
+    def eager_raises(self) -> bool:
+        """Whether eager raises: an index its op does not take (HF positions are angles)."""
+        return self._index_op != "angles" and fk.eager_raises(self.index_mode, self._index_op)
 
 
 def draw_program(seed: int) -> PrologueProgram:
@@ -230,29 +300,47 @@ def draw_program(seed: int) -> PrologueProgram:
         tokens, batch = rng.randint(1, 9), rng.choice((1, 2))
     extra_rows = rng.randint(0, 6)
     olmo2 = norm == "whole" and not gemma and rng.random() < 0.5  # drawn last: seeds kept
+    # fuzz_kinds, drawn after (the draws above are those of the seed before them)
+    reader = rng.choice(("none",) * 8 + fk.VIEW_READERS + ("custom_op",) * 4)
+    spellings = fk.ROPE_SPELLINGS[1:]
+    if norm != "none":
+        spellings += tuple(s for s in fk.NORM_SPELLINGS if s not in NORM_ALPHAS
+                           or (norm not in NEAR_NORMS and (gemma or s != "gemma_alpha")))
+        if gemma and norm not in NEAR_NORMS:
+            spellings += ("gemma_alpha",)  # (twice: Gemma's factor is one norm form of two)
+    index_on = "loc" if store != "none" and rng.random() < 0.7 else "positions"
     return PrologueProgram(form=form, source=source, is_neox=is_neox, head_size=head,
                            rotary_dim=rot, dtype=dtype, num_tokens=tokens, batch=batch,
                            num_q_heads=hq, num_kv_heads=hk, norm=norm, gemma=gemma, store=store,
                            store_how=how, cache_dtype=cache_dtype, scale=scale,
-                           extra_rows=extra_rows, seed=seed, olmo2=olmo2)
+                           extra_rows=extra_rows, seed=seed, olmo2=olmo2, reader=reader,
+                           reader_use=rng.choice(fk.READER_USES), reader_on=rng.choice("qk"),
+                           custom_view=rng.choice(fk.CUSTOM_OP_VIEWS),
+                           second=rng.random() < 0.2,
+                           spelling=rng.choice(("plain",) * 6 + spellings),
+                           gather=rng.choice(fk.GATHERS),
+                           index_mode=rng.choice(("in_range",) * 4 + ("negative",) * 2
+                                                 + ("out_of_range",)),
+                           index_on=index_on)
 
 
 # --------------------------------------------------------------------------------------------
 # the program's pieces
 
 
-def rms_norm(x, weight, eps: float, gemma: bool, olmo2: bool = False):
+def rms_norm(x, weight, eps: float, gemma: bool, olmo2: bool = False,
+             spelling: str = "plain"):
     """HF ``Qwen3RMSNorm`` (``gemma=False``), ``Gemma3RMSNorm`` or ``Olmo2RMSNorm``
     (``olmo2``: ``(w * normed).to(dtype)``, one rounding after the weight) over x's last
-    dim."""
-    dtype = x.dtype
-    xf = x.to(torch.float32)
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    dim; each step spelled as ``spelling`` says (:mod:`fuzz_kinds`)."""
+    s = spelling
+    xf = fk.cast(x, torch.float32, s)
+    normed = fk.rms_normalised(xf, eps, s)
     if gemma:
-        return (normed * (1.0 + weight.float())).to(dtype)
+        return fk.round_to(fk.mul(normed, fk.gemma_factor(weight, s), s), x, s)
     if olmo2:
-        return (weight * normed).to(dtype)
-    return weight * normed.to(dtype)
+        return fk.round_to(fk.mul(weight, normed, s), x, s)
+    return fk.mul(weight, fk.round_to(normed, x, s), s)
 
 
 def _up(x):
@@ -270,21 +358,34 @@ def _attend(q, keys, values):
     return (scores.softmax(-1) @ values).to(q.dtype)
 
 
-def _stored(x, buf_dtype, scale):
+def _stored(x, buf_dtype, scale, spelling: str = "plain"):
     """The value a cache of ``buf_dtype`` stores for ``x`` (sglang's set_kv_buffer_native)."""
     if scale is not None:
-        x = x.to(torch.float32) / scale
-    return x.to(buf_dtype)
+        x = fk.div(fk.cast(x, torch.float32, spelling), scale, spelling)
+    return fk.cast(x, buf_dtype, spelling)
 
 
 def _loc(p: PrologueProgram, g: torch.Generator) -> torch.Tensor:
-    """Distinct, unsorted cache rows (sglang) or the cache positions (hf)."""
+    """Distinct, unsorted cache rows (sglang) or the cache positions (hf); with the index mode
+    on ``loc``, some negative (the same rows) or one out of range."""
     t = p.num_tokens
     if p.form == "hf":
         start = int(torch.randint(0, p.extra_rows + 1, (1,), generator=g))
-        return torch.arange(start, start + t)
-    rows = t if p.store == "overlap_view" else t + p.extra_rows
-    return torch.randperm(rows, generator=g)[:t]
+        loc, rows = torch.arange(start, start + t), t + p.extra_rows
+    else:
+        rows = t if p.store == "overlap_view" else t + p.extra_rows
+        loc = torch.randperm(rows, generator=g)[:t]
+    if p.index_on == "loc" and p.store != "none":
+        loc = fk.with_mode(loc, rows, p.index_mode, _index_generator(p.seed))
+    return loc
+
+
+def _hf_positions(p: PrologueProgram, loc: torch.Tensor) -> torch.Tensor:
+    """HF's position_ids ``[B, S]``: the cache positions, or (index mode on the positions) the
+    positions with the mode applied (angles: any integer is valid)."""
+    if p.index_on == "positions":
+        loc = fk.with_mode(loc, MAX_POS, p.index_mode, _index_generator(p.seed))
+    return loc[None].expand(p.batch, -1).clone()
 
 
 def build_program(p: PrologueProgram, device: str = "cpu"):
@@ -318,7 +419,10 @@ def build_program(p: PrologueProgram, device: str = "cpu"):
     k_eps = 1e-5 if p.norm == "eps" else EPS
     # rope tables
     if p.form == "sglang":
-        inp.add("positions", torch.randint(0, MAX_POS, (p.num_tokens,), generator=g))
+        positions = torch.randint(0, MAX_POS, (p.num_tokens,), generator=g)
+        if p.index_on == "positions":
+            positions = fk.with_mode(positions, MAX_POS, p.index_mode, _index_generator(p.seed))
+        inp.add("positions", positions)
         inp.add("cos_sin_cache", _uniform(g, (MAX_POS, p.rotary_dim)))
     else:
         inp.add("inv_freq", 1.0 / (10000.0 ** (torch.arange(0, p.rotary_dim, 2,
@@ -329,7 +433,7 @@ def build_program(p: PrologueProgram, device: str = "cpu"):
     if p.store != "none":
         inp.add("loc", loc)
         if p.form == "hf":
-            inp.add("position_ids", loc[None].expand(p.batch, -1).clone())
+            inp.add("position_ids", _hf_positions(p, loc))
             shape = (p.batch, hk, p.num_tokens + p.extra_rows, d)
         else:  # overlap_view: the k cache is the projection's T rows, v's as many
             shape = (p.num_tokens + (0 if p.store == "overlap_view" else p.extra_rows), hk, d)
@@ -337,7 +441,7 @@ def build_program(p: PrologueProgram, device: str = "cpu"):
             inp.add("k_cache", _uniform(g, shape, p.cache_dtype))
         inp.add("v_cache", _uniform(g, shape, p.cache_dtype))
     elif p.form == "hf":
-        inp.add("position_ids", loc[None].expand(p.batch, -1).clone())
+        inp.add("position_ids", _hf_positions(p, loc))
     names = list(inp.named)
     body = _sglang_body(p, project, k_eps) if p.form == "sglang" else _hf_body(p, project, k_eps)
 
@@ -355,12 +459,25 @@ def _normed(p: PrologueProgram, e: dict, x, heads: int, name: str, eps: float, o
     if p.norm == "none":
         return x.view(*lead, heads, p.head_size)
     if p.norm == "whole":
-        return rms_norm(x, e[f"{name}_weight"], eps, p.gemma, p.olmo2).view(*lead, heads,
-                                                                            p.head_size)
-    out = rms_norm(x.view(*lead, heads, p.head_size), e[f"{name}_weight"], eps, p.gemma)
+        return rms_norm(x, e[f"{name}_weight"], eps, p.gemma, p.olmo2, p.spelling).view(
+            *lead, heads, p.head_size)
+    out = rms_norm(x.view(*lead, heads, p.head_size), e[f"{name}_weight"], eps, p.gemma,
+                   spelling=p.spelling)
     if p.norm == "other_reader" and name == "q":
         outs.append(out)  # the normalised q, read besides the RoPE
     return out
+
+
+def _after_store(p: PrologueProgram, rq, rk, rope, outs: list):
+    """After the store (if any): the second RoPE pair (``rope(q, k)``, its results returned)
+    and the reader of the rotated q or k (``fuzz_kinds.read``: views read on, or an in-place
+    custom op on a view, the tensor read on by the outputs and the attention). The q the
+    attention reads."""
+    if p.second:
+        rq2, rk2 = rope(rq, rk)
+        outs += [rq2, rk2]
+    outs += fk.read(rq if p.reader_on == "q" else rk, p.reader, p.reader_use, p.custom_view)
+    return rq2 if p.second else rq
 
 
 def _sglang_body(p: PrologueProgram, project, k_eps: float):
@@ -371,11 +488,19 @@ def _sglang_body(p: PrologueProgram, project, k_eps: float):
         q, k, v = project(e)
         qn = _normed(p, e, q, hq, "q", EPS, outs)
         kn = _normed(p, e, k, hk, "k", k_eps, outs)
-        rq = rope_native(qn, e["cos_sin_cache"], e["positions"], rot, p.is_neox)
-        rk = rope_native(kn, e["cos_sin_cache"], e["positions"], rot, p.is_neox)
+        cache, positions = e["cos_sin_cache"], e["positions"]
+        rq = rope_native(qn, cache, positions, rot, p.is_neox, p.spelling, p.gather)
+        rk = rope_native(kn, cache, positions, rot, p.is_neox, p.spelling, p.gather)
         outs += [rq.reshape(t, hq * d), rk.reshape(t, hk * d)]  # as forward_native returns
         v3 = v.view(t, hk, d)
+
+        def again(x, y):  # the second RoPE pair, at the positions flipped (once)
+            flipped = positions.flip(0)
+            return tuple(rope_native(z, cache, flipped, rot, p.is_neox, p.spelling, p.gather)
+                         for z in (x, y))
+
         if p.store == "none":
+            rq = _after_store(p, rq, rk, again, outs)
             outs.append(_attend(rq.transpose(0, 1), rk.transpose(0, 1), v3.transpose(0, 1)))
             return outs
         loc = e["loc"]
@@ -386,8 +511,8 @@ def _sglang_body(p: PrologueProgram, project, k_eps: float):
         else:
             k_cache = e["k_cache"]
         v_cache = e["v_cache"] * 0.5 if p.store == "computed_cache" else e["v_cache"]
-        k_val = _stored(rk, k_cache.dtype, p.scale)
-        v_val = _stored(v3, v_cache.dtype, p.scale)
+        k_val = _stored(rk, k_cache.dtype, p.scale, p.spelling)
+        v_val = _stored(v3, v_cache.dtype, p.scale, p.spelling)
         v_loc = loc.flip(0) if p.store == "other_loc" else loc
         if p.store == "accumulate":
             k_cache.index_put_((loc,), k_val, accumulate=True)
@@ -398,6 +523,7 @@ def _sglang_body(p: PrologueProgram, project, k_eps: float):
         else:
             k_cache[loc] = k_val
             v_cache[v_loc] = v_val
+        rq = _after_store(p, rq, rk, again, outs)
         outs.append(_attend(rq.transpose(0, 1), k_cache.transpose(0, 1),
                             v_cache.transpose(0, 1)))
         if p.store == "computed_cache":
@@ -419,18 +545,25 @@ def _hf_body(p: PrologueProgram, project, k_eps: float):
         inv_freq = e["inv_freq"]
         freqs = e["position_ids"][:, :, None].to(inv_freq.dtype) * inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), -1)
-        cos, sin = emb.cos().to(qn.dtype), emb.sin().to(qn.dtype)
-        rq, rk = rope_hf(qn, cos, sin, rot), rope_hf(kn, cos, sin, rot)
+        cos, sin = hf_tables(emb, qn.dtype, p.spelling)
+        rq, rk = rope_hf(qn, cos, sin, rot, p.spelling), rope_hf(kn, cos, sin, rot, p.spelling)
         outs += [rq, rk]
         v4 = v.view(b, s, hk, d).transpose(1, 2)
+
+        def again(x, y):  # the second RoPE pair, at the positions flipped (once)
+            cos2, sin2 = cos.flip(1), sin.flip(1)
+            return tuple(rope_hf(z, cos2, sin2, rot, p.spelling) for z in (x, y))
+
         if p.store == "none":
+            rq = _after_store(p, rq, rk, again, outs)
             outs.append(_attend(rq, rk, v4))
             return outs
         cp = e["loc"]
         k_cache, v_cache = e["k_cache"], e["v_cache"]
         if p.store == "computed_cache":
             k_cache, v_cache = k_cache * 0.5, v_cache * 0.5
-        k_val, v_val = rk.to(k_cache.dtype), v4.to(v_cache.dtype)
+        k_val = fk.cast(rk, k_cache.dtype, p.spelling)
+        v_val = fk.cast(v4, v_cache.dtype, p.spelling)
         v_cp = cp.flip(0) if p.store == "other_loc" else cp
         if p.store == "accumulate":
             k_cache[:, :, cp] += k_val
@@ -441,6 +574,7 @@ def _hf_body(p: PrologueProgram, project, k_eps: float):
         else:
             k_cache[:, :, cp] = k_val
             v_cache[:, :, v_cp] = v_val
+        rq = _after_store(p, rq, rk, again, outs)
         outs.append(_attend(rq, k_cache, v_cache).transpose(1, 2).reshape(b, s, hq * d))
         if p.store == "computed_cache":
             outs += [k_cache, v_cache]
@@ -497,6 +631,7 @@ class Result:
     seconds: float = 0.0
     inductor_only: bool = False  # the failures reproduce without the passes
     known_bug: str | None = None
+    skipped: str | None = None  # not run on this device, and why
 
     @property
     def categories(self) -> set[str]:
@@ -504,7 +639,7 @@ class Result:
 
     @property
     def failed(self) -> bool:
-        if self.inductor_only:
+        if self.inductor_only or self.skipped:
             return False
         notes = set() if SIZE1_STRIDES_FAIL else {"size1_strides"}
         if self.known_bug:  # a known miss: its counters may differ, nothing else may
@@ -586,7 +721,8 @@ def _cache_row_failures(p: PrologueProgram, env_before: dict, env_after: dict,
         if not torch.equal(after.movedim(dim, 0)[~written], keep):
             found.append(f"values: {name} rows the step does not write changed")
     k_index = 2 if p.norm == "other_reader" else 1  # outputs: [normalised q,] q, k, ...
-    if kv_fused and isinstance(outs, tuple) and len(outs) > k_index:
+    mutated_k = p.reader == "custom_op" and p.reader_on == "k"  # after the store: not k's
+    if kv_fused and not mutated_k and isinstance(outs, tuple) and len(outs) > k_index:
         k_out = outs[k_index].detach().cpu()
         after = env_after["k_cache"].cpu()
         if p.form == "sglang":
@@ -620,46 +756,49 @@ def check_program(p: PrologueProgram, device: str = "cpu", control: bool = True)
     """Compile ``p`` with the passes and check the property (module docstring); ``control``:
     re-run a values/strides failure with plain Inductor."""
     start = time.perf_counter()
-    result = Result(p, p.expected(), known_bug=known_bug(p))
+    result = Result(p, p.expected(), known_bug=known_bug(p),
+                    skipped=skipped_on(device, p.eager_raises))
+    if result.skipped:
+        return result
     fn, args = build_program(p, device)
     inp_names = fn.arg_names
     env_before = dict(zip(inp_names, [a.clone() for a in args], strict=True))
     eager_args = [a.clone() for a in args]
-    eager = fn(*eager_args)
+    eager, result.failures = run_eagerly(fn, eager_args, p.eager_raises)
+    raised = eager is None
     ref_args = list(_to64(tuple(a.clone() for a in args)))
-    ref64 = fn(*ref_args)
+    ref64 = None if raised else fn(*ref_args)
     outs, after, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device))
     result.counters = seen
-    if error is not None:
-        result.failures.append(f"compile: {error}")
+    result.failures += run_failures(raised, outs, error)
     for key in ("pass_errors", "candidate_errors"):
         if seen.get(key):
             result.failures.append(f"pass_errors: counters[{key!r}] = {seen[key]}")
-    if outs is not None:
-        result.failures += _output_failures(p, outs, eager, ref64)
-        result.failures += _arg_failures(p, inp_names, after, eager_args, ref_args)
-        kv_fused = seen.get("kv_store rewritten", 0) > 0
-        result.failures += _cache_row_failures(p, env_before, dict(zip(inp_names, after,
-                                                                       strict=True)),
-                                               outs, kv_fused)
+    if error is None or fk.is_run_error(error):  # compiled: the counters are the compile's
         counter_failures = _counter_failures(result.expected, seen)
         if counter_failures and half_norm_cast_to_float32(p):
             refused = dtype_refusal()  # Inductor may have dropped k's roundings: see there
             if not _counter_failures(refused, seen):
                 result.expected, counter_failures = refused, []
         result.failures += counter_failures
-    pass_caused = {"compile", "pass_errors", "oracle_missed", "oracle_unexpected"}
+    if outs is not None and not raised:
+        result.failures += _output_failures(p, outs, eager, ref64)
+        result.failures += _arg_failures(p, inp_names, after, eager_args, ref_args)
+        kv_fused = seen.get("kv_store rewritten", 0) > 0
+        result.failures += _cache_row_failures(p, env_before, dict(zip(inp_names, after,
+                                                                       strict=True)),
+                                               outs, kv_fused)
+    pass_caused = {"compile", "pass_errors", "oracle_missed", "oracle_unexpected", "harness"}
     if control and result.failures and not (result.categories & pass_caused):
         base_outs, base_after, _, base_error = _run_compiled(fn, args, "inductor", None)
-        if base_error is None:
-            base = _output_failures(p, base_outs, eager, ref64)
+        base = run_failures(raised, base_outs, base_error)
+        if base_outs is not None and not raised:
+            base += _output_failures(p, base_outs, eager, ref64)
             base += _arg_failures(p, inp_names, base_after, eager_args, ref_args)
             base += _cache_row_failures(p, env_before, dict(zip(inp_names, base_after,
                                                                 strict=True)), base_outs,
                                         kv_fused=False)  # the fused kernel's own property
-            key = lambda message: message.split(" (max abs")[0]
-            if {key(f) for f in result.failures} <= {key(f) for f in base}:
-                result.inductor_only = True
+        result.inductor_only = same_failures(result.failures, base)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -677,12 +816,15 @@ def new_stats(device: str) -> dict:
         "wrong_values": 0, "stride_mismatches": 0, "size1_stride_notes": 0,
         "compile_failures": 0, "pass_errors": 0, "oracle_missed": 0, "oracle_unexpected": 0,
         "seconds": 0.0, "by_form": {}, "by_norm": {}, "by_store": {}, "by_dtype": {},
-        "by_source": {}, "failures": [],
+        "by_source": {}, **new_kind_stats(), "failures": [],
     }
 
 
 def record(stats: dict, r: Result) -> None:
     p = r.program
+    record_kinds(stats, p, r)
+    if r.skipped:
+        return
     stats["programs"] += 1
     stats["seconds"] += r.seconds
     for key in COUNTERS:
@@ -701,7 +843,8 @@ def record(stats: dict, r: Result) -> None:
         for cat, key in (("values", "wrong_values"), ("strides", "stride_mismatches"),
                          ("compile", "compile_failures"), ("pass_errors", "pass_errors"),
                          ("oracle_missed", "oracle_missed"),
-                         ("oracle_unexpected", "oracle_unexpected")):
+                         ("oracle_unexpected", "oracle_unexpected"),
+                         ("raises", "raise_mismatches"), ("harness", "harness_errors")):
             stats[key] += int(cat in cats)
     if r.failures:
         stats["failures"].append({"seed": p.seed, "program": p.describe(), "failed": r.failed,
@@ -739,6 +882,7 @@ def summary(stats: dict) -> str:
         f"  forms: {table('by_form')}; sources: {table('by_source')}; dtypes: "
         f"{table('by_dtype')}",
         f"  norms: {table('by_norm')}; stores: {table('by_store')}",
+        kinds_summary(stats),
     ])
 
 

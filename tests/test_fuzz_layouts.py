@@ -2,15 +2,18 @@
 ``fuzz_layouts.py``).
 
 * ``test_generator_*``: the seeded generator is deterministic and covers every layout kind,
-  variant, odd op, dtype, head size and oracle outcome within the first seeds (no compile).
+  variant, odd op, dtype, head size and oracle outcome within the first seeds, and every
+  reader, reader use, custom-op view, spelling, gather, index mode and the second RoPE
+  (``fuzz_kinds.py``) (no compile).
 * ``test_programs_run_eagerly``: one program per kind runs eagerly and agrees with its float64
   twin (harness sanity, no compile).
-* ``test_checker_*``: the checker really reports wrong values, wrong strides and a wrong
-  rewrite count (so a passing fuzz run means something).
+* ``test_checker_*``: the checker really reports wrong values, wrong strides, a wrong
+  rewrite count, and a compiled program that returns where eager raises (or the reverse).
 * ``test_cpu_layouts``: programs compiled with ``backend="rope_compile"`` (CPU forced on,
   ``strict=True``) checked for values, strides, compile errors and the oracle's rewrite count.
-  ``ROPE_FUZZ_PROFILE=ci`` (default): one program per layout kind; ``long``: 400 consecutive
-  seeds (``ROPE_FUZZ_LAYOUT_PROGRAMS`` overrides the count).
+  ``ROPE_FUZZ_PROFILE=ci`` (default): a greedy cover of every layout kind, reader, reader
+  use, custom-op view, spelling, index mode (with each gather) and the second RoPE;
+  ``long``: 400 consecutive seeds (``ROPE_FUZZ_LAYOUT_PROGRAMS`` overrides the count).
 * ``test_cuda_layouts`` (``gpu``): the same with default options on CUDA,
   ``ROPE_FUZZ_GPU_PROGRAMS`` programs (default 40).
 
@@ -21,7 +24,9 @@ statistics.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
+import fuzz_kinds as fk
 import fuzz_layouts as fl
 import pytest
 import torch
@@ -32,6 +37,30 @@ LONG_PROGRAMS = int(os.environ.get("ROPE_FUZZ_LAYOUT_PROGRAMS", "400"))
 GPU_PROGRAMS = int(os.environ.get("ROPE_FUZZ_GPU_PROGRAMS", "40"))
 COVERAGE_SEEDS = 300
 
+
+def _features(p: fl.LayoutProgram) -> set:
+    """What a CI program covers: its layout kind, and its fuzz_kinds draws."""
+    found = {("kind", p.kind), ("reader", p.reader), ("spelling", p.spelling),
+             ("second", p.second), ("index", p.index_mode, p.index_target)}
+    if p.reader == "custom_op":
+        found.add(("custom_view", p.custom_view))
+    elif p.reader != "none":
+        found.add(("use", p.reader_use))
+    return found
+
+
+def _cover(base: int, pool: int = 400) -> list[int]:
+    """A greedy set of seeds covering every feature the pool has (aligned heads only, so that
+    the pass runs; the 64 head is covered by the kinds' own draws)."""
+    programs = {s: fl.draw_program(s) for s in range(base, base + pool)}
+    candidates = {s: _features(p) for s, p in programs.items() if p.head_size == 128}
+    want = set().union(*candidates.values())
+    seeds: list[int] = []
+    while want:
+        best = max(candidates, key=lambda s: (len(candidates[s] & want), -s))
+        seeds.append(best)
+        want -= candidates[best]
+    return sorted(seeds)
 
 
 def _first_seed_per_kind(base: int) -> list[int]:
@@ -48,7 +77,7 @@ def _first_seed_per_kind(base: int) -> list[int]:
 def _cpu_seeds() -> list[int]:
     if PROFILE == "long":
         return list(range(CI_BASE_SEED, CI_BASE_SEED + LONG_PROGRAMS))
-    return _first_seed_per_kind(CI_BASE_SEED)
+    return _cover(CI_BASE_SEED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,12 +107,29 @@ def test_generator_covers_every_layout_kind():
     assert {p.head_size for p in programs} == {64, 128}
     assert {p.out_mode for p in programs} == set(fl.OUT_MODES)
     assert {p.form for p in programs} == {"sglang", "hf"}
+    # fuzz_kinds: readers (each view reader with each use), spellings, indices, second RoPE
+    assert {p.reader for p in programs} == set(fk.READERS)
+    assert {p.reader_use for p in programs if p.reader in fk.VIEW_READERS} == set(
+        fk.READER_USES)
+    assert {p.custom_view for p in programs if p.reader == "custom_op"} == set(
+        fk.CUSTOM_OP_VIEWS)
+    assert {p.reader_on for p in programs if p.reader != "none"} == {"q", "k"}
+    assert {p.spelling for p in programs} == set(fk.ROPE_SPELLINGS)
+    assert {(p.index_mode, p.gather) for p in programs if p.form == "sglang"} == {
+        (m, g) for m in fk.INDEX_MODES for g in fk.GATHERS}
+    assert {p.index_mode for p in programs if p.form == "hf"} == set(fk.INDEX_MODES)
+    assert {p.eager_raises for p in programs} == {True, False}
+    assert {p.second for p in programs} == {True, False}
+    assert {p.kind for p in map(fl.draw_program, range(1000)) if p.second} == set(
+        fl.KINDS) - set(fl.SINGLE_RUN_KINDS)
     sglang = [p for p in programs if p.form == "sglang"]
     assert {p.is_neox for p in sglang} == {True, False}
     assert any(p.rotary_dim < p.head_size for p in programs)
     assert {p.expected_rewrites for p in programs} == {0, 1, 2}
     # Every kind the oracle may rewrite is drawn with a rewrite expected at least once, and
     # every never-rewritten kind with an aligned head (so that 0 is the layout's doing).
+    programs = [p for p in programs if not p.second
+                and p.spelling not in fk.CHANGES_THE_MATH]  # (their own rules: test_oracle_*)
     for kind in fl.KINDS:
         expected = {p.expected_rewrites for p in programs if p.kind == kind
                     and p.head_size == 128}
@@ -101,11 +147,9 @@ def test_generator_covers_every_layout_kind():
 
 
 def test_oracle_rules():
-    base = fl.draw_program(0)
+    base = fk.without_kinds(fl.draw_program(0))
 
     def expected(**changes):
-        from dataclasses import replace
-
         return replace(base, **changes).expected_rewrites
 
     assert expected(kind="qkv_split", head_size=128) == 1
@@ -134,12 +178,56 @@ def test_oracle_rules():
         assert expected(kind=kind, head_size=128) == 0, kind
 
 
+def test_oracle_rules_of_the_kinds():
+    """fuzz_kinds: alpha != 1 in the RoPE's arithmetic -> 0; default-valued spellings as plain;
+    a second RoPE pair adds its own count; readers and index modes change nothing."""
+    base = fk.without_kinds(fl.draw_program(0))
+
+    def expected(**changes):
+        return replace(base, **changes).expected_rewrites
+
+    plain = {"kind": "qkv_split", "head_size": 128}
+    assert expected(**plain) == 1
+    for spelling in fk.ROPE_SPELLINGS:
+        want = 0 if spelling in fk.CHANGES_THE_MATH else 1
+        assert expected(**plain, spelling=spelling) == want, spelling
+        assert expected(**plain, spelling=spelling, second=True) == 2 * want, spelling
+    for reader in fk.READERS:
+        assert expected(**plain, reader=reader) == 1, reader
+    for mode in fk.INDEX_MODES:
+        for gather in fk.GATHERS:
+            assert expected(**plain, index_mode=mode, gather=gather) == 1
+    # the second pair: fresh dense sglang tensors (rewritten where the first is not);
+    # HF keeps q's layout
+    assert expected(kind="transposed_input", head_size=128, second=True) == 1
+    assert expected(kind="expand_k", head_size=128, second=True) == 1
+    assert expected(kind="qkv_split", head_size=64, second=True) == 0
+    assert expected(kind="hf_projection", head_size=128, second=True, batch=2,
+                    num_tokens=3) == 2
+    assert expected(kind="hf_transposed", head_size=128, second=True) == 0
+    hf_expand = {"kind": "hf_expand_k", "head_size": 128, "second": True}
+    assert expected(**hf_expand, batch=2, num_tokens=3) == 0
+    assert expected(**hf_expand, batch=1, num_tokens=3) == 1
+    hf = {"kind": "hf_inputs", "head_size": 128, "second": True, "num_q_heads": 2}
+    assert expected(**hf, batch=2, num_tokens=3) == 0
+    assert expected(**hf, batch=1, num_tokens=3) == 2
+    # where eager raises: sglang's gathers of negative (index_select, embedding) or out of
+    # range positions; never HF (positions are angles) or with int_positions' modulo
+    sglang = replace(base, kind="qkv_split", index_mode="negative", odd_ops=())
+    assert {g: replace(sglang, gather=g).eager_raises for g in fk.GATHERS} == {
+        "index_select": True, "embedding": True, "getitem": False}
+    assert replace(sglang, index_mode="out_of_range", gather="getitem").eager_raises
+    assert not replace(sglang, index_mode="out_of_range", gather="getitem",
+                       odd_ops=("int_positions",)).eager_raises
+    assert not replace(sglang, kind="hf_inputs", index_mode="out_of_range").eager_raises
+
+
 @pytest.mark.parametrize("seed", _first_seed_per_kind(0),
                          ids=lambda s: fl.draw_program(s).kind)
 def test_programs_run_eagerly(seed):
     """Each kind builds, runs, and agrees with its float64 twin (eager rounding only); the
     layout the kind claims is really the one q/k get."""
-    p = fl.draw_program(seed)
+    p = fk.without_kinds(fl.draw_program(seed))
     fn, args = fl.build_program(p)
     eager = fn(*args)
     ref64 = fn(*fl._to64(args))
@@ -151,8 +239,40 @@ def test_programs_run_eagerly(seed):
             torch.testing.assert_close(e.double(), r, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("seed", _cover(CI_BASE_SEED))
+def test_kinds_run_eagerly(seed):
+    """Every reader, spelling and index mode of the CI cover builds and runs: eager raises
+    exactly where the oracle says, and agrees with its float64 twin elsewhere."""
+    p = fl.draw_program(seed)
+    fn, args = fl.build_program(p)
+    eager, failures = fl.run_eagerly(fn, [a.clone() for a in args], p.eager_raises)
+    assert not failures, (p.describe(), failures)
+    if eager is not None:
+        assert not fl._value_and_layout_failures(eager, eager, fn(*fl._to64(args)))
+
+
 # --------------------------------------------------------------------------------------------
 # the checker catches what it claims to catch
+
+
+def test_checker_reports_raises():
+    """Eager raised: the compiled program must raise when run, not return, and not fail to
+    compile; eager returned: a compiled raise is a failure. Plain Inductor's same behaviour
+    makes it Inductor's own."""
+    assert fl.run_failures(True, None, "RuntimeError: index out of bounds") == []
+    assert [f.split(":")[0] for f in fl.run_failures(True, (torch.zeros(1),), None)] == [
+        "raises"]
+    assert [f.split(":")[0] for f in fl.run_failures(
+        True, None, "BackendCompilerFailed: backend='rope_compile' raised")] == ["compile"]
+    returned = fl.run_failures(False, None, "IndexError: positions must lie in [0, 64)")
+    assert [f.split(":")[0] for f in returned] == ["raises"]
+    assert fl.same_failures(returned, fl.run_failures(False, None, "RuntimeError: other"))
+    assert not fl.same_failures(returned, [])
+    raising = replace(fk.without_kinds(fl.draw_program(0)), kind="qkv_split", odd_ops=(),
+                      index_mode="out_of_range")
+    fn, args = fl.build_program(raising)
+    assert fl.run_eagerly(fn, args, True)[1] == []
+    assert fl.run_eagerly(fn, args, False)[1][0].startswith("harness: eager raised")
 
 
 def test_checker_reports_values_and_strides():
@@ -179,11 +299,9 @@ def test_checker_reports_values_and_strides():
 def test_checker_reports_a_wrong_rewrite_count():
     """A real aligned pair with a deliberately wrong oracle (0 instead of 1) must fail, and the
     same program with the true oracle must pass."""
-    from dataclasses import replace
-
-    p = replace(fl.draw_program(0), kind="qkv_split", variant="input", head_size=128,
-                rotary_dim=128, dtype=torch.float32, num_tokens=3, num_q_heads=2,
-                num_kv_heads=1, odd_ops=(), out_mode="consumed")
+    p = replace(fk.without_kinds(fl.draw_program(0)), kind="qkv_split", variant="input",
+                head_size=128, rotary_dim=128, dtype=torch.float32, num_tokens=3,
+                num_q_heads=2, num_kv_heads=1, odd_ops=(), out_mode="consumed")
     good = fl.check_program(p)
     assert good.rewritten == 1 and not good.failures, good.failures
     bad = fl.check_program(replace(p, expected_override=0), control=False)
@@ -191,16 +309,12 @@ def test_checker_reports_a_wrong_rewrite_count():
 
 
 def _reshaped_output_program(out_mode: str = "reshaped") -> fl.LayoutProgram:
-    from dataclasses import replace
-
-    return replace(fl.draw_program(0), kind="qkv_split", variant="input", is_neox=True,
-                   head_size=128, rotary_dim=128, dtype=torch.float32, num_tokens=3,
-                   num_q_heads=2, num_kv_heads=2, odd_ops=(), out_mode=out_mode)
+    return replace(fk.without_kinds(fl.draw_program(0)), kind="qkv_split", variant="input",
+                   is_neox=True, head_size=128, rotary_dim=128, dtype=torch.float32,
+                   num_tokens=3, num_q_heads=2, num_kv_heads=2, odd_ops=(), out_mode=out_mode)
 
 
 def _tail_overlap_program() -> fl.LayoutProgram:
-    from dataclasses import replace
-
     return replace(_reshaped_output_program("outputs"), kind="as_strided_input",
                    variant="overlap", rotary_dim=32, num_tokens=2, num_q_heads=2,
                    num_kv_heads=1)
@@ -246,7 +360,7 @@ def test_cuda_layouts():
         pytest.skip("needs CUDA")
     stats = fl.run("cuda", GPU_PROGRAMS, 50_000, log=print)
     print(fl.summary(stats))
-    assert stats["programs"] == GPU_PROGRAMS
+    assert stats["programs"] + stats["skipped_programs"] == GPU_PROGRAMS
     failed = [f for f in stats["failures"] if f["failed"] and not f["known_bug"]]
     assert not failed, "\n".join(f"seed {f['seed']} {f['program']}: {f['failures']}"
                                  for f in failed)

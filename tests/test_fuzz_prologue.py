@@ -2,13 +2,15 @@
 oracle and checker in ``fuzz_prologue.py``).
 
 * ``test_generator_*``: the seeded generator is deterministic and covers every form, source,
-  norm, store (near-misses included), dtype and oracle outcome within the first seeds.
-* ``test_oracle_rules``: the oracle's counters for hand-picked programs.
+  norm, store (near-misses included), dtype and oracle outcome within the first seeds, and
+  every reader, spelling (RoPE, norm, store), index mode on loc and positions, and the second
+  RoPE after a norm and after a store (``fuzz_kinds.py``).
+* ``test_oracle_rules*``: the oracle's counters for hand-picked programs.
 * ``test_checker_*``: the checker really reports a wrong counter and wrong cache rows.
 * ``test_cpu_prologue``: programs compiled with ``backend="rope_compile"`` (CPU, strict) and
   checked. ``ROPE_FUZZ_PROFILE=ci`` (default): a greedy cover of every form / source / norm /
-  store / dtype / head size / cache-dtype change / scale; ``long``: ``ROPE_FUZZ_PROLOGUE_PROGRAMS``
-  (default 300) consecutive seeds.
+  store / dtype / head size / cache-dtype change / scale, spelling, reader class, index mode
+  and second RoPE; ``long``: ``ROPE_FUZZ_PROLOGUE_PROGRAMS`` (default 300) consecutive seeds.
 * ``test_cuda_prologue`` (``gpu``): the same with default options on CUDA,
   ``ROPE_FUZZ_GPU_PROGRAMS`` programs (default 40).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+import fuzz_kinds as fk
 import fuzz_prologue as fp
 import pytest
 import torch
@@ -43,7 +46,28 @@ def _features(p: fp.PrologueProgram) -> set:
         found.add(("gemma", p.gemma))
     if p.norm == "whole":  # OLMo2's rounding: the Qwen3 form in float32, round_once else
         found.add(("olmo2", p.olmo2, p.dtype == torch.float32))
+    # fuzz_kinds: readers (by class: every view and use is in test_fuzz_layouts' cover),
+    # spellings, indices (loc or positions, raising or not); the second pair after a norm,
+    # after a store
+    found |= {("reader", READER_CLASS.get(p.reader, p.reader), p.store != "none"),
+              ("spelling", p.spelling),
+              ("index", p.index_mode, p.index_on, p.eager_raises)}
+    if p.second:
+        found |= {("second", p.form), ("second_after_norm", p.norm in ("qwen3", "gemma",
+                                                                       "whole")),
+                  ("second_after_store", p.store == "write")}
     return found
+
+
+# The readers by how the passes must treat them (passes/readers.py): views they replay, views
+# and as_strided that read a copy in the old layout, an in-place custom op.
+READER_CLASS = {
+    **dict.fromkeys(("view", "reshape", "permute", "transpose", "slice", "select", "unsqueeze",
+                     "squeeze", "expand", "split", "unbind", "narrow", "movedim", "unflatten",
+                     "t"), "layout_free_view"),
+    **dict.fromkeys(("diagonal", "unfold", "view_dtype"), "unknown_view"),
+    **dict.fromkeys(("as_strided", "as_strided_overlap"), "as_strided"),
+}
 
 
 def _cover(base: int, pool: int = 300) -> list[int]:
@@ -110,9 +134,36 @@ def test_generator_covers_every_kind():
     assert len(outcomes) > 10
 
 
+def test_generator_covers_every_new_kind():
+    programs = [fp.draw_program(seed) for seed in range(COVERAGE_SEEDS)]
+    assert {p.reader for p in programs} == set(fk.READERS)
+    assert {(p.reader, p.store != "none") for p in programs if p.reader == "custom_op"} == {
+        ("custom_op", True), ("custom_op", False)}
+    assert {p.custom_view for p in programs if p.reader == "custom_op"} == set(
+        fk.CUSTOM_OP_VIEWS)
+    assert {p.reader_use for p in programs if p.reader in fk.VIEW_READERS} == set(
+        fk.READER_USES)
+    assert {p.spelling for p in programs} == {"plain", *fk.ROPE_SPELLINGS,
+                                              *fk.NORM_SPELLINGS}
+    assert {p.spelling for p in programs if p.norm == "none"} == set(fk.ROPE_SPELLINGS)
+    assert {p.gemma for p in programs if p.spelling == "gemma_alpha"} == {True}
+    assert {(p.form, p.index_mode, p.index_target) for p in programs} >= {
+        (form, mode, target) for mode in fk.INDEX_MODES
+        for form, target in (("sglang", "loc(setitem)"), ("sglang", "loc(index_put_)"),
+                             ("hf", "loc(index_copy_)"), ("hf", "loc(setitem)"),
+                             ("hf", "positions(angles)"))}
+    assert {(p.index_mode, p.index_target) for p in programs if p.form == "sglang"} >= {
+        (mode, f"positions({g})") for mode in fk.INDEX_MODES for g in fk.GATHERS}
+    assert {p.eager_raises for p in programs} == {True, False}
+    second = [p for p in programs if p.second]
+    assert {p.form for p in second} == set(fp.FORMS)
+    assert {(p.norm in ("qwen3", "gemma", "whole"), p.store == "write") for p in second} == {
+        (True, True), (True, False), (False, True), (False, False)}
+
+
 def test_oracle_rules():
-    base = replace(fp.draw_program(0), form="sglang", source="qkv_input", head_size=128,
-                   rotary_dim=128, norm="none", store="none", num_tokens=3)
+    base = replace(fk.without_kinds(fp.draw_program(0)), form="sglang", source="qkv_input",
+                   head_size=128, rotary_dim=128, norm="none", store="none", num_tokens=3)
     want = {"rewritten": 1, "qk_norm rewritten": 0, "kv_store rewritten": 0}
     assert base.expected() == want
     assert replace(base, head_size=64, norm="qwen3", store="write").expected() == {
@@ -151,14 +202,55 @@ def test_oracle_rules():
                                     batch=1))
 
 
-@pytest.mark.parametrize("seed", range(0, 400, 37))
+def test_oracle_rules_of_the_kinds():
+    """fuzz_kinds: alpha != 1 in the RoPE -> nothing rewritten; in the norm's eps or Gemma's
+    factor -> no QK-norm, its reason counted; other spellings as plain; a second pair (after
+    the norm, after the store) -> 2 RoPE rewrites; readers and index modes change nothing."""
+    base = fk.without_kinds(replace(fp.draw_program(0), **_PLAIN))
+    fused = {"rewritten": 1, "qk_norm rewritten": 1, "kv_store rewritten": 1}
+    assert base.expected() == fused
+    for spelling in ("keywords", "alpha_one", "methods", "out", *fk.NORM_SPELLINGS):
+        if spelling not in fk.CHANGES_THE_MATH:
+            assert replace(base, spelling=spelling).expected() == fused, spelling
+    for spelling in fp.ROPE_ALPHAS:
+        assert replace(base, spelling=spelling).expected() == dict.fromkeys(fused, 0)
+    for spelling, reason in fp.NORM_ALPHAS.items():
+        assert replace(base, spelling=spelling, norm="gemma", gemma=True).expected() == {
+            **fused, "qk_norm rewritten": 0, f"qk_norm skipped: {reason}": 1}
+    assert replace(base, second=True).expected() == {**fused, "rewritten": 2}
+    assert replace(base, second=True, head_size=64).expected()["rewritten"] == 0
+    for reader in fk.READERS:
+        assert replace(base, reader=reader).expected() == fused
+    raises = {}
+    for form, how in (("sglang", "setitem"), ("sglang", "index_put_"), ("hf", "index_copy_"),
+                      ("hf", "setitem")):
+        for mode in fk.INDEX_MODES:
+            p = replace(base, form=form, store_how=how, index_mode=mode, index_on="loc")
+            assert p.expected() == fused
+            raises[form, how, mode] = p.eager_raises
+    assert raises == {key: key[2] == "out_of_range" or (key[2] == "negative"
+                                                        and key[1] == "index_copy_")
+                      for key in raises}
+    # HF positions are angles: never raise; sglang's by the gather
+    assert not replace(base, form="hf", index_on="positions",
+                       index_mode="out_of_range").eager_raises
+    assert replace(base, index_on="positions", index_mode="negative",
+                   gather="embedding").eager_raises
+    assert not replace(base, index_on="positions", index_mode="negative",
+                       gather="getitem").eager_raises
+
+
+@pytest.mark.parametrize("seed", [*range(0, 400, 37), *_cover(CI_BASE_SEED)])
 def test_programs_run_eagerly(seed):
-    """Each program builds, runs, and agrees with its float64 twin within its tolerance."""
+    """Each program builds, runs (raising exactly where the oracle says), and agrees with its
+    float64 twin within its tolerance."""
     p = fp.draw_program(seed)
     fn, args = fp.build_program(p)
-    eager = fn(*[a.clone() for a in args])
-    ref64 = fn(*fp._to64(tuple(a.clone() for a in args)))
-    assert not fp._output_failures(p, eager, eager, ref64)
+    eager, failures = fp.run_eagerly(fn, [a.clone() for a in args], p.eager_raises)
+    assert not failures, (p.describe(), failures)
+    if eager is not None:
+        ref64 = fn(*fp._to64(tuple(a.clone() for a in args)))
+        assert not fp._output_failures(p, eager, eager, ref64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +264,7 @@ _PLAIN = {"form": "sglang", "source": "qkv_input", "is_neox": True, "head_size":
 
 
 def test_checker_reports_a_wrong_counter():
-    p = replace(fp.draw_program(0), **_PLAIN)
+    p = fk.without_kinds(replace(fp.draw_program(0), **_PLAIN))
     good = fp.check_program(p, control=False)
     assert not good.failures, good.failures
     assert {k: good.counters.get(k) for k in fp.COUNTERS} == dict.fromkeys(fp.COUNTERS, 1)
@@ -184,7 +276,7 @@ def test_checker_reports_a_wrong_counter():
 
 @pytest.mark.parametrize("norm", ["qwen3", "other_reader"])
 def test_checker_reports_cache_rows(norm):
-    p = replace(fp.draw_program(0), **{**_PLAIN, "norm": norm})
+    p = fk.without_kinds(replace(fp.draw_program(0), **{**_PLAIN, "norm": norm}))
     fn, args = fp.build_program(p)
     env = dict(zip(fn.arg_names, args, strict=True))
     after = {k: v.clone() for k, v in env.items()}
@@ -223,7 +315,7 @@ def test_cuda_prologue():
         pytest.skip("needs CUDA")
     stats = fp.run("cuda", GPU_PROGRAMS, 60_000, log=print)
     print(fp.summary(stats))
-    assert stats["programs"] == GPU_PROGRAMS
+    assert stats["programs"] + stats["skipped_programs"] == GPU_PROGRAMS
     failed = [f for f in stats["failures"] if f["failed"]]
     assert not failed, "\n".join(f"seed {f['seed']} {f['program']}: {f['failures']}"
                                  for f in failed)
@@ -238,9 +330,9 @@ def test_gemma_norm_half_precision_store_cast_to_float32_is_refused():
     Inductor's pointless_convert removed eager's bf16 roundings of k, so k's norm and RoPE are
     one float32 computation in the graph; the pair is refused (q and k have different dtypes,
     counted), values right. Once a fuzzer-found 'bug', now the oracle's rule."""
-    p = replace(fp.draw_program(0), **{**_PLAIN, "dtype": torch.bfloat16, "gemma": True,
-                                       "norm": "gemma", "cache_dtype": torch.bfloat16,
-                                       "scale": 0.37, "num_q_heads": 1, "num_kv_heads": 1})
+    p = replace(fk.without_kinds(fp.draw_program(0)), **{
+        **_PLAIN, "dtype": torch.bfloat16, "gemma": True, "norm": "gemma",
+        "cache_dtype": torch.bfloat16, "scale": 0.37, "num_q_heads": 1, "num_kv_heads": 1})
     assert fp.half_norm_cast_to_float32(p)
     r = fp.check_program(p, control=False)
     assert not r.failures, r.failures
@@ -255,7 +347,7 @@ def test_fuzzer_found_partial_rotary_norm(seed):
     ``[T, H, rot]`` views of the norm output, which the QK-norm pass refused ("normalises
     [.., 128], not each head of 32"; per head and whole projection alike). Fixed: the view is
     proven to be the first rot columns of each head."""
-    r = fp.check_program(fp.draw_program(seed), control=False)
+    r = fp.check_program(fk.without_kinds(fp.draw_program(seed)), control=False)
     assert not r.failed, r.failures
     assert r.counters.get("qk_norm rewritten") == 1, r.counters
 
@@ -265,7 +357,7 @@ def test_fuzzer_found_hf_setitem_cast_batch_one(seed):
     """Found by the CUDA run: HF ``cache[:, :, cp] = k`` at batch 1 into a cache of another
     dtype (setitem casts, then strips the leading size-1 dim: a view over the cast) was not
     recognised as the k write. Fixed; the programs must pass."""
-    r = fp.check_program(fp.draw_program(seed), control=False)
+    r = fp.check_program(fk.without_kinds(fp.draw_program(seed)), control=False)
     assert not r.failed, r.failures  # a size-1-dim stride note is not a failure (as in the CLI)
     assert r.counters.get("rewritten") == 1, r.counters
 
@@ -275,7 +367,7 @@ def test_fuzzer_found_scaled_setitem_one_token():
     strips the leading size-1 dims of the division: a view over it) at another loc than v's
     was not recognised as the k write, so the refusal had no counted reason. Fixed: the skip
     is counted, values right."""
-    p = fp.draw_program(326)
+    p = fk.without_kinds(fp.draw_program(326))
     assert (p.num_tokens, p.num_kv_heads, p.scale, p.store) == (1, 1, 0.5, "other_loc")
     r = fp.check_program(p, control=False)
     assert not r.failed, r.failures
