@@ -187,11 +187,18 @@ def device_launch_options(device_type: str, tile_elems: int, elem_bytes: int,
     tile (1: the rotation alone; 2: kernels that also reduce over the tile, the QK-norm, where
     fewer warps with more work each measured faster: an H200 sweep of
     ``benchmarks/sweep_prologue_kernel.py``), 4 to 8 warps.
-    Intel GPUs (``xpu``) map a Triton warp to a sub-group; the same count is a sound default
-    there, and large-GRF or sub-group-size options for XPU would be added here.
+    Intel GPUs (``xpu``) map a Triton warp to a sub-group: sub-groups of 16 lanes, one vector
+    per lane (``vectors_per_lane`` is CUDA's measurement), 4 to 8 of them. At 32 lanes ocloc
+    reports register spills on PVC for the QK-norm kernels (122 bytes for the Qwen3 form in
+    bf16, 4 warps); the XPU lane (``tools/xpu_lane``) fails on any PVC spill at these options.
     """
+    lanes = 16 if device_type == "xpu" else 32
+    if device_type == "xpu":
+        vectors_per_lane = 1
     vec = max(1, 16 // elem_bytes) * max(1, vectors_per_lane)
-    warps = max(4, min(8, triton.next_power_of_2(max(1, tile_elems // (32 * vec)))))
+    warps = max(4, min(8, triton.next_power_of_2(max(1, tile_elems // (lanes * vec)))))
+    if device_type == "xpu":
+        return {"num_warps": warps, "threads_per_warp": lanes}
     return {"num_warps": warps}
 
 

@@ -16,7 +16,6 @@ Runs under the project's Python (torch, rope_compile); the lane's worker never i
 from __future__ import annotations
 
 import inspect
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -203,28 +202,44 @@ def _bytes(t: torch.Tensor) -> bytes:
     return _storage_bytes(t.untyped_storage())
 
 
+# Many tokens (the planners' other tile size, and so other warps), in both styles.
+LARGE = ({"tokens": LARGE_TOKENS, "hq": 32, "neox": True},
+         {"tokens": LARGE_TOKENS, "hq": 32, "neox": False})
+
+
+def _styled(changes):
+    """(dtype, is_neox, change) for every dtype and change: the style a change names, else
+    neox and GPT-J in turn (the style is a switch of its own: each other switch value need not
+    meet both)."""
+    for dtype in DTYPES:
+        for i, change in enumerate(changes):
+            change = dict(change)
+            yield dtype, change.pop("neox", i % 2 == 0), change
+
+
 # The first kernel: sglang's cos_sin_cache. Each change of the base (few tokens, full
 # rotary), in every dtype and style.
 def _rope_configs(gen):
-    changes = [{}, {"tokens": LARGE_TOKENS}, {"rot": D // 2}]
+    changes = [{}, {"neox": False}, *LARGE, {"rot": D // 2}]
     if _accepts(triton_kernel.launch_shape, "wrap_positions"):
         changes.append({"wrap": True})
-    for dtype, neox, change in itertools.product(DTYPES, (True, False), changes):
-        v = {"tokens": SMALL_TOKENS, "rot": D, "wrap": False, **change}
+    for dtype, neox, change in _styled(changes):
+        v = {"tokens": SMALL_TOKENS, "rot": D, "wrap": False, "hq": HQ, **change}
+        hq = v["hq"]
         tokens, rot = v["tokens"], v["rot"]
-        qkv, q, k, _ = _qkv(tokens, HQ, HK, D, dtype, gen)
+        qkv, q, k, _ = _qkv(tokens, hq, HK, D, dtype, gen)
         cache = torch.randn(64, rot, generator=gen).to(dtype)
         pos = torch.randint(0, 64, (tokens,), generator=gen)
         qr, kr = q[..., :rot], k[..., :rot]
         shape = triton_kernel.launch_shape(
-            tokens, HQ, HK, rot, neox, DEVICE_TYPE, q.element_size(),
+            tokens, hq, HK, rot, neox, DEVICE_TYPE, q.element_size(),
             **_maybe(triton_kernel.launch_shape, wrap_positions=v["wrap"]))
         args = triton_kernel.runtime_args(
             qr, kr, cache, pos, q_stride=qr.stride(), k_stride=kr.stride(),
-            cache_stride=cache.stride(), positions_stride=pos.stride(), num_q_heads=HQ,
+            cache_stride=cache.stride(), positions_stride=pos.stride(), num_q_heads=hq,
             num_k_heads=HK, **_maybe(triton_kernel.runtime_args, num_positions=64))
         ref = qkv.clone()
-        rq, rk = ref[:, :HQ * D].view(tokens, HQ, D), ref[:, HQ * D:(HQ + HK) * D].view(
+        rq, rk = ref[:, :hq * D].view(tokens, hq, D), ref[:, hq * D:(hq + HK) * D].view(
             tokens, HK, D)
         rope_compile.fused_qk_rope_with_cos_sin_cache_inplace(
             rq[..., :rot], rk[..., :rot], cache, pos, rot, neox)
@@ -235,25 +250,26 @@ def _rope_configs(gen):
 
 # The tables kernel: pair/full tables, angles (per table dtype), mRoPE cache.
 def _tables_configs(gen):
-    changes = [{}, {"tokens": LARGE_TOKENS}, {"source": "full"}, {"mrope": True},
+    changes = [{}, {"neox": False}, *LARGE, {"source": "full"}, {"mrope": True},
                {"source": "cache", "mrope": True},  # the mRoPE cache op always has sections
                *({"source": "angles", "table_dtype": td} for td in DTYPES),
                {"source": "angles", "table_dtype": torch.bfloat16, "mrope": True}]
     if _accepts(rope_tables.launch_shape, "wrap_positions"):
         changes.append({"source": "cache", "mrope": True, "wrap": True})
-    for dtype, neox, change in itertools.product(DTYPES, (True, False), changes):
+    for dtype, neox, change in _styled(changes):
         v = {"tokens": SMALL_TOKENS, "source": "pair", "table_dtype": None, "mrope": False,
-             "wrap": False, **change}
+             "wrap": False, "hq": HQ, **change}
+        hq = v["hq"]
         tokens, source, table_dtype, mrope = v["tokens"], v["source"], v["table_dtype"], v["mrope"]
         rot = D
         half = rot // 2
         section = (half // 2, half // 4, half - half // 2 - half // 4) if mrope else None
         streams = (3,) if mrope else ()
-        qkv, q, k, _ = _qkv(tokens, HQ, HK, D, dtype, gen)
+        qkv, q, k, _ = _qkv(tokens, hq, HK, D, dtype, gen)
         ref = qkv.clone()
-        rq, rk = ref[:, :HQ * D].view(tokens, HQ, D), ref[:, HQ * D:(HQ + HK) * D].view(
+        rq, rk = ref[:, :hq * D].view(tokens, hq, D), ref[:, hq * D:(hq + HK) * D].view(
             tokens, HK, D)
-        common = {"q_stride": q.stride(), "k_stride": k.stride(), "num_q_heads": HQ,
+        common = {"q_stride": q.stride(), "k_stride": k.stride(), "num_q_heads": hq,
                   "num_k_heads": HK}
         if source in ("pair", "full"):
             width = half if source == "pair" else rot
@@ -262,7 +278,7 @@ def _tables_configs(gen):
             args = rope_tables.tables_runtime_args(q, k, cos, sin, cos_size=cos.shape,
                                                    cos_stride=cos.stride(),
                                                    sin_stride=sin.stride(), **common)
-            shape = rope_tables.launch_shape(tokens, HQ, HK, rot, neox, DEVICE_TYPE,
+            shape = rope_tables.launch_shape(tokens, hq, HK, rot, neox, DEVICE_TYPE,
                                              q.element_size(), from_cache=False,
                                              mrope_section=section,
                                              full_tables=source == "full")
@@ -273,7 +289,7 @@ def _tables_configs(gen):
             args = rope_tables.angles_runtime_args(q, k, angles, angles_size=angles.shape,
                                                    angles_stride=angles.stride(),
                                                    cos_scale=0.75, sin_scale=1.25, **common)
-            shape = rope_tables.launch_shape(tokens, HQ, HK, rot, neox, DEVICE_TYPE,
+            shape = rope_tables.launch_shape(tokens, hq, HK, rot, neox, DEVICE_TYPE,
                                              q.element_size(), from_cache=False,
                                              mrope_section=section,
                                              angles_table_dtype=table_dtype)
@@ -288,7 +304,7 @@ def _tables_configs(gen):
                 positions_stride=pos.stride(), **common,
                 **_maybe(rope_tables.cache_runtime_args, cache_size=cache.shape))
             shape = rope_tables.launch_shape(
-                tokens, HQ, HK, rot, neox, DEVICE_TYPE, q.element_size(), from_cache=True,
+                tokens, hq, HK, rot, neox, DEVICE_TYPE, q.element_size(), from_cache=True,
                 mrope_section=section,
                 **_maybe(rope_tables.launch_shape, wrap_positions=v["wrap"]))
             rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace(
@@ -315,16 +331,16 @@ def _kv_variants():
     """(dtype, neox, tokens, rot, source, norm, store): each switch varied over dtype x style
     around a base (cache source, Qwen3 norm, plain store, full rotary, few tokens)."""
     base = {"tokens": SMALL_TOKENS, "rot": D, "source": "cache", "norm": "qwen3",
-            "store": "same"}
-    changes = [{}, {"tokens": LARGE_TOKENS}, {"rot": D // 2}, {"source": "tables"},
+            "store": "same", "hq": HQ}
+    changes = [{}, {"neox": False}, *LARGE, {"rot": D // 2}, {"source": "tables"},
                *({"norm": n} for n in NORMS if n != "qwen3"),
                *({"store": s} for s in STORES if s != "same"),
-               {"norm": "none", "store": "fp8"}, {"norm": "whole", "tokens": LARGE_TOKENS},
+               {"norm": "none", "store": "fp8"}, *({"norm": "whole", **c} for c in LARGE),
                {"norm": "gemma", "rot": D // 2, "store": "fp8"}]
     for flag, default in (("wrap_positions", False), ("wrap_loc", True)):
         if _accepts(rope_kv_store.plan_launch, flag):
             changes.append({flag: not default})
-    for dtype, neox, change in itertools.product(DTYPES, (True, False), changes):
+    for dtype, neox, change in _styled(changes):
         yield dtype, neox, {**base, **change}
 
 
@@ -332,13 +348,14 @@ def _kv_configs(gen):
     fp8 = getattr(torch, "float8_e4m3fn", None)
     for dtype, neox, v in _kv_variants():
         tokens, rot, norm, store = v["tokens"], v["rot"], NORMS[v["norm"]], STORES[v["store"]]
+        hq = v["hq"]
         if norm is None and store is None:
             continue
-        qkv, q, k, vv = _qkv(tokens, HQ, HK, D, dtype, gen)
+        qkv, q, k, vv = _qkv(tokens, hq, HK, D, dtype, gen)
         ref = qkv.clone()
-        rq, rk = ref[:, :HQ * D].view(tokens, HQ, D), ref[:, HQ * D:(HQ + HK) * D].view(
+        rq, rk = ref[:, :hq * D].view(tokens, hq, D), ref[:, hq * D:(hq + HK) * D].view(
             tokens, HK, D)
-        rv = ref[:, (HQ + HK) * D:].view(tokens, HK, D)
+        rv = ref[:, (hq + HK) * D:].view(tokens, HK, D)
         outputs, expected = {"qkv": qkv}, {"qkv": ref}
         if v["source"] == "cache":
             cache = torch.randn(64, rot, generator=gen).to(dtype)
@@ -353,7 +370,7 @@ def _kv_configs(gen):
         norm_args = norm_op = None
         if norm is not None:
             offset, round_once, whole_q, whole_k = norm
-            qw = torch.randn(HQ * D if whole_q else D, generator=gen).to(dtype)
+            qw = torch.randn(hq * D if whole_q else D, generator=gen).to(dtype)
             kw = torch.randn(HK * D if whole_k else D, generator=gen).to(dtype)
             norm_op = (qw, kw, 1e-6, offset)
             norm_args = (rope_kv_store.tensor_operand(qw), rope_kv_store.tensor_operand(kw),

@@ -84,6 +84,32 @@ def _ulps(got: bytes, want: bytes, dtype: str) -> tuple[int, int]:
     return int(diff.sum()), int(np.abs(a - b)[diff].max())
 
 
+# The GPU suite's tolerance for normalised outputs (tests/test_rope_kv_ops.py): rtol twice the
+# dtype's, atol four times the dtype's rtol (2 * _NORM_RTOL below).
+_NORM_RTOL = {"fp32": 2e-5, "fp16": 2e-3, "bf16": 1.7e-2}
+
+
+def _close(got: bytes, want: bytes, dtype: str) -> bool:
+    """Within the suite's norm tolerance (fp8 bytes: one step, the same sign)."""
+    import numpy as np
+
+    if dtype == "u8":
+        a = np.frombuffer(got, dtype=np.uint8).astype(np.int16)
+        b = np.frombuffer(want, dtype=np.uint8).astype(np.int16)
+        return bool(((a >> 7) == (b >> 7)).all() and (np.abs(a - b) <= 1).all())
+    if dtype == "bf16":
+        a = (np.frombuffer(got, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        b = (np.frombuffer(want, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        width = {"fp32": np.float32, "fp16": np.float16}[dtype]
+        a = np.frombuffer(got, dtype=width).astype(np.float64)
+        b = np.frombuffer(want, dtype=width).astype(np.float64)
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    rtol = _NORM_RTOL[dtype]
+    nan = np.isnan(a) & np.isnan(b)
+    return bool((nan | (np.abs(a - b) <= 2 * rtol + rtol * np.abs(b))).all())
+
+
 def check(configs, results) -> list[dict]:
     rows = []
     for config, result in zip(configs, results, strict=True):
@@ -109,11 +135,15 @@ def check(configs, results) -> list[dict]:
             fail.append("run: " + result["run_error"])
         elif "outputs" in result:
             row["outputs"] = {}
+            # The QK-norm sums squares in another order than torch (on CUDA too): within the
+            # GPU suite's tolerance there, bit-exact everywhere else.
+            exact = not config.constexprs.get("NORM", False)
+            row["bit_exact_required"] = exact
             for name, out in config.run["outputs"].items():
                 got = result["outputs"][out["storage"]]
                 count, ulps = _ulps(got, out["expected"], out["dtype"])
                 row["outputs"][name] = {"differ": count, "max_ulp": ulps}
-                if count:
+                if count and (exact or not _close(got, out["expected"], out["dtype"])):
                     fail.append(f"run: {name}: {count} elements differ (max {ulps} ulp)")
             if "outputs_fp64" in result:
                 same = result["outputs_fp64"] == result["outputs"]
@@ -179,6 +209,8 @@ def main(argv=None) -> int:
         "ran_bit_exact": sum("outputs" in r and not any(
             o["differ"] for o in r["outputs"].values()) for r in rows),
         "ran": sum("outputs" in r for r in rows),
+        "ran_within_norm_tolerance": sum("outputs" in r and not r["failures"]
+                                         and not r["bit_exact_required"] for r in rows),
         "families": sorted({r["family"] for r in rows}),
         "rows": rows,
     }
@@ -190,7 +222,8 @@ def main(argv=None) -> int:
     _log(f"{summary['spirv']} SPIR-V ({summary['no_float64']} without Float64), "
          f"PVC {summary['pvc']} ({summary['pvc_no_spill']} without spills), "
          f"DG2 {summary['dg2']}, OpenCL CPU runs {summary['ran_bit_exact']}/{summary['ran']} "
-         f"bit-exact; {elapsed:.0f} s; summary {path.relative_to(ROOT)}")
+         f"bit-exact ({summary['ran_within_norm_tolerance']} QK-norm ones within tolerance); "
+         f"{elapsed:.0f} s; summary {path}")
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
