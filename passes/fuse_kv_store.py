@@ -57,8 +57,17 @@ What is proven before a rewrite (else no rewrite, the reason logged and counted 
 
 Duplicate ``loc`` values: eager ``index_put`` (accumulate=False) leaves one unspecified winner per
 row, and so does the kernel; for distinct ``loc`` (every deterministic case) they are equal.
-``loc`` outside ``[0, S)`` is the kernel's precondition, as ``positions`` is for the RoPE
-(eager wraps negative indices; the CPU op raises ``IndexError``).
+
+Negative ``loc`` keep eager's meaning (``docs/index_ranges.md``): ``index_put`` / setitem write a
+``loc`` in ``[-S, 0)`` to row ``S + loc``, which is the op's default
+(``wrap_negative_cache_loc=True``); ``index_copy_`` raises there (``index_copy_(): index -1 is
+out of bounds``), so its call gets ``wrap_negative_cache_loc=False`` and the op raises too (on
+GPUs with ``set_check_positions(True)``; without it that token's rows are not written).
+AOTAutograd has decomposed ``index_copy_`` into ``index_put`` by now (whose Inductor code
+wraps): the node's ``meta["original_aten"]`` says which it was
+(``rope_pattern.eager_wraps_negative``). k and v written by different rules are not fused. A
+``loc`` outside the range raises ``IndexError`` in eager and in the op alike (GPUs: the same
+rule).
 """
 
 from __future__ import annotations
@@ -90,6 +99,7 @@ from .fused_call import (
 )
 from .fx_surgery import GraphTransaction, fake_value, shares_storage, view_chain
 from .fx_surgery import statically_equal as _eq
+from .rope_pattern import eager_wraps_negative
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -113,6 +123,7 @@ class Write:
     loc: Node
     values: Node
     accumulate: bool
+    wrap_negative: bool  # a loc in [-S, 0) is row S + loc (index_put); index_copy raises
 
 
 def _as_write(node: Node) -> Write | None:
@@ -125,13 +136,14 @@ def _as_write(node: Node) -> Write | None:
         dim = present[0]
         if any(x is not None for x in indices[:dim]):
             return None
-        return Write(node, buf, dim, indices[dim], values, bool(accumulate))
+        return Write(node, buf, dim, indices[dim], values, bool(accumulate),
+                     eager_wraps_negative(node))  # False: an index_copy_, decomposed
     if op_of(node) is aten.index_copy.default:
         buf, dim, index, source = node.args[:4]
         val = fake_value(buf)
         if val is None or not isinstance(dim, int):
             return None
-        return Write(node, buf, dim % val.dim(), index, source, False)
+        return Write(node, buf, dim % val.dim(), index, source, False, False)
     return None
 
 
@@ -491,6 +503,9 @@ class FuseKVStorePass(ExtensionPass):
         if write.accumulate:
             raise PlanError("the v write accumulates (index_put accumulate=True), the op "
                             "overwrites")
+        if write.wrap_negative != kw.wrap_negative:
+            raise PlanError("k and v are written with different index rules (index_put and "
+                            "index_copy treat a negative cache_loc differently)")
         buf = fake_value(write.buffer)
         want = list(buf.shape)
         want[write.dim] = fake_value(write.loc).shape[0]
@@ -537,7 +552,8 @@ class FuseKVStorePass(ExtensionPass):
             with torch._guards.detect_fake_mode(fake_bases):
                 v_val = _as_tokens(v_val)
         args = {**call.fake_args(), "v": v_val, "cache_loc": plan.k_write.loc.meta["val"],
-                "k_scale": plan.k_scale, "v_scale": plan.v_scale}
+                "k_scale": plan.k_scale, "v_scale": plan.v_scale,
+                "wrap_negative_cache_loc": plan.k_write.wrap_negative}
         check_accepted(plan.op, views, args)
 
     # ---------------------------------------------------------------------------- rewriting
@@ -558,6 +574,8 @@ class FuseKVStorePass(ExtensionPass):
                             (v_node, [-1, *_as_graph_ints(val.shape[2:], plan.symbols)]))
         args = {**call.args, "v": v_node, "cache_loc": plan.k_write.loc,
                 "k_scale": plan.k_scale, "v_scale": plan.v_scale}
+        if not plan.k_write.wrap_negative:  # index_copy: a negative cache_loc is out of range
+            args["wrap_negative_cache_loc"] = False
         bases = [*call.bases, *plan.buffers]
         anchor = latest([*bases, v_node, plan.k_write.loc, *graph_nodes_in(call.args)], graph)
         new, outs = emit_call(tx, anchor, plan.op, args, plan.views, bases)

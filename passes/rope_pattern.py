@@ -41,6 +41,11 @@ _SUBS = (aten.sub.Tensor,)
 _ADDS = (aten.add.Tensor,)
 _MULS = (aten.mul.Tensor,)
 _VIEW_TARGETS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+# Eager's index ops that read a negative index from the end of the dim (Python's rule):
+# ``x[idx]``, ``x[idx] = v``, ``index_put_``. ``index_select``, ``embedding`` and ``index_copy_``
+# raise there instead. By name: a node's meta may hold another object for the same overload.
+_WRAPPING_EAGER_OPS = frozenset(str(op) for op in (aten.index.Tensor, aten.index_put.default,
+                                                   aten.index_put_.default))
 
 
 class NoMatch(Exception):
@@ -55,6 +60,14 @@ class NearMiss(NoMatch):
 def _val(node) -> torch.Tensor | None:
     val = node.meta.get("val") if isinstance(node, Node) else None
     return val if isinstance(val, torch.Tensor) else None
+
+
+def eager_wraps_negative(node: Node) -> bool:
+    """Whether the eager op ``node`` comes from reads a negative index from the end of its dim.
+    That op is ``meta["original_aten"]``: AOTAutograd decomposes ``index_select`` into ``index``
+    and ``index_copy_`` into ``index_put`` before the post-grad passes (Inductor's code for them
+    then wraps, where eager raises), so the target alone does not say it."""
+    return str(node.meta.get("original_aten", node.target)) in _WRAPPING_EAGER_OPS
 
 
 def _require(cond: bool, why: str) -> None:
@@ -190,12 +203,15 @@ def trace_features(node: Node) -> Operand:
 
 @dataclass(frozen=True)
 class TrigOperand:
-    """Columns ``[start, start + count)`` of ``cache[positions]``, broadcast over heads."""
+    """Columns ``[start, start + count)`` of ``cache[positions]``, broadcast over heads;
+    ``wrap_negative``: the gather reads a negative position from the cache's end (``index``,
+    eager ``cache[positions]``), not an error (``index_select``, ``embedding``)."""
 
     cache: Node
     positions: Node
     start: int
     count: int
+    wrap_negative: bool = False
 
 
 def trace_trig(node: Node, num_tokens) -> TrigOperand:
@@ -225,10 +241,13 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
         break
     _require(unsqueezed and step == 1, "cos/sin is not a contiguous column range broadcast "
                                        "over heads")
+    wrap_negative = False  # index_select, embedding: a negative position raises
     if op_of(node) is aten.index.Tensor:
         indices = node.args[1]
         _require(len(indices) == 1 and indices[0] is not None, "cache gathered on several dims")
         cache, positions = node.args[0], indices[0]
+        # cache[positions]: [-P, 0) are rows P + position; an index_select's index raises.
+        wrap_negative = eager_wraps_negative(node)
     elif op_of(node) is aten.index_select.default:
         _require(node.args[1] == 0, "cache gathered on a dim other than rows")
         cache, positions = node.args[0], node.args[2]
@@ -246,7 +265,7 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
     cache_val = _val(cache)
     _require(cache_val is not None and cache_val.dim() == 2 and cache_val.dtype.is_floating_point,
              "cos_sin_cache is not a 2-D float table")
-    return TrigOperand(cache, positions, start, count)
+    return TrigOperand(cache, positions, start, count, wrap_negative)
 
 
 @dataclass(frozen=True)
@@ -776,10 +795,12 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
         _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
         _require(cos.cache is sin.cache, "cos and sin come from different caches")
         _require(cos.positions is sin.positions, "cos and sin use different positions")
+        _require(cos.wrap_negative == sin.wrap_negative, "cos and sin gather rows with "
+                 "different index rules (index and index_select / embedding)")
         _require((cos.start, cos.count, sin.start, sin.count) == (0, half, half, half),
                  "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
         _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
-        return GatheredCache(cos.cache, cos.positions)
+        return GatheredCache(cos.cache, cos.positions, cos.wrap_negative)
     if isinstance(cos, ComplexTrig):
         source = ComplexTables(cos.factor, cos.factor, block.heads_dim)
     elif isinstance(cos, PairTrig):

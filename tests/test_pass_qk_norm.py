@@ -373,16 +373,17 @@ def test_hf_static_cache_decode(name):
                     reason="the table-form QK-norm + KV-store op is not registered")
 def test_hf_olmo2_bf16_decode():
     """HF OLMo2 in bf16: its own norm rounding (once, after the weight) is fused, each layer's
-    whole-projection q/k norm, RoPE and cache write in one call with round_once=True (its last
-    argument in the generated call); logits and caches as eager within bf16 rounding (the
-    fused RoPE rounds once, eager's several times)."""
+    whole-projection q/k norm, RoPE and cache write in one call with round_once=True (in the
+    generated call, before wrap_negative_cache_loc=False: HF's index_copy_ raises for a negative
+    cache_position); logits and caches as eager within bf16 rounding (the fused RoPE rounds
+    once, eager's several times)."""
     expected, got, eager_cache, cache, code, counts = hf_decode("olmo2", dtype=torch.bfloat16)
     assert counts == {"pairs_found": 2, "rewritten": 2, "qk_norm rewritten": 2,
                       "kv_store rewritten": 2}
     calls = [line for line in code.splitlines()
              if "fused_qk_norm_rope_kv_store_tables_inplace.default(" in line]
     assert len(calls) == 2
-    assert all(line.rstrip().endswith(", None, None, True)") for line in calls), calls
+    assert all(line.rstrip().endswith(", None, None, True, False)") for line in calls), calls
     assert "index_copy" not in code and "index_put" not in code
     assert "rsqrt" in code  # the layers' input / post-attention norms: Inductor's
     torch.testing.assert_close(got.float(), expected.float(), atol=5e-2, rtol=5e-2)
