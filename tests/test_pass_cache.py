@@ -104,7 +104,7 @@ def test_fx_graph_cache_across_processes(tmp_path):
 
 def test_demo_twice_prints_the_same_counts(tmp_path):
     """The demo run twice (the second served by the FX graph cache) reports the same pairs and
-    fused calls."""
+    fused calls; on the CPU it shows progress and says what its numbers mean."""
     env = dict(os.environ)
     for key in ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "TORCHINDUCTOR_FX_GRAPH_CACHE",
                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
@@ -116,6 +116,10 @@ def test_demo_twice_prints_the_same_counts(tmp_path):
                                "--layers", "2", "--tokens", "8", "--repeats", "1"], env=env,
                               capture_output=True, text=True, timeout=600, check=False)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        # Progress while compiling (stderr), and the CPU numbers explained in the table.
+        assert "compiling it with backend='rope_compile'" in proc.stderr, proc.stderr[-2000:]
+        assert "<- below 1 is expected on a CPU" in proc.stdout, proc.stdout
+        assert proc.stdout.rstrip().endswith("demo)."), proc.stdout
         fields = dict(line.split(None, 1) for line in proc.stdout.splitlines()
                       if line.split(None, 1)[:1] and line.split()[0] in (
                           "pairs_found", "pairs_rewritten", "fused_calls_in_code",
