@@ -13,8 +13,8 @@ min-max over interleaved rounds). Progress goes to stderr, the table to stdout.
 On a GPU the table is the result: fewer kernels per step, and the step time. On a CPU-only
 machine the rewrite is forced on (it is off for CPU graphs by default) and the table says what
 its numbers mean there: the fused ops run the float32 reference as eager PyTorch ops, beside
-the C++ kernel in which Inductor already computes the norm, the RoPE and the store, so a step
-has one more call and is slower; the CPU run shows that the rewrite happens and is exact.
+the C++ kernels in which Inductor already computes the norm, the RoPE and the store, so a step
+has no fewer calls and is slower; the CPU run shows that the rewrite happens and is exact.
 """
 
 from __future__ import annotations
