@@ -126,6 +126,8 @@ ONE_SIDED = (
     "wrong_split",  # rotated halves of rot/2 - 2 features (cos/sin sliced to match)
     "swapped_halves",  # (x1, x2) swapped: x1 = second half / odd features
     "split_positions",  # cos from cache[positions], sin from cache[positions2]
+    "sub_alpha",  # o1 = torch.sub(x1*cos, x2*sin, alpha=2.0): an argument that changes the math
+    "add_alpha",  # o2 = torch.add(x2*cos, x1*sin, alpha=0.5)
 )
 # Both sides are RoPE, but not a pair the fused op can serve.
 UNPAIRED = (
@@ -385,6 +387,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_ne
     elif defect == "cos_for_sin":
         o1 = x1 * cos - x2 * sin
         o2 = x2 * cos + x1 * cos
+    elif defect == "sub_alpha":
+        o1 = torch.sub(x1 * cos, x2 * sin, alpha=2.0)
+        o2 = x2 * cos + x1 * sin
+    elif defect == "add_alpha":
+        o1 = x1 * cos - x2 * sin
+        o2 = torch.add(x2 * cos, x1 * sin, alpha=0.5)
     else:
         o1 = x1 * cos - x2 * sin
         o2 = x2 * cos + x1 * sin

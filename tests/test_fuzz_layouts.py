@@ -50,10 +50,11 @@ def _features(p: fl.LayoutProgram) -> set:
 
 
 def _cover(base: int, pool: int = 400) -> list[int]:
-    """A greedy set of seeds covering every feature the pool has (aligned heads only, so that
-    the pass runs; the 64 head is covered by the kinds' own draws)."""
+    """A greedy set of seeds (no known bug hit) covering every feature the pool has (aligned
+    heads only, so that the pass runs; the 64 head is covered by the kinds' own draws)."""
     programs = {s: fl.draw_program(s) for s in range(base, base + pool)}
-    candidates = {s: _features(p) for s, p in programs.items() if p.head_size == 128}
+    candidates = {s: _features(p) for s, p in programs.items()
+                  if p.head_size == 128 and fl.known_bug(p) is None}
     want = set().union(*candidates.values())
     seeds: list[int] = []
     while want:
