@@ -39,7 +39,8 @@ class FusedSetKVBufferArg:
     cache_loc: torch.Tensor
 
 
-def kv_store_views(arg: FusedSetKVBufferArg, num_tokens: int, num_kv_heads: int):
+def kv_store_views(arg: FusedSetKVBufferArg, num_tokens: int,
+                   num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(v [T, Hk, Dv], k_buffer [S, Hk, D], v_buffer [S, Hk, Dv])`` views of ``arg``'s
     tensors (2-D ones are split into ``num_kv_heads`` heads), without copying."""
 
@@ -50,7 +51,7 @@ def kv_store_views(arg: FusedSetKVBufferArg, num_tokens: int, num_kv_heads: int)
                         f"k_buffer, v_buffer, k_scale, v_scale, cache_loc), got "
                         f"{type(arg).__name__} without {', '.join(missing)}")
 
-    def heads(x, rows):
+    def heads(x: torch.Tensor, rows: int) -> torch.Tensor:
         return x if x.dim() == 3 else x.view(rows, num_kv_heads, -1)
 
     return (heads(arg.value, num_tokens), heads(arg.k_buffer, arg.k_buffer.shape[0]),

@@ -326,10 +326,23 @@ norm_rope_tables_op = torch.ops.rope_compile.fused_qk_norm_rope_tables_inplace.d
 norm_rope_kv_tables_op = torch.ops.rope_compile.fused_qk_norm_rope_kv_store_tables_inplace.default
 
 
-def fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos_sin_cache,
-                                   positions, rotary_dim, is_neox, k_scale=None,
-                                   v_scale=None, *, wrap_negative_positions=False,
-                                   wrap_negative_cache_loc=True) -> None:
+def fused_qk_rope_kv_store_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    cache_loc: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    *,
+    wrap_negative_positions: bool = False,
+    wrap_negative_cache_loc: bool = True,
+) -> None:
     """Rotate q ``[T, Hq, D]`` and k ``[T, Hk, D]`` in place and write the rotated k and v
     ``[T, Hk, Dv]`` into rows ``cache_loc`` of k_buffer ``[S, Hk, D]`` / v_buffer
     ``[S, Hk, Dv]`` (``x / scale`` in fp32, cast to the buffer's dtype), in one launch.
@@ -342,9 +355,21 @@ def fused_qk_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos_s
                 is_neox, k_scale, v_scale, wrap_negative_positions, wrap_negative_cache_loc)
 
 
-def fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache,
-                               positions, rotary_dim, is_neox, *, round_once=None,
-                               wrap_negative_positions=False) -> None:
+def fused_qk_norm_rope_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    *,
+    round_once: bool | None = None,
+    wrap_negative_positions: bool = False,
+) -> None:
     """RMSNorm of q ``[T, Hq, D]`` and k ``[T, Hk, D]``, then RoPE, in place, in one launch.
 
     Each weight's shape says what it normalises: ``[D]``, each head over D (HF Qwen3 / Gemma3
@@ -365,11 +390,28 @@ def fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos
                  rotary_dim, is_neox, round_once, wrap_negative_positions)
 
 
-def fused_qk_norm_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, q_weight,
-                                        k_weight, eps, weight_offset, cos_sin_cache, positions,
-                                        rotary_dim, is_neox, k_scale=None, v_scale=None, *,
-                                        round_once=None, wrap_negative_positions=False,
-                                        wrap_negative_cache_loc=True) -> None:
+def fused_qk_norm_rope_kv_store_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    cache_loc: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    *,
+    round_once: bool | None = None,
+    wrap_negative_positions: bool = False,
+    wrap_negative_cache_loc: bool = True,
+) -> None:
     """:func:`fused_qk_norm_rope_inplace` (``round_once`` as there), then the KV store of
     :func:`fused_qk_rope_kv_store_inplace` (indices as there), in one launch."""
     norm_rope_kv_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
@@ -377,10 +419,22 @@ def fused_qk_norm_rope_kv_store_inplace(q, k, v, k_buffer, v_buffer, cache_loc, 
                     v_scale, round_once, wrap_negative_positions, wrap_negative_cache_loc)
 
 
-def fused_qk_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc, cos, sin,
-                                          rotary_dim, is_neox, k_scale=None,
-                                          v_scale=None, *,
-                                          wrap_negative_cache_loc=True) -> None:
+def fused_qk_rope_kv_store_tables_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    cache_loc: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    *,
+    wrap_negative_cache_loc: bool = True,
+) -> None:
     """:func:`fused_qk_rope_kv_store_inplace` with token t rotated by row ``t % R`` of
     ``cos``/``sin`` ``[R, rotary_dim/2]`` (any strides); k_buffer/v_buffer ``[S, Hk, D]``
     (cache_loc ``[T]``) or ``[Bc, S, Hk, D]`` (token t -> batch ``t // R_loc``, row
@@ -390,18 +444,46 @@ def fused_qk_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc
                        k_scale, v_scale, wrap_negative_cache_loc)
 
 
-def fused_qk_norm_rope_tables_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos, sin,
-                                      rotary_dim, is_neox, *, round_once=None) -> None:
+def fused_qk_norm_rope_tables_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    *,
+    round_once: bool | None = None,
+) -> None:
     """:func:`fused_qk_norm_rope_inplace` with cos/sin tables ``[R, rotary_dim/2]``."""
     norm_rope_tables_op(q, k, q_weight, k_weight, eps, weight_offset, cos, sin, rotary_dim,
                         is_neox, round_once)
 
 
-def fused_qk_norm_rope_kv_store_tables_inplace(q, k, v, k_buffer, v_buffer, cache_loc,
-                                               q_weight, k_weight, eps, weight_offset, cos,
-                                               sin, rotary_dim, is_neox, k_scale=None,
-                                               v_scale=None, *, round_once=None,
-                                               wrap_negative_cache_loc=True) -> None:
+def fused_qk_norm_rope_kv_store_tables_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    cache_loc: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int,
+    is_neox: bool,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    *,
+    round_once: bool | None = None,
+    wrap_negative_cache_loc: bool = True,
+) -> None:
     """:func:`fused_qk_norm_rope_kv_store_inplace` with cos/sin tables ``[R, rotary_dim/2]``."""
     norm_rope_kv_tables_op(q, k, v, k_buffer, v_buffer, cache_loc, q_weight, k_weight, eps,
                            weight_offset, cos, sin, rotary_dim, is_neox, k_scale, v_scale,
