@@ -159,3 +159,25 @@ def test_value_readers_are_functional_in_the_tensor():
     assert _reads_values(copy, src) and not _reads_values(copy, dst)
     custom = graph.call_function(torch.ops.rope_compile_test.scale_.default, (src, 2.0))
     assert not _reads_values(custom, src)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_reader_keeps_its_meaning_on_cuda(reader):
+    """The same programs on CUDA with the default options (the GPU lowering in the loop)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = Layer(reader, store=True).cuda()
+    inputs = [t.cuda() for t in _inputs()]
+    eager_inputs = _clone(inputs)
+    with torch.no_grad():
+        expected = model(*eager_inputs)
+    with fresh_compile():
+        out = torch.compile(model, backend="rope_compile")(*inputs)
+        counts = rope_counters()
+    for got, want in zip(out, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        assert got.stride() == want.stride(), (got.stride(), want.stride())
+    for got, want in zip(inputs, eager_inputs, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert counts.get("qk_norm rewritten") == 1, counts
