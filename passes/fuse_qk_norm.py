@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, Node
 
-from .accepted_ops import argument_miss, op_of
+from .accepted_ops import argument_miss, bound_arguments, op_of
 from .fuse_qk_rope import PlanError as RopePlanError
 from .fuse_qk_rope import _as_graph_ints, _check_root, _redirect_disjoint_views
 from .fused_call import (
@@ -157,10 +157,10 @@ def _match_rsqrt(node, xf: Node) -> tuple[float, list[Node]]:
         _check_arguments(mean, "the norm's variance")
     if not _call(mean, aten.mean.dim):
         raise PlanError("the norm's variance is not mean(x^2) over the last dim")
-    dims, keep = mean.args[1], (mean.args[2] if len(mean.args) > 2
-                                else mean.kwargs.get("keepdim", False))
+    bound = bound_arguments(mean)
+    dims, keep = bound["dim"], bound["keepdim"]  # dim None: every dim
     last = fake_value(xf).dim() - 1
-    if list(dims) not in ([-1], [last]) or not keep:
+    if not isinstance(dims, (list, tuple)) or list(dims) not in ([-1], [last]) or not keep:
         raise PlanError("the norm's variance is not mean(x^2) over the last dim")
     square = mean.args[0]
     # x.float() may be spelled twice (``x.float().pow(2)`` and ``x.float() * r``): the same

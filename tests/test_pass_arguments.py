@@ -142,23 +142,26 @@ def test_a_traced_alpha_is_not_proven_one():
 class SpelledNorm(nn.Module):
     """HF ``Qwen3RMSNorm`` / ``Gemma3RMSNorm`` with one spelling changed: ``eps_alpha`` /
     ``one_alpha`` (``torch.add(.., alpha=)`` for ``var + eps`` / Gemma's ``1 + w``),
-    ``mean_dtype`` (``mean(dtype=)``), ``exponent`` (``pow(x, exponent)`` for the square),
+    ``mean_dtype`` (``mean(dtype=)``), ``mean_dim`` (``mean(dim)``, keepdim), ``exponent``
+    (``pow(x, exponent)`` for the square),
     ``rsqrt_pow`` (``pow(var + eps, -0.5)``), ``upcast`` (the dtype x is normalised in)."""
 
     def __init__(self, weight: torch.Tensor, gemma: bool, eps_alpha=None, one_alpha=None,
-                 mean_dtype=None, exponent=2, rsqrt_pow=False, upcast=torch.float32):
+                 mean_dtype=None, mean_dim=-1, exponent=2, rsqrt_pow=False,
+                 upcast=torch.float32):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
         self.gemma, self.eps = gemma, 1e-6
         self.eps_alpha, self.one_alpha, self.mean_dtype = eps_alpha, one_alpha, mean_dtype
-        self.exponent, self.rsqrt_pow, self.upcast = exponent, rsqrt_pow, upcast
+        self.mean_dim, self.exponent = mean_dim, exponent
+        self.rsqrt_pow, self.upcast = rsqrt_pow, upcast
 
     def forward(self, hidden):
         dtype = hidden.dtype
         x = hidden.to(self.upcast)
         square = x.pow(self.exponent)
-        variance = (square.mean(-1, keepdim=True) if self.mean_dtype is None
-                    else square.mean(-1, keepdim=True, dtype=self.mean_dtype))
+        variance = (square.mean(self.mean_dim, keepdim=True) if self.mean_dtype is None
+                    else square.mean(self.mean_dim, keepdim=True, dtype=self.mean_dtype))
         shifted = (variance + self.eps if self.eps_alpha is None
                    else torch.add(variance, self.eps, alpha=self.eps_alpha))
         x = x * (torch.pow(shifted, -0.5) if self.rsqrt_pow else torch.rsqrt(shifted))
@@ -196,13 +199,15 @@ def _norm_skipped(reason: str) -> dict:
     (False, {"mean_dtype": torch.float64}, _norm_skipped(
         "the norm's variance: aten.mean.dim with dtype=torch.float64 (the proof holds for "
         "dtype=None or the input's dtype only)")),
+    (False, {"mean_dim": None}, _norm_skipped(  # the mean of every element
+        "the norm's variance is not mean(x^2) over the last dim")),
     (False, {"exponent": 4}, _norm_skipped(
         "the norm's variance is not mean(x^2) of the normalised x")),
     (False, {"upcast": torch.float64}, _norm_skipped("the norm is not computed in float32")),
     # No rsqrt: not a norm candidate at all (the RoPE is fused, the norm left to Inductor).
     (False, {"rsqrt_pow": True}, {"pairs_found": 1, "rewritten": 1}),
 ], ids=["eps-alpha-1", "eps-alpha-100", "gemma-alpha-1", "gemma-alpha-3", "mean-dtype-input",
-        "mean-dtype-f64", "pow-4", "to-f64", "rsqrt-as-pow"])
+        "mean-dtype-f64", "mean-all-dims", "pow-4", "to-f64", "rsqrt-as-pow"])
 def test_norm_spelling(gemma, spelling, want):
     out, expected, *_, code, counts = _run(_norm_layer(gemma, **spelling))
     assert counts == want
