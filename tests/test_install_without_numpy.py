@@ -55,16 +55,22 @@ SCRIPT = textwrap.dedent("""
         k = apply_rotary_emb(k.view(3, 2, 128), cos, sin, True)
         return (q * k).sum(-1), v * 1
 
-    qkv, positions = torch.randn(3, 768), torch.tensor([1, 5, 2])
-    with torch.no_grad():
-        out = torch.compile(f, backend="rope_compile", options={"devices": ("cpu",)})(
-            qkv, positions)
-    torch.testing.assert_close(out, f(qkv, positions))
-    assert counters["rope_compile"]["rewritten"] == 1, dict(counters["rope_compile"])
+    # On a CUDA machine also on the GPU: the Triton kernel, launched by Inductor.
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        torch._dynamo.reset()
+        counters.clear()
+        cache = cache.to(device)
+        qkv, positions = torch.randn(3, 768, device=device), torch.tensor([1, 5, 2]).to(device)
+        with torch.no_grad():
+            out = torch.compile(f, backend="rope_compile", options={"devices": (device,)})(
+                qkv, positions)
+        torch.testing.assert_close(out, f(qkv, positions))
+        assert counters["rope_compile"]["rewritten"] == 1, dict(counters["rope_compile"])
     assert "numpy" not in sys.modules
     from importlib.metadata import version
     assert rope_compile.__version__ == version("rope-compile"), rope_compile.__version__
-    print("OK", rope_compile.__file__, "triton" if has_triton else "no triton")
+    print("OK", rope_compile.__file__, "triton" if has_triton else "no triton", *devices)
 """)
 
 
