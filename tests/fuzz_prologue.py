@@ -772,7 +772,8 @@ def check_program(p: PrologueProgram, device: str = "cpu", control: bool = True)
     raised = eager is None
     ref_args = list(_to64(tuple(a.clone() for a in args)))
     ref64 = None if raised else fn(*ref_args)
-    outs, after, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device))
+    outs, after, seen, error = _run_compiled(fn, args, "rope_compile", compile_options(device),
+                                             one_thread=raised)
     result.counters = seen
     result.failures += run_failures(raised, outs, error)
     for key in ("pass_errors", "candidate_errors"):
@@ -794,7 +795,8 @@ def check_program(p: PrologueProgram, device: str = "cpu", control: bool = True)
                                                outs, kv_fused)
     others = [f for f in result.failures if f.split(":", 1)[0] not in ORACLE_CATEGORIES]
     if control and others and not pass_caused(result):
-        base_outs, base_after, _, base_error = _run_compiled(fn, args, "inductor", None)
+        base_outs, base_after, _, base_error = _run_compiled(fn, args, "inductor", None,
+                                                             raised)
         base = run_failures(raised, base_outs, base_error)
         if base_outs is not None and not raised:
             base += _output_failures(p, base_outs, eager, ref64)
