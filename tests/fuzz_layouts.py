@@ -17,6 +17,14 @@ results returned as graph outputs, two pairs on one projection, axial RoPE. Unre
 clone) are sprinkled in. Head sizes 128 (rewritten) and 64 (not in the default head sizes);
 fp32 mostly, fp16 / bf16 sometimes.
 
+Drawn besides (``fuzz_kinds.py``): a reader of the rotated q or k (every aten view op and
+``as_strided``, returned or read by a pointwise op, a matmul or attention; or a user's in-place
+custom op on a view of it, the tensor read on); a second RoPE pair of the rotated q/k; the
+spelling of the RoPE's arithmetic (keywords, ``alpha=1``, methods, ``out=``; ``alpha != 1``,
+never rewritten); how sglang gathers the cos/sin rows (``index_select``, ``cache[positions]``,
+``embedding``) and whether positions are negative (eager wraps them in ``cache[positions]``
+only) or out of range (eager raises).
+
 Every program is drawn from ``random.Random(seed)`` (no hypothesis: the CLI runs where
 hypothesis is not installed). The oracle (:meth:`LayoutProgram.expected_rewrites`) is computed
 from the drawn parameters alone (see :data:`ORACLE_RULES`).
@@ -30,11 +38,18 @@ FX graph / AOTAutograd caches off:
    as notes, not failures, unless ``--strict-size1-strides``: plain Inductor does that itself);
 3. the compile does not fail (CPU: ``strict=True``, so an error inside the pass raises), and
    ``counters["rope_compile"]`` has no ``pass_errors`` / ``candidate_errors``;
-4. ``counters["rope_compile"]["rewritten"]`` equals the oracle's count.
+4. ``counters["rope_compile"]["rewritten"]`` equals the oracle's count;
+5. where eager raises (an index out of range), the compiled program raises too when run (on
+   the CPU, where checking is always on; such programs are not run on a GPU, where an index
+   out of range is a device-side assert that ends the process's CUDA context, eager's own
+   kernels included). Their kernels are compiled without OpenMP regions: a bounds check of
+   Inductor's thrown inside one aborts the process.
 
-A values / strides failure is re-run with plain Inductor (no RoPE pass): if the very same
-failures (same outputs, same strides) show there, it is Inductor's own behaviour and is reported
-as ``inductor_only`` (printed, counted, not a pass failure).
+A values / strides / raise failure is re-run with plain Inductor (no RoPE pass): if the very
+same failures (same outputs, same strides, the same missing or extra raise) show there, it is
+Inductor's own behaviour and is reported as ``inductor_only`` (printed, counted, not a pass
+failure). Known open misses (:data:`KNOWN_BUGS`) are labelled: their counts may differ from the
+oracle's, nothing else may.
 
 CLI (from the repo root; program i uses seed S+i, so ranges parallelise over processes)::
 
@@ -44,7 +59,9 @@ CLI (from the repo root; program i uses seed S+i, so ranges parallelise over pro
 ``--device cpu`` compiles with ``options={"devices": ("cpu",), "strict": True}``; ``cuda`` with
 the default options, so the GPU lowering is in the loop; both with the layout-copy rule off
 (``FORCE_REWRITE``: every rewrite the pass can make is made and checked). Exit status 1 on any
-failure.
+failure. ``--out`` writes the statistics, the new kinds' tables included (``by_reader``,
+``by_reader_use``, ``by_spelling``, ``by_index``, ``by_second_rope``, ``raised_as_eager``,
+``raise_mismatches``, ``skipped_programs``).
 """
 
 from __future__ import annotations
