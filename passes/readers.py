@@ -38,6 +38,7 @@ import logging
 import operator
 
 import torch
+from torch._dynamo.utils import counters
 from torch.fx import Node
 
 from .fx_surgery import (
@@ -242,8 +243,6 @@ def rebase_views(tx: GraphTransaction, old: Node, new: Node, what: str = "rewrit
     views re-created with fresh fake values (a re-pointed view would keep a fake of ``old``'s
     storage, and the passes prove layouts from them). Readers that need ``old``'s layout read a
     copy in it; :class:`ReaderError` if none can be made. Undone by ``tx.rollback()``."""
-    from .fuse_qk_rope import count
-
     if same_layout(fake_value(old), fake_value(new)):
         _move_all(tx, old, new)
         return
@@ -263,7 +262,7 @@ def rebase_views(tx: GraphTransaction, old: Node, new: Node, what: str = "rewrit
         tx.replace_input(user, source, _replay(tx, source, copy_env))
         name = "output" if user.op == "output" else str(getattr(user.target, "__name__",
                                                                  user.target))
-        count(f"reader given a copy in the old layout: {name}")
+        counters["rope_compile"][f"reader given a copy in the old layout: {name}"] += 1
         log.debug("rope_compile %s: %s reads a copy of %s in its old layout", what,
                   user.name, old.name)
 
