@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,9 +129,10 @@ def native(spirv: bytes, device: str, workdir: Path) -> dict:
 
 
 def compile_job(job: dict) -> dict:
-    """Everything but the run: SPIR-V at both sub-group sizes, the gate, ocloc."""
+    """One configuration: SPIR-V at both sub-group sizes, the gate, ocloc, the run."""
     _stub_arch_parser()
     out = {"name": job["name"], "error": None}
+    warnings.filterwarnings("ignore", message="Non-empty compiler output")
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -145,11 +147,23 @@ def compile_job(job: dict) -> dict:
             out["other_sub_group"] = other
             out["other_capabilities"] = capabilities(compile_spirv(job, other)[0], workdir)
             out["native"] = {dev: native(spirv, dev, workdir) for dev in NATIVE}
+            spirv_fp64 = None
             if job.get("fp64_check") and job["floats"]:
-                out["spirv_fp64"] = compile_spirv(job, tpw, "fp64")[0]
+                spirv_fp64 = compile_spirv(job, tpw, "fp64")[0]
     except Exception as e:  # reported per configuration; the lane fails on it
         out["error"] = f"{type(e).__name__}: {e}"[:3000]
+        return out
     out["compile_s"] = time.perf_counter() - start
+    if job.get("run"):
+        try:
+            ctx = _cl_context()[0]
+            out["outputs"] = run_job(job, spirv, out["meta"], ctx)
+            if spirv_fp64 is not None:
+                out["outputs_fp64"] = run_job(job, spirv_fp64, out["meta"], ctx, "fp64")
+        except Exception as e:
+            out["run_error"] = f"{type(e).__name__}: {e}"[:3000]
+    out.pop("spirv")
+    out["total_s"] = time.perf_counter() - start
     return out
 
 
@@ -178,11 +192,18 @@ def strip_for_cpu(spirv: bytes) -> bytes:
     return struct.pack(f"<{len(out)}I", *out)
 
 
-def _cl_context():
-    import pyopencl as cl
+_context = None
 
-    device = cl.get_platforms()[0].get_devices()[0]
-    return cl.Context([device]), device
+
+def _cl_context():
+    """This process's OpenCL context on the CPU device (one per worker process)."""
+    global _context
+    if _context is None:
+        import pyopencl as cl
+
+        device = cl.get_platforms()[0].get_devices()[0]
+        _context = (cl.Context([device]), device)
+    return _context
 
 
 def run_job(job: dict, spirv: bytes, meta: dict, ctx, float_type="fp32") -> dict:
@@ -224,26 +245,12 @@ def main(jobs_path: str, results_path: str) -> None:
     workers = int(os.environ.get("XPU_LANE_JOBS", os.cpu_count() or 1))
     start = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        compiled = list(pool.map(compile_job, [{**j, "run": None} for j in jobs]))
-    print(f"xpu lane: compiled {len(jobs)} configurations in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
-    start = time.perf_counter()
-    ctx, device = _cl_context()
-    for job, result in zip(jobs, compiled, strict=True):
-        if result["error"] or not job.get("run"):
-            continue
-        try:
-            result["outputs"] = run_job(job, result["spirv"], result["meta"], ctx)
-            if "spirv_fp64" in result:
-                result["outputs_fp64"] = run_job(job, result.pop("spirv_fp64"),
-                                                 result["meta"], ctx, "fp64")
-        except Exception as e:
-            result["run_error"] = f"{type(e).__name__}: {e}"[:3000]
-        result.pop("spirv", None)
-    print(f"xpu lane: ran on {device.name.strip()} (OpenCL CPU) in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+        results = list(pool.map(compile_job, jobs))
+    print(f"xpu lane: compiled and ran {len(jobs)} configurations in "
+          f"{time.perf_counter() - start:.0f} s ({workers} processes; runs on "
+          f"{_cl_context()[1].name.strip()}, OpenCL CPU)", flush=True)
     with open(results_path, "wb") as f:
-        pickle.dump(compiled, f)
+        pickle.dump(results, f)
 
 
 if __name__ == "__main__":
