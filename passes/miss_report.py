@@ -11,7 +11,8 @@ proven, and says for each the first proof step that failed, in a model author's 
 A *cos/sin factor* is a tensor reached, through casts, views, slices, unsqueeze, expand, splits
 and multiplies by a scalar, from an ``aten.cos``/``aten.sin`` node, from rows gathered out of a
 table (``index``, ``index_select``, ``embedding``, ``gather``), or from a float graph input
-unsqueezed for broadcasting (HF cos/sin computed in another graph). A *RoPE-like* candidate is an
+unsqueezed or broadcast in its product (HF cos/sin computed in another graph, passed in already
+shaped ``[1, 1, S, D]``, or a ``[T, D]`` table). A *RoPE-like* candidate is an
 add or sub of two such products whose other operands are two different parts of one tensor (its
 two halves, or ``x`` and ``rotate_half(x)``), climbed up to the node that consumes the products
 (the ``cat`` of the halves, a partial-rotary ``cat`` with the tail, a cast). ``x * sin(x)`` alone,
@@ -161,8 +162,10 @@ class _Walker:
         self.origins[node] = found
         return found
 
-    def trig_kind(self, node) -> str | None:
-        """"computed", "gathered" or "input" if ``node`` looks like a cos/sin factor."""
+    def trig_kind(self, node, broadcast: bool = False) -> str | None:
+        """"computed", "gathered" or "input" if ``node`` looks like a cos/sin factor;
+        ``broadcast``: ``node`` is broadcast in its product (a float input already shaped
+        ``[1, 1, S, D]`` or ``[T, D]`` is a table even with no unsqueeze in the graph)."""
         if not isinstance(node, Node):
             return None
         found = self.origin(node)
@@ -170,7 +173,8 @@ class _Walker:
             return "computed"
         if found.leaf is not None and found.gathered:
             return "gathered"
-        if found.leaf is not None and found.unsqueezed and _float_input(found.leaf):
+        if found.leaf is not None and (found.unsqueezed or broadcast) and _float_input(
+                found.leaf):
             return "input"
         return None
 
@@ -209,6 +213,18 @@ def _strip_casts(node: Node) -> Node:
     return node
 
 
+def _broadcast_in(operand: Node, product: Node) -> bool:
+    """``operand`` has fewer elements than the ``product`` it is multiplied into (broadcast)."""
+    a, b = operand.meta.get("val"), product.meta.get("val")
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.dim() < b.dim():
+        return True
+    return a.dim() == b.dim() and any(
+        isinstance(x, int) and x == 1 and not (isinstance(y, int) and y == 1)
+        for x, y in zip(a.shape, b.shape, strict=True))
+
+
 def _product(walker: _Walker, node) -> _Product | None:
     """``node`` = (a part of x) * (a cos/sin factor), either order."""
     if not isinstance(node, Node) or node.target is not aten.mul.Tensor or len(node.args) != 2:
@@ -217,8 +233,8 @@ def _product(walker: _Walker, node) -> _Product | None:
     if not (isinstance(a, Node) and isinstance(b, Node)):
         return None
     for x, factor in ((a, b), (b, a)):
-        kind = walker.trig_kind(factor)
-        if kind is not None and walker.trig_kind(x) is None:
+        kind = walker.trig_kind(factor, _broadcast_in(factor, node))
+        if kind is not None and walker.trig_kind(x, _broadcast_in(x, node)) is None:
             return _Product(node, _strip_casts(x), walker.base(x), kind)
     return None
 

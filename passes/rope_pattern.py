@@ -412,24 +412,78 @@ def _match_rotation(o1: Node, o2: Node, num_tokens):
 _ELEMENTWISE_SCALE = (aten.mul.Tensor, aten.div.Tensor)
 
 
-def _split_factor(node: Node) -> tuple[Node, Node, int]:
-    """``node`` = x * unsqueeze(table, heads_dim) (either order) -> (x, table, heads_dim)."""
+@dataclass(frozen=True)
+class FactorSplit:
+    """One reading of a product ``x * factor``: ``table`` is what the tables op reads (the
+    factor, casts stripped, or the table an ``unsqueeze`` on the heads dim came from),
+    ``heads_dim`` the dim of x the factor broadcasts over as heads, and ``table_heads_dim``
+    the size-1 dim of ``table`` that lines up with it (None: ``table`` is
+    ``[..tokens.., n]``, without one)."""
+
+    x: Node
+    table: Node
+    heads_dim: int
+    table_heads_dim: int | None = None
+
+
+def _broadcast_heads_dim(t_val, x_val) -> int | None:
+    """A factor already shaped to broadcast against x (HF's ``[1, 1, S, D]`` as an input,
+    buffer or global; litgpt's ``view(1, 1, T, n)``; a ``[T, D]`` table): the dim of x it
+    broadcasts over as heads, or None when it does not broadcast to x's shape. Its dims
+    line up with x's from the right; each is x's size or 1. Of the non-batch, non-feature
+    dims the factor broadcasts over (missing or 1), the innermost where x is not 1 is the
+    heads dim (``[B, H, S, D]`` with ``[1, 1, S, D]``: 1; token-first ``[B, S, H, D]`` with
+    ``[1, S, 1, D]``: 2), else the innermost. Any such dim is a correct reading: the tables op
+    reads row ``t % R`` for the token dims that are left, which ``table_views`` proves."""
+    if t_val is None or x_val is None or x_val.dim() < 3 or not 0 < t_val.dim() <= x_val.dim():
+        return None
+    offset = x_val.dim() - t_val.dim()
+    if not statically_equal(t_val.shape[-1], x_val.shape[-1]):
+        return None
+    broadcast = []
+    for d in range(offset, x_val.dim() - 1):
+        a, b = t_val.shape[d - offset], x_val.shape[d]
+        if statically_equal(a, 1):
+            broadcast.append(d)
+        elif not statically_equal(a, b):
+            return None
+    candidates = [d for d in range(1, x_val.dim() - 1) if d < offset or d in broadcast]
+    if not candidates:
+        return None
+    wide = [d for d in candidates if not statically_equal(x_val.shape[d], 1)]
+    return (wide or candidates)[-1]
+
+
+def _factor_splits(node: Node) -> list[FactorSplit]:
+    """``node`` = x * factor (either order), the factor a cos/sin table broadcast over x's
+    heads: ``unsqueeze(table, heads_dim)``, or a factor already shaped to broadcast
+    (``_broadcast_heads_dim``). Every reading, the unsqueezed ones first; the caller picks the
+    one whose x the rest of the proof holds for."""
     _require(isinstance(node, Node), "not a tensor")
     _require(op_of(node) in _MULS and len(node.args) == 2 and all(
         isinstance(a, Node) for a in node.args), "expected a product of two tensors")
+    unsqueezed, shaped = [], []
     for x, factor in (node.args, node.args[::-1]):
         table = factor
         while _float_cast(table):
             table = table.args[0]
         x_val, t_val = _val(x), _val(table)
-        if op_of(table) is not aten.unsqueeze.default or x_val is None or x_val.dim() < 3 or (
-                t_val is None or t_val.dim() > x_val.dim()):
+        if x_val is None or t_val is None or x_val.dim() < 3 or t_val.dim() > x_val.dim():
             continue
-        # A table of lower rank (litgpt's [T, n].unsqueeze(-3)) broadcasts from the right.
-        heads_dim = table.args[1] % t_val.dim() + x_val.dim() - t_val.dim()
-        if 0 < heads_dim < x_val.dim() - 1 and table.args[1] % t_val.dim() != t_val.dim() - 1:
-            return x, table.args[0], heads_dim
-    raise NoMatch("product is not x times a cos/sin table unsqueezed on the heads dim")
+        if op_of(table) is aten.unsqueeze.default:
+            # A table of lower rank (litgpt's [T, n].unsqueeze(-3)) broadcasts from the right.
+            heads_dim = table.args[1] % t_val.dim() + x_val.dim() - t_val.dim()
+            if 0 < heads_dim < x_val.dim() - 1 and table.args[1] % t_val.dim() != (
+                    t_val.dim() - 1):
+                unsqueezed.append(FactorSplit(x, table.args[0], heads_dim))
+                continue
+        heads_dim = _broadcast_heads_dim(t_val, x_val)
+        if heads_dim is not None:
+            own = heads_dim - (x_val.dim() - t_val.dim())
+            shaped.append(FactorSplit(x, table, heads_dim, own if own >= 0 else None))
+    _require(bool(unsqueezed or shaped),
+             "product is not x times a cos/sin table broadcast over the heads dim")
+    return unsqueezed + shaped
 
 
 def _is_scalar(value) -> bool:
@@ -512,32 +566,54 @@ def _duplication_of(node: Node) -> Node:
 
 
 def _match_rotate_half(node: Node):
-    """HF form: ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``."""
+    """HF form: ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``, the
+    tables unsqueezed on the heads dim or already shaped to broadcast over it. Returns (x1,
+    x2, cos table, sin table, heads dim of x, heads dim of the tables (None: none), nodes)."""
     _require_arguments(node)
     _require(len(node.args) == 2 and all(isinstance(a, Node) for a in node.args),
              "not a plain sum of tensors")
     for plain, rotated in (node.args, node.args[::-1]):
         try:
-            x_node, cos_table, heads_dim = _split_factor(plain)
-            rh, sin_table, sin_heads_dim = _split_factor(rotated)
+            plain_splits, rotated_splits = _factor_splits(plain), _factor_splits(rotated)
         except NoMatch:
             continue
-        _require(heads_dim == sin_heads_dim, "cos and sin broadcast on different dims")
-        _require(op_of(rh) is aten.cat.default and len(rh.args[0]) == 2 and _last_dim(
-            rh, rh.args[1] if len(rh.args) > 1 else 0), "rotate_half is not a cat of two halves")
+        # rotate_half(x) is the cat; the factor beside it is sin.
+        rotated_splits = [s for s in rotated_splits if op_of(s.x) is aten.cat.default]
+        if not rotated_splits:
+            continue
+        sin_split = next((s for s in rotated_splits if len(s.x.args[0]) == 2 and op_of(
+            s.x.args[0][0]) is aten.neg.default), rotated_splits[0])
+        rh = sin_split.x
+        _require(len(rh.args[0]) == 2 and _last_dim(rh, rh.args[1] if len(rh.args) > 1 else 0),
+                 "rotate_half is not a cat of two halves")
         neg_x2, x1_node = rh.args[0]
         _require(isinstance(neg_x2, Node) and op_of(neg_x2) is aten.neg.default,
                  "rotate_half's first half is not negated")
         x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
-        x = trace_features(x_node)
-        # The halves must be x[..., :rot/2] and x[..., rot/2:rot] of the cos term's x[..., :rot]
-        # (compared at a tensor all three are slices of: slices of slices may be folded).
-        _require(x.count == 2 * x1.count and any(
-            x.at(n) is not None and x.at(n)[1] == 1 and x1.at(n) == x.at(n)
-            and x2.at(n) == (x.at(n)[0] + x1.count, 1) for n, _, _ in x.levels),
-            "cos term does not multiply the same x[..., :rot]")
+
+        def rotates(split: FactorSplit) -> bool:
+            # The halves must be x[..., :rot/2] and x[..., rot/2:rot] of the cos term's
+            # x[..., :rot] (compared at a tensor all three are slices of: slices of slices may
+            # be folded).
+            x = trace_features(split.x)
+            return x.count == 2 * x1.count and any(
+                x.at(n) is not None and x.at(n)[1] == 1 and x1.at(n) == x.at(n)
+                and x2.at(n) == (x.at(n)[0] + x1.count, 1) for n, _, _ in x.levels)
+
+        cos_split = next((s for s in plain_splits if rotates(s)), None)
+        _require(cos_split is not None, "cos term does not multiply the same x[..., :rot]")
+        # The sin reading whose heads dim is the cos reading's (a shaped factor of one head
+        # may read either way).
+        sin_split = next((s for s in rotated_splits if s.heads_dim == cos_split.heads_dim
+                          and (s.table_heads_dim is None) == (
+                              cos_split.table_heads_dim is None)), sin_split)
+        _require(sin_split.heads_dim == cos_split.heads_dim,
+                 "cos and sin broadcast on different dims")
+        _require(sin_split.table_heads_dim == cos_split.table_heads_dim,
+                 "cos and sin tables have different shapes")
         nodes = [node, plain, rotated, rh, neg_x2]
-        return x1, x2, cos_table, sin_table, heads_dim, nodes
+        return (x1, x2, cos_split.table, sin_split.table, cos_split.heads_dim,
+                cos_split.table_heads_dim, nodes)
     raise NoMatch("sum is not x * cos + rotate_half(x) * sin")
 
 
@@ -698,6 +774,9 @@ class RotatedBlock:
     heads_dim: int
     tail: Operand | None
     nodes: list[Node]
+    # HF tables already shaped to broadcast over heads (no unsqueeze in the graph): their
+    # size-1 dim that lines up with x's heads (None: the tables are [..tokens.., n]).
+    table_heads_dim: int | None = None
 
 
 def match_rotated_block(candidate: Node) -> RotatedBlock:
@@ -722,15 +801,15 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
             node = first
     if node.target in _ADDS:  # a sum with alpha != 1 is a miss for that reason
         try:
-            x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_half(node)
-            is_neox = True
+            x1, x2, cos, sin, heads_dim, table_heads, block_nodes = _match_rotate_half(node)
+            return RotatedBlock(x1, x2, cos, sin, True, heads_dim, tail, nodes + block_nodes,
+                                table_heads)
         except NoMatch as why:
             try:
                 x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_every_two(node)
             except NoMatch:
                 raise why from None
-            is_neox = False
-        return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes + block_nodes)
+        return RotatedBlock(x1, x2, cos, sin, False, heads_dim, tail, nodes + block_nodes)
     if op_of(node) in _VIEW_TARGETS and isinstance(node.args[0], Node) and (
             op_of(node.args[0]) is aten.view_as_real.default):
         x1, x2, trig, heads_dim, block_nodes = _match_complex_rotation(node)
@@ -821,14 +900,15 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
     else:
         # rotate_half multiplies x[..., rot/2:] by sin[..., :rot/2] and x[..., :rot/2] by
         # sin[..., rot/2:]: one cos/sin per pair when the halves are equal, else full tables.
-        source = _mrope_source(cos, sin, rot)
+        heads = block.table_heads_dim
+        source = _mrope_source(cos, sin, rot) if heads is None else None
         if source is None:
             try:
                 _duplicated_halves(cos)
                 _duplicated_halves(sin)
-                source = HalfTables(cos, sin)
+                source = HalfTables(cos, sin, heads)
             except NoMatch as why:
-                source = FullTables(cos, sin, None, str(why))
+                source = FullTables(cos, sin, heads, str(why))
     heads = block.heads_dim if isinstance(source, PairTables) else source.table_heads_dim
     token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != block.heads_dim]
     for table in (source.cos, source.sin):

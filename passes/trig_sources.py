@@ -154,10 +154,17 @@ class _PerTokenTables:
 @dataclass(frozen=True)
 class HalfTables(_PerTokenTables):
     """HF ``rotate_half``: ``cos``/``sin`` ``[..tokens.., rot]`` whose two halves the matcher
-    proved equal (``cos(cat(f, f))``)."""
+    proved equal (``cos(cat(f, f))``); ``heads_dim``: their size-1 dim that broadcasts over
+    heads, where they come already shaped for x (None: ``[..tokens.., rot]``)."""
+
+    heads_dim: int | None = None
+
+    @property
+    def table_heads_dim(self) -> int | None:
+        return self.heads_dim
 
     def pairing_key(self):
-        return ("half tables", self.cos, self.sin)
+        return ("half tables", self.cos, self.sin, self.heads_dim)
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, HalfTables):
@@ -168,9 +175,13 @@ class HalfTables(_PerTokenTables):
 
     def _halves(self, tx, after, rotary_dim, heads_dim):
         half = rotary_dim // 2  # the halves are equal: keep the first
-        cos_half = tx.add(after, aten.slice.Tensor, (self.cos, -1, 0, half))
-        sin_half = tx.add(cos_half, aten.slice.Tensor, (self.sin, -1, 0, half))
-        return cos_half, sin_half
+        halves, last = [], after
+        for table in (self.cos, self.sin):
+            last = tx.add(last, aten.slice.Tensor, (table, -1, 0, half))
+            if self.heads_dim is not None:
+                last = tx.add(last, aten.squeeze.dim, (last, self.heads_dim))
+            halves.append(last)
+        return tuple(halves)
 
 
 @dataclass(frozen=True)

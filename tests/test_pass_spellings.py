@@ -1,0 +1,290 @@
+"""RoPE spellings from the field: each is rewritten once per layer with eager's values, or its
+miss is counted (``missed: <reason>``) and logged on ``rope_compile`` at DEBUG.
+
+* HF ``q * cos + rotate_half(q) * sin`` with cos/sin already shaped ``[1, 1, S, D]``: graph
+  inputs, module buffers (whole or sliced) and module globals (no ``unsqueeze`` in the graph;
+  read in place by the tables op as ``[S, D]`` rows).
+* litgpt's ``apply_rope``: older releases and nanoGPT forks broadcast ``cos[:T]`` (or
+  ``cos.index_select(0, input_pos)``) as a 2-D ``[T, D]`` table; litgpt 0.5.x reaches it through
+  ``cos[:T].unsqueeze(0)`` (or ``index_select(...).unsqueeze(0)``) and ``.view(1, 1, T, n)``.
+
+The miss report covers every one of these forms: with a broken rotation (halves swapped) each is
+a counted miss with one DEBUG line, never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pass_helpers import CPU_OPTIONS, count_fused_calls, fresh_compile, rope_counters
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+B, T, HIDDEN, HQ, HK, D = 1, 6, 64, 4, 2, 128
+MAX_POS = 16
+LAYERS = 2
+# Misses on graph-input tables may raise inside the matcher (a candidate error, counted apart);
+# these compile without strict, and the miss is reported either way.
+LENIENT = {"devices": ("cpu",)}
+
+
+def _angles(seq: int, dim: int = D) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
+
+
+def _tables(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF / litgpt ``[seq, D]`` tables: ``cat(f, f)`` of the angles, cos and sin."""
+    emb = torch.cat((_angles(seq),) * 2, dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _compile(model, args, caplog, options=CPU_OPTIONS):
+    """Compile ``model`` with the backend, check it against eager; returns (counters, the
+    ``missed:`` counters, the DEBUG lines about RoPE-like misses, the number of fused calls in
+    the generated code)."""
+    expected = model(*args)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="rope_compile"), fresh_compile():
+        out, codes = run_and_get_code(torch.compile(model, backend="rope_compile",
+                                                    options=dict(options)), *args)
+        counts = rope_counters()
+    assert "pass_errors" not in counts, counts
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    missed = {k: v for k, v in counts.items() if k.startswith("missed: ")}
+    lines = [r.getMessage() for r in caplog.records if r.name == "rope_compile"
+             and r.levelno == logging.DEBUG and "RoPE-like" in r.getMessage()]
+    return counts, missed, lines, count_fused_calls("\n".join(codes))
+
+
+def assert_fused(model, args, caplog, layers: int = LAYERS) -> dict:
+    counts, missed, lines, calls = _compile(model, args, caplog)
+    assert counts.get("rewritten") == layers and calls == layers, counts
+    assert not missed and not lines, (missed, lines)
+    return counts
+
+
+def assert_missed(model, args, caplog, layers: int = LAYERS) -> dict:
+    """Not rewritten, and each layer's two RoPEs are counted misses with a DEBUG line each."""
+    counts, missed, lines, calls = _compile(model, args, caplog, LENIENT)
+    assert calls == 0 and "rewritten" not in counts, counts
+    assert sum(missed.values()) == 2 * layers and len(lines) == 2 * layers, (missed, lines)
+    return missed
+
+
+# --------------------------------------------------------------------------------------------
+# the model: a stack of attention layers over one qkv projection each
+
+
+def _rotate_half(x, swapped=False):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x1, x2), dim=-1) if swapped else torch.cat((-x2, x1), dim=-1)
+
+
+def hf_rope(x, cos, sin, swapped=False):
+    """HF's ``apply_rotary_pos_emb`` body with cos/sin already broadcastable (no unsqueeze)."""
+    return (x * cos) + (_rotate_half(x, swapped) * sin)
+
+
+class Layer(nn.Module):
+    """qkv projection, q/k ``[B, H, T, D]`` views of it (``token_first``: ``[B, T, H, D]``),
+    ``rope(x, cos, sin)`` on q and k, SDPA, output projection."""
+
+    def __init__(self, rope, token_first: bool = False) -> None:
+        super().__init__()
+        self.rope, self.token_first = rope, token_first
+        self.qkv = nn.Linear(HIDDEN, (HQ + 2 * HK) * D, bias=False)
+        self.out = nn.Linear(HQ * D, HIDDEN, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split((HQ * D, HK * D, HK * D), dim=-1)
+        q, k, v = q.view(b, t, HQ, D), k.view(b, t, HK, D), v.view(b, t, HK, D)
+        if not self.token_first:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        if self.token_first:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Stack(nn.Module):
+    """``LAYERS`` layers; ``tables(self, x, *extra)`` gives each layer's (cos, sin)."""
+
+    def __init__(self, rope, tables, token_first: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(Layer(rope, token_first) for _ in range(LAYERS))
+        self.tables = tables
+
+    def forward(self, x, *extra):
+        cos, sin = self.tables(self, x, *extra)
+        for layer in self.layers:
+            x = x + layer(x, cos, sin)
+        return x
+
+
+def _hidden(batch: int = B, seq: int = T) -> torch.Tensor:
+    return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(1))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. HF rotate_half with cos/sin already shaped [1, 1, S, D]
+
+COS_4D, SIN_4D = (t[None, None] for t in _tables(T))  # module globals
+
+
+def _from_inputs(model, x, cos, sin):
+    return cos, sin
+
+
+def _from_buffers(model, x):
+    return model.cos, model.sin
+
+
+def _from_sliced_buffers(model, x):
+    t = x.shape[1]
+    return model.cos_max[:, :, :t], model.sin_max[:, :, :t]
+
+
+def _from_globals(model, x):
+    return COS_4D, SIN_4D
+
+
+def _preshaped(source: str, rope=hf_rope) -> tuple[nn.Module, tuple]:
+    """A stack whose [1, 1, S, D] tables come from ``source``, and its arguments."""
+    tables = {"input": _from_inputs, "buffer": _from_buffers,
+              "sliced buffer": _from_sliced_buffers, "global": _from_globals}[source]
+    model = Stack(rope, tables).eval()
+    model.register_buffer("cos", COS_4D.clone(), persistent=False)
+    model.register_buffer("sin", SIN_4D.clone(), persistent=False)
+    cos_max, sin_max = (t[None, None] for t in _tables(MAX_POS))
+    model.register_buffer("cos_max", cos_max, persistent=False)
+    model.register_buffer("sin_max", sin_max, persistent=False)
+    args = (_hidden(), COS_4D, SIN_4D) if source == "input" else (_hidden(),)
+    return model, args
+
+
+PRESHAPED = ("input", "buffer", "sliced buffer", "global")
+
+
+@pytest.mark.parametrize("source", PRESHAPED)
+def test_preshaped_tables_fused(source, caplog):
+    assert_fused(*_preshaped(source), caplog)
+
+
+def test_preshaped_tables_batch_two(caplog):
+    """Batch 2, the [1, 1, S, D] tables broadcast over batch and heads: rows t % S."""
+    model, _ = _preshaped("input")
+    assert_fused(model, (_hidden(2), COS_4D, SIN_4D), caplog)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. litgpt apply_rope: 2-D [T, D] tables, index_select, and 0.5.x's view(1, 1, T, n)
+
+
+def litgpt_old_apply_rope(x, cos, sin):
+    """litgpt before 0.5 (and nanoGPT forks): ``cos`` ``[T, n]`` broadcast as it is."""
+    head_size = x.size(-1)
+    x1 = x[..., : head_size // 2]
+    x2 = x[..., head_size // 2:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    roped = (x * cos) + (rotated * sin)
+    return roped.to(dtype=x.dtype)
+
+
+def litgpt_apply_rope(x, cos, sin):
+    """litgpt 0.5.x ``apply_rope``: ``cos`` ``(1, T, n)`` viewed as ``(1, 1, T, n)``."""
+    if cos.dim() != 3:
+        raise ValueError(f"cos must be three-dimensional, but shape is {cos.shape}")
+    head_size_half = x.size(-1) // 2
+    x1 = x[..., :head_size_half]
+    x2 = x[..., head_size_half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    dims_diff = x.dim() - cos.dim()
+    if dims_diff > 0:
+        new_shape = cos.shape[0:1] + (1,) * dims_diff + cos.shape[1:]
+        cos = cos.view(*new_shape)
+        sin = sin.view(*new_shape)
+    roped = (x * cos) + (rotated * sin)
+    return roped.to(dtype=x.dtype)
+
+
+def _litgpt_slice(model, x):
+    t = x.size(1)
+    return model.cos[:t], model.sin[:t]
+
+
+def _litgpt_index_select(model, x, input_pos):
+    return model.cos.index_select(0, input_pos), model.sin.index_select(0, input_pos)
+
+
+def _litgpt_slice_unsqueezed(model, x):
+    t = x.size(1)
+    return model.cos[:t].unsqueeze(0), model.sin[:t].unsqueeze(0)
+
+
+def _litgpt_index_select_unsqueezed(model, x, input_pos):
+    # litgpt's batched_index_select with 1-D input_pos is torch.index_select.
+    cos = torch.index_select(model.cos, 0, input_pos).unsqueeze(0)
+    sin = torch.index_select(model.sin, 0, input_pos).unsqueeze(0)
+    return cos, sin
+
+
+LITGPT = {
+    "2-D cos[:T]": (litgpt_old_apply_rope, _litgpt_slice),
+    "2-D index_select": (litgpt_old_apply_rope, _litgpt_index_select),
+    "0.5 view(1, 1, T, n)": (litgpt_apply_rope, _litgpt_slice_unsqueezed),
+    "0.5 index_select view": (litgpt_apply_rope, _litgpt_index_select_unsqueezed),
+}
+
+
+def _litgpt(name: str, batch: int = 2, rope=None) -> tuple[nn.Module, tuple]:
+    apply, tables = LITGPT[name]
+    model = Stack(rope or apply, tables).eval()
+    cos, sin = _tables(MAX_POS)
+    model.register_buffer("cos", cos, persistent=False)
+    model.register_buffer("sin", sin, persistent=False)
+    args = (_hidden(batch),)
+    if "index_select" in name:
+        args += (torch.arange(3, 3 + T),)
+    return model, args
+
+
+@pytest.mark.parametrize("name", list(LITGPT))
+def test_litgpt_tables_fused(name, caplog):
+    assert_fused(*_litgpt(name), caplog)
+
+
+# --------------------------------------------------------------------------------------------
+# the miss report covers each form: a broken rotation is counted, never silent
+
+
+def _swapped(apply):
+    """``apply`` with rotate_half's halves swapped: ``cat(-x1, x2)``, not RoPE."""
+    def rope(x, cos, sin):
+        if cos.dim() < x.dim() and apply is litgpt_apply_rope:
+            cos = cos.view(cos.shape[0:1] + (1,) * (x.dim() - cos.dim()) + cos.shape[1:])
+            sin = sin.view(sin.shape[0:1] + (1,) * (x.dim() - sin.dim()) + sin.shape[1:])
+        return hf_rope(x, cos, sin, swapped=True)
+    return rope
+
+
+MISS_REASON = ("rotate_half(x) does not rotate the x that multiplies cos (halves swapped, or "
+               "another tensor)")
+
+
+@pytest.mark.parametrize("source", PRESHAPED)
+def test_preshaped_tables_miss_reported(source, caplog):
+    missed = assert_missed(*_preshaped(source, _swapped(hf_rope)), caplog)
+    assert missed == {f"missed: {MISS_REASON}": 2 * LAYERS}, missed
+
+
+@pytest.mark.parametrize("name", ["2-D cos[:T]", "0.5 view(1, 1, T, n)"])
+def test_litgpt_tables_miss_reported(name, caplog):
+    missed = assert_missed(*_litgpt(name, rope=_swapped(LITGPT[name][0])), caplog)
+    assert missed == {f"missed: {MISS_REASON}": 2 * LAYERS}, missed
