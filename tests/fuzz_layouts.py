@@ -366,22 +366,33 @@ def rope_native(x, cache, positions, rot: int, is_neox: bool, spelling: str = "p
     sin = fk.cast(sin.unsqueeze(-2), x.dtype, spelling)
     partial = rot < x.shape[-1]
     x_rot = x[..., :rot] if partial else x
+    s = spelling
     if is_neox:
-        x1, x2 = x_rot.chunk(2, -1)
+        x1, x2 = (torch.chunk(input=x_rot, chunks=2, dim=-1) if s == "keywords"
+                  else x_rot.chunk(2, -1))
     else:
         x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
-    s = spelling
     o1 = fk.sub(fk.mul(x1, cos, s), fk.mul(x2, sin, s), s,
                 fk.ROPE_ALPHAS.get(s) if s == "sub_alpha" else None)
     o2 = fk.add(fk.mul(x2, cos, s), fk.mul(x1, sin, s), s,
                 fk.ROPE_ALPHAS.get(s) if s == "add_alpha" else None)
-    out = torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2)
+    if s == "keywords":
+        out = (torch.cat(tensors=(o1, o2), dim=-1) if is_neox
+               else torch.stack(tensors=(o1, o2), dim=-1).flatten(start_dim=-2))
+    else:
+        out = torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2)
     return torch.cat((out, x[..., rot:]), -1) if partial else out
 
 
-def rotate_half(x):
+def rotate_half(x, spelling: str = "plain"):
+    """HF's ``cat((-x2, x1), -1)`` (keywords: ``torch.neg(input=..)``; methods: ``.neg()``)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    if spelling == "keywords":
+        return torch.cat(tensors=(torch.neg(input=x2), x1), dim=-1)
+    if spelling == "methods":
+        return torch.cat((x2.neg(), x1), dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def rope_hf(x, cos, sin, rot: int, spelling: str = "plain"):
@@ -391,7 +402,7 @@ def rope_hf(x, cos, sin, rot: int, spelling: str = "plain"):
     s = spelling
 
     def rotated(x):
-        a, b = fk.mul(x, cos, s), fk.mul(rotate_half(x), sin, s)
+        a, b = fk.mul(x, cos, s), fk.mul(rotate_half(x, s), sin, s)
         if s == "sub_alpha":
             return torch.sub(a, b, alpha=-fk.ROPE_ALPHAS[s])
         return fk.add(a, b, s, fk.ROPE_ALPHAS[s] if s == "add_alpha" else None)
@@ -972,8 +983,11 @@ def new_stats(device: str) -> dict:
 def new_kind_stats() -> dict:
     """The fuzz_kinds tables of the statistics (both fuzzers): programs, and failed programs,
     per reader (and per reader and use), spelling, index mode (and gather), second RoPE; the
-    programs that raised as eager does, and those not run on this device."""
-    return {"skipped_programs": 0, "raised_as_eager": 0, "raise_mismatches": 0,
+    programs whose eager run raised, those whose compiled run raised too, the raise mismatches
+    (the passes'; Inductor's own are among inductor_only_programs), and those not run on this
+    device."""
+    return {"skipped_programs": 0, "eager_raised": 0, "raised_as_eager": 0,
+            "raise_mismatches": 0,
             "harness_errors": 0, "by_reader": {}, "by_reader_use": {},
             "by_spelling": {}, "by_index": {}, "by_second_rope": {}}
 
@@ -998,7 +1012,8 @@ def record_kinds(stats: dict, p, r) -> None:
     index = f"{p.index_mode}/{p.index_target}"
     _count(stats, "by_index", index, failed)
     _count(stats, "by_second_rope", str(p.second), failed)
-    stats["raised_as_eager"] += int(p.eager_raises and not failed)
+    stats["eager_raised"] += int(p.eager_raises)
+    stats["raised_as_eager"] += int(p.eager_raises and "raises" not in r.categories)
 
 
 def kinds_summary(stats: dict) -> str:
@@ -1010,7 +1025,8 @@ def kinds_summary(stats: dict) -> str:
     return "\n".join([
         f"  readers: {table('by_reader')}",
         f"  spellings: {table('by_spelling')}; second RoPE: {table('by_second_rope')}",
-        f"  indices: {table('by_index')}; raised as eager does: {stats['raised_as_eager']}; "
+        f"  indices: {table('by_index')}; eager raised {stats['eager_raised']}, the compiled "
+        f"program too {stats['raised_as_eager']}; "
         f"raised where eager does not or the reverse: {stats['raise_mismatches']}; harness "
         f"errors {stats['harness_errors']}; not run on this device: "
         f"{stats['skipped_programs']}",
@@ -1030,13 +1046,13 @@ def record(stats: dict, r: Result) -> None:
         stats["expected_rewrites"] += r.expected
     stats["rewrites"] += r.rewritten
     cats = r.categories
+    if r.hit_known_bug:
+        stats["known_bug_programs"][r.known_bug] = (
+            stats["known_bug_programs"].get(r.known_bug, 0) + 1)
     if r.inductor_only:
         stats["inductor_only_programs"] += 1
     elif r.failures:
         stats["failed_programs"] += int(r.failed)
-        if r.hit_known_bug:
-            stats["known_bug_programs"][r.known_bug] = (
-                stats["known_bug_programs"].get(r.known_bug, 0) + 1)
         stats["size1_stride_notes"] += int("size1_strides" in cats)
         for cat, key in (("values", "wrong_values"), ("strides", "stride_mismatches"),
                          ("compile", "compile_failures"), ("pass_errors", "pass_errors"),
