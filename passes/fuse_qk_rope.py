@@ -50,6 +50,7 @@ inside: the rewrite would add a pass over q and k (``passes/layout_copy_rule.py`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import operator
@@ -488,6 +489,8 @@ def _plan_table_rows(q: RopeMatch, views) -> tuple[TableRows, TableRows] | None:
         if rows is None:
             return give_up(why)
         found.append(rows)
+    if getattr(trig, "negate_sin", False):  # the rotation by -θ: the op reads -sin
+        found[1] = dataclasses.replace(found[1], negate=True)
     try:
         with torch._guards.detect_fake_mode([val]) or contextlib.nullcontext():
             tokens = views[0].shape[0]

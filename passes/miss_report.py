@@ -68,11 +68,12 @@ _FRIENDLY = (
      "rotate_half(x) does not rotate the x that multiplies cos (halves swapped, or another "
      "tensor)"),
     (r"rotate_half is not a cat of two halves", "rotate_half(x) is not a cat of x's two halves"),
-    (r"first half is not a difference", "first half is not x1 * cos - x2 * sin (not a "
-                                        "difference)"),
-    (r"second half is not a sum", "second half is not x2 * cos + x1 * sin (not a sum)"),
+    (r"a half is not a sum or difference of products",
+     "a half is not x1 * cos - x2 * sin or x2 * cos + x1 * sin (not a sum or difference of two "
+     "products)"),
     (r"second half is not x2\*cos \+ x1\*sin",
-     "second half is not x2 * cos + x1 * sin (signs, halves or cos and sin swapped)"),
+     "second half is not x2 * cos + x1 * sin (signs, halves or cos and sin swapped; the "
+     "rotation by -θ is x1 * cos + x2 * sin, x2 * cos - x1 * sin)"),
     (r"cos/sin do not come from a cache row gather \(found (?P<op>[^)]+)\)",
      "cos/sin are not plain rows of a cos_sin_cache: {op} between the gather and the multiply "
      "is not followed (an unrelated scale?)"),

@@ -26,6 +26,7 @@ from .trig_sources import (
     FullTables,
     GatheredCache,
     HalfTables,
+    HalfWidthTables,
     PairTables,
     PairwiseTables,
     SectionedTables,
@@ -352,16 +353,51 @@ def _match_complex_rotation(node: Node):
     raise NoMatch("product is not view_as_complex(x pairs) times a complex freqs_cis")
 
 
+@dataclass(frozen=True)
+class HalfTrig:
+    """A half-width cos/sin table ``[.., rot/2]`` already shaped to broadcast over x's heads
+    (nanochat's ``[1, T, 1, rot/2]``, a ``[T, rot/2]`` table): ``table`` (casts stripped),
+    ``heads_dim`` of x, and ``table_heads_dim`` the size-1 dim of ``table`` that lines up with it
+    (None: ``table`` has no heads dim)."""
+
+    table: Node
+    heads_dim: int
+    table_heads_dim: int | None
+
+
+def trace_half_trig(node: Node, x_val) -> HalfTrig:
+    """Follow a cos/sin factor of ``x`` (x's features, rot/2 wide) back through casts to a
+    table that broadcasts over x's heads (the op reads the table, in fp32 as for a cast
+    cache)."""
+    while _float_cast(node):
+        node = node.args[0]
+    heads_dim = _broadcast_heads_dim(_val(node), x_val)
+    _require(heads_dim is not None, "cos/sin factor does not broadcast over x's heads")
+    own = heads_dim - (x_val.dim() - _val(node).dim())
+    return HalfTrig(node, heads_dim, own if own >= 0 else None)
+
+
 def _product_terms(node: Node, num_tokens):
     """``node`` = x-features * cos/sin (either order)."""
     _require(op_of(node) in _MULS and len(node.args) == 2, f"expected a product, got {node.target}")
     a, b = node.args
     _require(isinstance(a, Node) and isinstance(b, Node), "product with a scalar")
+    return _factor_terms(a, b, num_tokens)
+
+
+def _factor_terms(a: Node, b: Node, num_tokens):
+    """``a * b`` = x-features * cos/sin (either order): (features, cos/sin factor)."""
     for x, t in ((a, b), (b, a)):
         x_val, t_val = _val(x), _val(t)
         if x_val is not None and t_val is not None and x_val.dim() == t_val.dim() == 4:
             try:
                 return trace_features(x), trace_pair_trig(t, x_val)
+            except NoMatch:
+                pass
+        if x_val is not None and t_val is not None and x_val.dim() == 4:
+            # A half-width table shaped to broadcast over x's heads (nanochat, [T, rot/2]).
+            try:
+                return trace_features(x), trace_half_trig(t, x_val)
             except NoMatch:
                 continue
         x_val = _val(x)
@@ -395,18 +431,42 @@ class RopeMatch:
                 self.base.meta["val"].dtype)
 
 
+def _signed_terms(half: Node, num_tokens) -> list[tuple[int, Operand, object]]:
+    """``half`` = ``±a ± b`` (add or sub) of two products, each ``x * t`` with a ``neg`` on
+    either factor (``x1 * (-sin)``, ``-x1 * sin``): [(sign, features, cos/sin factor)] x2."""
+    _require(op_of(half) in (*_ADDS, *_SUBS) and len(half.args) == 2 and all(
+        isinstance(a, Node) for a in half.args), "a half is not a sum or difference of products")
+    terms = []
+    for arg, sign in zip(half.args, (1, -1 if op_of(half) in _SUBS else 1), strict=True):
+        _require(op_of(arg) in _MULS and len(arg.args) == 2 and all(
+            isinstance(a, Node) for a in arg.args), f"expected a product, got {arg.target}")
+        a, b = arg.args
+        while op_of(a) is aten.neg.default:
+            a, sign = a.args[0], -sign
+        while op_of(b) is aten.neg.default:
+            b, sign = b.args[0], -sign
+        terms.append((sign, *_factor_terms(a, b, num_tokens)))
+    return terms
+
+
 def _match_rotation(o1: Node, o2: Node, num_tokens):
-    """o1 = x1*cos - x2*sin and o2 = x2*cos + x1*sin; returns (x1, x2, cos, sin)."""
+    """``o1 = x1*cos - x2*sin`` and ``o2 = x2*cos + x1*sin``, or the rotation by -θ
+    (nanochat: ``o1 = x1*cos + x2*sin``, ``o2 = x2*cos - x1*sin``, any order and spelling of
+    the signs); returns (x1, x2, cos, sin, whether the rotation is by -θ: sin negated)."""
     _require(isinstance(o1, Node) and isinstance(o2, Node), "halves are not tensors")
-    _require(o1.target in _SUBS and len(o1.args) == 2, "first half is not a difference")
-    _require(o2.target in _ADDS and len(o2.args) == 2, "second half is not a sum")
     _require_arguments(o1)
     _require_arguments(o2)
-    x1, cos = _product_terms(o1.args[0], num_tokens)
-    x2, sin = _product_terms(o1.args[1], num_tokens)
-    terms = {_product_terms(o2.args[0], num_tokens), _product_terms(o2.args[1], num_tokens)}
-    _require(terms == {(x2, cos), (x1, sin)}, "second half is not x2*cos + x1*sin")
-    return x1, x2, cos, sin
+    first, second = _signed_terms(o1, num_tokens), _signed_terms(o2, num_tokens)
+    for (cos_sign, x1, cos), (sin_sign, x2, sin) in (first, first[::-1]):
+        if cos_sign != 1:
+            continue
+        found = {(x, t): sign for sign, x, t in second}
+        if len(found) != 2 or found.get((x2, cos)) != 1 or (x1, sin) not in found:
+            continue
+        signs = (sin_sign, found[(x1, sin)])
+        if signs in ((-1, 1), (1, -1)):
+            return x1, x2, cos, sin, signs == (1, -1)
+    raise NoMatch("second half is not x2*cos + x1*sin")
 
 
 _ELEMENTWISE_SCALE = (aten.mul.Tensor, aten.div.Tensor)
@@ -777,6 +837,8 @@ class RotatedBlock:
     # HF tables already shaped to broadcast over heads (no unsqueeze in the graph): their
     # size-1 dim that lines up with x's heads (None: the tables are [..tokens.., n]).
     table_heads_dim: int | None = None
+    # The rotation by -θ (nanochat's sign convention): the rotation by θ with sin negated.
+    negate_sin: bool = False
 
 
 def match_rotated_block(candidate: Node) -> RotatedBlock:
@@ -815,13 +877,20 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
         x1, x2, trig, heads_dim, block_nodes = _match_complex_rotation(node)
         return RotatedBlock(x1, x2, trig, trig, False, heads_dim, tail, nodes + block_nodes)
     o1, o2, is_neox, block_nodes = _rotated_halves(node)
-    x1, x2, cos, sin = _match_rotation(o1, o2, _val(node).shape[0])
+    x1, x2, cos, sin, negated = _match_rotation(o1, o2, _val(node).shape[0])
     nodes += [*block_nodes, o1, o2, *o1.args, *o2.args]
+    nodes += [a for p in (*o1.args, *o2.args) for a in p.args
+              if isinstance(a, Node) and op_of(a) is aten.neg.default]
     heads_dim = 1
     if isinstance(cos, PairTrig):
         f_shape = _val(cos.factor).shape
         heads_dim = max(d for d in range(len(f_shape) - 1) if statically_equal(f_shape[d], 1))
-    return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes)
+    if isinstance(cos, HalfTrig):
+        _require(isinstance(sin, HalfTrig) and (sin.heads_dim, sin.table_heads_dim) == (
+            cos.heads_dim, cos.table_heads_dim), "cos and sin broadcast on different dims")
+        heads_dim = cos.heads_dim
+    return RotatedBlock(x1, x2, cos, sin, is_neox, heads_dim, tail, nodes,
+                        negate_sin=negated)
 
 
 def match_head_base(block: RotatedBlock, dtype: torch.dtype | None = None) -> Node:
@@ -869,6 +938,9 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
     rot = 2 * half
     cos, sin = block.cos, block.sin
     base_val = _val(base)
+    if block.negate_sin and not isinstance(cos, HalfTrig):
+        raise NoMatch("a rotation by -θ (x1*cos + x2*sin, x2*cos - x1*sin) is fused from "
+                      "half-width cos/sin tables only")
     if isinstance(cos, TrigOperand):
         _require(isinstance(sin, TrigOperand), "cos and sin come in different forms")
         _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
@@ -880,7 +952,10 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
                  "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
         _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
         return GatheredCache(cos.cache, cos.positions, cos.wrap_negative)
-    if isinstance(cos, ComplexTrig):
+    if isinstance(cos, HalfTrig):
+        _require(isinstance(sin, HalfTrig), "cos and sin come in different forms")
+        source = HalfWidthTables(cos.table, sin.table, cos.table_heads_dim, block.negate_sin)
+    elif isinstance(cos, ComplexTrig):
         source = ComplexTables(cos.factor, cos.factor, block.heads_dim)
     elif isinstance(cos, PairTrig):
         _require(isinstance(sin, PairTrig) and cos.rows is sin.rows
@@ -913,7 +988,7 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
     token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != block.heads_dim]
     for table in (source.cos, source.sin):
         shape = list(_val(table).shape)
-        width = half if isinstance(source, (PairTables, ComplexTables)) else rot
+        width = half if isinstance(source, (PairTables, ComplexTables, HalfWidthTables)) else rot
         if isinstance(source, SectionedTables):
             width = shape[-1]  # rot/2 or rot, proven by _mrope_table
             del shape[0]  # the 3 streams

@@ -6,7 +6,8 @@ and ``arange(T)`` (two kernels per forward), the pass hands the model's tables t
 ``rope_compile::fused_qk_rope_with_cos_sin_tables_inplace`` as ``[R, rot/2]`` views (``[R, rot]``
 for tables whose halves are not proven equal; ``[3, R, n]`` for mRoPE streams, with
 ``mrope_section``; complex ``freqs_cis`` as the real and imaginary parts of
-``view_as_real(freqs_cis)``), token ``t`` reading row ``t % R``::
+``view_as_real(freqs_cis)``; ``-sin`` rows, one small kernel, for a rotation by -θ), token
+``t`` reading row ``t % R``::
 
     before (HF, x [B, H, S, D], cos [B', S, rot] with equal halves, B' = 1 or B):
         cos_sin_cache = reshape(expand(cat(cos[..., :rot/2], sin[..., :rot/2])), [T, rot])
@@ -53,6 +54,7 @@ class TableRows:
     width: int
     part: int | None = None
     streams: bool = False
+    negate: bool = False  # the op reads -table (the rotation by -θ: sin negated)
 
     def _shape(self) -> list[int]:
         return [3, -1, self.width] if self.streams else [-1, self.width]
@@ -64,7 +66,8 @@ class TableRows:
         if self.heads_dim is not None:
             val = val.squeeze(self.heads_dim)
         val = val[..., self.start:self.start + self.step * self.width:self.step]
-        return val.reshape(self._shape())
+        val = val.reshape(self._shape())
+        return -val if self.negate else val
 
     def build(self, tx: GraphTransaction, after: Node) -> Node:
         node = self.node
@@ -75,7 +78,8 @@ class TableRows:
             node = after = tx.add(after, aten.squeeze.dim, (node, self.heads_dim))
         node = tx.add(after, aten.slice.Tensor,
                       (node, -1, self.start, self.start + self.step * self.width, self.step))
-        return tx.add(node, aten.reshape.default, (node, self._shape()))
+        node = tx.add(node, aten.reshape.default, (node, self._shape()))
+        return tx.add(node, aten.neg.default, (node,)) if self.negate else node
 
 
 def table_rows(table, heads_dim: int | None, token_shape, width: int,

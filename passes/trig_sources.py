@@ -22,6 +22,9 @@ PairwiseTables     HF ``rotate_every_two`` (Cohere, GLM,   ``cat(cos[..., ::2], 
 ComplexTables      Meta Llama / torchtitan complex         ``cat(real, imag)`` of
                    ``freqs_cis`` times view_as_complex(x)  ``view_as_real(freqs_cis)``,
                                                            ``arange(T)``
+HalfWidthTables    nanochat: half-width ``cos``/``sin``    ``cat(cos, sin)`` (``-sin`` for the
+                   ``[..tokens.., rot/2]`` times x's       rotation by -θ) as ``[T, rot]``,
+                   halves, either sign convention          ``arange(T)``
 =================  ======================================  ===================================
 
 FullTables         HF ``rotate_half`` / ``rotate_every_two``  nothing: no ``[T, rot]`` cache can
@@ -211,6 +214,48 @@ class PairTables(_PerTokenTables):
         return cos_half, sin_half
 
 
+@dataclass(frozen=True)
+class HalfWidthTables(_PerTokenTables):
+    """Half-width tables ``cos``/``sin`` ``[..tokens.., rot/2]`` multiplying x's halves
+    directly (nanochat's ``x1 * cos + x2 * sin`` with ``[1, T, 1, rot/2]`` buffers; a
+    ``[T, rot/2]`` table), already shaped to broadcast over x's heads: ``heads_dim`` is their
+    size-1 dim that does (None: they have none). ``negate_sin``: the rotation by -θ (nanochat's
+    sign convention, ``x1*cos + x2*sin``, ``x2*cos - x1*sin``), the rotation by θ with sin
+    negated: the op reads ``-sin`` (one small elementwise kernel per forward, shared by the
+    layers)."""
+
+    heads_dim: int | None = None
+    negate_sin: bool = False
+
+    @property
+    def table_heads_dim(self) -> int | None:
+        return self.heads_dim
+
+    def pairing_key(self):
+        return ("half-width tables", value_key(self.cos), value_key(self.sin), self.heads_dim,
+                self.negate_sin)
+
+    def describe_difference(self, other) -> str:
+        if not isinstance(other, HalfWidthTables):
+            return "q and k take cos/sin in different forms"
+        if self.negate_sin != other.negate_sin:
+            return "q and k rotate in different directions (θ and -θ)"
+        if value_key(self.sin) != value_key(other.sin):
+            return "q and k use different sin tables"
+        return "q and k use different cos tables"
+
+    def _halves(self, tx, after, rotary_dim, heads_dim):
+        halves, last = [], after
+        for table in (self.cos, self.sin):
+            last = tx.add(last, aten.slice.Tensor, (table, -1, 0, rotary_dim // 2))
+            if self.heads_dim is not None:
+                last = tx.add(last, aten.squeeze.dim, (last, self.heads_dim))
+            halves.append(last)
+        if self.negate_sin:
+            halves[1] = tx.add(halves[1], aten.neg.default, (halves[1],))
+        return tuple(halves)
+
+
 # Pure ops that recompute the same value from the same inputs: a table that models rebuild for
 # q and for k (HF GPT-J repeats ``repeat_interleave`` in each call) is one table.
 _PURE = {aten.unsqueeze.default, aten.expand.default, aten.clone.default, aten.view.default,
@@ -376,4 +421,4 @@ class SectionedTables(_PerTokenTables):
 
 
 TrigSource = (GatheredCache | HalfTables | PairTables | PairwiseTables | ComplexTables
-              | FullTables | SectionedTables)
+              | HalfWidthTables | FullTables | SectionedTables)

@@ -288,3 +288,81 @@ def test_preshaped_tables_miss_reported(source, caplog):
 def test_litgpt_tables_miss_reported(name, caplog):
     missed = assert_missed(*_litgpt(name, rope=_swapped(LITGPT[name][0])), caplog)
     assert missed == {f"missed: {MISS_REASON}": 2 * LAYERS}, missed
+
+
+# --------------------------------------------------------------------------------------------
+# 3. nanochat: half-width [1, T, 1, D/2] tables and the rotation by -θ
+
+
+def nanochat_apply_rotary_emb(x, cos, sin):
+    """nanochat's ``apply_rotary_emb`` (gpt.py): the other sign convention, a rotation by -θ."""
+    assert x.ndim == 4  # multihead attention
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]  # split up last time into two halves
+    y1 = x1 * cos + x2 * sin  # rotate pairs of dims
+    y2 = x1 * (-sin) + x2 * cos
+    out = torch.cat([y1, y2], 3)  # re-assemble
+    out = out.to(x.dtype)  # ensure input/output dtypes match
+    return out
+
+
+def negated_x1_rotary_emb(x, cos, sin):
+    """The same rotation by -θ spelled ``y2 = -x1 * sin + x2 * cos``."""
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], 3).to(x.dtype)
+
+
+def theta_rotary_emb(x, cos, sin):
+    """The usual convention (a rotation by θ) on the same half-width tables."""
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], 3).to(x.dtype)
+
+
+def _nanochat_tables(model, x):
+    t = x.size(1)
+    return model.cos[:, :t], model.sin[:, :t]
+
+
+def _nanochat(rope, batch: int = 2) -> tuple[nn.Module, tuple]:
+    """nanochat's layout: q/k ``[B, T, H, D]``, buffers ``cos[None, :, None, :]`` of the
+    ``[seq, D/2]`` angles, sliced ``[:, T0:T0 + T]``."""
+    model = Stack(rope, _nanochat_tables, token_first=True).eval()
+    angles = _angles(MAX_POS)
+    model.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
+    model.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+    return model, (_hidden(batch),)
+
+
+SIGNS = {"nanochat -θ": nanochat_apply_rotary_emb, "-θ, -x1 * sin": negated_x1_rotary_emb,
+         "θ": theta_rotary_emb}
+
+
+@pytest.mark.parametrize("name", list(SIGNS))
+def test_half_width_tables_both_signs_fused(name, caplog):
+    assert_fused(*_nanochat(SIGNS[name]), caplog)
+
+
+def _no_rotation(x, cos, sin):
+    """Not a rotation: ``x1*cos + x2*sin``, ``x2*cos + x1*sin``."""
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos + x1 * sin], 3)
+
+
+def _both_minus(x, cos, sin):
+    """Not a rotation: ``x1*cos - x2*sin``, ``x2*cos - x1*sin``."""
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos - x1 * sin], 3)
+
+
+SIGN_REASON = ("second half is not x2 * cos + x1 * sin (signs, halves or cos and sin swapped; "
+               "the rotation by -θ is x1 * cos + x2 * sin, x2 * cos - x1 * sin)")
+
+
+@pytest.mark.parametrize("rope", [_no_rotation, _both_minus], ids=["-θ broken", "θ broken"])
+def test_half_width_tables_miss_reported(rope, caplog):
+    missed = assert_missed(*_nanochat(rope), caplog)
+    assert missed == {f"missed: {SIGN_REASON}": 2 * LAYERS}, missed
