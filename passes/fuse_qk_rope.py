@@ -70,7 +70,11 @@ from rope_compile.options import (
     validate_pass_options,
     validate_skip_pairs_only_read_by_copies,
 )
-from rope_compile.validation import validate_fused, validate_qk_rope_tables
+from rope_compile.validation import (
+    validate_fused,
+    validate_qk_mrope_cache,
+    validate_qk_rope_tables,
+)
 
 from .events import inherit_source, option_hint, record, with_source
 from .fx_surgery import (
@@ -114,6 +118,12 @@ def _fused_op():
     import rope_compile.ops  # noqa: F401  (registers the op)
 
     return torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
+
+
+def _mrope_op():
+    import rope_compile.ops  # noqa: F401  (registers the op)
+
+    return torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default
 
 
 def _tables_op():
@@ -449,7 +459,12 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
             positions_val = torch.empty(views[0].shape[0], dtype=torch.int64,
                                         device=views[0].device)
         try:
-            validate_fused(views[0], views[1], cache_val, positions_val, rot)
+            sections = getattr(q.trig, "sections", None)
+            if sections is not None and not q.trig.table_form:
+                validate_qk_mrope_cache(views[0], views[1], cache_val, positions_val, rot,
+                                        list(sections))
+            else:
+                validate_fused(views[0], views[1], cache_val, positions_val, rot)
         except ValueError as err:
             raise PlanError(f"the op would reject the call: {err}") from None
     table_shape = None
@@ -551,7 +566,7 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
             kwargs["mrope_section"] = list(q.trig.sections)
         call_op = _tables_op()
     else:
-        call_op = _fused_op()
+        call_op = _fused_op() if q.trig.sections is None else _mrope_op()
         # One [T, rot] table per distinct cos/sin source (and token shape), shared by every
         # layer that uses it; the gathered form is its own cache.
         memo_key = (q.trig.pairing_key(), plan.table_shape)
@@ -566,6 +581,8 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
                 position.update({cache: where, positions: where})
                 built[memo_key] = (cache, positions)
         kwargs = {"cos_sin_cache": cache, "positions": positions, **plan.kwargs}
+        if q.trig.sections is not None:  # mRoPE: positions [3, T], columns by stream
+            kwargs["mrope_section"] = list(q.trig.sections)
         if getattr(q.trig, "wrap_negative", False):
             # Gathered as cache[positions]: a negative position is a row from the end, as eager
             # (index_select / embedding raise there, as the op does by default).

@@ -41,12 +41,14 @@ prims = torch.ops.prims
 __all__ = ["GRAPH_INPUT_TABLES", "Miss", "find_misses", "looks_like_rope"]
 
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
-# Ops that pass their first tensor argument's values through, rearranged (walked back over).
+# Ops that pass their first tensor argument's values through, rearranged (walked back over;
+# slice_scatter keeps the rest of its first argument: sglang's interleaved mRoPE tables).
 _PASS_THROUGH = (*_CASTS, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                  aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim,
                  aten.squeeze.dims, aten.squeeze.default, aten.expand.default,
                  aten.permute.default, aten.transpose.int, aten.clone.default, aten.alias.default,
-                 aten.split.Tensor, aten.split_with_sizes.default, operator.getitem)
+                 aten.split.Tensor, aten.split_with_sizes.default, operator.getitem,
+                 aten.slice_scatter.default)
 _GATHERS = (aten.index.Tensor, aten.index_select.default, aten.embedding.default,
             aten.gather.default)
 _TRIG = (aten.cos.default, aten.sin.default)

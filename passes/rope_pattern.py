@@ -213,6 +213,7 @@ class TrigOperand:
     start: int
     count: int
     wrap_negative: bool = False
+    sections: tuple[int, ...] | None = None  # mRoPE: positions [3, T], columns by stream
 
 
 def trace_trig(node: Node, num_tokens) -> TrigOperand:
@@ -242,6 +243,26 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
         break
     _require(unsqueezed and step == 1, "cos/sin is not a contiguous column range broadcast "
                                        "over heads")
+    sections = None
+    if op_of(node) is aten.cat.default:
+        # sglang's MRotaryEmbedding: cat([m[i] for i, m in enumerate(t.split(sections, -1))])
+        # of the gathered rows of 3 position streams, t [3, T, n]: stream i's columns of
+        # section i, in order, every column once (the mRoPE op's reading).
+        found = _assembled_streams(node)
+        _require(found is not None and len(found[1]) == 3,
+                 "cos/sin columns are not assembled from 3 position streams by sections")
+        _require(start == 0 and statically_equal(count, _val(node).shape[-1]),
+                 "cos/sin take part of an mRoPE table")
+        node, sections = found
+        while (sliced := _last_dim_range(node)) is not None:
+            node, parent_start, parent_step = sliced
+            start, step = parent_start + start * parent_step, parent_step * step
+        _require(step == 1, "mRoPE streams are not a contiguous column range of the rows")
+    if isinstance(node.target, torch._ops.OpOverload) and (
+            node.target.name() == "aten::slice_scatter"):  # refused, with its own reason
+        raise NoMatch("cos/sin are mRoPE streams interleaved by slice_scatter (sglang's "
+                      "mrope_interleaved, Qwen3-VL): the mRoPE op reads contiguous sections "
+                      "only")
     wrap_negative = False  # index_select, embedding: a negative position raises
     if op_of(node) is aten.index.Tensor:
         indices = node.args[1]
@@ -257,8 +278,15 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
     else:
         raise NoMatch(f"cos/sin do not come from a cache row gather (found {node.target})")
     pos_val = _val(positions)
-    _require(pos_val is not None and pos_val.dim() == 1
-             and pos_val.dtype in (torch.int32, torch.int64), "positions are not 1-D integers")
+    if sections is not None:
+        _require(pos_val is not None and pos_val.dim() == 2 and statically_equal(
+            pos_val.shape[0], 3) and statically_equal(pos_val.shape[1], num_tokens)
+                 and pos_val.dtype in (torch.int32, torch.int64),
+                 "mRoPE positions are not [3, num_tokens] integers")
+    else:
+        _require(pos_val is not None and pos_val.dim() == 1
+                 and pos_val.dtype in (torch.int32, torch.int64),
+                 "positions are not 1-D integers")
     # A cast of the whole cache (e.g. to the model dtype) is dropped: the fused op reads the
     # original table and does its math in fp32.
     while _float_cast(cache):
@@ -266,7 +294,7 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
     cache_val = _val(cache)
     _require(cache_val is not None and cache_val.dim() == 2 and cache_val.dtype.is_floating_point,
              "cos_sin_cache is not a 2-D float table")
-    return TrigOperand(cache, positions, start, count, wrap_negative)
+    return TrigOperand(cache, positions, start, count, wrap_negative, sections)
 
 
 @dataclass(frozen=True)
@@ -948,10 +976,13 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
         _require(cos.positions is sin.positions, "cos and sin use different positions")
         _require(cos.wrap_negative == sin.wrap_negative, "cos and sin gather rows with "
                  "different index rules (index and index_select / embedding)")
+        _require(cos.sections == sin.sections, "cos and sin use different mrope sections")
+        _require(cos.sections is None or sum(cos.sections) == half,
+                 "mrope sections do not sum to rotary_dim/2")
         _require((cos.start, cos.count, sin.start, sin.count) == (0, half, half, half),
                  "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
         _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
-        return GatheredCache(cos.cache, cos.positions, cos.wrap_negative)
+        return GatheredCache(cos.cache, cos.positions, cos.wrap_negative, cos.sections)
     if isinstance(cos, HalfTrig):
         _require(isinstance(sin, HalfTrig), "cos and sin come in different forms")
         source = HalfWidthTables(cos.table, sin.table, cos.table_heads_dim, block.negate_sin)

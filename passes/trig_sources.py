@@ -10,7 +10,9 @@ Each type owns what differs between the forms:
 =================  ======================================  ===================================
 form               graph                                   materialised as
 =================  ======================================  ===================================
-GatheredCache      ``cache[positions]`` halves (sglang)    the cache and positions themselves
+GatheredCache      ``cache[positions]`` halves (sglang),   the cache and positions themselves
+                   or their mRoPE sections (positions      (the mRoPE cache op with
+                   ``[3, T]``, sglang's MRotaryEmbedding)  ``mrope_section``)
 HalfTables         HF ``cos``/``sin`` ``[..tokens.., rot]``  ``cat(cos[..., :rot/2],
                    with proven equal halves                sin[..., :rot/2])`` as ``[T, rot]``,
                                                            ``positions = arange(T)``
@@ -81,11 +83,14 @@ class GatheredCache:
     cache: Node
     positions: Node
     wrap_negative: bool = False
+    # mRoPE (sglang's MRotaryEmbedding): positions [3, T], pair column i read from stream s
+    # by the section s it lies in; the call is the mRoPE cache op.
+    sections: tuple[int, ...] | None = None
 
     table_form = False
 
     def pairing_key(self):
-        return ("gathered", self.cache, self.positions, self.wrap_negative)
+        return ("gathered", self.cache, self.positions, self.wrap_negative, self.sections)
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, GatheredCache):
@@ -94,6 +99,8 @@ class GatheredCache:
             return "q and k use different positions"
         if self.wrap_negative != other.wrap_negative:
             return "q and k gather cos/sin rows with different index rules"
+        if self.sections != other.sections:
+            return "q and k use different mrope sections"
         return "q and k use different cos_sin_caches"
 
     def reads(self) -> tuple[Node, ...]:

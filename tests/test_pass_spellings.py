@@ -366,3 +366,165 @@ SIGN_REASON = ("second half is not x2 * cos + x1 * sin (signs, halves or cos and
 def test_half_width_tables_miss_reported(rope, caplog):
     missed = assert_missed(*_nanochat(rope), caplog)
     assert missed == {f"missed: {SIGN_REASON}": 2 * LAYERS}, missed
+
+
+# --------------------------------------------------------------------------------------------
+# 4. sglang's MRotaryEmbedding.forward_native (multimodal RoPE, Qwen2-VL / Qwen3-VL)
+#
+# A copy of sgl-project/sglang at commit 020d83a06417a70561ce329ee6ae58eaa47dd2ff:
+# python/sglang/srt/layers/rotary_embedding/mrope.py (apply_interleaved_rope,
+# MRotaryEmbedding.forward_native) and .../rotary_embedding/utils.py (apply_rotary_emb); the
+# cache is RotaryEmbedding's (cat(cos, sin) of positions x inv_freq). Not installed here.
+
+
+def sglang_apply_interleaved_rope(x: torch.Tensor, mrope_section: list) -> torch.Tensor:
+    x_t = x[0].clone()
+    x_t[..., 1 : mrope_section[1] * 3 : 3] = x[1, ..., 1 : mrope_section[1] * 3 : 3]
+    x_t[..., 2 : mrope_section[2] * 3 : 3] = x[2, ..., 2 : mrope_section[2] * 3 : 3]
+    return x_t
+
+
+def sglang_apply_rotary_emb(x, cos, sin, is_neox_style):
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
+    if is_neox_style:
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+    else:
+        x1 = x[..., ::2]
+        x2 = x[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if is_neox_style:
+        return torch.cat((o1, o2), dim=-1)
+    else:
+        return torch.stack((o1, o2), dim=-1).flatten(-2)
+
+
+class SglangMRotaryEmbedding(nn.Module):
+    """sglang's ``MRotaryEmbedding`` (its ``forward_native``; the cache as ``RotaryEmbedding``
+    builds it)."""
+
+    def __init__(self, head_size, rotary_dim, max_position_embeddings, base, is_neox_style,
+                 dtype, mrope_section=None, mrope_interleaved=False) -> None:
+        super().__init__()
+        self.head_size, self.rotary_dim = head_size, rotary_dim
+        self.is_neox_style = is_neox_style
+        self.mrope_section, self.mrope_interleaved = mrope_section, mrope_interleaved
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float)
+                                   / rotary_dim))
+        t = torch.arange(max_position_embeddings, dtype=torch.float)
+        freqs = torch.einsum("i,j -> ij", t, inv_freq)
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward_native(self, positions, query, key, fused_set_kv_buffer_arg=None):
+        assert (
+            fused_set_kv_buffer_arg is None
+        ), "save kv cache is not supported for MRotaryEmbedding."
+        assert positions.ndim == 1 or positions.ndim == 2
+
+        cos_sin = self.cos_sin_cache[positions]
+        cos, sin = cos_sin.chunk(2, dim=-1)
+        if positions.ndim == 2:
+            assert self.mrope_section
+            if self.mrope_interleaved:
+                cos = sglang_apply_interleaved_rope(cos, self.mrope_section)
+                sin = sglang_apply_interleaved_rope(sin, self.mrope_section)
+            else:
+                cos = torch.cat(
+                    [m[i] for i, m in enumerate(cos.split(self.mrope_section, dim=-1))],
+                    dim=-1,
+                )
+                sin = torch.cat(
+                    [m[i] for i, m in enumerate(sin.split(self.mrope_section, dim=-1))],
+                    dim=-1,
+                )
+
+        seq_len_q = query.shape[0]
+        query_shape = query.shape
+        query = query.view(seq_len_q, -1, self.head_size)
+        query_rot = query[..., : self.rotary_dim]
+        query_pass = query[..., self.rotary_dim :]
+        query_rot = sglang_apply_rotary_emb(query_rot, cos, sin, self.is_neox_style)
+        query = torch.cat((query_rot, query_pass), dim=-1).reshape(query_shape)
+
+        seq_len_k = key.shape[0]
+        key_shape = key.shape
+        key = key.view(seq_len_k, -1, self.head_size)
+        key_rot = key[..., : self.rotary_dim]
+        key_pass = key[..., self.rotary_dim :]
+        key_rot = sglang_apply_rotary_emb(key_rot, cos, sin, self.is_neox_style)
+        key = torch.cat((key_rot, key_pass), dim=-1).reshape(key_shape)
+        return query, key
+
+
+class SglangLayer(nn.Module):
+    """sglang's attention layout: tokens ``[T, hidden]``, q/k/v split from one projection."""
+
+    def __init__(self, rope) -> None:
+        super().__init__()
+        self.rope = rope
+        self.qkv = nn.Linear(HIDDEN, (HQ + 2 * HK) * D, bias=False)
+        self.out = nn.Linear(HQ * D, HIDDEN, bias=False)
+
+    def forward(self, positions, x):
+        q, k, v = self.qkv(x).split((HQ * D, HK * D, HK * D), dim=-1)
+        q, k = self.rope.forward_native(positions, q, k)
+        t = x.shape[0]
+        q, k, v = (z.view(t, -1, D).transpose(0, 1) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(y.transpose(0, 1).reshape(t, -1))
+
+
+class SglangStack(nn.Module):
+    def __init__(self, interleaved: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rope = SglangMRotaryEmbedding(D, D, 64, 10000, True, torch.float32,
+                                           mrope_section=[16, 24, 24],
+                                           mrope_interleaved=interleaved)
+        self.layers = nn.ModuleList(SglangLayer(self.rope) for _ in range(LAYERS))
+
+    def forward(self, positions, x):
+        for layer in self.layers:
+            x = x + layer(positions, x)
+        return x
+
+
+def _mrope_args(tokens: int = T) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.randint(0, 64, (3, tokens), generator=torch.Generator().manual_seed(2))
+    return positions, torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(1))
+
+
+def test_sglang_mrope_sections_fused(caplog):
+    """``cos_sin_cache[positions]`` with ``[3, T]`` positions, sections concatenated: the
+    mRoPE op reads the cache at the positions (the gather is gone)."""
+    counts, missed, lines, calls = _compile(SglangStack(False).eval(), _mrope_args(), caplog)
+    assert counts.get("rewritten") == LAYERS and calls == LAYERS, counts
+    assert not missed and not lines, (missed, lines)
+
+
+def test_sglang_mrope_sections_call_is_the_mrope_op():
+    from pass_helpers import capture_compile, cpu_pass
+
+    model = SglangStack(False).eval()
+    with torch.no_grad():
+        _, _, after, counts = capture_compile(model, *_mrope_args(), rope_pass=cpu_pass())
+    assert counts.get("rewritten") == LAYERS, counts
+    text = after.renders[0]
+    assert text.count("rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace") == LAYERS, text
+    assert "mrope_section=[16, 24, 24]" in text and "aten.index.Tensor" not in text, text
+
+
+INTERLEAVED_REASON = ("cos/sin are mRoPE streams interleaved by slice_scatter (sglang's "
+                      "mrope_interleaved, Qwen3-VL): the mRoPE op reads contiguous sections only")
+
+
+def test_sglang_mrope_interleaved_miss_reported(caplog):
+    """Qwen3-VL's interleaved sections (``mrope_interleaved=True``): the mRoPE op has no
+    interleaved reading, so each RoPE is a counted miss with its log line, not silent."""
+    counts, missed, lines, calls = _compile(SglangStack(True).eval(), _mrope_args(), caplog,
+                                            LENIENT)
+    assert calls == 0 and "rewritten" not in counts, counts
+    assert missed == {f"missed: {INTERLEAVED_REASON}": 2 * LAYERS}, missed
+    assert len(lines) == 2 * LAYERS and all(INTERLEAVED_REASON in m for m in lines), lines
