@@ -157,5 +157,6 @@ def test_xpu_launch_options_are_sub_groups_of_16():
 def test_lane_list_has_runs_and_dtypes():
     cs = _lane_configs()
     assert all(c.run is not None for c in cs)
+    assert len({c.name for c in cs}) == len(cs)
     assert {c.q_dtype for c in cs} == {"bf16", "fp16", "fp32"}
     assert torch.float32 in lane.DTYPES

@@ -7,7 +7,8 @@ every code switch (a bool, dtype or stream-count constexpr: :data:`SIZE_CONSTEXP
 sizes) with each q/k dtype and rotation style, both tile regimes (few and many tokens, which
 can change the warps), partial rotary, and the whole-projection norms, fp8 caches and scales.
 :func:`coverage_keys` is what "covered" means: a planner output is covered when each of its
-switch values appears, with its dtype and launch options, in some configuration of the list
+switch values appears with its q dtype in some configuration of the list, and its launch
+options with that dtype in some (not necessarily the same) configuration
 (``tests/test_xpu_lane.py`` checks the planners' outputs for random problems against it).
 
 Runs under the project's Python (torch, rope_compile); the lane's worker never imports this.
@@ -105,14 +106,16 @@ class Config:
 
 
 def _key_items(kernel, q_dtype, constexprs, options) -> set:
-    opts = (options.get("num_warps"), options.get("threads_per_warp"))
-    return {(kernel, q_dtype, name, str(value), opts) for name, value in constexprs.items()
-            if name in constexpr_params(kernel) and name not in SIZE_CONSTEXPRS}
+    opts = ("options", options.get("num_warps"), options.get("threads_per_warp"))
+    return {(kernel, q_dtype, name, str(value)) for name, value in constexprs.items()
+            if name in constexpr_params(kernel) and name not in SIZE_CONSTEXPRS} | {
+        (kernel, q_dtype, *opts)}
 
 
 def coverage_keys(configs) -> set:
-    """``(kernel, q dtype, switch, value, (num_warps, threads_per_warp))`` of every
-    configuration: what a planner output must find here to be covered."""
+    """``(kernel, q dtype, switch, value)`` and ``(kernel, q dtype, "options", num_warps,
+    threads_per_warp)`` of every configuration: what a planner output must find here to be
+    covered."""
     return set().union(*(c.key_items() for c in configs))
 
 
@@ -202,7 +205,8 @@ def _bytes(t: torch.Tensor) -> bytes:
     return _storage_bytes(t.untyped_storage())
 
 
-# Many tokens (the planners' other tile size, and so other warps), in both styles.
+# Many tokens (the planners' other tile size, and so other warps), in both styles; a smaller
+# tile ({"hq": 2}) gives fp32 its 4 warps.
 LARGE = ({"tokens": LARGE_TOKENS, "hq": 32, "neox": True},
          {"tokens": LARGE_TOKENS, "hq": 32, "neox": False})
 
@@ -243,14 +247,15 @@ def _rope_configs(gen):
             tokens, HK, D)
         rope_compile.fused_qk_rope_with_cos_sin_cache_inplace(
             rq[..., :rot], rk[..., :rot], cache, pos, rot, neox)
-        label = f"{'neox' if neox else 'gptj'}-t{tokens}-rot{rot}" + ("-wrap" if v["wrap"] else "")
+        label = f"{'neox' if neox else 'gptj'}-t{tokens}-h{hq}-rot{rot}" + (
+            "-wrap" if v["wrap"] else "")
         yield ("rope", dtype, label, args, shape.constexprs, shape.options,
                (tokens, shape.head_splits), {"qkv": qkv}, {"qkv": ref})
 
 
 # The tables kernel: pair/full tables, angles (per table dtype), mRoPE cache.
 def _tables_configs(gen):
-    changes = [{}, {"neox": False}, *LARGE, {"source": "full"}, {"mrope": True},
+    changes = [{}, {"neox": False}, *LARGE, {"hq": 2}, {"source": "full"}, {"mrope": True},
                {"source": "cache", "mrope": True},  # the mRoPE cache op always has sections
                *({"source": "angles", "table_dtype": td} for td in DTYPES),
                {"source": "angles", "table_dtype": torch.bfloat16, "mrope": True}]
@@ -312,7 +317,8 @@ def _tables_configs(gen):
         label = source + (f"-{TL_TYPES[table_dtype]}" if table_dtype else "")
         label += "-wrap" if v["wrap"] else ""
         yield (f"tables-{source}", dtype,
-               f"{label}-{'mrope' if mrope else 'one'}-{'neox' if neox else 'gptj'}-t{tokens}",
+               f"{label}-{'mrope' if mrope else 'one'}-{'neox' if neox else 'gptj'}-t{tokens}"
+               f"-h{hq}",
                args, shape.constexprs, shape.options, (tokens, shape.head_splits),
                {"qkv": qkv}, {"qkv": ref})
 
@@ -332,7 +338,7 @@ def _kv_variants():
     around a base (cache source, Qwen3 norm, plain store, full rotary, few tokens)."""
     base = {"tokens": SMALL_TOKENS, "rot": D, "source": "cache", "norm": "qwen3",
             "store": "same", "hq": HQ}
-    changes = [{}, {"neox": False}, *LARGE, {"rot": D // 2}, {"source": "tables"},
+    changes = [{}, {"neox": False}, *LARGE, {"hq": 2}, {"rot": D // 2}, {"source": "tables"},
                *({"norm": n} for n in NORMS if n != "qwen3"),
                *({"store": s} for s in STORES if s != "same"),
                {"norm": "none", "store": "fp8"}, *({"norm": "whole", **c} for c in LARGE),
@@ -409,7 +415,7 @@ def _kv_configs(gen):
         _kv_reference(rq, rk, rv, rope_args, v["source"], rot, neox, norm_op,
                       norm[1] if norm else None, kv_op)
         label = "-".join(f"{n}={v[n]}" for n in ("source", "norm", "store", "rot", "tokens",
-                                                "wrap_positions", "wrap_loc") if n in v)
+                                                "hq", "wrap_positions", "wrap_loc") if n in v)
         yield (f"kv-{v['norm']}-{v['store']}", dtype,
                f"{label}-{'neox' if neox else 'gptj'}", plan.args, plan.constexprs,
                plan.options, plan.grid, outputs, expected)
