@@ -168,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--summary", type=Path, default=None, help="summary JSON path")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()  # at the start
     setup()
     _log(f"toolchain ready in {time.perf_counter() - start:.0f} s")
 
@@ -200,8 +202,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     summary = {
         "date": datetime.date.today().isoformat(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                 capture_output=True, text=True).stdout.strip(),
+        "commit": commit,
         "toolchain": list(PACKAGES) + ["intel-opencl-icd (Debian, ocloc)"],
         "seconds": round(elapsed, 1),
         "configurations": len(rows),
