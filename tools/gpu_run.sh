@@ -3,6 +3,7 @@
 #
 #   tools/gpu_run.sh check OUT   # GPU tests (-m gpu) beside the fuzzers: CUDA with the default
 #                                # options, and the CPU fuzzer on the host's other cores
+#   tools/gpu_run.sh all OUT     # both, the timings after the tests and fuzzers
 #   tools/gpu_run.sh bench OUT   # op rows of bench_op and bench_prologue_op, this tree against
 #                                # the baseline tree in .base/ (git archive of a commit),
 #                                # interleaved in rounds
@@ -21,10 +22,9 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 git_rev=$(cat .rev 2>/dev/null || echo unknown)
 echo "commit $git_rev" | tee -a "$out/device.txt"
 
-case $mode in
-check)
+check() {
   limit=${FUZZ_SECONDS:-400}
-  python3 tools/parallel_fuzz.py prologue --device cuda --procs 3 --programs 400 \
+  python3 tools/parallel_fuzz.py prologue --device cuda --procs 4 --programs 400 \
     --seed 500000 --time-limit "$limit" --out "$out/fuzz_prologue_cuda.json" \
     > "$out/fuzz_prologue_cuda.log" 2>&1 &
   python3 tools/parallel_fuzz.py layouts --device cuda --procs 1 --programs 400 \
@@ -33,24 +33,31 @@ check)
   python3 tools/parallel_fuzz.py prologue --device cpu --procs 6 --programs 1000 \
     --seed 700000 --time-limit "$limit" --out "$out/fuzz_prologue_cpu.json" \
     > "$out/fuzz_prologue_cpu.log" 2>&1 &
-  timeout $((limit + 60)) python3 -m pytest -q -m gpu -p no:cacheprovider -n 3 tests \
+  timeout $((limit + 60)) python3 -m pytest -q -m gpu -p no:cacheprovider -n 2 tests \
     > "$out/gpu_tests.log" 2>&1
   echo "gpu tests exit $?"
   tail -n 30 "$out/gpu_tests.log"
   wait
   tail -n 3 "$out"/fuzz_*.log
-  ;;
-bench)
+}
+
+bench() {
   for round in 1 2; do
     for tree in .base .; do
       tag=$([ "$tree" = . ] && echo new || echo base)
       (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_op.py --quick \
-        --impls a,b,d --no-check --out "$out/op_${tag}_$round" > "$out/op_${tag}_$round.log" 2>&1)
+        --impls triton,op --no-compile --no-check --out "$out/op_${tag}_$round" \
+        > "$out/op_${tag}_$round.log" 2>&1)
       (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_prologue_op.py \
-        --tokens 1,64,4096 --rounds 3 --out "$out/prologue_${tag}_$round" \
-        > "$out/prologue_${tag}_$round.log" 2>&1)
+        --kinds rope_kv,norm_rope_kv --tokens 64,4096 --rounds 2 \
+        --out "$out/prologue_${tag}_$round" > "$out/prologue_${tag}_$round.log" 2>&1)
       echo "$tag round $round done"
     done
   done
-  ;;
+}
+
+case $mode in
+check) check ;;
+bench) bench ;;
+all) check; bench ;;  # one call: the timings start once the tests and fuzzers are done
 esac
