@@ -162,8 +162,9 @@ ORACLE_RULES = (
     "a spelling in fuzz_kinds.CHANGES_THE_MATH (the RoPE's sub or add with alpha != 1) -> 0; "
     "every other spelling (keywords, alpha=1, methods, out=) as plain",
     "second RoPE (of the rotated q/k): + 1 for sglang (fresh dense or already rewritten "
-    "tensors); HF: + the first pair's count (the rotated tensors keep q's layout), except "
-    "hf_transposed + 0 (q's last stride kept) and hf_expand_k + 1 only if B == 1 or S == 1",
+    "tensors) and where the first pair is rewritten; else (HF) + 1 for partial rotary and "
+    "hf_expand_k (contiguous [B, H, S, D] copies) if B, S or every H is 1, + 0 otherwise "
+    "(full rotary keeps q's layout, which the first pair could not take)",
     "readers of the rotated q/k (every aten view op, as_strided, an in-place custom op on a "
     "view) and index modes (negative, out of range: eager raises or wraps) never change the "
     "count",
@@ -237,19 +238,19 @@ class LayoutProgram:
                 and fk.eager_raises(self.index_mode, self.gather))
 
     def _second_pair_rewrites(self) -> int:
-        """A second RoPE of the rotated q/k. sglang: they are fresh dense ``[T, H, D]`` tensors
-        (or, with the first pair rewritten, its views into the projection): rewritten. HF: the
-        rotated tensors keep q's layout (``x * cos + ..`` lays its output out as x), so the
-        second pair is rewritten where the first is, except: ``hf_transposed`` (q's last
-        stride S, kept: never), ``hf_expand_k`` (k's rotated copy is dense ``[B, Hq, S, D]``:
-        as ``hf_inputs``)."""
-        if self.form == "sglang":
+        """A second RoPE of the rotated q/k. Where the first pair is rewritten, it reads the
+        fused call's views, in q's and k's own (provable) layouts: rewritten. Otherwise it reads
+        fresh tensors: sglang's are dense ``[T, H, D]`` (rewritten); HF's partial rotary ones
+        (``cat``) and hf_expand_k's (a rotated expanded k is laid out anew) are contiguous
+        ``[B, H, S, D]``, whose token dims merge only if B, S or every H is 1; full-rotary HF ones
+        keep q's layout (``x * cos + ..`` lays its output out as x), which the first pair could
+        not take."""
+        if self.form == "sglang" or self._first_pair_rewrites():
             return 1
-        if self.kind == "hf_transposed":
-            return 0
-        if self.kind == "hf_expand_k":
-            return 0 if self.batch > 1 and self.num_tokens > 1 else 1
-        return self._first_pair_rewrites()
+        if self.rotary_dim < self.head_size or self.kind == "hf_expand_k":
+            heads = max(self.num_q_heads, self.num_kv_heads)
+            return 0 if self.batch > 1 and self.num_tokens > 1 and heads > 1 else 1
+        return 0
 
     def _first_pair_rewrites(self) -> int:
         if self.kind in NEVER_REWRITTEN or (self.kind, self.variant) in NEVER_REWRITTEN_VARIANTS:

@@ -205,7 +205,12 @@ def test_oracle_rules_of_the_kinds():
     assert expected(kind="qkv_split", head_size=64, second=True) == 0
     assert expected(kind="hf_projection", head_size=128, second=True, batch=2,
                     num_tokens=3) == 2
-    assert expected(kind="hf_transposed", head_size=128, second=True) == 0
+    assert expected(kind="hf_transposed", head_size=128, rotary_dim=128, second=True) == 0
+    # partial rotary: the first pair's cat is a contiguous [B, H, S, D] (seed 3000077)
+    transposed = {"kind": "hf_transposed", "head_size": 128, "rotary_dim": 32, "second": True,
+                  "num_tokens": 6, "num_q_heads": 4, "num_kv_heads": 1}
+    assert expected(**transposed, batch=1) == 1
+    assert expected(**transposed, batch=2) == 0
     hf_expand = {"kind": "hf_expand_k", "head_size": 128, "second": True}
     assert expected(**hf_expand, batch=2, num_tokens=3) == 0
     assert expected(**hf_expand, batch=1, num_tokens=3) == 1
