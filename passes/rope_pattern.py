@@ -679,7 +679,7 @@ def _match_rotate_half(node: Node):
                  "rotate_half's first half is not negated")
         x1, x2 = trace_features(x1_node), trace_features(neg_x2.args[0])
 
-        def rotates(split: FactorSplit) -> bool:
+        def rotates(split: FactorSplit, x1=x1, x2=x2) -> bool:
             # The halves must be x[..., :rot/2] and x[..., rot/2:rot] of the cos term's
             # x[..., :rot] (compared at a tensor all three are slices of: slices of slices may
             # be folded).
