@@ -42,14 +42,14 @@ check() {
 }
 
 bench() {
-  for round in 1 2; do
+  for round in $(seq 1 ${BENCH_ROUNDS:-2}); do
     for tree in .base .; do
       tag=$([ "$tree" = . ] && echo new || echo base)
       (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_op.py --quick \
         --impls triton,op --no-compile --no-check --out "$out/op_${tag}_$round" \
         > "$out/op_${tag}_$round.log" 2>&1)
       (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_prologue_op.py \
-        --kinds rope_kv,norm_rope_kv --tokens 64,4096 --rounds 2 \
+        --kinds ${PROLOGUE_KINDS:-rope_kv,norm_rope_kv} --tokens ${PROLOGUE_TOKENS:-64,4096} --rounds 2 \
         --out "$out/prologue_${tag}_$round" > "$out/prologue_${tag}_$round.log" 2>&1)
       echo "$tag round $round done"
     done
