@@ -363,3 +363,22 @@ COMPILE_ERRORS = ("BackendCompilerFailed", "InternalTorchDynamoError", "Unsuppor
 
 def is_run_error(message: str | None) -> bool:
     return message is not None and not message.startswith(COMPILE_ERRORS)
+
+
+def kind_labels(program, index_on: str) -> list[str]:
+    """The draws of this module in a program's ``describe()`` (the default ones left out):
+    reader, second RoPE, spelling, gather and index mode (``index_on`` names the index)."""
+    found = []
+    if program.reader == "custom_op":
+        found.append(f"custom_op({program.reader_on},{program.custom_view})")
+    elif program.reader != "none":
+        found.append(f"read:{program.reader}({program.reader_on},{program.reader_use})")
+    if program.second:
+        found.append("second_rope")
+    if program.spelling != "plain":
+        found.append(f"spell:{program.spelling}")
+    if program.form == "sglang" and program.gather != "index_select":
+        found.append(f"gather:{program.gather}")
+    if program.index_mode != "in_range":
+        found.append(f"{index_on}:{program.index_mode}")
+    return found

@@ -257,20 +257,7 @@ class PrologueProgram:
 
     def extras(self) -> list[str]:
         """The fuzz_kinds draws in :meth:`describe` (the default ones left out)."""
-        found = []
-        if self.reader == "custom_op":
-            found.append(f"custom_op({self.reader_on},{self.custom_view})")
-        elif self.reader != "none":
-            found.append(f"read:{self.reader}({self.reader_on},{self.reader_use})")
-        if self.second:
-            found.append("second_rope")
-        if self.spelling != "plain":
-            found.append(f"spell:{self.spelling}")
-        if self.form == "sglang" and self.gather != "index_select":
-            found.append(f"gather:{self.gather}")
-        if self.index_mode != "in_range":
-            found.append(f"{self.index_on}:{self.index_mode}")
-        return found
+        return fk.kind_labels(self, self.index_on)
 
     @property
     def index_target(self) -> str:
