@@ -75,14 +75,16 @@ class Layer(nn.Module):
         return READERS[self.reader](q, k)
 
 
-def _check(model):
-    inputs = _inputs()
+def _check(model, device: str = "cpu", options=CPU_OPTIONS):
+    """Values, output strides and mutated inputs as eager's; the counters."""
+    model = model.to(device)
+    inputs = [t.to(device) for t in _inputs()]
     eager_inputs = _clone(inputs)
     with torch.no_grad():
         expected = model(*eager_inputs)
     with fresh_compile():
         out, _ = run_and_get_code(
-            torch.compile(model, backend="rope_compile", options=CPU_OPTIONS), *inputs)
+            torch.compile(model, backend="rope_compile", options=options), *inputs)
         counts = rope_counters()
     for got, want in zip(out, expected, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
@@ -167,17 +169,5 @@ def test_reader_keeps_its_meaning_on_cuda(reader):
     """The same programs on CUDA with the default options (the GPU lowering in the loop)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = Layer(reader, store=True).cuda()
-    inputs = [t.cuda() for t in _inputs()]
-    eager_inputs = _clone(inputs)
-    with torch.no_grad():
-        expected = model(*eager_inputs)
-    with fresh_compile():
-        out = torch.compile(model, backend="rope_compile")(*inputs)
-        counts = rope_counters()
-    for got, want in zip(out, expected, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-        assert got.stride() == want.stride(), (got.stride(), want.stride())
-    for got, want in zip(inputs, eager_inputs, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    counts = _check(Layer(reader, store=True), "cuda", None)
     assert counts.get("qk_norm rewritten") == 1, counts
