@@ -33,7 +33,7 @@ check() {
   python3 tools/parallel_fuzz.py prologue --device cpu --procs 6 --programs 1000 \
     --seed 700000 --time-limit "$limit" --out "$out/fuzz_prologue_cpu.json" \
     > "$out/fuzz_prologue_cpu.log" 2>&1 &
-  timeout $((limit + 60)) python3 -m pytest -q -m gpu -p no:cacheprovider -n 2 tests \
+  timeout $((limit + 60)) python3 -m pytest -q -m gpu -p no:cacheprovider -n ${GPU_TEST_PROCS:-2} ${GPU_TESTS:-tests} \
     > "$out/gpu_tests.log" 2>&1
   echo "gpu tests exit $?"
   tail -n 30 "$out/gpu_tests.log"
@@ -48,7 +48,7 @@ bench() {
       (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_op.py --quick \
         --impls triton,op --no-compile --no-check --out "$out/op_${tag}_$round" \
         > "$out/op_${tag}_$round.log" 2>&1)
-      (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_prologue_op.py \
+      [ -n "${PROLOGUE_KINDS-x}" ] && (cd "$tree" && PYTHONPATH=$PWD:/tmp/site python3 benchmarks/bench_prologue_op.py \
         --kinds ${PROLOGUE_KINDS:-rope_kv,norm_rope_kv} --tokens ${PROLOGUE_TOKENS:-64,4096} --rounds 2 \
         --out "$out/prologue_${tag}_$round" > "$out/prologue_${tag}_$round.log" 2>&1)
       echo "$tag round $round done"
