@@ -547,3 +547,23 @@ OP_APPLIES = {
     "generic-public": apply_generic_public,
     "generic-op": apply_generic_op,
 }
+
+
+def build_wheel(out_dir, timeout: int = 600):
+    """``pip wheel`` of this checkout into ``out_dir`` (the CompletedProcess). setuptools builds
+    in the tree (``build/``, the egg-info): test processes running side by side (pytest -n)
+    take turns, by a lock file."""
+    import fcntl
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    with open(Path(os.environ.get("TMPDIR", "/tmp")) / "rope_compile_wheel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                 "-w", str(out_dir), str(repo)], capture_output=True, text=True, timeout=timeout)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import build_wheel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,9 +128,7 @@ def _run(args: list, **kwargs) -> subprocess.CompletedProcess:
 
 def test_wheel_in_a_venv_without_numpy_compiles_on_cpu(tmp_path):
     wheels = tmp_path / "wheels"
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+    built = build_wheel(wheels, timeout=300)
     if built.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {built.stderr[-500:]}")
     wheel = next(wheels.glob("rope_compile-*.whl"))

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import build_wheel
 from rope_compile.passes import fuse_qk_rope
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,7 @@ def test_user_passes_package_beside_the_installed_backend(tmp_path):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+    result = build_wheel(out)
     if result.returncode != 0:
         pytest.skip(f"cannot build a wheel here: {result.stderr[-500:]}")
     return next(out.glob("rope_compile-*.whl"))
