@@ -42,6 +42,7 @@ from torch._dynamo.utils import counters
 from torch.fx import Node
 
 from .fx_surgery import (
+    _SPLITS,
     GraphTransaction,
     fake_value,
     is_view_of_input,
@@ -57,7 +58,6 @@ __all__ = ["LAYOUT_FREE_VIEWS", "VALUE_READERS", "ReaderError", "copy_in_layout"
 
 log = logging.getLogger("rope_compile")
 
-_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
 # Views whose result is defined by the source's sizes alone (not its strides or offset).
 LAYOUT_FREE_VIEWS = frozenset({
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
@@ -131,12 +131,10 @@ def reaches_the_user(output: Node, source: Node) -> bool:
 
 
 def _is_layout_free_view(node: Node) -> bool:
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
-        source = node.args[0]
-        return isinstance(source, Node) and source.target in _SPLITS
-    return node.target in LAYOUT_FREE_VIEWS and is_view_of_input(node)
+    """A view of its input (``is_view_of_input``: a split's getitem included) by an op of
+    :data:`LAYOUT_FREE_VIEWS`."""
+    return is_view_of_input(node) and (node.target is operator.getitem
+                                       or node.target in LAYOUT_FREE_VIEWS)
 
 
 def layout_readers(old: Node) -> tuple[list[Node], list[tuple[Node, Node]],
