@@ -113,6 +113,10 @@ ACCEPTED: dict[object, Accepted] = {
     aten.expand.default: Accepted(("self", "size"), neutral={
         "implicit": "a tracing flag (an expand from broadcasting): the same values"}),
     aten.cat.default: Accepted(("tensors", "dim")),
+    # sglang's interleaved mRoPE tables: x[..., 1::3] = y, functionalized
+    aten.slice_scatter.default: Accepted(("self", "src", "dim", "start", "end", "step")),
+    aten.copy.default: Accepted(("self", "src"), neutral={
+        "non_blocking": "a copy between tensors of one device (read): the same values"}),
     aten.view_as_real.default: _VALUE,
     aten.view_as_complex.default: _VALUE,
     # Row gathers of a cos/sin cache

@@ -462,7 +462,7 @@ def plan_pair(q: RopeMatch, k: RopeMatch, symbols: dict) -> PairPlan:
             sections = getattr(q.trig, "sections", None)
             if sections is not None and not q.trig.table_form:
                 validate_qk_mrope_cache(views[0], views[1], cache_val, positions_val, rot,
-                                        list(sections))
+                                        list(sections), getattr(q.trig, "interleaved", False))
             else:
                 validate_fused(views[0], views[1], cache_val, positions_val, rot)
         except ValueError as err:
@@ -583,6 +583,8 @@ def rewrite_pair(tx: GraphTransaction, plan: PairPlan, tables: dict,
         kwargs = {"cos_sin_cache": cache, "positions": positions, **plan.kwargs}
         if q.trig.sections is not None:  # mRoPE: positions [3, T], columns by stream
             kwargs["mrope_section"] = list(q.trig.sections)
+            if getattr(q.trig, "interleaved", False):  # Qwen3-VL's streams by column
+                kwargs["mrope_interleaved"] = True
         if getattr(q.trig, "wrap_negative", False):
             # Gathered as cache[positions]: a negative position is a row from the end, as eager
             # (index_select / embedding raise there, as the op does by default).

@@ -42,7 +42,8 @@ __all__ = ["GRAPH_INPUT_TABLES", "Miss", "find_misses", "looks_like_rope"]
 
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 # Ops that pass their first tensor argument's values through, rearranged (walked back over;
-# slice_scatter keeps the rest of its first argument: sglang's interleaved mRoPE tables).
+# slice_scatter keeps the rest of its first argument: sglang's interleaved mRoPE tables, when
+# their proof fails).
 _PASS_THROUGH = (*_CASTS, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                  aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim,
                  aten.squeeze.dims, aten.squeeze.default, aten.expand.default,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Node
 
-from .accepted_ops import argument_miss, op_of
+from .accepted_ops import argument_miss, bound_arguments, op_of
 from .fx_surgery import statically_equal
 from .trig_sources import (
     ComplexTables,
@@ -214,6 +214,7 @@ class TrigOperand:
     count: int
     wrap_negative: bool = False
     sections: tuple[int, ...] | None = None  # mRoPE: positions [3, T], columns by stream
+    interleaved: bool = False  # mRoPE streams interleaved by column (Qwen3-VL), not sectioned
 
 
 def trace_trig(node: Node, num_tokens) -> TrigOperand:
@@ -243,8 +244,20 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
         break
     _require(unsqueezed and step == 1, "cos/sin is not a contiguous column range broadcast "
                                        "over heads")
-    sections = None
-    if op_of(node) is aten.cat.default:
+    sections, interleaved = None, False
+    if isinstance(node.target, torch._ops.OpOverload) and (
+            node.target.name() == "aten::slice_scatter"):
+        # sglang's apply_interleaved_rope (Qwen3-VL): stream 0's columns with every third
+        # column from i = 1 (and i = 2) replaced by stream 1's (2's).
+        _require(start == 0 and statically_equal(count, _val(node).shape[-1]),
+                 "cos/sin take part of an mRoPE table")
+        node, sections = _interleaved_streams(node)
+        interleaved = True
+        while (sliced := _last_dim_range(node)) is not None:
+            node, parent_start, parent_step = sliced
+            start, step = parent_start + start * parent_step, parent_step * step
+        _require(step == 1, "mRoPE streams are not a contiguous column range of the rows")
+    elif op_of(node) is aten.cat.default:
         # sglang's MRotaryEmbedding: cat([m[i] for i, m in enumerate(t.split(sections, -1))])
         # of the gathered rows of 3 position streams, t [3, T, n]: stream i's columns of
         # section i, in order, every column once (the mRoPE op's reading).
@@ -258,11 +271,6 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
             node, parent_start, parent_step = sliced
             start, step = parent_start + start * parent_step, parent_step * step
         _require(step == 1, "mRoPE streams are not a contiguous column range of the rows")
-    if isinstance(node.target, torch._ops.OpOverload) and (
-            node.target.name() == "aten::slice_scatter"):  # refused, with its own reason
-        raise NoMatch("cos/sin are mRoPE streams interleaved by slice_scatter (sglang's "
-                      "mrope_interleaved, Qwen3-VL): the mRoPE op reads contiguous sections "
-                      "only")
     wrap_negative = False  # index_select, embedding: a negative position raises
     if op_of(node) is aten.index.Tensor:
         indices = node.args[1]
@@ -294,7 +302,71 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
     cache_val = _val(cache)
     _require(cache_val is not None and cache_val.dim() == 2 and cache_val.dtype.is_floating_point,
              "cos_sin_cache is not a 2-D float table")
-    return TrigOperand(cache, positions, start, count, wrap_negative, sections)
+    return TrigOperand(cache, positions, start, count, wrap_negative, sections, interleaved)
+
+
+def _interleaved_streams(node: Node) -> tuple[Node, tuple[int, int, int]]:
+    """``node`` = sglang's ``apply_interleaved_rope(t, (s0, s1, s2))`` of t ``[3, .., n]``::
+
+        x = t[0].clone()
+        x[..., 1 : 3 * s1 : 3] = t[1, ..., 1 : 3 * s1 : 3]
+        x[..., 2 : 3 * s2 : 3] = t[2, ..., 2 : 3 * s2 : 3]
+
+    post-grad: ``slice_scatter(slice_scatter(clone(select(t, 0, 0)), copy(_, slice(select(t, 0,
+    1), -1, 1, E1, 3)), -1, 1, E1, 3), copy(_, slice(select(t, 0, 2), -1, 2, E2, 3)), -1, 2, E2,
+    3)``, either scatter left out when empty. Returns (t, sections) with s1, s2 the number of
+    columns each scatter writes (the op's reading: stream 1 at ``i % 3 == 1, i < 3 * s1``, so
+    the same columns) and s0 the rest; or raises NoMatch."""
+    width = _val(node).shape[-1]
+    _require(isinstance(width, int), "interleaved mRoPE tables have a symbolic width")
+    replaced: dict[int, int] = {}  # stream -> columns written
+    streams = None
+    while op_of(node) is aten.slice_scatter.default:
+        args = bound_arguments(node)
+        base, src = args["self"], args["src"]
+        dim, begin, end, step = args["dim"], args["start"], args["end"], args["step"]
+        _require(_last_dim(node, dim) and step == 3 and isinstance(begin, int)
+                 and (end is None or isinstance(end, int)),
+                 "cos/sin columns are scattered other than every third column of the last dim")
+        columns = range(*slice(begin, end, step).indices(width))
+        stream = columns.start if len(columns) else begin
+        _require(stream in (1, 2) and stream not in replaced,
+                 "interleaved mRoPE scatters are not columns 1::3 and 2::3, once each")
+        if op_of(src) is aten.copy.default:  # x[..., s] = y, functionalized: y's values
+            dst_val, y_val = _val(src.args[0]), _val(src.args[1])
+            _require(dst_val is not None and y_val is not None
+                     and dst_val.dtype == y_val.dtype and dst_val.device == y_val.device
+                     and dst_val.shape == y_val.shape,
+                     "an interleaved mRoPE column copy casts or broadcasts")
+            src = src.args[1]
+        sliced = _last_dim_range(src)
+        _require(sliced is not None and sliced[2] == 3
+                 and (not len(columns) or sliced[1] == columns.start)
+                 and statically_equal(_val(src).shape[-1], len(columns)),
+                 "interleaved mRoPE columns are not read from the same columns of their stream")
+        picked = sliced[0]
+        _require(op_of(picked) is aten.select.int and picked.args[1] == 0
+                 and picked.args[2] == stream,
+                 f"columns {stream}::3 of interleaved mRoPE tables are not read from stream "
+                 f"{stream}")
+        _require(streams is None or picked.args[0] is streams,
+                 "interleaved mRoPE streams come from different tables")
+        streams = picked.args[0]
+        replaced[stream] = len(columns)
+        node = base
+    if op_of(node) is aten.clone.default:
+        node = node.args[0]
+    _require(replaced and op_of(node) is aten.select.int and node.args[1] == 0
+             and node.args[2] == 0 and (streams is None or node.args[0] is streams),
+             "interleaved mRoPE tables do not start from stream 0 of the same streams")
+    streams = node.args[0]
+    streams_val = _val(streams)
+    _require(streams_val is not None and streams_val.dim() >= 2
+             and statically_equal(streams_val.shape[0], 3)
+             and statically_equal(streams_val.shape[-1], width),
+             "interleaved mRoPE streams are not [3, .., n]")
+    s1, s2 = replaced.get(1, 0), replaced.get(2, 0)
+    return streams, (width - s1 - s2, s1, s2)
 
 
 @dataclass(frozen=True)
@@ -976,13 +1048,15 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
         _require(cos.positions is sin.positions, "cos and sin use different positions")
         _require(cos.wrap_negative == sin.wrap_negative, "cos and sin gather rows with "
                  "different index rules (index and index_select / embedding)")
-        _require(cos.sections == sin.sections, "cos and sin use different mrope sections")
+        _require(cos.sections == sin.sections and cos.interleaved == sin.interleaved,
+                 "cos and sin use different mrope sections")
         _require(cos.sections is None or sum(cos.sections) == half,
                  "mrope sections do not sum to rotary_dim/2")
         _require((cos.start, cos.count, sin.start, sin.count) == (0, half, half, half),
                  "cos/sin are not the two halves of a [max_position, rot] cos_sin_cache")
         _require(_val(cos.cache).shape[-1] == rot, "cos_sin_cache width differs from rotary_dim")
-        return GatheredCache(cos.cache, cos.positions, cos.wrap_negative, cos.sections)
+        return GatheredCache(cos.cache, cos.positions, cos.wrap_negative, cos.sections,
+                             cos.interleaved)
     if isinstance(cos, HalfTrig):
         _require(isinstance(sin, HalfTrig), "cos and sin come in different forms")
         source = HalfWidthTables(cos.table, sin.table, cos.table_heads_dim, block.negate_sin)

@@ -86,11 +86,13 @@ class GatheredCache:
     # mRoPE (sglang's MRotaryEmbedding): positions [3, T], pair column i read from stream s
     # by the section s it lies in; the call is the mRoPE cache op.
     sections: tuple[int, ...] | None = None
+    interleaved: bool = False  # the streams interleaved by column (Qwen3-VL), not sectioned
 
     table_form = False
 
     def pairing_key(self):
-        return ("gathered", self.cache, self.positions, self.wrap_negative, self.sections)
+        return ("gathered", self.cache, self.positions, self.wrap_negative, self.sections,
+                self.interleaved)
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, GatheredCache):
@@ -99,7 +101,7 @@ class GatheredCache:
             return "q and k use different positions"
         if self.wrap_negative != other.wrap_negative:
             return "q and k gather cos/sin rows with different index rules"
-        if self.sections != other.sections:
+        if (self.sections, self.interleaved) != (other.sections, other.interleaved):
             return "q and k use different mrope sections"
         return "q and k use different cos_sin_caches"
 

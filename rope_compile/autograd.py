@@ -196,13 +196,14 @@ def _tables_inverse(grad, cos, sin, rotary_dim, is_neox, mrope_section, fresh):
 
 
 def _mrope_inverse(grad, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section, wrap,
-                   fresh):
+                   interleaved, fresh):
     g = _writable_grad(grad, fresh)  # [T, H, D]
     # The used rows of every stream, sin negated, read back through arange(S * T) as [S, T].
     table, arange = _inverse_table(cos_sin_cache, positions, rotary_dim, wrap)
     no_heads = g.new_empty((g.shape[0], 0, g.shape[2]))
     torch.ops.rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default(
-        g, no_heads, table, arange.view(positions.shape), rotary_dim, is_neox, mrope_section)
+        g, no_heads, table, arange.view(positions.shape), rotary_dim, is_neox, mrope_section,
+        False, interleaved)
     return g
 
 
@@ -216,9 +217,11 @@ def register_tables(lib: torch.library.Library) -> None:
         _tables_inverse, lambda q, k, cos, sin, rot, neox, sections=None: (rot, neox, sections))
     mrope_autograd = _autograd_kernel(
         mrope, ("q", "k", "cos_sin_cache", "positions"),
-        lambda q, k, cache, pos, rot, neox, sections, wrap=False: (q, k, cache, pos),
+        lambda q, k, cache, pos, rot, neox, sections, wrap=False, interleaved=False: (
+            q, k, cache, pos),
         _mrope_inverse,
-        lambda q, k, cache, pos, rot, neox, sections, wrap=False: (rot, neox, sections, wrap))
+        lambda q, k, cache, pos, rot, neox, sections, wrap=False, interleaved=False: (
+            rot, neox, sections, wrap, interleaved))
     for op, kernel in ((tables, tables_autograd), (mrope, mrope_autograd)):
         lib.impl(op._schema.name.split("::")[1], kernel, "Autograd", with_keyset=True)
 

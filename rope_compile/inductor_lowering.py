@@ -205,11 +205,13 @@ def _register_tables_lowerings() -> None:
     # rope_compile.kernels.rope_tables is imported when a graph uses the ops, not here.
 
     def launch(q, k, rotary_dim, is_neox, mrope_section, runtime_args, from_cache,
-               full_tables=False, angles_table_dtype=None, wrap_positions=False):
+               full_tables=False, angles_table_dtype=None, wrap_positions=False,
+               mrope_interleaved=False):
         """``runtime_args(hq, hk)``: the kernel's runtime arguments for q/k's head counts;
         ``full_tables``: TABLES ``rotary_dim`` wide (one cos/sin per feature);
         ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype;
-        ``wrap_positions``: CACHE, negative positions from the cache's end."""
+        ``wrap_positions``: CACHE, negative positions from the cache's end;
+        ``mrope_interleaved``: the mRoPE streams interleaved by column."""
         from .kernels.rope_tables import launch_shape
 
         num_tokens, num_q_heads, _ = q.get_size()
@@ -219,7 +221,8 @@ def _register_tables_lowerings() -> None:
                              q.get_dtype().itemsize, from_cache=from_cache,
                              mrope_section=mrope_section, full_tables=full_tables,
                              angles_table_dtype=angles_table_dtype,
-                             wrap_positions=wrap_positions)
+                             wrap_positions=wrap_positions,
+                             mrope_interleaved=mrope_interleaved)
         kernel = _tables_kernel_with_warps(shape.options["num_warps"])
         ir.UserDefinedTritonKernel(
             kernel_idx=kernel_side_table.add_kernel(kernel),
@@ -276,10 +279,10 @@ def _register_tables_lowerings() -> None:
 
     @register_lowering(mrope_op, type_promotion_kind=None)
     def _lower_mrope(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
-                     wrap_negative_positions=False):
+                     wrap_negative_positions=False, mrope_interleaved=False):
         if not on_gpu(q):
             return mrope_fallback(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
-                                  mrope_section, wrap_negative_positions)
+                                  mrope_section, wrap_negative_positions, mrope_interleaved)
         from .kernels.rope_tables import cache_runtime_args
 
         cache, pos = _shared_read_input(cos_sin_cache), _shared_read_input(positions)
@@ -287,7 +290,8 @@ def _register_tables_lowerings() -> None:
             q, k, cache, pos, q_stride=q.get_stride(), k_stride=k.get_stride(),
             cache_size=cache.get_size(), cache_stride=cache.get_stride(),
             positions_size=pos.get_size(), positions_stride=pos.get_stride(), num_q_heads=hq,
-            num_k_heads=hk), from_cache=True, wrap_positions=wrap_negative_positions)
+            num_k_heads=hk), from_cache=True, wrap_positions=wrap_negative_positions,
+            mrope_interleaved=mrope_interleaved)
         return None
 
 

@@ -545,8 +545,9 @@ def rotary_embedding(
 #   with ``mrope_section``: the model's own HF / gpt-fast tables, with no ``[T, rotary_dim]``
 #   cache or positions built.
 # * ``fused_qk_mrope_with_cos_sin_cache_inplace(q, k, cos_sin_cache, positions, rotary_dim,
-#   is_neox, mrope_section)``: Qwen2-VL's multimodal RoPE (sglang's MRotaryEmbedding),
-#   positions ``[3, T]`` (or ``[T]``, text only).
+#   is_neox, mrope_section, wrap_negative_positions=False, mrope_interleaved=False)``:
+#   Qwen2-VL's multimodal RoPE (sglang's MRotaryEmbedding), positions ``[3, T]`` (or ``[T]``,
+#   text only); streams by sections, or interleaved (Qwen3-VL).
 
 from .reference import mrope_cache_reference_, rope_tables_reference_  # noqa: E402
 from .validation import (  # noqa: E402, F401  (names re-exported for callers)
@@ -565,7 +566,7 @@ _LIB.define(
 _LIB.define(
     "fused_qk_mrope_with_cos_sin_cache_inplace(Tensor(a0!) q, Tensor(a1!) k, "
     "Tensor cos_sin_cache, Tensor positions, int rotary_dim, bool is_neox, "
-    f"int[] mrope_section, {_WRAP_POSITIONS}) -> ()"
+    f"int[] mrope_section, {_WRAP_POSITIONS}, bool mrope_interleaved=False) -> ()"
 )
 
 
@@ -586,27 +587,31 @@ def _qk_rope_tables_fake(q, k, cos, sin, rotary_dim, is_neox, mrope_section=None
 
 
 def _qk_mrope_cache_cpu(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
-                        wrap_negative_positions=False) -> None:
-    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
+                        wrap_negative_positions=False, mrope_interleaved=False) -> None:
+    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section,
+                            mrope_interleaved)
     check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0], wrap_negative_positions)
-    mrope_cache_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section)
+    mrope_cache_reference_(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
+                           mrope_interleaved)
 
 
 def _qk_mrope_cache_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
-                           wrap_negative_positions=False) -> None:
-    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
+                           wrap_negative_positions=False, mrope_interleaved=False) -> None:
+    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section,
+                            mrope_interleaved)
     if check_positions_on_device_enabled():
         check_positions_in_range(_MROPE, positions, cos_sin_cache.shape[0],
                                  wrap_negative_positions)
     from .kernels.rope_tables import launch_qk_mrope_cache
 
     launch_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
-                          wrap_negative_positions)
+                          wrap_negative_positions, mrope_interleaved)
 
 
 def _qk_mrope_cache_fake(q, k, cos_sin_cache, positions, rotary_dim, is_neox, mrope_section,
-                         wrap_negative_positions=False) -> None:
-    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section)
+                         wrap_negative_positions=False, mrope_interleaved=False) -> None:
+    validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section,
+                            mrope_interleaved)
 
 
 _register(_TABLES, cpu=_qk_rope_tables_cpu, gpu=_qk_rope_tables_triton,
@@ -651,17 +656,20 @@ def fused_qk_mrope_with_cos_sin_cache_inplace(
     mrope_section: list[int],
     *,
     wrap_negative_positions: bool = False,
+    mrope_interleaved: bool = False,
 ) -> None:
     """Multimodal RoPE (Qwen2-VL; sglang's ``MRotaryEmbedding``) of ``q`` and ``k`` in place, in
     one kernel launch: pair column i of token t is rotated by ``cos_sin_cache`` row
     ``positions[stream(i), t]``, stream 0, 1 or 2 by the ``mrope_section`` ``(s0, s1, s2)``
-    (summing to ``rotary_dim/2``) that i lies in. ``positions`` ``[3, T]``, or ``[T]`` (text
+    (summing to ``rotary_dim/2``) that i lies in; with ``mrope_interleaved`` (Qwen3-VL, sglang's
+    ``apply_interleaved_rope``) stream 1 where ``i % 3 == 1 and i < 3 * s1``, stream 2 where
+    ``i % 3 == 2 and i < 3 * s2``, else stream 0. ``positions`` ``[3, T]``, or ``[T]`` (text
     only: every stream the same), in ``[0, P)`` (``[-P, P)`` with ``wrap_negative_positions``,
     as sglang's native ``cos_sin_cache[positions]``); a token with any of its positions out of
     range: ``IndexError`` on the CPU (GPUs: with ``set_check_positions(True)``, else the token
     is left as it is)."""
     qk_mrope_cache_op(q, k, cos_sin_cache, positions, rotary_dim, is_neox, list(mrope_section),
-                      wrap_negative_positions)
+                      wrap_negative_positions, mrope_interleaved)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -538,9 +538,10 @@ def validate_qk_rope_tables(q, k, cos, sin, rotary_dim, mrope_section=None) -> N
     _check_reads(op, q, k, rotary_dim, (("cos", cos), ("sin", sin)))
 
 
-def validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section) -> None:
+def validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_section,
+                            mrope_interleaved=False) -> None:
     """Checks of ``fused_qk_mrope_with_cos_sin_cache_inplace``: cache ``[P, rotary_dim]``,
-    positions ``[3, T]`` or ``[T]``, int32/int64."""
+    positions ``[3, T]`` or ``[T]``, int32/int64; ``mrope_interleaved`` a bool."""
     op = _MROPE
     _check_rotated_qk(op, q, k, rotary_dim)
     if not isinstance(cos_sin_cache, torch.Tensor) or not cos_sin_cache.dtype.is_floating_point:
@@ -559,6 +560,9 @@ def validate_qk_mrope_cache(q, k, cos_sin_cache, positions, rotary_dim, mrope_se
         _fail(op, f"positions must be [3, num_tokens={num_tokens}] (or [num_tokens] for text "
                   f"only), got shape {tuple(positions.shape)}")
     _check_mrope_section(op, mrope_section, rotary_dim)
+    if not isinstance(mrope_interleaved, bool):
+        _fail(op, f"mrope_interleaved must be a bool (True: Qwen3-VL's interleaved streams), "
+                  f"got {mrope_interleaved!r}")
     _check_reads(op, q, k, rotary_dim,
                  (("cos_sin_cache", cos_sin_cache), ("positions", positions)))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -516,15 +517,113 @@ def test_sglang_mrope_sections_call_is_the_mrope_op():
     assert "mrope_section=[16, 24, 24]" in text and "aten.index.Tensor" not in text, text
 
 
-INTERLEAVED_REASON = ("cos/sin are mRoPE streams interleaved by slice_scatter (sglang's "
-                      "mrope_interleaved, Qwen3-VL): the mRoPE op reads contiguous sections only")
+def test_sglang_mrope_interleaved_fused(caplog):
+    """Qwen3-VL's interleaved streams (``mrope_interleaved=True``): the mRoPE op with
+    ``mrope_interleaved``, once per layer, eager's values."""
+    counts, missed, lines, calls = _compile(SglangStack(True).eval(), _mrope_args(), caplog)
+    assert counts.get("rewritten") == LAYERS and calls == LAYERS, counts
+    assert not missed and not lines, (missed, lines)
 
 
-def test_sglang_mrope_interleaved_miss_reported(caplog):
-    """Qwen3-VL's interleaved sections (``mrope_interleaved=True``): the mRoPE op has no
-    interleaved reading, so each RoPE is a counted miss with its log line, not silent."""
+@pytest.mark.parametrize("sections", [[24, 20, 20], [16, 24, 24], [32, 32, 0], [64, 0, 0]],
+                         ids=lambda s: "-".join(map(str, s)))
+def test_sglang_mrope_interleaved_call(sections):
+    """The call reads the cache at the positions, streams by column: Qwen3-VL's own sections;
+    ``3 * s`` past the 64 pair columns (sglang's slices stop at the end: 21 columns each);
+    stream 2 empty; no stream but 0 (the scatters write nothing)."""
+    from pass_helpers import capture_compile, cpu_pass
+
+    model = SglangStack(True).eval()
+    model.rope.mrope_section = sections
+    args = _mrope_args()
+    with torch.no_grad():
+        expected = model(*args)
+        out, _, after, counts = capture_compile(model, *args, rope_pass=cpu_pass())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert counts.get("rewritten") == LAYERS, counts
+    text = after.renders[0]
+    s1, s2 = (min(n, len(range(first, 64, 3))) for n, first in ((sections[1], 1),
+                                                                 (sections[2], 2)))
+    assert text.count("mrope_interleaved=True") == LAYERS, text
+    assert f"mrope_section=[{64 - s1 - s2}, {s1}, {s2}]" in text, text
+    assert "slice_scatter" not in text and "aten.index.Tensor" not in text, text
+
+
+def _broken_interleave(kind: str):
+    def apply(x: torch.Tensor, mrope_section: list) -> torch.Tensor:
+        x_t = x[0].clone()
+        if kind == "stream swapped":  # columns 1::3 from stream 2
+            x_t[..., 1 : mrope_section[1] * 3 : 3] = x[2, ..., 1 : mrope_section[1] * 3 : 3]
+        elif kind == "step 2":
+            x_t[..., 1 : mrope_section[1] * 2 : 2] = x[1, ..., 1 : mrope_section[1] * 2 : 2]
+        elif kind == "shifted":  # columns 1::3 read stream 1's columns 0::3
+            x_t[..., 1 : mrope_section[1] * 3 : 3] = x[1, ..., 0 : x.shape[-1] - 1 : 3]
+        elif kind == "scaled":  # a value the op does not compute
+            x_t[..., 1 : mrope_section[1] * 3 : 3] = 2 * x[1, ..., 1 : mrope_section[1] * 3 : 3]
+        x_t[..., 2 : mrope_section[2] * 3 : 3] = x[2, ..., 2 : mrope_section[2] * 3 : 3]
+        return x_t
+
+    return apply
+
+
+BROKEN_INTERLEAVE = {
+    "stream swapped": "columns 1::3 of interleaved mRoPE tables are not read from stream 1",
+    "step 2": "cos/sin columns are scattered other than every third column of the last dim",
+    "shifted": "interleaved mRoPE columns are not read from the same columns of their stream",
+    "scaled": "interleaved mRoPE columns are not read from the same columns of their stream",
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_INTERLEAVE))
+def test_sglang_mrope_interleaved_broken_is_a_miss(kind, caplog, monkeypatch):
+    """An interleave that is not sglang's (another stream, step or column, a scaled column):
+    each RoPE is a counted miss with the proof step that failed, and eager's values."""
+    monkeypatch.setattr(__import__(__name__), "sglang_apply_interleaved_rope",
+                        _broken_interleave(kind))
     counts, missed, lines, calls = _compile(SglangStack(True).eval(), _mrope_args(), caplog,
                                             LENIENT)
     assert calls == 0 and "rewritten" not in counts, counts
-    assert missed == {f"missed: {INTERLEAVED_REASON}": 2 * LAYERS}, missed
-    assert len(lines) == 2 * LAYERS and all(INTERLEAVED_REASON in m for m in lines), lines
+    assert missed == {f"missed: {BROKEN_INTERLEAVE[kind]}": 2 * LAYERS}, missed
+    assert len(lines) == 2 * LAYERS, lines
+
+
+class TestInterleavedMropeGraph(expecttest.TestCase):
+    def test_one_layer(self):
+        """One sglang layer with Qwen3-VL's streams: the gather, chunks and both scatters of
+        cos and of sin are gone; one mRoPE call rotates q and k of the projection in place."""
+        from pass_helpers import capture_compile, cpu_pass, render_node
+
+        torch.manual_seed(0)
+        rope = SglangMRotaryEmbedding(D, D, 64, 10000, True, torch.float32,
+                                      mrope_section=[24, 20, 20], mrope_interleaved=True)
+        with torch.no_grad():
+            _, _, after, counts = capture_compile(SglangLayer(rope).eval(), *_mrope_args(),
+                                                  rope_pass=cpu_pass())
+        assert counts.get("rewritten") == 1, counts
+        region = [render_node(n) for n in after.graphs[0].nodes
+                  if n.op not in ("placeholder", "output")]
+        call = next(i for i, text in enumerate(region) if "auto_functionalized" in text)
+        end = call + 2  # the call and its projection
+        self.assertExpectedInline("\n".join(region[:end]) + "\n", """\
+permute: f32[64, 1024] = aten.permute.default(arg0_1, [1, 0])
+mm: f32[6, 1024] = aten.mm.default(arg1_1, permute)
+auto_functionalized_v2 = auto_functionalized_v2(
+    rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace.default,
+    cos_sin_cache=arg3_1,
+    positions=arg2_1,
+    rotary_dim=128,
+    is_neox=True,
+    _q_base_index=0,
+    _q_size=(6, 4, 128),
+    _q_stride=(1024, 128, 1),
+    _q_storage_offset=0,
+    _k_base_index=0,
+    _k_size=(6, 2, 128),
+    _k_stride=(1024, 128, 1),
+    _k_storage_offset=512,
+    _all_bases=[mm],
+    mrope_section=[24, 20, 20],
+    mrope_interleaved=True,
+    wrap_negative_positions=True)
+getitem_9: f32[6, 1024] = auto_functionalized_v2[1]
+""")

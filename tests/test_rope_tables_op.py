@@ -73,6 +73,9 @@ class TablesCase:
     # CACHE only: positions "3xT", "T" (one row for every stream), "strided" ([3, 2T][:, ::2]).
     positions: str | None = None
     pos_dtype: torch.dtype = torch.int64
+    # CACHE only: Qwen3-VL's interleaved streams (stream 1 at i % 3 == 1, i < 3 * s1; stream 2
+    # at i % 3 == 2, i < 3 * s2), not sections.
+    interleaved: bool = False
 
     @property
     def from_cache(self) -> bool:
@@ -90,6 +93,8 @@ class TablesCase:
             parts.append(f"R{self.rows}")
         if self.mrope_section is not None:
             parts.append("mrope" + "-".join(map(str, self.mrope_section)))
+        if self.interleaved:
+            parts.append("interleaved")
         if self.from_cache:
             parts += [f"pos{self.positions}", str(self.pos_dtype).removeprefix("torch.")]
         return "-".join(parts)
@@ -111,7 +116,8 @@ class Problem:
         c = self.case
         q, k = (self.q, self.k) if q is None else (q, k)
         sections = None if c.mrope_section is None else list(c.mrope_section)
-        return (q, k, *self.reads, c.rotary_dim, c.is_neox, sections)
+        tail = (False, True) if c.interleaved else ()  # wrap_negative_positions, interleaved
+        return (q, k, *self.reads, c.rotary_dim, c.is_neox, sections, *tail)
 
 
 def _stream_of_column(case: TablesCase) -> torch.Tensor:
@@ -120,6 +126,10 @@ def _stream_of_column(case: TablesCase) -> torch.Tensor:
     half = case.rotary_dim // 2
     if case.mrope_section is None:
         per_pair = torch.zeros(half, dtype=torch.long)
+    elif case.interleaved:  # sglang's apply_interleaved_rope, column by column
+        _, s1, s2 = case.mrope_section
+        per_pair = torch.tensor([1 if i % 3 == 1 and i < 3 * s1 else
+                                 2 if i % 3 == 2 and i < 3 * s2 else 0 for i in range(half)])
     else:
         s0, s1, _ = case.mrope_section
         per_pair = torch.tensor([0 if i < s0 else 1 if i < s0 + s1 else 2 for i in range(half)])
@@ -270,7 +280,8 @@ def apply_op(p: Problem):
 def apply_public(p: Problem):
     c = p.case
     if c.from_cache:
-        return rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace(*p.args())
+        return rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace(
+            *p.args()[:7], mrope_interleaved=c.interleaved)
     if c.mrope_section is None:  # the optional argument left out
         return rope_compile.fused_qk_rope_with_cos_sin_tables_inplace(*p.args()[:6])
     return rope_compile.fused_qk_rope_with_cos_sin_tables_inplace(*p.args())
@@ -343,6 +354,16 @@ MROPE_CASES = [
     TablesCase(positions="T", mrope_section=(32, 0, 32), is_neox=False, rotary_dim=128,
                head_size=256, dtype=torch.float32),
     TablesCase(positions="3xT", mrope_section=SECTIONS, num_tokens=0),
+    # Qwen3-VL's interleaved streams: its own sections; 3 * s past rot/2 (sglang's slices
+    # stop at the end); a section of 0; strided int32 positions; 0 tokens.
+    TablesCase(positions="3xT", mrope_section=(24, 20, 20), interleaved=True, num_tokens=7),
+    TablesCase(positions="3xT", mrope_section=SECTIONS, interleaved=True, is_neox=False,
+               dtype=torch.float32),
+    TablesCase(positions="strided", mrope_section=(8, 24, 0), interleaved=True, rotary_dim=64,
+               dtype=torch.float16, table_dtype=torch.float16, pos_dtype=torch.int32),
+    TablesCase(positions="T", mrope_section=(10, 11, 11), interleaved=True, rotary_dim=64,
+               head_size=96, table_form="poisoned", rows=4096),
+    TablesCase(positions="3xT", mrope_section=(24, 20, 20), interleaved=True, num_tokens=0),
 ]
 ALL_CASES = TABLES_CASES_ALL + MROPE_CASES
 
@@ -690,7 +711,7 @@ def test_positions_out_of_range_cpu():
 
 
 def _grad_problem(from_cache: bool, sections, rows=2, rot=8, head=8, text_only=False, seed=0,
-                  full=False, is_neox=True):
+                  full=False, is_neox=True, interleaved=False):
     g = torch.Generator().manual_seed(seed)
     t = 4
     q = torch.randn(t, 2, head, generator=g, dtype=torch.float64)
@@ -708,19 +729,22 @@ def _grad_problem(from_cache: bool, sections, rows=2, rot=8, head=8, text_only=F
 
     def fn(q, k):
         q, k = q * 1.0, k * 1.0  # non-leaves (a leaf that requires grad is refused)
+        tail = (False, True) if interleaved else ()  # wrap_negative_positions, interleaved
         op(q[..., :rot], k[..., :rot], *reads, rot, is_neox,
-           None if sections is None else list(sections))
+           None if sections is None else list(sections), *tail)
         return q, k
 
     return fn, (q.requires_grad_(True), k.requires_grad_(True)), reads
 
 
-@pytest.mark.parametrize(("from_cache", "sections", "rot"),
-                         [(False, None, 8), (False, (1, 1, 1), 6), (True, (1, 2, 1), 8),
-                          (True, (2, 0, 2), 8)],
-                         ids=["tables", "tables-mrope-partial", "mrope-cache", "mrope-zero"])
-def test_gradcheck(from_cache, sections, rot):
-    fn, inputs, _ = _grad_problem(from_cache, sections, rot=rot)
+@pytest.mark.parametrize(("from_cache", "sections", "rot", "interleaved"),
+                         [(False, None, 8, False), (False, (1, 1, 1), 6, False),
+                          (True, (1, 2, 1), 8, False), (True, (2, 0, 2), 8, False),
+                          (True, (2, 1, 1), 8, True)],
+                         ids=["tables", "tables-mrope-partial", "mrope-cache", "mrope-zero",
+                              "mrope-interleaved"])
+def test_gradcheck(from_cache, sections, rot, interleaved):
+    fn, inputs, _ = _grad_problem(from_cache, sections, rot=rot, interleaved=interleaved)
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 

@@ -132,8 +132,9 @@ def fused_qk_rope_tables_kernel(
     FROM_ANGLES: tl.constexpr,  # cos/sin computed from angles [S, R, ROT/2]
     TABLE_DTYPE: tl.constexpr,  # ANGLES: the dtype cos/sin are rounded to (tl.float32: none)
     NUM_STREAMS: tl.constexpr,
-    SECTION_1_START: tl.constexpr,
-    SECTION_2_START: tl.constexpr,
+    SECTION_1_START: tl.constexpr,  # s0 of mrope_section (s0, s1, s2)
+    SECTION_2_START: tl.constexpr,  # s0 + s1
+    MROPE_INTERLEAVED: tl.constexpr,  # streams interleaved by column (Qwen3-VL)
 ):
     HALF: tl.constexpr = ROT // 2
     token = tl.program_id(0).to(tl.int64)
@@ -143,7 +144,15 @@ def fused_qk_rope_tables_kernel(
     i = tl.arange(0, HALF_PAD)  # pair column
     cmask = i < HALF
     # Stream of each column: the mRoPE section it lies in; 0 everywhere with one stream.
-    if NUM_STREAMS == 3:
+    if NUM_STREAMS == 3 and MROPE_INTERLEAVED:
+        # Qwen3-VL (sglang's apply_interleaved_rope): stream 1 at i % 3 == 1, i < 3 * s1;
+        # stream 2 at i % 3 == 2, i < 3 * s2; stream 0 elsewhere. s1 = S2_START - S1_START,
+        # s2 = HALF - S2_START.
+        third = i % 3
+        in_1 = (third == 1) & (i < 3 * (SECTION_2_START - SECTION_1_START))
+        in_2 = (third == 2) & (i < 3 * (HALF - SECTION_2_START))
+        stream = in_1.to(tl.int64) + 2 * in_2.to(tl.int64)
+    elif NUM_STREAMS == 3:
         stream = (i >= SECTION_1_START).to(tl.int64) + (i >= SECTION_2_START).to(tl.int64)
     else:
         stream = tl.zeros([HALF_PAD], dtype=tl.int64)
@@ -283,12 +292,13 @@ def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim
                  is_neox: bool, device_type: str, elem_bytes: int, *, from_cache: bool,
                  mrope_section=None, full_tables: bool = False,
                  angles_table_dtype: torch.dtype | None = None,
-                 wrap_positions: bool = False) -> LaunchShape:
+                 wrap_positions: bool = False, mrope_interleaved: bool = False) -> LaunchShape:
     """The first kernel's head tiling and warps (``num_tokens`` may be a hint), plus the cos/sin
     source constexprs. ``wrap_positions`` (CACHE): negative positions index from the cache's
     end; ``mrope_section`` ``(s0, s1, s2)`` or None (one stream);
     ``full_tables``: TABLES ``ROT`` wide (one cos/sin per feature), not ``ROT/2``;
-    ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype."""
+    ``angles_table_dtype``: the ANGLES source, cos/sin rounded to that dtype;
+    ``mrope_interleaved``: the streams interleaved by column (Qwen3-VL), not sectioned."""
     if full_tables and from_cache:
         raise ValueError("rope_tables: full_tables is a TABLES form; the CACHE has pair columns")
     from_angles = angles_table_dtype is not None
@@ -308,6 +318,7 @@ def launch_shape(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim
         "NUM_STREAMS": 1 if mrope_section is None else 3,
         "SECTION_1_START": int(s0),
         "SECTION_2_START": int(s0) + int(s1),
+        "MROPE_INTERLEAVED": bool(mrope_interleaved) and mrope_section is not None,
     }
     return LaunchShape(shape.head_splits, {**shape.constexprs, **source}, shape.options)
 
@@ -366,10 +377,12 @@ def launch_qk_rope_angles(q: torch.Tensor, k: torch.Tensor, angles: torch.Tensor
 
 def launch_qk_mrope_cache(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
                           positions: torch.Tensor, rotary_dim: int, is_neox: bool,
-                          mrope_section, wrap_positions: bool = False) -> None:
+                          mrope_section, wrap_positions: bool = False,
+                          mrope_interleaved: bool = False) -> None:
     """Rotate ``q[..., :rotary_dim]`` and ``k[..., :rotary_dim]`` in place, pair column i of
     token t by cache row ``positions[stream(i), t]`` (positions ``[3, T]``, or ``[T]`` for
-    every stream; ``wrap_positions``: a position in ``[-P, 0)`` is row ``P + position``). A
+    every stream; ``wrap_positions``: a position in ``[-P, 0)`` is row ``P + position``;
+    ``mrope_interleaved``: stream(i) by the interleaved rule, not by sections). A
     token with a position outside the cache is left as it is. Arguments are assumed valid (the
     op layer validates)."""
     if q.shape[0] == 0:
@@ -382,5 +395,6 @@ def launch_qk_mrope_cache(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch
                               num_k_heads=k.shape[1])
     shape = launch_shape(q.shape[0], q.shape[1], k.shape[1], rotary_dim, is_neox,
                          q.device.type, q.element_size(), from_cache=True,
-                         mrope_section=mrope_section, wrap_positions=wrap_positions)
+                         mrope_section=mrope_section, wrap_positions=wrap_positions,
+                         mrope_interleaved=mrope_interleaved)
     _launch(q, k, args, shape)

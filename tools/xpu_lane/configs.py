@@ -261,9 +261,11 @@ def _tables_configs(gen):
                {"source": "angles", "table_dtype": torch.bfloat16, "mrope": True}]
     if _accepts(rope_tables.launch_shape, "wrap_positions"):
         changes.append({"source": "cache", "mrope": True, "wrap": True})
+    if _accepts(rope_tables.launch_shape, "mrope_interleaved"):  # Qwen3-VL's streams
+        changes.append({"source": "cache", "mrope": True, "interleaved": True})
     for dtype, neox, change in _styled(changes):
         v = {"tokens": SMALL_TOKENS, "source": "pair", "table_dtype": None, "mrope": False,
-             "wrap": False, "hq": HQ, **change}
+             "wrap": False, "interleaved": False, "hq": HQ, **change}
         hq = v["hq"]
         tokens, source, table_dtype, mrope = v["tokens"], v["source"], v["table_dtype"], v["mrope"]
         rot = D
@@ -311,11 +313,14 @@ def _tables_configs(gen):
             shape = rope_tables.launch_shape(
                 tokens, hq, HK, rot, neox, DEVICE_TYPE, q.element_size(), from_cache=True,
                 mrope_section=section,
-                **_maybe(rope_tables.launch_shape, wrap_positions=v["wrap"]))
+                **_maybe(rope_tables.launch_shape, wrap_positions=v["wrap"]),
+                **({"mrope_interleaved": True} if v["interleaved"] else {}))
             rope_compile.fused_qk_mrope_with_cos_sin_cache_inplace(
-                rq, rk, cache, pos, rot, neox, list(section))
+                rq, rk, cache, pos, rot, neox, list(section),
+                **({"mrope_interleaved": True} if v["interleaved"] else {}))
         label = source + (f"-{TL_TYPES[table_dtype]}" if table_dtype else "")
         label += "-wrap" if v["wrap"] else ""
+        label += "-interleaved" if v["interleaved"] else ""
         yield (f"tables-{source}", dtype,
                f"{label}-{'mrope' if mrope else 'one'}-{'neox' if neox else 'gptj'}-t{tokens}"
                f"-h{hq}",
