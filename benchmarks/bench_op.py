@@ -10,7 +10,7 @@ One command does everything (GPU)::
 It measures the device-to-device copy bandwidth once (the ceiling), then for every row of
 :data:`ROWS` times, in GPU µs per call:
 
-* ``triton``     (a) ``rope_compile.triton_kernel.launch_fused_qk_rope`` called directly;
+* ``triton``     (a) ``rope_compile.kernels.rope_cache.launch_fused_qk_rope`` called directly;
 * ``op``         (b) ``torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace``;
 * ``public``     (f) ``rope_compile.fused_qk_rope_with_cos_sin_cache_inplace``, which relaunches
   the compiled kernel without the dispatcher (``rope_compile.fast_launch``);
@@ -173,14 +173,14 @@ def _load_flashinfer(device: str) -> tuple[Callable | None, str]:
 
 
 def _context(device: str) -> _Context:
-    from rope_compile.triton_kernel import launch_fused_qk_rope
+    from rope_compile.kernels.rope_cache import launch_fused_qk_rope
 
     fi, reason = _load_flashinfer(device)
     return _Context(device, launch_fused_qk_rope, fi, reason)
 
 
 def _skip_reason(impl: str, row: Row, ctx: _Context) -> str | None:
-    from rope_compile.triton_kernel import is_interpreter
+    from rope_compile.kernels.rope_cache import is_interpreter
 
     on_cpu = torch.device(ctx.device).type == "cpu"
     if impl == "triton" and on_cpu and not is_interpreter():
@@ -270,7 +270,7 @@ def _short_error(err: BaseException) -> str:
 
 
 def _heuristic_config(row: Row, device: str) -> dict:
-    from rope_compile.triton_kernel import launch_shape
+    from rope_compile.kernels.rope_cache import launch_shape
 
     shape = launch_shape(row.tokens, row.hq, row.hk, row.rot, row.neox,
                          torch.device(device).type, common.DTYPES[row.dtype].itemsize)

@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rope_compile.ops as ops  # noqa: E402
 from rope_compile import fast_launch  # noqa: E402
-from rope_compile import triton_kernel as tk  # noqa: E402
 from rope_compile.demo import TinyLlama  # noqa: E402
+from rope_compile.kernels import rope_cache as tk  # noqa: E402
 from rope_compile.reference import compute_cos_sin_cache  # noqa: E402
 
 

@@ -51,12 +51,8 @@ __all__ = [
 ]
 
 # RoPE + KV-cache store and QK-norm + RoPE, one launch each (rope_compile/kernels/rope_kv_store.py),
-# and the sglang / vLLM drop-ins built on them (rope_compile/kv_store.py).
-from .kv_store import (  # noqa: E402
-    FusedSetKVBufferArg,
-    apply_rope_with_cos_sin_cache_inplace,
-    fused_qk_norm_rope,
-)
+# and the sglang / vLLM drop-ins built on them (rope_compile/kv_store.py and qk_norm.py).
+from .kv_store import FusedSetKVBufferArg, apply_rope_with_cos_sin_cache_inplace  # noqa: E402
 from .ops import (  # noqa: E402
     KV_STORE_OP_NAME,
     KV_STORE_TABLES_OP_NAME,
@@ -71,6 +67,7 @@ from .ops import (  # noqa: E402
     fused_qk_rope_kv_store_inplace,
     fused_qk_rope_kv_store_tables_inplace,
 )
+from .qk_norm import fused_qk_norm_rope  # noqa: E402
 
 __all__ += [
     "KV_STORE_OP_NAME",

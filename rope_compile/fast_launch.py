@@ -89,7 +89,7 @@ def _init() -> bool:
         import triton
         from triton.runtime.jit import JITFunction
 
-        from .triton_kernel import is_interpreter
+        from .kernels.rope_cache import is_interpreter
 
         source = "".join(inspect.getsource(JITFunction.run).split())
         _driver, _knobs = triton.runtime.driver.active, triton.knobs
@@ -230,7 +230,7 @@ def _may_alias(spans, a_ptr, b_ptr, cache_ptr, positions_ptr, shared) -> bool:
 
 def _launch_first(q, k, cache, positions, rotary_dim, is_neox) -> _Launch:
     """Launch through Triton's JIT; what a later call with this layout relaunches."""
-    from .triton_kernel import plan_launch, run_plan
+    from .kernels.rope_cache import plan_launch, run_plan
 
     if q.shape[0] == 0:
         return _Launch(None, None, None, None, (0, 0), -1, (), False)

@@ -28,7 +28,7 @@ def _kernel_with_warps(num_warps: int):
     Inductor its launch options (no tuning happens with a single config)."""
     import triton
 
-    from .triton_kernel import fused_qk_rope_kernel
+    from .kernels.rope_cache import fused_qk_rope_kernel
 
     return triton.autotune(configs=[triton.Config({}, num_warps=num_warps)], key=[])(
         fused_qk_rope_kernel)
@@ -97,7 +97,7 @@ def register_inductor_lowering() -> None:
     from torch._inductor.lowering import fallback_handler, register_lowering
 
     from . import ops  # noqa: F401  (defines the op)
-    from .triton_kernel import launch_shape, runtime_args
+    from .kernels.rope_cache import launch_shape, runtime_args
 
     op = torch.ops.rope_compile.fused_qk_rope_with_cos_sin_cache_inplace.default
     fallback = fallback_handler(op, add_to_fallback_set=False)

@@ -1,11 +1,9 @@
-"""Drop-ins for sglang's and vLLM's fused RoPE + KV-store and QK-norm + RoPE entry points.
+"""Drop-ins for sglang's fused RoPE + KV-store entry point (the QK-norm + RoPE drop-in is in
+:mod:`rope_compile.qk_norm`).
 
 * :class:`FusedSetKVBufferArg` and :func:`apply_rope_with_cos_sin_cache_inplace`: sgl_kernel's
   (``fused_set_kv_buffer_arg`` writes the rotated k and v into the KV cache in the same
   launch, ``rope_compile::fused_qk_rope_kv_store_inplace``).
-* :func:`fused_qk_norm_rope`: vLLM's ``torch.ops._C.fused_qk_norm_rope`` on a packed qkv
-  (``rope_compile::fused_qk_norm_rope_inplace``), plus a Gemma ``weight_offset`` and the
-  norm's ``round_once``.
 * :func:`set_kv_buffer_native`: the plain torch spelling of the store (what
   ``RotaryEmbedding.forward_native`` runs, and what a compiler pass would match).
 """
@@ -16,11 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import (
-    fused_qk_norm_rope_inplace,
-    fused_qk_rope_kv_store_inplace,
-    rotary_embedding,
-)
+from .ops import fused_qk_rope_kv_store_inplace, rotary_embedding
 from .validation import as_token_heads
 
 
@@ -98,44 +92,9 @@ def apply_rope_with_cos_sin_cache_inplace(
                                    arg.v_scale)
 
 
-def fused_qk_norm_rope(
-    qkv: torch.Tensor,
-    num_heads_q: int,
-    num_heads_k: int,
-    num_heads_v: int,
-    head_dim: int,
-    eps: float,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-    position_ids: torch.Tensor,
-    *,
-    weight_offset: float = 0.0,
-    round_once: bool | None = None,
-) -> None:
-    """vLLM's op: per-head RMSNorm (``q_weight`` / ``k_weight`` ``[head_dim]``) then RoPE of the
-    q and k parts of a packed ``qkv`` ``[T, (Hq + Hk + Hv) * head_dim]``, in place (v is left
-    alone). ``weight_offset=1.0`` is Gemma's ``x * (1 + w)``; ``round_once`` the rounding, as
-    :func:`rope_compile.ops.fused_qk_norm_rope_inplace` (None: as the offset says)."""
-    num_tokens = qkv.shape[0]
-    q_size, k_size = num_heads_q * head_dim, num_heads_k * head_dim
-    if qkv.dim() != 2 or qkv.shape[1] != q_size + k_size + num_heads_v * head_dim:
-        raise ValueError(
-            f"fused_qk_norm_rope: qkv must be [num_tokens, (num_heads_q + num_heads_k + "
-            f"num_heads_v) * head_dim = {q_size + k_size + num_heads_v * head_dim}], got "
-            f"{tuple(qkv.shape)}")
-    q = qkv[:, :q_size].view(num_tokens, num_heads_q, head_dim)
-    k = qkv[:, q_size:q_size + k_size].view(num_tokens, num_heads_k, head_dim)
-    fused_qk_norm_rope_inplace(q, k, q_weight, k_weight, eps, weight_offset, cos_sin_cache,
-                               position_ids.reshape(-1), cos_sin_cache.shape[1], is_neox,
-                               round_once=round_once)
-
-
 __all__ = [
     "FusedSetKVBufferArg",
     "apply_rope_with_cos_sin_cache_inplace",
-    "fused_qk_norm_rope",
     "kv_store_views",
     "set_kv_buffer_native",
 ]

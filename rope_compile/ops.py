@@ -1,14 +1,25 @@
-"""torch.library registration of the two in-place RoPE ops.
+"""torch.library registration of every rope_compile op (eleven), by family, and their public
+wrappers. Each family has one Triton kernel file in ``rope_compile/kernels/``:
 
-* ``rope_compile::fused_qk_rope_with_cos_sin_cache_inplace(q, k, cos_sin_cache, positions,
-  rotary_dim, is_neox)``: q ``[T, Hq, rotary_dim]`` and k ``[T, Hk, rotary_dim]`` (usually
-  strided views), rotated in place; the op the compiler pass emits.
-* ``rope_compile::rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)``:
-  the generic fallback, query/key ``[T, H * head_size]`` or ``[..., H, head_size]``, any head size.
+* RoPE from a ``cos_sin_cache`` (``kernels/rope_cache.py``):
+  ``fused_qk_rope_with_cos_sin_cache_inplace(q, k, cos_sin_cache, positions, rotary_dim,
+  is_neox)``, q ``[T, Hq, rotary_dim]`` and k ``[T, Hk, rotary_dim]`` (usually strided views),
+  the op the pair pass emits; and ``rotary_embedding(positions, query, key, head_size,
+  cos_sin_cache, is_neox)``, the generic fallback (query/key ``[T, H * head_size]`` or
+  ``[..., H, head_size]``, any head size).
+* RoPE + KV-cache store, QK-norm + RoPE, and QK-norm + RoPE + KV store, each from a cache or
+  from a model's tables (``kernels/rope_kv_store.py``): six ops, the prologue passes' calls.
+* RoPE from a model's cos/sin tables, and mRoPE from a cache (``kernels/rope_tables.py``):
+  ``fused_qk_rope_with_cos_sin_tables_inplace``, ``fused_qk_mrope_with_cos_sin_cache_inplace``.
+* RoPE from the angles of a model's tables (``kernels/rope_tables.py``, cos/sin computed in the
+  kernel): ``fused_qk_rope_with_angles_inplace``.
 
-Both mutate only their q/k (query/key) arguments. Kernels: the Triton launcher for ``cuda`` and
-``xpu`` (imported lazily, so the package imports without Triton), the float32 reference applied
-in place for ``cpu``. The fake implementations validate and touch no data.
+Every op mutates exactly what it writes (q/k, and the KV buffers of the store ops). Kernels: the
+Triton launcher for ``cuda`` and ``xpu`` (imported lazily, so the package imports without
+Triton), the float32 reference applied in place for ``cpu``. The fake implementations validate
+and touch no data. The RoPE ops have a backward (``autograd.py``); the store and norm ops are
+inference ops. The drop-ins built on them: ``kv_store.py`` (sglang), ``qk_norm.py`` (vLLM),
+``module.py`` (sglang's ``RotaryEmbedding``).
 
 Indices (``docs/index_ranges.md``): every op that takes ``positions`` (rows of a cos/sin cache
 of P rows) has ``wrap_negative_positions`` (default False, as sglang's / vLLM's
@@ -44,7 +55,7 @@ from .validation import (  # noqa: F401  (names and checks re-exported for calle
 def _launch_triton(q, k, cos_sin_cache, positions, rotary_dim, is_neox, wrap, op) -> None:
     if check_positions_on_device_enabled():
         check_positions_in_range(op, positions, cos_sin_cache.shape[0], wrap)
-    from .triton_kernel import launch_fused_qk_rope
+    from .kernels.rope_cache import launch_fused_qk_rope
 
     launch_fused_qk_rope(q, k, cos_sin_cache, positions, rotary_dim, is_neox,
                          wrap_positions=wrap)

@@ -2,7 +2,7 @@
 
 Without a GPU the Triton kernel is exercised on CPU tensors through Triton's interpreter, which
 is chosen when a ``@triton.jit`` function is defined, so ``TRITON_INTERPRET=1`` is set here,
-before any test module imports ``rope_compile.triton_kernel`` (or ``torch._inductor``, which
+before any test module imports ``rope_compile.kernels.rope_cache`` (or ``torch._inductor``, which
 imports triton). ``torch.cuda.is_available()`` does not import triton.
 
 Helpers are plain functions (``from conftest import ...`` in the test modules):
@@ -39,7 +39,7 @@ def _gpu_device_type() -> str | None:
 GPU_DEVICE = _gpu_device_type()
 
 if GPU_DEVICE is None:
-    # Must happen before rope_compile.triton_kernel (or torch._inductor) is imported.
+    # Must happen before rope_compile.kernels.rope_cache (or torch._inductor) is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

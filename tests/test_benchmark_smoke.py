@@ -23,7 +23,7 @@ def _bench_op():
 
 
 def _device() -> str:
-    from rope_compile.triton_kernel import is_interpreter
+    from rope_compile.kernels.rope_cache import is_interpreter
 
     if is_interpreter():
         return "cpu"

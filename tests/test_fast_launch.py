@@ -28,7 +28,7 @@ pytest.importorskip("triton")
 
 import rope_compile  # noqa: E402
 from rope_compile import fast_launch, set_check_positions  # noqa: E402
-from rope_compile import triton_kernel as tk  # noqa: E402
+from rope_compile.kernels import rope_cache as tk  # noqa: E402
 
 
 def test_triton_launches_as_fast_launch_relaunches():

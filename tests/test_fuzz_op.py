@@ -496,7 +496,7 @@ def test_generic_op_inputs(case: OpCase):
 @given(op_cases("fused", valid_only=True), st.sampled_from((None, 1, 2, 4, 8)),
        st.sampled_from((None, 1, 2, 3)))
 def test_triton_launcher(case: OpCase, block_h, head_splits):
-    from rope_compile.triton_kernel import is_interpreter, launch_fused_qk_rope
+    from rope_compile.kernels.rope_cache import is_interpreter, launch_fused_qk_rope
 
     if not is_interpreter():
         pytest.skip("the launcher fuzz runs Triton's interpreter on CPU tensors")

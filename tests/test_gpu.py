@@ -29,9 +29,9 @@ GPU_APPLIES = {name: OP_APPLIES[name] for name in ("fused-op", "fused-public", "
 
 
 def test_gpu_runs_compiled_kernel(gpu_device):
-    from rope_compile import triton_kernel
+    from rope_compile.kernels import rope_cache
 
-    assert not triton_kernel.is_interpreter()
+    assert not rope_cache.is_interpreter()
 
 
 @pytest.mark.parametrize("apply", list(GPU_APPLIES.values()), ids=list(GPU_APPLIES))

@@ -35,7 +35,7 @@ from conftest import GPU_DEVICE
 from conftest import assert_same_bits as _assert_same_bits
 
 import rope_compile
-from rope_compile import triton_kernel as tk
+from rope_compile.kernels import rope_cache as tk
 from rope_compile.kernels import rope_kv_store, rope_tables
 from rope_compile.reference import (
     mrope_cache_reference_,
@@ -183,7 +183,7 @@ def _check_qkv(qkv: Carved, before: torch.Tensor, q_exp, k_exp, valid, rot=ROT) 
 
 
 # --------------------------------------------------------------------------------------------
-# the cache op (triton_kernel.py) and the generic op
+# the cache op (kernels/rope_cache.py) and the generic op
 
 
 @pytest.mark.parametrize("device", DEVICES)

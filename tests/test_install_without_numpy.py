@@ -2,7 +2,7 @@
 compiles and runs a model with ``backend="rope_compile"`` on the CPU.
 
 NumPy is no dependency of the install (only of the ``demo`` and ``test`` extras), so nothing a
-runtime path imports may need it: Triton's interpreter does (``rope_compile.triton_kernel``
+runtime path imports may need it: Triton's interpreter does (``rope_compile.kernels.rope_cache``
 once imported it unconditionally, and a CUDA install failed at its first compile).
 
 The environment is made without system site-packages. torch is made importable there without

@@ -106,8 +106,8 @@ def _package_modules_loaded() -> set[str]:
     ops, the lowering and the backend are imported."""
     import rope_compile.backend  # noqa: F401
     import rope_compile.inductor_lowering  # noqa: F401
+    import rope_compile.kernels.rope_cache  # noqa: F401
     import rope_compile.ops  # noqa: F401
-    import rope_compile.triton_kernel  # noqa: F401
 
     roots = (REPO / "rope_compile", REPO / "passes")
     loaded = set()
@@ -123,7 +123,7 @@ def test_uuid_covers_every_loaded_source():
     missing = _package_modules_loaded() - sources
     assert not missing, f"the uuid does not hash {sorted(missing)}"
     for name in ("fuse_qk_rope.py", "rope_pattern.py", "fx_surgery.py", "validation.py",
-                 "ops.py", "triton_kernel.py", "inductor_lowering.py", "options.py"):
+                 "ops.py", "rope_cache.py", "inductor_lowering.py", "options.py"):
         assert any(Path(p).name == name for p in sources), name
 
 

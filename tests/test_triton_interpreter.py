@@ -29,7 +29,7 @@ if GPU_DEVICE is None and os.environ.get("TRITON_INTERPRET") != "1":
     )
 
 from rope_compile import ops, set_check_positions  # noqa: E402
-from rope_compile import triton_kernel as tk  # noqa: E402
+from rope_compile.kernels import rope_cache as tk  # noqa: E402
 
 DEVICE = GPU_DEVICE or "cpu"
 

@@ -17,8 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rope_compile import triton_kernel  # noqa: E402
-from rope_compile.kernels import rope_kv_store, rope_tables  # noqa: E402
+from rope_compile.kernels import rope_cache, rope_kv_store, rope_tables  # noqa: E402
 from tools.xpu_lane import configs as lane  # noqa: E402
 
 
@@ -80,9 +79,9 @@ def test_rope_planner_outputs_are_covered():
     rng = random.Random(0)
     for p in _random_problems(rng, 200):
         for wrap in (False, True):
-            shape = triton_kernel.launch_shape(
+            shape = rope_cache.launch_shape(
                 p["tokens"], p["hq"], p["hk"], p["rot"], p["neox"], "xpu",
-                p["dtype"].itemsize, **lane._maybe(triton_kernel.launch_shape,
+                p["dtype"].itemsize, **lane._maybe(rope_cache.launch_shape,
                                                    wrap_positions=wrap))
             missing = _missing(lane.plan_key_items("fused_qk_rope_kernel", p["dtype"],
                                                    shape.constexprs, shape.options))
@@ -149,9 +148,9 @@ def test_xpu_launch_options_are_sub_groups_of_16():
     options are unchanged (no threads_per_warp)."""
     for tile in (64, 512, 2048, 4096):
         for elem in (2, 4):
-            xpu = triton_kernel.device_launch_options("xpu", tile, elem, vectors_per_lane=2)
+            xpu = rope_cache.device_launch_options("xpu", tile, elem, vectors_per_lane=2)
             assert xpu["threads_per_warp"] == 16 and 4 <= xpu["num_warps"] <= 8
-            assert set(triton_kernel.device_launch_options("cuda", tile, elem)) == {"num_warps"}
+            assert set(rope_cache.device_launch_options("cuda", tile, elem)) == {"num_warps"}
 
 
 def test_lane_list_has_runs_and_dtypes():

@@ -23,7 +23,7 @@ import torch
 
 import rope_compile.fast_launch as fast_launch
 from rope_compile import RotaryEmbedding
-from rope_compile.triton_kernel import device_launch_options
+from rope_compile.kernels.rope_cache import device_launch_options
 
 LANE_TRITON = Path(__file__).resolve().parent.parent / ".xpu" / "venv"
 
@@ -85,10 +85,10 @@ def test_a_foreign_launcher_sends_every_call_to_the_op(monkeypatch):
                " kernel.function, kernel.packed_metadata, launch_metadata,"
                " self.CompiledKernel.launch_enter_hook, self.CompiledKernel.launch_exit_hook,"
                " *bound_args.values())\n")
-    import rope_compile.triton_kernel as triton_kernel
+    import rope_compile.kernels.rope_cache as rope_cache
 
     # As on a GPU: no interpreter. The installed Triton's own launcher turns the path on...
-    monkeypatch.setattr(triton_kernel, "is_interpreter", lambda: False)
+    monkeypatch.setattr(rope_cache, "is_interpreter", lambda: False)
     monkeypatch.setattr(fast_launch, "_enabled", None)
     if not fast_launch._init():
         pytest.skip("the installed Triton launches otherwise: the fast path is off anyway")

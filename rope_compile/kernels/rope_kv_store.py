@@ -31,7 +31,7 @@ Shapes and strides (elements; the last stride of q, k, v and the buffers must be
 
 fp8 buffers are passed as their ``uint8`` view (K_FP8 / V_FP8): the kernel writes the bits.
 
-Index rule (:func:`~rope_compile.triton_kernel.table_row`): the cache row of token t is
+Index rule (:func:`~rope_compile.kernels.rope_cache.table_row`): the cache row of token t is
 ``pos[t]`` and its buffer row (slot) ``cache_loc[t % R_loc]``, each wrapped from the end of
 its table when negative in ``[-P, 0)`` / ``[-S, 0)`` with WRAP_POSITIONS / WRAP_LOC (eager's
 ``cache[positions]`` / ``k_buffer[loc] = k``). Out of range: a position outside ``[0, P)``
@@ -94,8 +94,8 @@ import triton
 import triton.language as tl
 
 from ..reference import norm_rounds_once
-from ..triton_kernel import device_launch_options, is_interpreter, table_row
 from .fp32_rounding import fp32_value, round_to, sqrt_rn
+from .rope_cache import device_launch_options, is_interpreter, table_row
 
 # fp8 e4m3fn: the largest finite value (torch's conversion saturates to it).
 FP8_E4M3_MAX = 448.0
@@ -415,7 +415,7 @@ RUNTIME_ARGS = (
 )
 NUM_TENSOR_ARGS = 11
 
-# Launch heuristics: as triton_kernel's (a tile of at most _MAX_TILE_ELEMS elements, fewer for
+# Launch heuristics: as rope_cache's (a tile of at most _MAX_TILE_ELEMS elements, fewer for
 # few tokens; head splits until about _TARGET_PROGRAMS programs are in flight). A whole-
 # projection norm has one program per token (no head splits): with few tokens a larger tile,
 # all of a token's heads in one block where they fit in _WHOLE_TILE_ELEMS, so the program does

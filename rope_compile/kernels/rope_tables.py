@@ -1,7 +1,7 @@
 """Fused Q+K RoPE reading per-token cos/sin tables, the angles they are computed from, or a
 cache through multi-row positions (mRoPE), and its launcher (no op registration here).
 
-One launch rotates both q and k in place, as :mod:`rope_compile.triton_kernel` does, but the
+One launch rotates both q and k in place, as :mod:`rope_compile.kernels.rope_cache` does, but the
 cos/sin of a token come from one of three sources, chosen by the constexprs ``FROM_CACHE`` and
 ``FROM_ANGLES``:
 
@@ -40,7 +40,7 @@ Shapes and strides (elements; only the last stride of q and k must be 1)::
                P = num_positions
       pos      [S, T]              strides (pos_stream_stride, pos_token_stride), int32/int64;
                                    row(st, t) = pos[st, t], or with WRAP_POSITIONS P + pos for
-                                   pos in [-P, 0) (:func:`~rope_compile.triton_kernel.table_row`)
+                                   pos in [-P, 0) (:func:`.rope_cache.table_row`)
 
 CACHE: a token with a row outside ``[0, P)`` in any of its S streams is left as it is (no
 cos/sin read, no head of q or k read or written).
@@ -69,7 +69,7 @@ Full tables are HF's ``x * cos + rotate_half(x) * sin`` (neox) and ``x * cos +
 rotate_every_two(x) * sin`` (GPT-J) for any cos/sin; with equal halves (equal pair columns)
 they are the pair-table math. The stream of both columns of pair i is stream(i).
 
-Grid: ``(T, HEAD_SPLITS)``, cut as :func:`rope_compile.triton_kernel.launch_shape` cuts the
+Grid: ``(T, HEAD_SPLITS)``, cut as :func:`rope_compile.kernels.rope_cache.launch_shape` cuts the
 first kernel's: program ``(t, s)`` loads the token's ROT/2 cos and sin once (full tables: the
 ROT/2 of columns a and the ROT/2 of columns b of each), then rotates head blocks ``s, s +
 HEAD_SPLITS, ...`` of q (``Q_ITERS``) and of k (``K_ITERS``), each a ``[BLOCK_H, ROT]`` tile
@@ -84,14 +84,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_kernel import (
+from .fp32_rounding import fp32_value, round_to
+from .rope_cache import (
     LaunchShape,
     _rotate_head_block,  # the shared [BLOCK_H, ROT] tile rotation
     is_interpreter,
     table_row,
 )
-from ..triton_kernel import launch_shape as head_launch_shape
-from .fp32_rounding import fp32_value, round_to
+from .rope_cache import launch_shape as head_launch_shape
 
 
 @triton.jit

@@ -23,15 +23,14 @@ import torch
 import triton.language as tl
 
 import rope_compile  # noqa: F401  (registers the ops the reference runs through)
-from rope_compile import triton_kernel
-from rope_compile.kernels import rope_kv_store, rope_tables
+from rope_compile.kernels import rope_cache, rope_kv_store, rope_tables
 
 DEVICE_TYPE = "xpu"
 
 # The kernels the launchers launch (module, attribute); a test checks that no other
 # ``*_kernel`` is defined in rope_compile.
 KERNELS = {
-    "fused_qk_rope_kernel": triton_kernel,
+    "fused_qk_rope_kernel": rope_cache,
     "fused_qk_rope_tables_kernel": rope_tables,
     "fused_qk_norm_rope_kv_kernel": rope_kv_store,
 }
@@ -225,7 +224,7 @@ def _styled(changes):
 # rotary), in every dtype and style.
 def _rope_configs(gen):
     changes = [{}, {"neox": False}, *LARGE, {"rot": D // 2}]
-    if _accepts(triton_kernel.launch_shape, "wrap_positions"):
+    if _accepts(rope_cache.launch_shape, "wrap_positions"):
         changes.append({"wrap": True})
     for dtype, neox, change in _styled(changes):
         v = {"tokens": SMALL_TOKENS, "rot": D, "wrap": False, "hq": HQ, **change}
@@ -235,13 +234,13 @@ def _rope_configs(gen):
         cache = torch.randn(64, rot, generator=gen).to(dtype)
         pos = torch.randint(0, 64, (tokens,), generator=gen)
         qr, kr = q[..., :rot], k[..., :rot]
-        shape = triton_kernel.launch_shape(
+        shape = rope_cache.launch_shape(
             tokens, hq, HK, rot, neox, DEVICE_TYPE, q.element_size(),
-            **_maybe(triton_kernel.launch_shape, wrap_positions=v["wrap"]))
-        args = triton_kernel.runtime_args(
+            **_maybe(rope_cache.launch_shape, wrap_positions=v["wrap"]))
+        args = rope_cache.runtime_args(
             qr, kr, cache, pos, q_stride=qr.stride(), k_stride=kr.stride(),
             cache_stride=cache.stride(), positions_stride=pos.stride(), num_q_heads=hq,
-            num_k_heads=HK, **_maybe(triton_kernel.runtime_args, num_positions=64))
+            num_k_heads=HK, **_maybe(rope_cache.runtime_args, num_positions=64))
         ref = qkv.clone()
         rq, rk = ref[:, :hq * D].view(tokens, hq, D), ref[:, hq * D:(hq + HK) * D].view(
             tokens, HK, D)

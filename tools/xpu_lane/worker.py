@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-KERNEL_FILES = ("rope_compile/kernels/fp32_rounding.py", "rope_compile/triton_kernel.py",
+KERNEL_FILES = ("rope_compile/kernels/fp32_rounding.py", "rope_compile/kernels/rope_cache.py",
                 "rope_compile/kernels/rope_tables.py", "rope_compile/kernels/rope_kv_store.py")
 # The properties torch.xpu.get_device_capability() reports, as Triton reads them; the
 # sub-group sizes are the GPUs' (8 is also possible on DG2, Triton uses 16 or 32).
