@@ -14,7 +14,7 @@ understand is simply not a match. Matching never mutates the graph.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import Node
@@ -387,6 +387,10 @@ class PairTrig:
         return hash((id(self.rows), self.index))
 
 
+_NOT_A_PAIR_PICK = ("not a (cos, sin) pick",
+                    "cos/sin are not picked from the last dim of (cos, sin) pairs")
+
+
 def trace_pair_trig(node: Node, x_val) -> PairTrig:
     factor = node
     while _float_cast(node):
@@ -407,8 +411,11 @@ def trace_pair_trig(node: Node, x_val) -> PairTrig:
     rows_val, f_val = _val(rows), _val(factor)
     _require(rows_val.dim() >= 2 and rows_val.shape[-1] == 2 and f_val.dim() == x_val.dim()
              and f_val.shape[-1] == x_val.shape[-1], "cos/sin pairs do not line up with x")
+    # The rows' token dims (torchtune's [B, S] input_pos: [1, S], or [1, 1] at a one-token
+    # decode step) are the factor's dims other than 1: none is spread over heads.
     _require(sum(1 for a in f_val.shape[:-1] if not statically_equal(a, 1))
-             == rows_val.dim() - 2, "cos/sin pairs are not broadcast over heads")
+             == sum(1 for a in rows_val.shape[:-2] if not statically_equal(a, 1)),
+             "cos/sin pairs are not broadcast over heads")
     return PairTrig(rows, node.args[2], factor)
 
 
@@ -463,6 +470,9 @@ class HalfTrig:
     table: Node
     heads_dim: int
     table_heads_dim: int | None
+    # Why the factor, a pick of (cos, sin) pairs, was not read as pair rows (PairTrig); the
+    # rotation's miss names it when the halves do not pair up as half-width tables either.
+    pair_miss: str | None = field(default=None, compare=False)
 
 
 def trace_half_trig(node: Node, x_val) -> HalfTrig:
@@ -489,17 +499,20 @@ def _factor_terms(a: Node, b: Node, num_tokens):
     """``a * b`` = x-features * cos/sin (either order): (features, cos/sin factor)."""
     for x, t in ((a, b), (b, a)):
         x_val, t_val = _val(x), _val(t)
+        pair_miss = None
         if x_val is not None and t_val is not None and x_val.dim() == t_val.dim() == 4:
             try:
                 return trace_features(x), trace_pair_trig(t, x_val)
-            except NoMatch:
-                pass
+            except NoMatch as why:
+                if str(why) not in _NOT_A_PAIR_PICK:
+                    pair_miss = str(why)
         if x_val is not None and t_val is not None and x_val.dim() == 4:
             # A half-width table shaped to broadcast over x's heads (nanochat, [T, rot/2]).
             try:
-                return trace_features(x), trace_half_trig(t, x_val)
+                half = trace_half_trig(t, x_val)
             except NoMatch:
                 continue
+            return trace_features(x), replace(half, pair_miss=pair_miss)
         x_val = _val(x)
         if x_val is None or x_val.dim() != 3 or _val(t) is None or _val(t).dim() != 3:
             continue
@@ -566,6 +579,10 @@ def _match_rotation(o1: Node, o2: Node, num_tokens):
         signs = (sin_sign, found[(x1, sin)])
         if signs in ((-1, 1), (1, -1)):
             return x1, x2, cos, sin, signs == (1, -1)
+    for _, _, factor in (*first, *second):
+        if getattr(factor, "pair_miss", None):
+            raise NoMatch(f"(cos, sin) pair picks are not rows read per token: "
+                          f"{factor.pair_miss}")
     raise NoMatch("second half is not x2*cos + x1*sin")
 
 
