@@ -55,6 +55,8 @@ What is proven before a rewrite (else no rewrite, the reason logged and counted 
 - q and k use the same eps and the same form (weight offset, rounding); the norm outputs have no
   reader
   but the call (their pre-RoPE value would be gone);
+- a tables call reads pair tables ``[R, rotary_dim/2]``, the norm ops' only table form (the
+  call's full ``[R, rotary_dim]`` tables or mRoPE streams are a skip with that reason);
 - the op's own checks pass on the exact views the new call gets (its fake implementation runs).
 """
 
@@ -94,6 +96,27 @@ prims = torch.ops.prims
 __all__ = ["FuseQKNormPass", "NormMatch", "match_rms_norm"]
 
 
+
+
+def _table_form_miss(call: FusedCall) -> str | None:
+    """Why no QK-norm op reads the cos/sin that ``call`` reads, or None. The norm ops of the
+    table form (with or without the KV store) read pair tables ``[R, rotary_dim/2]`` (one cos
+    and one sin per pair) only; a RoPE tables call may read full ``[R, rotary_dim]`` tables
+    (HF tables whose equal halves are not proven: litgpt's buffers, cos/sin passed in,
+    torchtune's qwen2 and torchtitan's ``CosSinRoPE`` column slices) or mRoPE streams. The
+    plan keeps the RoPE call's own table form, so these are skips with this reason, not calls
+    the op's check would reject."""
+    if not call.tables:
+        return None
+    if call.args.get("mrope_section") is not None:
+        return ("the RoPE call reads mRoPE streams (mrope_section); the QK-norm ops read pair "
+                "tables [R, rotary_dim/2] only")
+    cos, rot = fake_value(call.args.get("cos")), call.args.get("rotary_dim")
+    if cos is not None and isinstance(rot, int) and cos.dim() >= 1 and _eq(cos.shape[-1], rot):
+        return (f"the RoPE call reads full cos/sin tables [R, rotary_dim = {rot}] (their equal "
+                "halves are not proven); the QK-norm ops read pair tables [R, rotary_dim/2] "
+                "only")
+    return None
 
 
 @dataclass(frozen=True)
@@ -420,6 +443,9 @@ class FuseQKNormPass(ExtensionPass):
         if q.form != k.form:
             raise PlanError("q and k norms differ in rounding (x_normed rounded before the "
                             "weight vs once after it)")
+        table_form = _table_form_miss(call)
+        if table_form is not None:
+            raise PlanError(table_form)
         others = [b for b in call.bases if b not in (q_base, k_base)]
         new_bases: list[Node] = []
         views: dict[str, dict] = {}
