@@ -75,6 +75,13 @@ VALUE_READERS = frozenset({
     aten._scaled_dot_product_cudnn_attention, aten._scaled_dot_product_flash_attention_for_cpu,
     aten._scaled_dot_product_fused_attention_overrideable, aten.scaled_dot_product_attention,
     aten._flash_attention_forward, aten._efficient_attention_forward,
+    # their backward (a checkpointed layer's recomputed q/k read by the attention backward)
+    aten._scaled_dot_product_flash_attention_backward,
+    aten._scaled_dot_product_efficient_attention_backward,
+    aten._scaled_dot_product_cudnn_attention_backward,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    aten._scaled_dot_product_fused_attention_overrideable_backward,
+    aten._flash_attention_backward, aten._efficient_attention_backward,
     aten.clone, aten._to_copy, prims.convert_element_type, aten.cat, aten.stack,
     aten.constant_pad_nd, aten.copy, aten.copy_, aten.index, aten._unsafe_index,
     aten.index_select, aten.gather, aten.index_put, aten.index_put_, aten._unsafe_index_put,
@@ -96,11 +103,25 @@ def _holds(value, node: Node) -> bool:
     return isinstance(value, (list, tuple)) and any(v is node for v in value)
 
 
+# Higher-order ops that run ``op(*args, **kwargs)`` and only save or restore the RNG state
+# around it (activation checkpointing's recompute of attention with dropout): the position of
+# ``op`` in their arguments. They read what ``op`` reads.
+_RNG_WRAPPERS = {
+    torch.ops.higher_order.run_and_save_rng_state: 0,  # (op, *args, **kwargs)
+    torch.ops.higher_order.run_with_rng_state: 1,  # (rng_state, op, *args, **kwargs)
+}
+
+
 def _reads_values(user: Node, source: Node) -> bool:
     """``user`` reads ``source`` for its values alone (the allow-list)."""
     if user.op != "call_function":
         return False
-    target = user.target
+    target, args, kwargs = user.target, user.args, user.kwargs
+    if target in _RNG_WRAPPERS:  # the wrapped op's reading (the RNG state is not the source)
+        at = _RNG_WRAPPERS[target]
+        if len(args) <= at or any(_holds(a, source) for a in args[:at + 1]):
+            return False
+        target, args = args[at], args[at + 1:]
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten",
                                                                                  "prims"):
         return False
@@ -108,12 +129,12 @@ def _reads_values(user: Node, source: Node) -> bool:
         return False
     schema = target._schema
     for i, arg in enumerate(schema.arguments):
-        value = user.args[i] if i < len(user.args) and not arg.kwarg_only else \
-            user.kwargs.get(arg.name)
+        value = args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name)
         if _holds(value, source) and arg.alias_info is not None:
             return False  # aliased or written: the op's result depends on the layout
-    # Every place the source is passed must be a schema argument (no stray *args).
-    return len(user.args) <= len(schema.arguments)
+    # Every place the source is passed must be a schema argument (no stray *args or kwargs).
+    return len(args) <= len(schema.arguments) and set(kwargs) <= {a.name for a in
+                                                                  schema.arguments}
 
 
 def reaches_the_user(output: Node, source: Node) -> bool:

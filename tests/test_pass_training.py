@@ -91,3 +91,26 @@ def test_hf_llama_dynamic_training_is_rewritten():
     _, _, counts = _compare(_llama, _ids, dynamic=True)
     assert counts.get("rewritten") == 2, counts
     assert not any(key.startswith("skipped") for key in counts), counts
+
+
+def _llama_checkpointed():
+    model = _llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["static", "dynamic"])
+def test_hf_llama_activation_checkpointing_keeps_the_rewrite(dynamic):
+    """Activation checkpointing (HF's non-reentrant ``gradient_checkpointing_enable``): the
+    forward's pairs and the backward graph's recomputed forward pairs are rewritten, static and
+    dynamic; gradients equal plain Inductor's. The recomputed q/k are read by the attention
+    wrapped in ``run_and_save_rng_state`` / ``run_with_rng_state`` and by the attention
+    backward: value readers (``passes/readers.py``). Dynamo compiles HF's checkpointed layers
+    only with ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (its hint; else they run
+    eagerly, for plain Inductor too)."""
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        codes, codes2, counts = _compare(_llama_checkpointed, _ids, dynamic=dynamic)
+    assert counts.get("rewritten") == 4, counts  # 2 layers, forward + recomputed in backward
+    assert not any(key.startswith(("skipped", "missed")) for key in counts), counts
+    backward = [c for c in codes2 if "rope_compile" in c and "backward" in c.lower()]
+    assert backward, "the recomputed forward RoPE in the backward graph was not rewritten"
