@@ -7,6 +7,9 @@
 #   tools/gpu_run.sh bench OUT   # op rows of bench_op and bench_prologue_op, this tree against
 #                                # the baseline tree in .base/ (git archive of a commit),
 #                                # interleaved in rounds
+#   tools/gpu_run.sh train OUT   # benchmarks/bench_train.py (HF Llama, HF Qwen3, the sglang
+#                                # stack; Inductor, rope_compile and Liger, whose wheel is in
+#                                # .whl/ too), then the training gradient tests on CUDA
 #
 # Needs the expecttest wheel in .whl/ (copied from the shared wheels). Time limits keep each
 # mode under 9 minutes. Every result lands in OUT (tar it: the device tool brings back 8 files).
@@ -56,8 +59,16 @@ bench() {
   done
 }
 
+train() {
+  timeout ${TRAIN_SECONDS:-420} python3 benchmarks/bench_train.py --rounds ${BENCH_ROUNDS:-5} \
+    --json "$out/train.json" > "$out/train.md" 2> "$out/train.log"
+  echo "bench_train exit $?"
+  cat "$out/train.md"
+}
+
 case $mode in
 check) check ;;
+train) train ;;
 bench) bench ;;
 all) check; bench ;;  # one call: the timings start once the tests and fuzzers are done
 esac
