@@ -38,7 +38,7 @@ from .rope_pattern import NearMiss, NoMatch, RopeMatch
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-__all__ = ["GRAPH_INPUT_TABLES", "Miss", "find_misses", "looks_like_rope"]
+__all__ = ["BACKWARD_REASON", "GRAPH_INPUT_TABLES", "Miss", "find_misses", "looks_like_rope"]
 
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default)
 # Ops that pass their first tensor argument's values through, rearranged (walked back over;
@@ -243,16 +243,74 @@ def _product(walker: _Walker, node) -> _Product | None:
     return None
 
 
+_ZERO_FILLS = (aten.full.default, aten.zeros.default, aten.new_zeros.default)
+
+
+def _is_zeros(node) -> bool:
+    if not isinstance(node, Node) or node.target not in _ZERO_FILLS:
+        return False
+    return node.target is not aten.full.default or (len(node.args) > 1 and node.args[1] == 0)
+
+
+def _transposed_product(walker: _Walker, node) -> _Product | None:
+    """``node`` = ``rotate_half``'s transpose applied after the product: HF's backward of
+    ``x * cos + rotate_half(x) * sin`` rotates ``y = g * sin`` as ``cat(y2, -y1)``, spelled
+    ``slice_scatter(zeros, -y1, [h:]) + slice_scatter(zeros, y2, [:h])``. The product y."""
+    if not isinstance(node, Node) or node.target is not aten.add.Tensor or len(node.args) != 2:
+        return None
+    found = []
+    for scatter in node.args:
+        if not (isinstance(scatter, Node) and scatter.target is aten.slice_scatter.default
+                and _is_zeros(scatter.args[0]) and len(scatter.args) > 1):
+            return None
+        part = scatter.args[1]
+        while isinstance(part, Node) and part.target in (aten.neg.default, aten.slice.Tensor,
+                                                          *_CASTS):
+            part = part.args[0]
+        found.append(part)
+    if found[0] is not found[1]:
+        return None
+    return _product(walker, found[0])
+
+
 def looks_like_rope(node: Node, walker: _Walker | None = None) -> tuple[_Product, _Product] | None:
     """If ``node`` adds or subtracts two cos/sin products of two different parts of one tensor
-    (``x1 * cos - x2 * sin``, ``x * cos + rotate_half(x) * sin``): the two products."""
+    (``x1 * cos - x2 * sin``, ``x * cos + rotate_half(x) * sin``, or the backward's
+    ``g * cos + rotate_half^T(g * sin)``): the two products."""
     walker = walker or _Walker()
     if node.op != "call_function" or node.target not in _COMBINE or len(node.args) != 2:
         return None
     first, second = (_product(walker, arg) for arg in node.args)
+    if node.target is aten.add.Tensor and (first is None) != (second is None):
+        other = node.args[0] if first is None else node.args[1]
+        turned = _transposed_product(walker, other)
+        if turned is not None and turned.base is (first or second).base:
+            return (first or turned), (second or turned)
     if first is None or second is None or first.base is not second.base or first.x is second.x:
         return None
     return first, second
+
+
+BACKWARD_REASON = ("the backward of RoPE (a gradient rotated by -θ) is not fused yet: "
+                   "Inductor's kernel runs it")
+
+
+def _is_backward(products: tuple[_Product, _Product]) -> bool:
+    """Both products multiply the same x (the transposed form, ``looks_like_rope``), or x is
+    computed from a ``tangents_*`` input of an AOTAutograd backward graph (a gradient; a
+    recomputed forward reads only the forward's saved values)."""
+    if products[0].x is products[1].x:
+        return True
+    stack, seen = [products[0].base], set()
+    while stack and len(seen) < 4096:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder" and node.name.startswith("tangents"):
+            return True
+        stack.extend(n for n in node.all_input_nodes if n not in seen)
+    return False
 
 
 def _single_user(node: Node) -> Node | None:
@@ -347,6 +405,7 @@ def find_misses(graph: Graph, outcomes: dict[Node, RopeMatch | Exception]) -> li
             matched.add(outcome.output)
     walker = _Walker()
     groups: dict[Node, tuple[list[Node], set[Node], set[str]]] = {}
+    backward: set[Node] = set()  # candidates in the backward's transposed form
     for node in graph.nodes:
         products = looks_like_rope(node, walker)
         if products is None:
@@ -355,6 +414,8 @@ def find_misses(graph: Graph, outcomes: dict[Node, RopeMatch | Exception]) -> li
         _, members, kinds = groups.setdefault(chain[-1], (chain, set(), set()))
         members.update(p.node for p in products)
         kinds.update(p.kind for p in products)
+        if _is_backward(products):
+            backward.add(chain[-1])
     misses = []
     seen: set[Node] = set()  # products already explained (one RoPE, one miss)
     for top, (chain, members, kinds) in groups.items():
@@ -362,5 +423,7 @@ def find_misses(graph: Graph, outcomes: dict[Node, RopeMatch | Exception]) -> li
             continue
         seen |= members
         reason, detail = _explain(chain, kinds, outcomes)
+        if top in backward:
+            reason = BACKWARD_REASON
         misses.append(Miss(top, reason, detail))
     return misses

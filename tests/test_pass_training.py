@@ -14,11 +14,13 @@ import re
 import pytest
 import torch
 from pass_helpers import AttnStack, _kernel_calls, fresh_compile, positions_for, rope_counters
+from rope_compile.passes.miss_report import BACKWARD_REASON
 from torch._inductor.utils import run_and_get_code
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FORCED = {"devices": ("cpu",), "strict": True, "skip_pairs_only_read_by_copies": False}
+BACKWARD_MISS = f"missed: {BACKWARD_REASON}"
 
 
 def _step(make_model, make_inputs, backend, options=None, dynamic=None):
@@ -68,6 +70,8 @@ def _ids():
 def test_hf_llama_saved_activations_are_not_copied():
     codes, codes2, counts = _compare(_llama, _ids)
     assert counts.get("rewritten") == 2, counts
+    # The backward's dq and dk rotations are not fused yet: counted, with their reason.
+    assert counts.get(BACKWARD_MISS) == 4, counts
     forward, forward2 = codes[0], codes2[0]
     assert len(re.findall(r"torch\.ops\.rope_compile\.\w+", forward2)) == 2  # one per layer
     # The saved q/k are the in-place result: no kernel copies them into eager's layout, so the
@@ -82,6 +86,7 @@ def test_sglang_style_stack_gradients():
 
     codes, codes2, counts = _compare(lambda: AttnStack(num_layers=2, gqa="sdpa"), inputs)
     assert counts.get("rewritten") == 2, counts
+    assert counts.get(BACKWARD_MISS) == 4, counts  # sglang's spelling of the backward too
     assert len(_kernel_calls(codes2[0])) <= len(_kernel_calls(codes[0]))
 
 
@@ -111,6 +116,7 @@ def test_hf_llama_activation_checkpointing_keeps_the_rewrite(dynamic):
     with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         codes, codes2, counts = _compare(_llama_checkpointed, _ids, dynamic=dynamic)
     assert counts.get("rewritten") == 4, counts  # 2 layers, forward + recomputed in backward
-    assert not any(key.startswith(("skipped", "missed")) for key in counts), counts
+    assert not any(key.startswith("skipped") for key in counts), counts
+    assert {k for k in counts if k.startswith("missed")} <= {BACKWARD_MISS}, counts
     backward = [c for c in codes2 if "rope_compile" in c and "backward" in c.lower()]
     assert backward, "the recomputed forward RoPE in the backward graph was not rewritten"
