@@ -49,6 +49,15 @@ _WRAPPING_EAGER_OPS = frozenset(str(op) for op in (aten.index.Tensor, aten.index
                                                    aten.index_put_.default))
 
 
+# GPT-J pairs rotated and written back as neox halves (DeepSeek's MLA
+# ``apply_rotary_pos_emb_interleave``): out[..., :rot/2] = o1 of pairs (x[2i], x[2i+1]),
+# out[..., rot/2:] = o2. The in-place ops write each pair where they read it.
+DEINTERLEAVE_REASON = ("GPT-J pairs x[..., 0::2], x[..., 1::2] rotated into neox halves "
+                       "cat(o1, o2) (a de-interleaving RoPE, DeepSeek MLA's "
+                       "apply_rotary_pos_emb_interleave): the fused ops write each pair in "
+                       "place, not de-interleaved")
+
+
 class NoMatch(Exception):
     """The candidate is not RoPE; the message says why (for debug logs)."""
 
@@ -1019,6 +1028,7 @@ def match_head_base(block: RotatedBlock, dtype: torch.dtype | None = None) -> No
     _require(block.x2.count == half, "x1 and x2 have different sizes")
     why = "x1 and x2 come from different tensors"
     other_dtype = None
+    deinterleaved = False
     for node, _, _ in block.x1.levels:
         starts = (block.x1.at(node), block.x2.at(node))
         val = _val(node)
@@ -1029,6 +1039,9 @@ def match_head_base(block: RotatedBlock, dtype: torch.dtype | None = None) -> No
         if starts != pattern:
             why = ("neox halves are not x[..., :rot/2] and x[..., rot/2:rot]" if block.is_neox
                    else "GPT-J pairs are not x[..., 0:rot:2] and x[..., 1:rot:2]")
+            # GPT-J pairs in, neox halves out (cat of the rotated pairs' two parts): the
+            # de-interleaving RoPE, a kernel style of its own (the op writes what it reads).
+            deinterleaved |= block.is_neox and starts == ((0, 2), (1, 2))
             continue
         tail = block.tail
         if rot < width and not (tail is not None and tail.at(node) == (rot, 1)
@@ -1046,7 +1059,7 @@ def match_head_base(block: RotatedBlock, dtype: torch.dtype | None = None) -> No
         return node
     if other_dtype is not None:
         return other_dtype
-    raise NoMatch(why)
+    raise NoMatch(DEINTERLEAVE_REASON if deinterleaved else why)
 
 
 def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
