@@ -208,6 +208,13 @@ def test_gpt_oss_copy_fused(shape, caplog):
     assert_fused(GptOssStack().eval(), _inputs(*shape), caplog)
 
 
+def test_gpt_oss_copy_shared_positions_fused(caplog):
+    """Position ids ``[1, S]`` (the model's default): ``[1, 1, S, D/2]`` tables broadcast over
+    the batch, read as ``[S, D/2]`` rows ``t % S``."""
+    x, pos = _inputs()
+    assert_fused(GptOssStack().eval(), (x, pos[:1]), caplog)
+
+
 def test_gpt_oss_copy_scaled_tables_fused(caplog):
     """YaRN's ``attention_scaling`` (GPT-OSS's checkpoints: cos/sin scaled after cos()/sin())."""
     assert_fused(GptOssStack(attention_scaling=1.3466).eval(), _inputs(), caplog)
@@ -560,8 +567,11 @@ def test_mla_interleave_view_spelling():
         assert not {k for k in counts if "error" in k or k.startswith("missed")}, counts
 
 
-def test_deepseek_v3_model_miss_reported(caplog):
-    """The real ``DeepseekV3ForCausalLM`` (``rope_interleave=True``, its default), tiny."""
+@pytest.mark.parametrize("interleave", [True, False], ids=["rope_interleave", "rotate_half"])
+def test_deepseek_v3_model(interleave, caplog):
+    """The real ``DeepseekV3ForCausalLM``, tiny: with ``rope_interleave`` (its default) a
+    counted miss naming the de-interleave; without, HF ``rotate_half`` on q's last 64 columns,
+    a proven RoPE (a counted head-size skip with the default ``head_sizes``)."""
     transformers = _transformers()
     config = transformers.DeepseekV3Config(
         vocab_size=96, hidden_size=256, intermediate_size=256, moe_intermediate_size=64,
@@ -570,6 +580,7 @@ def test_deepseek_v3_model_miss_reported(caplog):
         first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=LORA, qk_rope_head_dim=ROPE,
         qk_nope_head_dim=NOPE, v_head_dim=V, max_position_embeddings=256)
     assert config.rope_interleave
+    config.rope_interleave = interleave
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(config).eval()
@@ -577,5 +588,10 @@ def test_deepseek_v3_model_miss_reported(caplog):
     def logits(ids):
         return model(ids).logits
 
-    missed = assert_missed(logits, (_ids(),), caplog)
-    assert missed == {f"missed: {DEINTERLEAVE_REASON}": 2 * LAYERS}, missed
+    if interleave:
+        missed = assert_missed(logits, (_ids(),), caplog)
+        assert missed == {f"missed: {DEINTERLEAVE_REASON}": 2 * LAYERS}, missed
+    else:
+        counts, missed, _, calls = _compile(logits, (_ids(),), caplog, LENIENT)
+        assert calls == 0 and not missed, counts
+        assert counts.get("skipped: head_size 64 not in (128, 256, 512)") == LAYERS, counts
