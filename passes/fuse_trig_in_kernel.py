@@ -29,7 +29,8 @@ Proven (else the call is left as it was, the reason logged and counted as
   duplication of ``a`` the one the matcher proves (``cat((a, a), -1)`` or its expand
   spelling); cos and sin share ``a`` and the table dtype;
 - the call reads rows ``t % R`` of the tables' first ``rot/2`` columns (pair tables, no heads
-  dim squeezed, no mRoPE sections): the same rows of ``a`` are its angles;
+  dim squeezed, no mRoPE sections): the same rows of ``a`` are its angles; a call that reads
+  ``-sin`` (the backward's rotation by -θ) gets ``sin_scale`` negated (rounding is odd);
 - the angles op's own checks pass on the exact arguments (its fake implementation runs).
 
 The kernel's cos/sin is Triton's (``tl.cos``), what Inductor's generated code uses for the same
@@ -41,6 +42,7 @@ calls keep reading the tables).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +162,11 @@ class ComputeTrigInKernelPass(ExtensionPass):
         cos_rows, sin_rows = call.args.get("cos"), call.args.get("sin")
         if not isinstance(cos_rows, Node) or not isinstance(sin_rows, Node):
             raise NotACandidate
+        # The rotation by -θ reads -sin (table_views.TableRows.negate): sin_scale negated is
+        # the same table, since rounding to the table dtype is odd (round(-x) = -round(x)).
+        sin_sign = 1.0
+        if op_of(sin_rows) is aten.neg.default and isinstance(sin_rows.args[0], Node):
+            sin_rows, sin_sign = sin_rows.args[0], -1.0
         cos_table = _table_of_rows(cos_rows, half)
         sin_table = _table_of_rows(sin_rows, half)
         if not (_float_cast(cos_table) or op_of(cos_table) in (aten.mul.Tensor, aten.cos.default)):
@@ -177,6 +184,7 @@ class ComputeTrigInKernelPass(ExtensionPass):
             if fake_value(cos_rows).shape[0] != rows.shape[0]:
                 raise PlanError("the angles' rows differ from the tables'")
             args = {k: v for k, v in call.fake_args().items() if k not in ("cos", "sin")}
+            sin = dataclasses.replace(sin, scale=sin_sign * sin.scale)
             check_accepted(_angles_op(), views, {
                 **args, "angles": rows, "cos_scale": cos.scale, "sin_scale": sin.scale,
                 "table_dtype": cos.table_dtype})
@@ -194,7 +202,9 @@ class ComputeTrigInKernelPass(ExtensionPass):
         _, outs = emit_call(tx, angles, _angles_op(), args, call.views, call.bases)
         for index, old in call.outputs.items():
             rebase_views(tx, old, outs[index])
-        return [call.node, *call.outputs.values(), call.args["cos"], call.args["sin"]]
+        sin_rows = call.args["sin"]
+        negated = [sin_rows.args[0]] if op_of(sin_rows) is aten.neg.default else []
+        return [call.node, *call.outputs.values(), call.args["cos"], sin_rows, *negated]
 
     def describe(self, plan: AnglesPlan) -> str:
         return (f"{plan.call.node.name} computes cos/sin in the kernel from "

@@ -423,7 +423,7 @@ def find_misses(graph: Graph, outcomes: dict[Node, RopeMatch | Exception]) -> li
             continue
         seen |= members
         reason, detail = _explain(chain, kinds, outcomes)
-        if top in backward:
+        if top in backward and "(a backward)" not in detail:  # else the proof step's own
             reason = BACKWARD_REASON
         misses.append(Miss(top, reason, detail))
     return misses

@@ -996,7 +996,16 @@ def match_rotated_block(candidate: Node) -> RotatedBlock:
             try:
                 x1, x2, cos, sin, heads_dim, block_nodes = _match_rotate_every_two(node)
             except NoMatch:
-                raise why from None
+                # The backward of rotate_half RoPE: the rotation by -θ (passes/rope_backward.py).
+                from .rope_backward import match_rotate_half_transposed
+
+                try:
+                    found = match_rotate_half_transposed(node)
+                except NoMatch:
+                    raise why from None
+                x1, x2, cos, sin, heads_dim, table_heads, block_nodes = found
+                return RotatedBlock(x1, x2, cos, sin, True, heads_dim, tail,
+                                    nodes + block_nodes, table_heads, negate_sin=True)
         return RotatedBlock(x1, x2, cos, sin, False, heads_dim, tail, nodes + block_nodes)
     if op_of(node) in _VIEW_TARGETS and isinstance(node.args[0], Node) and (
             op_of(node.args[0]) is aten.view_as_real.default):
@@ -1068,9 +1077,10 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
     rot = 2 * half
     cos, sin = block.cos, block.sin
     base_val = _val(base)
-    if block.negate_sin and not isinstance(cos, HalfTrig):
+    if block.negate_sin and not isinstance(cos, HalfTrig) and not (
+            block.is_neox and isinstance(cos, Node) and isinstance(sin, Node)):
         raise NoMatch("a rotation by -θ (x1*cos + x2*sin, x2*cos - x1*sin) is fused from "
-                      "half-width cos/sin tables only")
+                      "half-width cos/sin tables and HF tables with equal halves only")
     if isinstance(cos, TrigOperand):
         _require(isinstance(sin, TrigOperand), "cos and sin come in different forms")
         _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
@@ -1111,7 +1121,16 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
         # rotate_half multiplies x[..., rot/2:] by sin[..., :rot/2] and x[..., :rot/2] by
         # sin[..., rot/2:]: one cos/sin per pair when the halves are equal, else full tables.
         heads = block.table_heads_dim
-        source = _mrope_source(cos, sin, rot) if heads is None else None
+        if block.negate_sin:  # the backward's rotation by -θ: equal halves, or no match
+            try:
+                _duplicated_halves(cos)
+                _duplicated_halves(sin)
+            except NoMatch as why:
+                raise NoMatch(f"the rotation by -θ (a backward) needs cos/sin with equal "
+                              f"halves: {why}") from None
+            source = HalfTables(cos, sin, heads, negate_sin=True)
+        else:
+            source = _mrope_source(cos, sin, rot) if heads is None else None
         if source is None:
             try:
                 _duplicated_halves(cos)

@@ -170,17 +170,22 @@ class HalfTables(_PerTokenTables):
     heads, where they come already shaped for x (None: ``[..tokens.., rot]``)."""
 
     heads_dim: int | None = None
+    # The rotation by -θ (the backward of HF's RoPE, passes/rope_backward.py): the op reads
+    # -sin.
+    negate_sin: bool = False
 
     @property
     def table_heads_dim(self) -> int | None:
         return self.heads_dim
 
     def pairing_key(self):
-        return ("half tables", self.cos, self.sin, self.heads_dim)
+        return ("half tables", self.cos, self.sin, self.heads_dim, self.negate_sin)
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, HalfTables):
             return "q and k take cos/sin in different forms"
+        if self.negate_sin != other.negate_sin:
+            return "q and k rotate in different directions (θ and -θ)"
         if self.sin is not other.sin:
             return "q and k use different sin tables"
         return "q and k use different cos tables"
@@ -193,6 +198,8 @@ class HalfTables(_PerTokenTables):
             if self.heads_dim is not None:
                 last = tx.add(last, aten.squeeze.dim, (last, self.heads_dim))
             halves.append(last)
+        if self.negate_sin:
+            halves[1] = tx.add(halves[1], aten.neg.default, (halves[1],))
         return tuple(halves)
 
 
