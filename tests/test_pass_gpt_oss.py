@@ -7,8 +7,9 @@
   D/2]`` rows (``HalfWidthTables``, heads dim 1). Tested on a copy of its attention and rotary
   code (below) and on the real ``GptOssForCausalLM`` (MoE, eager attention: transformers has
   no SDPA path for it), prefill and a one-token decode step with its ``DynamicCache``.
-* Near-misses of it (a sum where the rotation subtracts; cos and sin swapped) stay counted
-  misses, each with its reason.
+* Near-misses of it (a sum where the rotation subtracts; the rotated halves written back
+  swapped) stay counted misses, each with its reason; the rotation by -θ in its layout is
+  fused.
 * **DeepSeek-V3's MLA** ``apply_rotary_pos_emb_interleave`` (transformers 5.25: GPT-J pairs
   ``x[..., 0::2]``, ``x[..., 1::2]`` rotated, written back as neox halves ``cat(o1, o2)``) is not
   fused (the in-place ops write each pair where they read it): a counted miss naming the
