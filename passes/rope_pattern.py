@@ -527,8 +527,27 @@ def _factor_terms(a: Node, b: Node, num_tokens):
             continue
         if not statically_equal(_val(t).shape[1], 1):
             continue
-        return trace_features(x), trace_trig(t, num_tokens)
+        try:
+            return trace_features(x), trace_trig(t, num_tokens)
+        except NoMatch as why:
+            # Not a row gather: a half-width table [T, 1, rot/2] as it is (a graph input, such
+            # as the cos/sin a backward graph saved from its forward), read in place.
+            if not _is_table_input(t):
+                raise
+            try:
+                return trace_features(x), trace_half_trig(t, x_val)
+            except NoMatch:
+                raise why from None
     raise NoMatch("product is not features times a [T, 1, n] cos/sin factor")
+
+
+def _is_table_input(node: Node) -> bool:
+    """``node`` (through float casts) is a floating-point graph input or buffer."""
+    while _float_cast(node):
+        node = node.args[0]
+    val = _val(node)
+    return node.op in ("placeholder", "get_attr") and val is not None and (
+        val.dtype.is_floating_point)
 
 
 @dataclass

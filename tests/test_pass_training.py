@@ -84,8 +84,10 @@ def test_sglang_style_stack_gradients():
         return positions_for(16, 512), x
 
     codes, codes2, counts = _compare(lambda: AttnStack(num_layers=2, gqa="sdpa"), inputs)
-    assert counts.get("rewritten") == 2, counts
-    assert counts.get(BACKWARD_MISS) == 4, counts  # sglang's spelling of the backward too
+    # Forward and backward: the backward's dq/dk read the cos/sin the forward saved ([T, 1,
+    # rot/2] graph inputs) in place, sin negated.
+    assert counts.get("rewritten") == 4, counts
+    assert BACKWARD_MISS not in counts, counts
     assert len(_kernel_calls(codes2[0])) <= len(_kernel_calls(codes[0]))
 
 
