@@ -96,6 +96,7 @@ from .fused_call import (
     graph_nodes_in,
     latest,
     rebase_views,
+    table_form_miss,
 )
 from .fx_surgery import GraphTransaction, fake_value, shares_storage, view_chain
 from .fx_surgery import statically_equal as _eq
@@ -482,6 +483,9 @@ class FuseKVStorePass(ExtensionPass):
             if same_form:
                 raise PlanError("k and v are written at different cache_loc")
             raise PlanError("no v write at the same cache_loc")
+        table_form = table_form_miss(call, "the KV-store ops")  # the op's table form
+        if table_form is not None:
+            raise PlanError(table_form)
         strong, weak = [], []
         for write in same_loc:
             try:

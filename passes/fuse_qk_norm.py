@@ -84,6 +84,7 @@ from .fused_call import (
     graph_nodes_in,
     latest,
     rebase_views,
+    table_form_miss,
 )
 from .fx_surgery import GraphTransaction, fake_value, view_chain
 from .fx_surgery import statically_at_most as _le
@@ -99,24 +100,10 @@ __all__ = ["FuseQKNormPass", "NormMatch", "match_rms_norm"]
 
 
 def _table_form_miss(call: FusedCall) -> str | None:
-    """Why no QK-norm op reads the cos/sin that ``call`` reads, or None. The norm ops of the
-    table form (with or without the KV store) read pair tables ``[R, rotary_dim/2]`` (one cos
-    and one sin per pair) only; a RoPE tables call may read full ``[R, rotary_dim]`` tables
-    (HF tables whose equal halves are not proven: litgpt's buffers, cos/sin passed in,
-    torchtune's qwen2 and torchtitan's ``CosSinRoPE`` column slices) or mRoPE streams. The
-    plan keeps the RoPE call's own table form, so these are skips with this reason, not calls
-    the op's check would reject."""
-    if not call.tables:
-        return None
-    if call.args.get("mrope_section") is not None:
-        return ("the RoPE call reads mRoPE streams (mrope_section); the QK-norm ops read pair "
-                "tables [R, rotary_dim/2] only")
-    cos, rot = fake_value(call.args.get("cos")), call.args.get("rotary_dim")
-    if cos is not None and isinstance(rot, int) and cos.dim() >= 1 and _eq(cos.shape[-1], rot):
-        return (f"the RoPE call reads full cos/sin tables [R, rotary_dim = {rot}] (their equal "
-                "halves are not proven); the QK-norm ops read pair tables [R, rotary_dim/2] "
-                "only")
-    return None
+    """Why no QK-norm op reads the cos/sin that ``call`` reads, or None
+    (:func:`fused_call.table_form_miss`): litgpt's buffers, cos/sin passed in, torchtune's
+    qwen2 and torchtitan's ``CosSinRoPE`` column slices are read as full tables."""
+    return table_form_miss(call, "the QK-norm ops")
 
 
 @dataclass(frozen=True)

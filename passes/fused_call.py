@@ -31,6 +31,7 @@ from torch.fx import Graph, Node
 
 from .events import inherit_source, option_hint, record, with_source
 from .fx_surgery import GraphTransaction, fake_value
+from .fx_surgery import statically_equal as _eq
 from .readers import ReaderError
 from .readers import rebase_views as rebase_views  # re-exported for the extension passes
 
@@ -333,3 +334,22 @@ class ExtensionPass(CustomGraphPass):
             count(f"{self.prefix} rewritten")
             logging.getLogger("rope_compile").info("rope_compile: %s", self.describe(plan))
         return done
+
+
+def table_form_miss(call: FusedCall, ops: str) -> str | None:
+    """Why the prologue ops named ``ops`` (the QK-norm ops, the KV-store ops), whose table form
+    reads pair tables ``[R, rotary_dim/2]`` (one cos and one sin per pair) only, cannot read the
+    cos/sin that ``call`` reads, or None. A RoPE tables call may read full ``[R, rotary_dim]``
+    tables (HF tables whose equal halves are not proven) or mRoPE streams: the extension keeps
+    the call's own table form, so these are skips with this reason, not calls the op's check
+    would reject."""
+    if not call.tables:
+        return None
+    if call.args.get("mrope_section") is not None:
+        return (f"the RoPE call reads mRoPE streams (mrope_section); {ops} read pair tables "
+                f"[R, rotary_dim/2] only")
+    cos, rot = fake_value(call.args.get("cos")), call.args.get("rotary_dim")
+    if cos is not None and isinstance(rot, int) and cos.dim() >= 1 and _eq(cos.shape[-1], rot):
+        return (f"the RoPE call reads full cos/sin tables [R, rotary_dim = {rot}] (their equal "
+                f"halves are not proven); {ops} read pair tables [R, rotary_dim/2] only")
+    return None
