@@ -115,7 +115,8 @@ ACCEPTED: dict[object, Accepted] = {
     aten.cat.default: Accepted(("tensors", "dim")),
     # sglang's interleaved mRoPE tables: x[..., 1::3] = y, functionalized
     aten.slice_scatter.default: Accepted(("self", "src", "dim", "start", "end", "step")),
-    # the zeros the backward of rotate_half scatters into (passes/rope_backward.py)
+    # the zeros the backward of rotate_half scatters into
+    # (rope_pattern._match_rotate_half_transposed)
     aten.full.default: Accepted(("size", "fill_value", "dtype", "device"), pinned={
         "layout": (None, torch.strided), "pin_memory": (None, False)}),
     aten.copy.default: Accepted(("self", "src"), neutral={

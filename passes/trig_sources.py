@@ -170,8 +170,8 @@ class HalfTables(_PerTokenTables):
     heads, where they come already shaped for x (None: ``[..tokens.., rot]``)."""
 
     heads_dim: int | None = None
-    # The rotation by -θ (the backward of HF's RoPE, passes/rope_backward.py): the op reads
-    # -sin.
+    # The rotation by -θ (the backward of HF's RoPE, rope_pattern._match_rotate_half_transposed):
+    # the op reads -sin.
     negate_sin: bool = False
 
     @property

@@ -1,7 +1,7 @@
-"""The backward of HF's RoPE (``passes/rope_backward.py``): ``g * cos + rotate_half^T(g * sin)``,
-with ``rotate_half^T(y) = cat(y2, -y1)`` spelled as two ``slice_scatter`` into zeros, is the
-rotation by -θ when cos and sin have equal halves. dq and dk of a layer are one in-place call,
-its sin negated (with the angles, ``sin_scale`` negated).
+"""The backward of HF's RoPE (``rope_pattern._match_rotate_half_transposed``):
+``g * cos + rotate_half^T(g * sin)``, with ``rotate_half^T(y) = cat(y2, -y1)`` spelled as two
+``slice_scatter`` into zeros, is the rotation by -θ when cos and sin have equal halves. dq and
+dk of a layer are one in-place call, its sin negated (with the angles, ``sin_scale`` negated).
 
 * The spelling by hand (inference graphs): rewritten, the graph inline; near-misses that are not
   a rotation by -θ (unequal sin halves, a scatter in the wrong place, a fill of 1, ``alpha``)
