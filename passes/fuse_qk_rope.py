@@ -506,6 +506,8 @@ def _plan_table_rows(q: RopeMatch, views) -> tuple[TableRows, TableRows] | None:
         found.append(rows)
     if getattr(trig, "negate_sin", False):  # the rotation by -θ: the op reads -sin
         found[1] = dataclasses.replace(found[1], negate=True)
+    if getattr(trig, "adjoint_sin", False):  # full tables, the backward: -cat(sin2, sin1)
+        found[1] = dataclasses.replace(found[1], negate=True, swap_halves=True)
     try:
         with torch._guards.detect_fake_mode([val]) or contextlib.nullcontext():
             tokens = views[0].shape[0]

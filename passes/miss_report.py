@@ -255,7 +255,8 @@ def _is_zeros(node) -> bool:
 def _transposed_product(walker: _Walker, node) -> _Product | None:
     """``node`` = ``rotate_half``'s transpose applied after the product: HF's backward of
     ``x * cos + rotate_half(x) * sin`` rotates ``y = g * sin`` as ``cat(y2, -y1)``, spelled
-    ``slice_scatter(zeros, -y1, [h:]) + slice_scatter(zeros, y2, [:h])``. The product y."""
+    ``slice_scatter(zeros, -y1, [h:]) + slice_scatter(zeros, y2, [:h])`` (``rotate_every_two``'s:
+    the pairs of ``y.view(.., n/2, 2)`` scattered at step 2). The product y."""
     if not isinstance(node, Node) or node.target is not aten.add.Tensor or len(node.args) != 2:
         return None
     found = []
@@ -263,9 +264,9 @@ def _transposed_product(walker: _Walker, node) -> _Product | None:
         if not (isinstance(scatter, Node) and scatter.target is aten.slice_scatter.default
                 and _is_zeros(scatter.args[0]) and len(scatter.args) > 1):
             return None
-        part = scatter.args[1]
+        part = scatter.args[1]  # [-]y[..., a:b] (neox), [-]y.view(.., n/2, 2)[..., j] (GPT-J)
         while isinstance(part, Node) and part.target in (aten.neg.default, aten.slice.Tensor,
-                                                          *_CASTS):
+                                                          aten.select.int, *_VIEWS, *_CASTS):
             part = part.args[0]
         found.append(part)
     if found[0] is not found[1]:

@@ -876,48 +876,58 @@ def _scatter_half(scatter: Node, like: torch.Tensor) -> tuple[Node, int, int, bo
     return sliced[0], sliced[1], placed.start, negated
 
 
+def _sum_terms(node: Node, limit: int = 3) -> tuple[list[Node], list[Node]] | None:
+    """``node`` as a sum of ``limit`` tensors through ``add`` nodes (``alpha`` 1, any
+    association: HF's ``(s1 + s2) + p``, litgpt's ``(p + s1) + s2``): (terms, the adds), or
+    None."""
+    terms, adds, stack = [], [], [node]
+    while stack:
+        n = stack.pop()
+        if op_of(n) is aten.add.Tensor and len(n.args) == 2 and all(
+                isinstance(a, Node) for a in n.args):
+            adds.append(n)
+            stack.extend(n.args[::-1])
+        else:
+            terms.append(n)
+        if len(terms) + len(stack) > limit:
+            return None
+    return (terms, adds) if len(terms) == limit else None
+
+
 def _match_rotate_half_transposed(node: Node):
     """``node`` = ``g * cos + rotate_half^T(g * sin)`` (the backward of HF's ``rotate_half``
-    RoPE), either order. Returns (g1, g2, cos table, sin table, heads dim of g, heads dim of
-    the tables (None: none), nodes), read as the rotation by θ with sin negated; or raises
-    NoMatch."""
+    RoPE), the three terms summed in any order. Returns (g1, g2, cos table, sin table, heads dim
+    of g, heads dim of the tables (None: none), nodes), read as the rotation by θ with sin
+    negated; or raises NoMatch."""
     _require_arguments(node)
-    _require(op_of(node) is aten.add.Tensor and len(node.args) == 2
-             and all(isinstance(a, Node) for a in node.args), "not a plain sum of tensors")
-    for plain, turned in (node.args, node.args[::-1]):
-        if op_of(turned) is not aten.add.Tensor or not all(
-                isinstance(a, Node) for a in turned.args[:2]):
-            continue
-        like = _val(turned)
-        try:
-            halves = [_scatter_half(s, like) for s in turned.args[:2]]
-        except NoMatch:
-            continue
-        (y, a0, p0, n0), (y1, a1, p1, n1) = halves
-        half = like.shape[-1] // 2
-        # cat(y2, -y1): y[..., h:] placed at [0, h), -y[..., :h] placed at [h, 2h).
-        _require(y is y1 and {(a0, p0, n0), (a1, p1, n1)} == {(half, 0, False),
-                                                              (0, half, True)},
-                 "the scatters are not rotate_half's transpose cat(y2, -y1) of one y")
-        sin_splits, cos_splits = _factor_splits(y), _factor_splits(plain)
-        pairs = [(s, c) for s in sin_splits for c in cos_splits
-                 if s.x is c.x and s.heads_dim == c.heads_dim
-                 and s.table_heads_dim == c.table_heads_dim]
-        _require(bool(pairs), "g * sin and g * cos do not multiply the same g on the same "
-                              "heads dim")
-        sin_split, cos_split = pairs[0]
-        g = trace_features(sin_split.x)
-        _require(g.count == 2 * half, "g is not the rotated features of the sin product")
-        g1 = Operand(g.levels, half, g.cast)
-        g2 = Operand(tuple((n, start + half * step, step) for n, start, step in g.levels),
-                     half, g.cast)
-        nodes = [node, plain, turned, y, *turned.args[:2],
-                 *(s.args[1] for s in turned.args[:2]),
-                 *(s.args[1].args[0] for s in turned.args[:2]
-                   if op_of(s.args[1]) is aten.neg.default)]
-        return (g1, g2, cos_split.table, sin_split.table, cos_split.heads_dim,
-                cos_split.table_heads_dim, nodes)
-    raise NoMatch("sum is not g * cos + rotate_half^T(g * sin)")
+    found = _sum_terms(node)
+    _require(found is not None, "not a sum of three tensors")
+    terms, adds = found
+    like = _val(node)
+    scatters = [t for t in terms if op_of(t) is aten.slice_scatter.default]
+    plains = [t for t in terms if t not in scatters]
+    _require(len(scatters) == 2 and len(plains) == 1,
+             "not a product plus rotate_half's transpose (two slice_scatters)")
+    (y, a0, p0, n0), (y1, a1, p1, n1) = (_scatter_half(s, like) for s in scatters)
+    half = like.shape[-1] // 2
+    # cat(y2, -y1): y[..., h:] placed at [0, h), -y[..., :h] placed at [h, 2h).
+    _require(y is y1 and {(a0, p0, n0), (a1, p1, n1)} == {(half, 0, False), (0, half, True)},
+             "the scatters are not rotate_half's transpose cat(y2, -y1) of one y")
+    sin_splits, cos_splits = _factor_splits(y), _factor_splits(plains[0])
+    pairs = [(s, c) for s in sin_splits for c in cos_splits
+             if s.x is c.x and s.heads_dim == c.heads_dim
+             and s.table_heads_dim == c.table_heads_dim]
+    _require(bool(pairs), "g * sin and g * cos do not multiply the same g on the same heads dim")
+    sin_split, cos_split = pairs[0]
+    g = trace_features(sin_split.x)
+    _require(g.count == 2 * half, "g is not the rotated features of the sin product")
+    g1 = Operand(g.levels, half, g.cast)
+    g2 = Operand(tuple((n, start + half * step, step) for n, start, step in g.levels), half,
+                 g.cast)
+    nodes = [*adds, plains[0], y, *scatters, *(s.args[1] for s in scatters),
+             *(s.args[1].args[0] for s in scatters if op_of(s.args[1]) is aten.neg.default)]
+    return (g1, g2, cos_split.table, sin_split.table, cos_split.heads_dim,
+            cos_split.table_heads_dim, nodes)
 
 
 def _even_pair_slice(node: Node) -> bool:
@@ -1236,14 +1246,13 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
         # rotate_half multiplies x[..., rot/2:] by sin[..., :rot/2] and x[..., :rot/2] by
         # sin[..., rot/2:]: one cos/sin per pair when the halves are equal, else full tables.
         heads = block.table_heads_dim
-        if block.negate_sin:  # the backward's rotation by -θ: equal halves, or no match
+        if block.negate_sin:  # the backward: -θ with equal halves, else the adjoint map
             try:
                 _duplicated_halves(cos)
                 _duplicated_halves(sin)
+                source = HalfTables(cos, sin, heads, negate_sin=True)
             except NoMatch as why:
-                raise NoMatch(f"the rotation by -θ (a backward) needs cos/sin with equal "
-                              f"halves: {why}") from None
-            source = HalfTables(cos, sin, heads, negate_sin=True)
+                source = FullTables(cos, sin, heads, str(why), adjoint_sin=True)
         else:
             source = _mrope_source(cos, sin, rot) if heads is None else None
         if source is None:

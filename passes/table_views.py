@@ -55,6 +55,9 @@ class TableRows:
     part: int | None = None
     streams: bool = False
     negate: bool = False  # the op reads -table (the rotation by -θ: sin negated)
+    # the op reads cat(table[.., w/2:], table[.., :w/2]) (with negate: the adjoint sin of full
+    # neox tables, each pair's matrix transposed)
+    swap_halves: bool = False
 
     def _shape(self) -> list[int]:
         return [3, -1, self.width] if self.streams else [-1, self.width]
@@ -67,6 +70,9 @@ class TableRows:
             val = val.squeeze(self.heads_dim)
         val = val[..., self.start:self.start + self.step * self.width:self.step]
         val = val.reshape(self._shape())
+        if self.swap_halves:
+            half = self.width // 2
+            val = torch.cat((val[..., half:], val[..., :half]), -1)
         return -val if self.negate else val
 
     def build(self, tx: GraphTransaction, after: Node) -> Node:
@@ -79,6 +85,11 @@ class TableRows:
         node = tx.add(after, aten.slice.Tensor,
                       (node, -1, self.start, self.start + self.step * self.width, self.step))
         node = tx.add(node, aten.reshape.default, (node, self._shape()))
+        if self.swap_halves:
+            half = self.width // 2
+            second = tx.add(node, aten.slice.Tensor, (node, -1, half, self.width))
+            first = tx.add(second, aten.slice.Tensor, (node, -1, 0, half))
+            node = tx.add(first, aten.cat.default, ([second, first], -1))
         return tx.add(node, aten.neg.default, (node,)) if self.negate else node
 
 

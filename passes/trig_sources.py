@@ -383,6 +383,10 @@ class FullTables(_PerTokenTables):
 
     heads_dim: int | None = None
     why: str = field(default="", compare=False)  # why equal halves were not proven (logs)
+    # The backward of HF's rotate_half RoPE (rope_pattern._match_rotate_half_transposed):
+    # ``g*cos + rotate_half^T(g*sin)`` is the op's full-table map with the same cos and
+    # ``sin' = -cat(sin2, sin1)`` (the transpose of each pair's matrix): the op reads that.
+    adjoint_sin: bool = False
 
     full_width = True
 
@@ -391,11 +395,14 @@ class FullTables(_PerTokenTables):
         return self.heads_dim
 
     def pairing_key(self):
-        return ("full tables", value_key(self.cos), value_key(self.sin), self.heads_dim)
+        return ("full tables", value_key(self.cos), value_key(self.sin), self.heads_dim,
+                self.adjoint_sin)
 
     def describe_difference(self, other) -> str:
         if not isinstance(other, FullTables):
             return "q and k take cos/sin in different forms"
+        if self.adjoint_sin != other.adjoint_sin:
+            return "q and k rotate in different directions (θ and -θ)"
         if value_key(self.sin) != value_key(other.sin):
             return "q and k use different sin tables"
         return "q and k use different cos tables"
