@@ -48,9 +48,19 @@ def _transposed(y, spelling: str = "hf"):
     return first + second
 
 
+def _litgpt_sum(y, plain):
+    """litgpt's association: ``(g * cos + scatter1) + scatter2``."""
+    h = y.shape[-1] // 2
+    first = torch.zeros_like(y).slice_scatter(-y[..., :h], dim=-1, start=h)
+    second = torch.zeros_like(y).slice_scatter(y[..., h:], dim=-1, start=0, end=h)
+    return (plain + first) + second
+
+
 def _backward_pair(spelling: str = "hf", unequal: bool = False):
     def fn(gq, gk):
         cos, sin = _tables(gq.shape[0], unequal)
+        if spelling == "litgpt":
+            return tuple(_litgpt_sum(g * sin, g * cos) for g in (gq, gk))
         return tuple(_transposed(g * sin, spelling) + g * cos for g in (gq, gk))
     return fn
 
@@ -68,10 +78,12 @@ def _rotate_minus_theta(x, cos, sin):
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), -1)
 
 
-def test_hand_spelled_backward_is_the_rotation_by_minus_theta():
+@pytest.mark.parametrize("spelling", ["hf", "litgpt"])
+def test_hand_spelled_backward_is_the_rotation_by_minus_theta(spelling):
     args = _grads()
     with torch.no_grad():
-        out, _, after, counts = capture_compile(_backward_pair(), *args, rope_pass=cpu_pass())
+        out, _, after, counts = capture_compile(_backward_pair(spelling), *args,
+                                                rope_pass=cpu_pass())
     assert counts.get("rewritten") == 1, counts
     cos, sin = _tables(6)
     for got, g in zip(out, args, strict=True):
