@@ -229,8 +229,23 @@ def _broadcast_in(operand: Node, product: Node) -> bool:
         for x, y in zip(a.shape, b.shape, strict=True))
 
 
+_ZERO_FILLS = (aten.full.default, aten.zeros.default, aten.new_zeros.default)
+
+
+def _is_zeros(node) -> bool:
+    if not isinstance(node, Node) or node.target not in _ZERO_FILLS:
+        return False
+    return node.target is not aten.full.default or (len(node.args) > 1 and node.args[1] == 0)
+
+
 def _product(walker: _Walker, node) -> _Product | None:
-    """``node`` = (a part of x) * (a cos/sin factor), either order."""
+    """``node`` = (a part of x) * (a cos/sin factor), either order; or such a product placed
+    into zeros by ``select_scatter`` / ``slice_scatter`` (torchtune's backward puts each pair
+    product into its slot of ``[.., n/2, 2]`` zeros)."""
+    while isinstance(node, Node) and node.target in (aten.select_scatter.default,
+                                                      aten.slice_scatter.default) and (
+            len(node.args) > 1 and _is_zeros(node.args[0])):
+        node = node.args[1]
     if not isinstance(node, Node) or node.target is not aten.mul.Tensor or len(node.args) != 2:
         return None
     a, b = node.args
@@ -241,15 +256,6 @@ def _product(walker: _Walker, node) -> _Product | None:
         if kind is not None and walker.trig_kind(x, _broadcast_in(x, node)) is None:
             return _Product(node, _strip_casts(x), walker.base(x), kind)
     return None
-
-
-_ZERO_FILLS = (aten.full.default, aten.zeros.default, aten.new_zeros.default)
-
-
-def _is_zeros(node) -> bool:
-    if not isinstance(node, Node) or node.target not in _ZERO_FILLS:
-        return False
-    return node.target is not aten.full.default or (len(node.args) > 1 and node.args[1] == 0)
 
 
 def _transposed_product(walker: _Walker, node) -> _Product | None:
@@ -287,9 +293,17 @@ def looks_like_rope(node: Node, walker: _Walker | None = None) -> tuple[_Product
         turned = _transposed_product(walker, other)
         if turned is not None and turned.base is (first or second).base:
             return (first or turned), (second or turned)
-    if first is None or second is None or first.base is not second.base or first.x is second.x:
+    if first is None or second is None or first.base is not second.base:
         return None
+    if first.x is second.x and not all(_into_zeros(a) for a in node.args):
+        return None  # x * cos + x * sin is no rotation; placed pair products are (torchtune's)
     return first, second
+
+
+def _into_zeros(node) -> bool:
+    return isinstance(node, Node) and node.target in (
+        aten.select_scatter.default, aten.slice_scatter.default) and len(node.args) > 1 and (
+        _is_zeros(node.args[0]))
 
 
 BACKWARD_REASON = ("the backward of RoPE (a gradient rotated by -θ) is not fused yet: "
