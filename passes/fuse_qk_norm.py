@@ -97,15 +97,6 @@ prims = torch.ops.prims
 __all__ = ["FuseQKNormPass", "NormMatch", "match_rms_norm"]
 
 
-
-
-def _table_form_miss(call: FusedCall) -> str | None:
-    """Why no QK-norm op reads the cos/sin that ``call`` reads, or None
-    (:func:`fused_call.table_form_miss`): litgpt's buffers, cos/sin passed in, torchtune's
-    qwen2 and torchtitan's ``CosSinRoPE`` column slices are read as full tables."""
-    return table_form_miss(call, "the QK-norm ops")
-
-
 @dataclass(frozen=True)
 class NormMatch:
     """``output = rms_norm(x, weight, eps)`` over x's last dim (``weight`` ``[x.shape[-1]]``);
@@ -430,7 +421,7 @@ class FuseQKNormPass(ExtensionPass):
         if q.form != k.form:
             raise PlanError("q and k norms differ in rounding (x_normed rounded before the "
                             "weight vs once after it)")
-        table_form = _table_form_miss(call)
+        table_form = table_form_miss(call, "the QK-norm ops")
         if table_form is not None:
             raise PlanError(table_form)
         others = [b for b in call.bases if b not in (q_base, k_base)]

@@ -238,13 +238,18 @@ def _is_zeros(node) -> bool:
     return node.target is not aten.full.default or (len(node.args) > 1 and node.args[1] == 0)
 
 
+def _into_zeros(node) -> bool:
+    """``node`` places its source into zeros (``select_scatter`` / ``slice_scatter``)."""
+    return isinstance(node, Node) and node.target in (
+        aten.select_scatter.default, aten.slice_scatter.default) and len(node.args) > 1 and (
+        _is_zeros(node.args[0]))
+
+
 def _product(walker: _Walker, node) -> _Product | None:
     """``node`` = (a part of x) * (a cos/sin factor), either order; or such a product placed
     into zeros by ``select_scatter`` / ``slice_scatter`` (torchtune's backward puts each pair
     product into its slot of ``[.., n/2, 2]`` zeros)."""
-    while isinstance(node, Node) and node.target in (aten.select_scatter.default,
-                                                      aten.slice_scatter.default) and (
-            len(node.args) > 1 and _is_zeros(node.args[0])):
+    while _into_zeros(node):
         node = node.args[1]
     if not isinstance(node, Node) or node.target is not aten.mul.Tensor or len(node.args) != 2:
         return None
@@ -267,8 +272,7 @@ def _transposed_product(walker: _Walker, node) -> _Product | None:
         return None
     found = []
     for scatter in node.args:
-        if not (isinstance(scatter, Node) and scatter.target is aten.slice_scatter.default
-                and _is_zeros(scatter.args[0]) and len(scatter.args) > 1):
+        if not (_into_zeros(scatter) and scatter.target is aten.slice_scatter.default):
             return None
         part = scatter.args[1]  # [-]y[..., a:b] (neox), [-]y.view(.., n/2, 2)[..., j] (GPT-J)
         while isinstance(part, Node) and part.target in (aten.neg.default, aten.slice.Tensor,
@@ -299,11 +303,6 @@ def looks_like_rope(node: Node, walker: _Walker | None = None) -> tuple[_Product
         return None  # x * cos + x * sin is no rotation; placed pair products are (torchtune's)
     return first, second
 
-
-def _into_zeros(node) -> bool:
-    return isinstance(node, Node) and node.target in (
-        aten.select_scatter.default, aten.slice_scatter.default) and len(node.args) > 1 and (
-        _is_zeros(node.args[0]))
 
 
 BACKWARD_REASON = ("the backward of RoPE (a gradient rotated by -θ) is not fused yet: "

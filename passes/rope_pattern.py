@@ -254,18 +254,13 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
     _require(unsqueezed and step == 1, "cos/sin is not a contiguous column range broadcast "
                                        "over heads")
     sections, interleaved = None, False
-    if isinstance(node.target, torch._ops.OpOverload) and (
-            node.target.name() == "aten::slice_scatter"):
+    if op_of(node) is aten.slice_scatter.default:
         # sglang's apply_interleaved_rope (Qwen3-VL): stream 0's columns with every third
         # column from i = 1 (and i = 2) replaced by stream 1's (2's).
         _require(start == 0 and statically_equal(count, _val(node).shape[-1]),
                  "cos/sin take part of an mRoPE table")
         node, sections = _interleaved_streams(node)
         interleaved = True
-        while (sliced := _last_dim_range(node)) is not None:
-            node, parent_start, parent_step = sliced
-            start, step = parent_start + start * parent_step, parent_step * step
-        _require(step == 1, "mRoPE streams are not a contiguous column range of the rows")
     elif op_of(node) is aten.cat.default:
         # sglang's MRotaryEmbedding: cat([m[i] for i, m in enumerate(t.split(sections, -1))])
         # of the gathered rows of 3 position streams, t [3, T, n]: stream i's columns of
@@ -276,6 +271,7 @@ def trace_trig(node: Node, num_tokens) -> TrigOperand:
         _require(start == 0 and statically_equal(count, _val(node).shape[-1]),
                  "cos/sin take part of an mRoPE table")
         node, sections = found
+    if sections is not None:  # the streams t [3, T, n]: a column range of the gathered rows
         while (sliced := _last_dim_range(node)) is not None:
             node, parent_start, parent_step = sliced
             start, step = parent_start + start * parent_step, parent_step * step
@@ -1205,7 +1201,7 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
     if block.negate_sin and not isinstance(cos, HalfTrig) and not (
             block.is_neox and isinstance(cos, Node) and isinstance(sin, Node)):
         raise NoMatch("a rotation by -θ (x1*cos + x2*sin, x2*cos - x1*sin) is fused from "
-                      "half-width cos/sin tables and HF tables with equal halves only")
+                      "half-width cos/sin tables and HF rotate_half tables only")
     if isinstance(cos, TrigOperand):
         _require(isinstance(sin, TrigOperand), "cos and sin come in different forms")
         _require(base_val.dim() == 3, "gathered cos/sin need x as [T, H, D]")
@@ -1245,23 +1241,18 @@ def match_trig_source(block: RotatedBlock, base: Node) -> TrigSource:
     else:
         # rotate_half multiplies x[..., rot/2:] by sin[..., :rot/2] and x[..., :rot/2] by
         # sin[..., rot/2:]: one cos/sin per pair when the halves are equal, else full tables.
+        # The backward (negate_sin): -θ with equal halves, else the adjoint map; no mRoPE.
         heads = block.table_heads_dim
-        if block.negate_sin:  # the backward: -θ with equal halves, else the adjoint map
-            try:
-                _duplicated_halves(cos)
-                _duplicated_halves(sin)
-                source = HalfTables(cos, sin, heads, negate_sin=True)
-            except NoMatch as why:
-                source = FullTables(cos, sin, heads, str(why), adjoint_sin=True)
-        else:
-            source = _mrope_source(cos, sin, rot) if heads is None else None
+        source = None
+        if heads is None and not block.negate_sin:
+            source = _mrope_source(cos, sin, rot)
         if source is None:
             try:
                 _duplicated_halves(cos)
                 _duplicated_halves(sin)
-                source = HalfTables(cos, sin, heads)
+                source = HalfTables(cos, sin, heads, negate_sin=block.negate_sin)
             except NoMatch as why:
-                source = FullTables(cos, sin, heads, str(why))
+                source = FullTables(cos, sin, heads, str(why), adjoint_sin=block.negate_sin)
     heads = block.heads_dim if isinstance(source, PairTables) else source.table_heads_dim
     token_shape = [n for d, n in enumerate(base_val.shape[:-1]) if d != block.heads_dim]
     for table in (source.cos, source.sin):

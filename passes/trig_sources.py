@@ -113,6 +113,20 @@ class GatheredCache:
         return after, self.cache, self.positions
 
 
+def _first_columns(tx: GraphTransaction, after: Node, tables, width: int) -> tuple[Node, Node]:
+    """``tables``' cos and sin (``HalfTables`` / ``HalfWidthTables``), their first ``width``
+    columns with their size-1 heads dim squeezed, sin negated with ``negate_sin``."""
+    halves, last = [], after
+    for table in (tables.cos, tables.sin):
+        last = tx.add(last, aten.slice.Tensor, (table, -1, 0, width))
+        if tables.heads_dim is not None:
+            last = tx.add(last, aten.squeeze.dim, (last, tables.heads_dim))
+        halves.append(last)
+    if tables.negate_sin:
+        halves[1] = tx.add(halves[1], aten.neg.default, (halves[1],))
+    return tuple(halves)
+
+
 @dataclass(frozen=True)
 class _PerTokenTables:
     """Per-token cos and sin tables, which the op takes as a ``[T, rot]`` cache read at
@@ -191,16 +205,8 @@ class HalfTables(_PerTokenTables):
         return "q and k use different cos tables"
 
     def _halves(self, tx, after, rotary_dim, heads_dim):
-        half = rotary_dim // 2  # the halves are equal: keep the first
-        halves, last = [], after
-        for table in (self.cos, self.sin):
-            last = tx.add(last, aten.slice.Tensor, (table, -1, 0, half))
-            if self.heads_dim is not None:
-                last = tx.add(last, aten.squeeze.dim, (last, self.heads_dim))
-            halves.append(last)
-        if self.negate_sin:
-            halves[1] = tx.add(halves[1], aten.neg.default, (halves[1],))
-        return tuple(halves)
+        # the halves are equal: keep the first
+        return _first_columns(tx, after, self, rotary_dim // 2)
 
 
 @dataclass(frozen=True)
@@ -261,15 +267,7 @@ class HalfWidthTables(_PerTokenTables):
         return "q and k use different cos tables"
 
     def _halves(self, tx, after, rotary_dim, heads_dim):
-        halves, last = [], after
-        for table in (self.cos, self.sin):
-            last = tx.add(last, aten.slice.Tensor, (table, -1, 0, rotary_dim // 2))
-            if self.heads_dim is not None:
-                last = tx.add(last, aten.squeeze.dim, (last, self.heads_dim))
-            halves.append(last)
-        if self.negate_sin:
-            halves[1] = tx.add(halves[1], aten.neg.default, (halves[1],))
-        return tuple(halves)
+        return _first_columns(tx, after, self, rotary_dim // 2)
 
 
 # Pure ops that recompute the same value from the same inputs: a table that models rebuild for

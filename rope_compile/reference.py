@@ -190,16 +190,12 @@ def rope_reference_(
 # Per-token cos/sin tables and mRoPE (the CPU kernels of the tables and mRoPE-cache ops)
 
 
-def mrope_stream_of_columns(n: int, mrope_section, interleaved: bool,
-                            device=None) -> torch.Tensor:
-    """The stream (0, 1 or 2) of each of ``n`` pair columns. Sectioned (Qwen2-VL): column i in
-    section s of ``(s0, s1, s2)`` reads stream s. Interleaved (Qwen3-VL, sglang's
-    ``apply_interleaved_rope``): stream 1 where ``i % 3 == 1 and i < 3 * s1``, stream 2 where
-    ``i % 3 == 2 and i < 3 * s2``, stream 0 elsewhere."""
-    s0, s1, s2 = (int(s) for s in mrope_section)
+def _interleaved_stream_of_columns(n: int, mrope_section, device=None) -> torch.Tensor:
+    """The stream (0, 1 or 2) of each of ``n`` pair columns with interleaved streams (Qwen3-VL,
+    sglang's ``apply_interleaved_rope``): stream 1 where ``i % 3 == 1 and i < 3 * s1``, stream
+    2 where ``i % 3 == 2 and i < 3 * s2``, stream 0 elsewhere."""
+    _, s1, s2 = (int(s) for s in mrope_section)
     i = torch.arange(n, device=device)
-    if not interleaved:
-        return (i >= s0).long() + (i >= s0 + s1).long()
     stream = torch.zeros(n, dtype=torch.long, device=device)
     stream[(i % 3 == 1) & (i < 3 * s1)] = 1
     stream[(i % 3 == 2) & (i < 3 * s2)] = 2
@@ -210,12 +206,13 @@ def select_mrope_sections(per_stream: torch.Tensor, mrope_section,
                           interleaved: bool = False) -> torch.Tensor:
     """``[S, T, n]`` -> ``[T, n]``: column ``i`` from stream 0, 1 or 2 by the section
     ``(s0, s1, s2)`` it lies in (sglang's MRotaryEmbedding), or by the interleaved rule
-    (:func:`mrope_stream_of_columns`); stream 0 when ``mrope_section`` is None (``S == 1``)."""
+    (:func:`_interleaved_stream_of_columns`); stream 0 when ``mrope_section`` is None
+    (``S == 1``)."""
     if mrope_section is None:
         return per_stream[0]
     if interleaved:
-        stream = mrope_stream_of_columns(per_stream.shape[-1], mrope_section, True,
-                                         per_stream.device)
+        stream = _interleaved_stream_of_columns(per_stream.shape[-1], mrope_section,
+                                                per_stream.device)
         columns = torch.arange(per_stream.shape[-1], device=per_stream.device)
         return per_stream[stream, :, columns].transpose(0, 1)  # [n, T] -> [T, n]
     parts = per_stream.split(list(mrope_section), dim=-1)

@@ -176,6 +176,49 @@ def count_fused_calls(code: str) -> int:
     return len(FUSED_OP_CALL.findall(code))
 
 
+def compile_with_misses(model, args, caplog, options: dict, *, no_errors: bool = False):
+    """Compile ``model`` with the backend and ``options``, check it against eager (1e-4);
+    returns (counters, the ``missed:`` counters, the DEBUG lines about RoPE-like misses, the
+    number of fused calls in the generated code). No pass error, and with ``no_errors`` no
+    error counter at all (candidate errors included)."""
+    import logging
+
+    from torch._inductor.utils import run_and_get_code
+
+    expected = model(*args)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="rope_compile"), fresh_compile():
+        out, codes = run_and_get_code(torch.compile(model, backend="rope_compile",
+                                                    options=dict(options)), *args)
+        counts = rope_counters()
+    assert "pass_errors" not in counts, counts
+    if no_errors:
+        assert not {k for k in counts if "error" in k}, counts
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    missed = {k: v for k, v in counts.items() if k.startswith("missed: ")}
+    lines = [r.getMessage() for r in caplog.records if r.name == "rope_compile"
+             and r.levelno == logging.DEBUG and "RoPE-like" in r.getMessage()]
+    return counts, missed, lines, count_fused_calls("\n".join(codes))
+
+
+def check_fused(found, layers: int) -> dict:
+    """``compile_with_misses``' result: rewritten once per layer, one fused call each, no
+    miss; the counters."""
+    counts, missed, lines, calls = found
+    assert counts.get("rewritten") == layers and calls == layers, counts
+    assert not missed and not lines, (missed, lines)
+    return counts
+
+
+def check_missed(found, layers: int) -> dict:
+    """``compile_with_misses``' result: not rewritten, each layer's two RoPEs counted misses
+    with a DEBUG line each; the ``missed:`` counters."""
+    counts, missed, lines, calls = found
+    assert calls == 0 and "rewritten" not in counts, counts
+    assert sum(missed.values()) == 2 * layers and len(lines) == 2 * layers, (missed, lines)
+    return missed
+
+
 # View ops Inductor names kernels after; what is left of a kernel's name without them tells
 # whether the kernel computes anything or only copies.
 _VIEW_OP_NAMES = ("_unsafe_view", "split_with_sizes", "as_strided", "transpose", "unsqueeze",

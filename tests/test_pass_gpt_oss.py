@@ -22,7 +22,6 @@ Run: ``python -m pytest -q tests/test_pass_gpt_oss.py``.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 
@@ -34,7 +33,9 @@ from pass_helpers import (
     CPU_OPTIONS,
     FORCE_REWRITE,
     capture_compile,
-    count_fused_calls,
+    check_fused,
+    check_missed,
+    compile_with_misses,
     cpu_pass,
     fresh_compile,
     fused_nodes,
@@ -44,7 +45,6 @@ from rope_compile.passes.fuse_qk_rope import find_rope_matches
 from rope_compile.passes.rope_pattern import DEINTERLEAVE_REASON
 from rope_compile.passes.trig_sources import HalfWidthTables
 from torch import nn
-from torch._inductor.utils import run_and_get_code
 
 B, S, HIDDEN, HQ, HK, D = 2, 7, 64, 4, 2, 128
 LAYERS = 2
@@ -53,37 +53,19 @@ LENIENT = {"devices": ("cpu",), **FORCE_REWRITE}
 
 
 def _compile(model, args, caplog, options=None):
-    """Compile ``model`` with the backend (CPU forced, strict unless ``options``), check it
-    against eager; returns (counters, misses, DEBUG lines about RoPE-like misses, fused calls
-    in the generated code)."""
-    expected = model(*args)
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="rope_compile"), fresh_compile():
-        out, codes = run_and_get_code(torch.compile(
-            model, backend="rope_compile",
-            options=dict(options or {**CPU_OPTIONS, **FORCE_REWRITE})), *args)
-        counts = rope_counters()
-    assert not {k for k in counts if "error" in k}, counts
-    torch.testing.assert_close(out, expected, **TOL)
-    missed = {k: v for k, v in counts.items() if k.startswith("missed: ")}
-    lines = [r.getMessage() for r in caplog.records if r.name == "rope_compile"
-             and r.levelno == logging.DEBUG and "RoPE-like" in r.getMessage()]
-    return counts, missed, lines, count_fused_calls("\n".join(codes))
+    """(counters, ``missed:`` counters, DEBUG miss lines, fused calls): ``compile_with_misses``
+    with the CPU forced, strict unless ``options``, and no error counter at all."""
+    return compile_with_misses(model, args, caplog, options or {**CPU_OPTIONS, **FORCE_REWRITE},
+                               no_errors=True)
 
 
 def assert_fused(model, args, caplog, layers: int = LAYERS, options=None) -> dict:
-    counts, missed, lines, calls = _compile(model, args, caplog, options)
-    assert counts.get("rewritten") == layers and calls == layers, counts
-    assert not missed and not lines, (missed, lines)
-    return counts
+    return check_fused(_compile(model, args, caplog, options), layers)
 
 
 def assert_missed(model, args, caplog, layers: int = LAYERS) -> dict:
     """Not rewritten; each layer's two RoPEs are counted misses with a DEBUG line each."""
-    counts, missed, lines, calls = _compile(model, args, caplog, LENIENT)
-    assert calls == 0 and "rewritten" not in counts, counts
-    assert sum(missed.values()) == 2 * layers and len(lines) == 2 * layers, (missed, lines)
-    return missed
+    return check_missed(_compile(model, args, caplog, LENIENT), layers)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,15 +14,17 @@ a counted miss with one DEBUG line, never silent.
 
 from __future__ import annotations
 
-import logging
-
 import expecttest
 import pytest
 import torch
 import torch.nn.functional as F
-from pass_helpers import CPU_OPTIONS, count_fused_calls, fresh_compile, rope_counters
+from pass_helpers import (
+    CPU_OPTIONS,
+    check_fused,
+    check_missed,
+    compile_with_misses,
+)
 from torch import nn
-from torch._inductor.utils import run_and_get_code
 
 B, T, HIDDEN, HQ, HK, D = 1, 6, 64, 4, 2, 128
 MAX_POS = 16
@@ -44,36 +46,18 @@ def _tables(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _compile(model, args, caplog, options=CPU_OPTIONS):
-    """Compile ``model`` with the backend, check it against eager; returns (counters, the
-    ``missed:`` counters, the DEBUG lines about RoPE-like misses, the number of fused calls in
-    the generated code)."""
-    expected = model(*args)
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="rope_compile"), fresh_compile():
-        out, codes = run_and_get_code(torch.compile(model, backend="rope_compile",
-                                                    options=dict(options)), *args)
-        counts = rope_counters()
-    assert "pass_errors" not in counts, counts
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    missed = {k: v for k, v in counts.items() if k.startswith("missed: ")}
-    lines = [r.getMessage() for r in caplog.records if r.name == "rope_compile"
-             and r.levelno == logging.DEBUG and "RoPE-like" in r.getMessage()]
-    return counts, missed, lines, count_fused_calls("\n".join(codes))
+    """(counters, ``missed:`` counters, DEBUG miss lines, fused calls): ``compile_with_misses``
+    (candidate errors allowed: see ``LENIENT``)."""
+    return compile_with_misses(model, args, caplog, options)
 
 
 def assert_fused(model, args, caplog, layers: int = LAYERS) -> dict:
-    counts, missed, lines, calls = _compile(model, args, caplog)
-    assert counts.get("rewritten") == layers and calls == layers, counts
-    assert not missed and not lines, (missed, lines)
-    return counts
+    return check_fused(_compile(model, args, caplog), layers)
 
 
 def assert_missed(model, args, caplog, layers: int = LAYERS) -> dict:
     """Not rewritten, and each layer's two RoPEs are counted misses with a DEBUG line each."""
-    counts, missed, lines, calls = _compile(model, args, caplog, LENIENT)
-    assert calls == 0 and "rewritten" not in counts, counts
-    assert sum(missed.values()) == 2 * layers and len(lines) == 2 * layers, (missed, lines)
-    return missed
+    return check_missed(_compile(model, args, caplog, LENIENT), layers)
 
 
 # --------------------------------------------------------------------------------------------
