@@ -179,8 +179,8 @@ def count_fused_calls(code: str) -> int:
 def compile_with_misses(model, args, caplog, options: dict, *, no_errors: bool = False):
     """Compile ``model`` with the backend and ``options``, check it against eager (1e-4);
     returns (counters, the ``missed:`` counters, the DEBUG lines about RoPE-like misses, the
-    number of fused calls in the generated code). No pass error, and with ``no_errors`` no
-    error counter at all (candidate errors included)."""
+    generated code). No pass error, and with ``no_errors`` no error counter at all (candidate
+    errors included)."""
     import logging
 
     from torch._inductor.utils import run_and_get_code
@@ -198,12 +198,18 @@ def compile_with_misses(model, args, caplog, options: dict, *, no_errors: bool =
     missed = {k: v for k, v in counts.items() if k.startswith("missed: ")}
     lines = [r.getMessage() for r in caplog.records if r.name == "rope_compile"
              and r.levelno == logging.DEBUG and "RoPE-like" in r.getMessage()]
-    return counts, missed, lines, count_fused_calls("\n".join(codes))
+    return counts, missed, lines, "\n".join(codes)
+
+
+def with_call_count(found) -> tuple:
+    """``compile_with_misses``' result with the number of fused calls in place of the code."""
+    counts, missed, lines, code = found
+    return counts, missed, lines, count_fused_calls(code)
 
 
 def check_fused(found, layers: int) -> dict:
-    """``compile_with_misses``' result: rewritten once per layer, one fused call each, no
-    miss; the counters."""
+    """``with_call_count``'s result: rewritten once per layer, one fused call each, no miss;
+    the counters."""
     counts, missed, lines, calls = found
     assert counts.get("rewritten") == layers and calls == layers, counts
     assert not missed and not lines, (missed, lines)
@@ -211,8 +217,8 @@ def check_fused(found, layers: int) -> dict:
 
 
 def check_missed(found, layers: int) -> dict:
-    """``compile_with_misses``' result: not rewritten, each layer's two RoPEs counted misses
-    with a DEBUG line each; the ``missed:`` counters."""
+    """``with_call_count``'s result: not rewritten, each layer's two RoPEs counted misses with
+    a DEBUG line each; the ``missed:`` counters."""
     counts, missed, lines, calls = found
     assert calls == 0 and "rewritten" not in counts, counts
     assert sum(missed.values()) == 2 * layers and len(lines) == 2 * layers, (missed, lines)

@@ -40,6 +40,7 @@ from pass_helpers import (
     fresh_compile,
     fused_nodes,
     rope_counters,
+    with_call_count,
 )
 from rope_compile.passes.fuse_qk_rope import find_rope_matches
 from rope_compile.passes.rope_pattern import DEINTERLEAVE_REASON
@@ -55,8 +56,8 @@ LENIENT = {"devices": ("cpu",), **FORCE_REWRITE}
 def _compile(model, args, caplog, options=None):
     """(counters, ``missed:`` counters, DEBUG miss lines, fused calls): ``compile_with_misses``
     with the CPU forced, strict unless ``options``, and no error counter at all."""
-    return compile_with_misses(model, args, caplog, options or {**CPU_OPTIONS, **FORCE_REWRITE},
-                               no_errors=True)
+    return with_call_count(compile_with_misses(
+        model, args, caplog, options or {**CPU_OPTIONS, **FORCE_REWRITE}, no_errors=True))
 
 
 def assert_fused(model, args, caplog, layers: int = LAYERS, options=None) -> dict:

@@ -12,7 +12,6 @@ and one DEBUG line on logger ``rope_compile`` per RoPE (``passes/miss_report.py`
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -21,14 +20,12 @@ import torch.nn.functional as F
 from pass_helpers import (
     CPU_OPTIONS,
     AttnStack,
+    compile_with_misses,
     count_fused_calls,
-    fresh_compile,
     positions_for,
-    rope_counters,
     tokens,
 )
 from rope_compile.passes.miss_report import looks_like_rope
-from torch._inductor.utils import run_and_get_code
 
 from rope_compile import RotaryEmbedding, compute_cos_sin_cache
 
@@ -42,18 +39,7 @@ LENIENT = {"devices": ("cpu",)}
 def _compile(fn, args, caplog, options=CPU_OPTIONS):
     """Compile ``fn`` with the rope_compile backend and compare with eager. Returns (counters,
     the ``missed:`` counters, the DEBUG lines about RoPE-like misses, generated code)."""
-    expected = fn(*args)
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="rope_compile"), fresh_compile():
-        out, codes = run_and_get_code(torch.compile(fn, backend="rope_compile",
-                                                    options=dict(options)), *args)
-        counts = rope_counters()
-    assert "pass_errors" not in counts, counts
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    missed = {k: v for k, v in counts.items() if k.startswith("missed: ")}
-    lines = [r.getMessage() for r in caplog.records if r.name == "rope_compile"
-             and r.levelno == logging.DEBUG and "RoPE-like" in r.getMessage()]
-    return counts, missed, lines, "\n".join(codes)
+    return compile_with_misses(fn, args, caplog, options)
 
 
 def assert_missed(missed: dict, lines: list[str], reason: str, times: int) -> None:

@@ -23,6 +23,7 @@ from pass_helpers import (
     check_fused,
     check_missed,
     compile_with_misses,
+    with_call_count,
 )
 from torch import nn
 
@@ -48,7 +49,7 @@ def _tables(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _compile(model, args, caplog, options=CPU_OPTIONS):
     """(counters, ``missed:`` counters, DEBUG miss lines, fused calls): ``compile_with_misses``
     (candidate errors allowed: see ``LENIENT``)."""
-    return compile_with_misses(model, args, caplog, options)
+    return with_call_count(compile_with_misses(model, args, caplog, options))
 
 
 def assert_fused(model, args, caplog, layers: int = LAYERS) -> dict:
